@@ -1,0 +1,139 @@
+"""Ahead-of-time compile of a @triton.jit kernel for H100 (sm_90), no GPU needed: what did it cost?
+
+    from kernels.aot import compile_sm90
+    r = compile_sm90(_my_kernel,
+                     signature={"x": "*bf16", "out": "*bf16", "n": "i32"},   # every runtime argument
+                     constexprs={"BLOCK": 128},                               # every constexpr argument
+                     num_warps=8, num_stages=3)
+    r.registers, r.spills, r.shared, r.wgmma      # 96, 0, 49152, True
+    print(r.row())                                 # one line for a resource table
+
+Types are Triton's signature strings: "*fp32", "*bf16", "*fp16", "*i32", "*i64", "*u8", "i32", "i64", "fp32".
+Like the runtime launcher, pointers get 16-byte alignment hints (`aligned`, default: every pointer;
+torch allocations are 256-byte aligned). Integers get no divisibility hint unless listed in `aligned`
+(the launcher gives one to ints divisible by 16), and the launcher turns an int argument equal to 1 into
+a constant: pass such arguments (e.g. a unit stride) in `constexprs` to compile the same specialisation.
+
+Resources are read from the compiled cubin with cuobjdump (`--dump-resource-usage`: registers, local
+memory/stack frame) and from Triton's own `ptxas -v` log for that cubin (spill stores + loads; where
+the knobs to capture it are missing, ptxas is run again on the PTX); shared memory is
+Triton's launch size (metadata.shared, includes the dynamic part). Both tools ship with Triton
+(triton/backends/nvidia/bin). `wgmma` is True when the PTX issues Hopper warpgroup MMAs.
+"""
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+@dataclass
+class KernelResources:
+    name: str
+    num_warps: int
+    num_stages: int
+    registers: int | None  # per thread, from cuobjdump (None if the tool is missing)
+    spills: int | None  # spill stores + spill loads in bytes, from ptxas -v (None if ptxas is missing)
+    local: int | None  # per-thread local memory / stack frame in bytes (spills live there), from cuobjdump
+    shared: int  # bytes of shared memory per program (Triton's launch size)
+    wgmma: bool  # PTX uses wgmma.mma_async (Hopper tensor cores)
+    ptx: str = field(repr=False, default="")
+    cubin: bytes = field(repr=False, default=b"")
+
+    def row(self, label: str = "") -> str:
+        return (f"{label or self.name:<40} warps={self.num_warps} stages={self.num_stages} regs={self.registers} "
+                f"spills={self.spills}B local={self.local}B smem={self.shared / 1024:.1f}KiB wgmma={self.wgmma}")
+
+
+def nvidia_tool(name: str) -> str | None:
+    """Path of a CUDA binary (ptxas, cuobjdump) shipped with Triton or on PATH; None if absent."""
+    try:
+        from triton import knobs
+
+        path = getattr(knobs.nvidia, name).path
+        if path and os.path.exists(path):
+            return path
+    except Exception:  # older/newer triton without knobs.nvidia.<name>: fall back to the folder and PATH
+        pass
+    here = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return here if os.path.exists(here) else shutil.which(name)
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4, num_stages: int = 3,
+                 aligned=None, capability: int = 90) -> KernelResources:
+    """Compile `fn` for GPUTarget("cuda", capability, 32) and read its resource use; see the module docstring."""
+    constexprs = dict(constexprs or {})
+    names = list(fn.arg_names)
+    missing = [a for a in names if a not in signature and a not in constexprs]
+    extra = [a for a in list(signature) + list(constexprs) if a not in names]
+    if missing or extra:
+        raise ValueError(f"{fn.__name__}: arguments without a type or constexpr value: {missing}; unknown: {extra}")
+    sig = {a: ("constexpr" if a in constexprs else signature[a]) for a in names}
+    if aligned is None:
+        aligned = [a for a in names if a not in constexprs and str(signature[a]).startswith("*")]
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    k, log = _compile_with_ptxas_log(src, GPUTarget("cuda", capability, 32),
+                                     {"num_warps": num_warps, "num_stages": num_stages})
+    ptx, cubin = k.asm["ptx"], k.asm["cubin"]
+    regs, local = _cuobjdump_usage(cubin)
+    spills = _parse_spills(log) if log else _ptxas_spills(ptx, capability)
+    return KernelResources(name=fn.__name__, num_warps=num_warps, num_stages=num_stages, registers=regs,
+                           spills=spills, local=local, shared=int(k.metadata.shared),
+                           wgmma="wgmma.mma_async" in ptx, ptx=ptx, cubin=cubin)
+
+
+def _compile_with_ptxas_log(src, target, options):
+    """Compile, capturing Triton's own `ptxas -v` log (knobs of triton >= 3.4; '' where they are missing)."""
+    try:
+        from triton import knobs
+
+        scope = knobs.nvidia.scope, knobs.compilation.scope
+        getattr(knobs.nvidia, "dump_ptxas_log")
+    except (ImportError, AttributeError):
+        return triton.compile(src, target=target, options=options), ""
+    buf = io.StringIO()
+    with scope[0](), scope[1](), contextlib.redirect_stdout(buf):
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
+        k = triton.compile(src, target=target, options=options)
+    return k, buf.getvalue()
+
+
+def _parse_spills(log: str):
+    found = re.findall(r"(\d+) bytes spill (?:stores|loads)", log)
+    return sum(int(n) for n in found) if found else None
+
+
+def _cuobjdump_usage(cubin: bytes):
+    tool = nvidia_tool("cuobjdump")
+    if tool is None:
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    reg = re.search(r"REG:(\d+)", out.stdout)
+    loc = [int(n) for n in re.findall(r"(?:LOCAL|STACK):(\d+)", out.stdout)]
+    return (int(reg.group(1)) if reg else None), (max(loc) if loc else None)
+
+
+def _ptxas_spills(ptx: str, capability: int):
+    tool = nvidia_tool("ptxas")
+    if tool is None:
+        return None
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([tool, "-v", f"--gpu-name={arch}", path, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    return _parse_spills(out.stdout + out.stderr)
