@@ -1,0 +1,247 @@
+"""CLIP = VisionTransformer + causal TextTransformer, single-device code.
+
+Parameter names are open_clip's (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`,
+`text_projection`, ...), so a state_dict moves between the two with at most a reshape (clipfast.interop).
+
+- Image tower: `kernels.masked_patch_embed` embeds only the kept patches (keep=None: all) and adds
+  their position embeddings in one op; the class token is prepended after it.
+- Text tower: captions arrive packed end to end (ids (T,), cu_seqlens (S+1,)): embeddings, norms and
+  MLPs see only real tokens, positions restart per caption, attention is `kernels.varlen_attention`
+  (causal), and each caption is pooled at its last token, the end-of-text token.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from clipfast.presets import ModelConfig, TextConfig, VisionConfig
+from kernels import masked_patch_embed, varlen_attention
+
+# OpenAI CLIP's pixel statistics (open_clip's OPENAI_DATASET_MEAN / STD), applied to uint8 images.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _impl(kernels: str):
+    return None if kernels == "auto" else kernels
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, causal: bool = False, cu_seqlens=None, max_seqlen: int = 0, impl=None):
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if cu_seqlens is None:  # dense (B, N, D)
+            B, N, D = x.shape
+            q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            o = o.transpose(1, 2).reshape(B, N, D)
+        else:  # packed (T, D)
+            T, D = x.shape
+            q, k, v = qkv.view(T, 3, self.heads, D // self.heads).unbind(1)  # each (T, H, d)
+            o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, impl=impl).reshape(T, D)
+        return self.out_proj(o)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(hidden, width))])
+        )
+
+    def forward(self, x, causal=False, cu_seqlens=None, max_seqlen=0, impl=None):
+        x = x + self.attn(self.ln_1(x), causal, cu_seqlens, max_seqlen, impl)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
+
+    def forward(self, x, causal=False, cu_seqlens=None, max_seqlen=0, impl=None):
+        for block in self.resblocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, causal, cu_seqlens, max_seqlen, impl, use_reentrant=False)
+            else:
+                x = block(x, causal, cu_seqlens, max_seqlen, impl)
+        return x
+
+
+def sincos_2d(width: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE / open_clip `get_2d_sincos_pos_embed`), (grid² [+1], width)."""
+    assert width % 4 == 0, "sin-cos position embedding needs width divisible by 4"
+    gh, gw = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="xy")  # open_clip puts w first
+
+    def emb_1d(pos):
+        omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4.0))
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    emb = torch.cat([emb_1d(gh), emb_1d(gw)], dim=1).float()
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, width), emb], dim=0)
+    return emb
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, kernels: str = "auto"):
+        super().__init__()
+        self.cfg, self.impl = cfg, _impl(kernels)
+        w, p = cfg.width, cfg.patch_size
+        scale = w**-0.5
+        self.conv1 = nn.Conv2d(3, w, kernel_size=p, stride=p, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(w))
+        if cfg.pos_embed == "learned":
+            self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.num_patches + 1, w))
+        elif cfg.pos_embed == "sincos":
+            self.positional_embedding = nn.Parameter(sincos_2d(w, cfg.grid), requires_grad=False)
+        else:
+            raise ValueError(f"vision.pos_embed must be 'learned' or 'sincos', got {cfg.pos_embed!r}")
+        if cfg.pool not in ("tok", "avg"):
+            raise ValueError(f"vision.pool must be 'tok' or 'avg', got {cfg.pool!r}")
+        self.ln_pre = nn.Identity() if cfg.no_ln_pre else nn.LayerNorm(w)
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio)
+        self.ln_post = nn.LayerNorm(w)
+        self.proj = nn.Parameter(scale * torch.randn(w, embed_dim))
+        self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) in [0, 255] -> normalised floats in the weights' dtype; floats pass through."""
+        if images.dtype == torch.uint8:
+            images = (images.float() / 255.0 - self.mean) / self.std
+        return images.to(self.conv1.weight.dtype)
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.normalize(images)
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        if H % p or W % p or (H // p) * (W // p) != self.positional_embedding.shape[0] - 1:
+            raise ValueError(
+                f"images of {H}x{W} px do not match this model's {self.cfg.image_size} px / patch {p} grid "
+                f"({self.positional_embedding.shape[0] - 1} positions); resize the model (clipfast.interop)"
+            )
+        w = self.conv1.weight.reshape(self.cfg.width, -1)  # (D, 3*p*p)
+        pos = self.positional_embedding.to(x.dtype)
+        x = masked_patch_embed(x, keep, w, None, pos[1:], p, impl=self.impl)  # (B, K, D)
+        cls = (self.class_embedding.to(x.dtype) + pos[0]).expand(B, 1, -1)
+        x = self.ln_pre(torch.cat([cls, x], dim=1))
+        x = self.transformer(x)
+        if self.cfg.pool == "tok":  # LayerNorm is per token: norm-then-pick == pick-then-norm
+            pooled = self.ln_post(x[:, 0])
+        elif self.cfg.final_ln_after_pool:  # CLIPA: mean of the patch tokens, then the norm
+            pooled = self.ln_post(x[:, 1:].mean(dim=1))
+        else:
+            pooled = self.ln_post(x[:, 1:]).mean(dim=1)
+        return pooled @ self.proj
+
+
+def _logit_scale_to_0d(module, state_dict, prefix, local_metadata):
+    key = prefix + "logit_scale"
+    if key in state_dict:
+        state_dict[key] = state_dict[key].reshape(())
+    return state_dict
+
+
+def _logit_scale_to_1d(state_dict, prefix, *args):
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].ndim == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
+class CLIP(nn.Module):
+    """open_clip's CLIP layout: `visual` plus the text tower's modules at the top level."""
+
+    def __init__(self, cfg: ModelConfig, kernels: str = "auto"):
+        super().__init__()
+        self.cfg, self.impl = cfg, _impl(kernels)
+        t: TextConfig = cfg.text
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, kernels)
+        self.context_length = t.context_length
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+        self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
+        self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio)
+        self.ln_final = nn.LayerNorm(t.width)
+        self.text_projection = nn.Parameter(torch.empty(t.width, cfg.embed_dim))
+        # Held as shape (1,): DeepSpeed 0.19.8 broadcasts parameters through .view(torch.uint8), which fails
+        # for 0-dim tensors. The state_dict hooks keep open_clip's 0-dim layout on save and load.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        self._register_state_dict_hook(_logit_scale_to_0d)
+        self._register_load_state_dict_pre_hook(_logit_scale_to_1d)
+        self._init_text()
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def _init_text(self):
+        # open_clip's init: small embeddings, depth-scaled projections
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        width, layers = self.transformer.width, self.transformer.layers
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.visual.transformer.grad_checkpointing = enable
+        self.transformer.grad_checkpointing = enable
+
+    def encode_image(self, images, keep=None, normalize: bool = False):
+        x = self.visual(images, keep)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text_packed(self, ids, cu_seqlens, max_seqlen: int, normalize: bool = False):
+        """ids (T,) packed captions, each ending with its end-of-text token; cu_seqlens (S+1,) int32."""
+        T = ids.shape[0]
+        S = cu_seqlens.shape[0] - 1
+        if max_seqlen > self.context_length:
+            raise ValueError(f"caption of {max_seqlen} tokens exceeds the text context of {self.context_length}")
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        # output_size keeps repeat_interleave free of a host-device sync
+        seq = torch.repeat_interleave(torch.arange(S, device=ids.device), lengths, output_size=T)  # (T,)
+        pos = torch.arange(T, device=ids.device) - cu_seqlens[seq].long()
+        x = self.token_embedding(ids) + self.positional_embedding[pos]  # (T, D)
+        x = self.transformer(x, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, impl=self.impl)
+        x = self.ln_final(x[cu_seqlens[1:].long() - 1])  # end-of-text token of each caption, (S, D)
+        x = x @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens, normalize: bool = False):
+        """Padded (B, L) tokens as open_clip takes them (end-of-text = the highest id in each row)."""
+        L = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:L]
+        x = self.transformer(x, causal=True)
+        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)])
+        x = x @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images, text, cu_seqlens, max_seqlen: int, keep=None):
+        """Returns L2-normalised image and text features (B, E) and the logit scale exp(t) clamped at 100."""
+        img = self.encode_image(images, keep, normalize=True)
+        txt = self.encode_text_packed(text, cu_seqlens, max_seqlen, normalize=True)
+        return img, txt, self.logit_scale.exp().clamp(max=100).squeeze(0)

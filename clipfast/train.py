@@ -1,0 +1,248 @@
+"""Train CLIP with DeepSpeed ZeRO. Reads top to bottom: setup -> data -> model/optimizer -> train_step -> loop.
+
+    deepspeed clipfast/train.py --config configs/demo.py [key=value ...]
+    deepspeed --num_gpus 2 clipfast/train.py --config configs/demo.py steps=20   # two ranks (CPU: gloo)
+
+Writes under out_dir: metrics.jsonl (one JSON line per log step), TensorBoard events, DeepSpeed
+checkpoints in ckpt/ (every ckpt_every steps and at the end; `resume=true` continues from the latest),
+model.pt (a plain state_dict + model config, for clipfast.evaluate and clipfast.export) and, when
+val_data is set, the zero-shot result of the final model in eval.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+from clipfast import presets
+from clipfast.config import TrainConfig, load_config, to_dict
+from clipfast.data import DaliLoader
+from clipfast.flops import flops_per_sample
+from clipfast.loss import distributed_clip_loss
+from clipfast.model import CLIP
+from clipfast.reduce import TextReducer, image_keep_indices, num_kept
+
+log = logging.getLogger("clipfast.train")
+
+# Parameters that get no weight decay: biases, norms, embeddings and the temperature (CLIP/open_clip practice).
+NO_DECAY_NAMES = ("token_embedding", "positional_embedding", "class_embedding", "logit_scale")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="configs/<recipe>.py[:function]")
+    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
+    return ap.parse_args(argv)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup, then cosine to min_lr; a multiplier of the peak LR."""
+    peak = cfg.effective_lr()
+    floor = cfg.min_lr / peak if peak > 0 else 0.0
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks")
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.batch_size // world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,  # set explicitly: DeepSpeed's default is no clipping
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the device, for MFU; None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L40", 181), ("4090", 165), ("A10", 125)):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def save_model(path: Path, model: CLIP, cfg: TrainConfig, step: int) -> None:
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model_config": dataclasses.asdict(model.cfg), "state_dict": sd, "train_config": to_dict(cfg),
+                "step": step}, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half file behind
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+
+    # --- setup
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    torch.manual_seed(cfg.seed + rank)
+    out = Path(cfg.out_dir)
+    is_main = rank == 0
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    # --- model / optimizer
+    text_len = cfg.text_len or presets.from_name(cfg.model).text.context_length
+    mcfg = presets.from_name(cfg.model, **{"text.context_length": max(text_len, 2)})
+    if cfg.image_size:
+        mcfg.vision.image_size = cfg.image_size
+    mcfg.grad_checkpointing = cfg.grad_checkpointing
+    model = CLIP(mcfg, kernels=cfg.kernels)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.effective_lr(),
+                                  betas=tuple(cfg.betas), eps=cfg.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=deepspeed_config(cfg, world, bf16))
+    step = 0
+    ckpt_dir = out / "ckpt"
+    if cfg.resume and (ckpt_dir / "latest").is_file():
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        step = int(client["step"])
+        log.info("resumed from %s at step %d", ckpt_dir, step)
+    elif cfg.resume:
+        log.info("resume=true but no checkpoint in %s: starting from scratch", ckpt_dir)
+
+    # --- data (reseeded on resume so that the continued run does not replay the same order)
+    grid = mcfg.vision.grid
+    keep_k = num_kept(grid * grid, cfg.mask_ratio) if cfg.image_reduction != "resize" else grid * grid
+    loader = DaliLoader(cfg.train_data, cfg.batch_size // world, mcfg.vision.image_size,
+                        TextReducer(cfg.text_reduction, text_len, seed=cfg.seed * 131 + rank + step),
+                        train=True, rank=rank, world=world, seed=cfg.seed + step, crop_scale=tuple(cfg.crop_scale),
+                        threads=cfg.data_threads, device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed * 1009 + rank + step)
+
+    def train_step(batch) -> torch.Tensor:
+        keep = image_keep_indices(cfg.image_reduction, batch["images"].shape[0], grid, cfg.mask_ratio,
+                                  device=device, generator=gen)
+        img, txt, scale = engine(batch["images"], batch["text"], batch["cu_seqlens"], batch["max_len"], keep=keep)
+        loss = distributed_clip_loss(img, txt, scale)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    # --- loop
+    writer = None
+    if is_main and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+    metrics = open(out / "metrics.jsonl", "a") if is_main else None
+    peak = peak_flops(device)
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
+    t_last, wait_last, samples_last, text_tokens = time.perf_counter(), loader.wait_s, 0, 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    while step < cfg.steps:
+        batch = next(loader)
+        text_tokens += batch["text"].shape[0]
+        loss = train_step(batch)
+        step += 1
+        samples_last += cfg.batch_size
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            loss_v = loss.item()  # note: this is a CPU-GPU sync point, once per log_every steps
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"non-finite loss {loss_v} at step {step}: stopping")
+            now = time.perf_counter()
+            dt = now - t_last
+            sps = samples_last / dt
+            avg_text = text_tokens / (samples_last / world)
+            fl = flops_per_sample(mcfg, keep_k, avg_text, training=True)
+            rec = {
+                "step": step, "loss": loss_v, "lr": scheduler.get_last_lr()[0],
+                "logit_scale": engine.module.logit_scale.exp().item(),  # sync point, once per log
+                "samples_per_s": sps, "tflops": sps * fl / 1e12 / world,
+                "mfu": (sps * fl / world / peak) if peak else None,
+                "data_wait_share": (loader.wait_s - wait_last) / dt,
+                "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                "skipped_samples": sum(loader.skipped.values()),
+            }
+            t_last, wait_last, samples_last, text_tokens = now, loader.wait_s, 0, 0
+            if is_main:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+                if writer:
+                    for k, v in rec.items():
+                        if v is not None and k != "step":
+                            writer.add_scalar(f"train/{k}", v, step)
+                bar.set_postfix(loss=f"{loss_v:.3f}", sps=f"{sps:.0f}", wait=f"{rec['data_wait_share']:.0%}")
+        bar.update(1)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+            if is_main:
+                save_model(out / "model.pt", engine.module, cfg, step)
+    bar.close()
+    if loader.skipped:
+        log.warning("skipped %d corrupt samples: %s", sum(loader.skipped.values()), loader.skipped)
+
+    # --- evaluate the final model
+    if cfg.val_data and cfg.eval_at_end and is_main:
+        from clipfast.evaluate import zero_shot
+
+        engine.module.eval()
+        res = zero_shot(engine.module, cfg.val_data, device=device, threads=cfg.data_threads)
+        (out / "eval.json").write_text(json.dumps({"step": step, **res}, indent=1))
+        print(f"zero-shot on {cfg.val_data}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
+              f"({res['samples']} samples, chance {100 / res['classes']:.1f}%)", flush=True)
+    if writer:
+        writer.close()
+    if metrics:
+        metrics.close()
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
