@@ -14,6 +14,12 @@ torch allocations are 256-byte aligned). Integers get no divisibility hint unles
 (the launcher gives one to ints divisible by 16), and the launcher turns an int argument equal to 1 into
 a constant: pass such arguments (e.g. a unit stride) in `constexprs` to compile the same specialisation.
 
+Or, from the launcher's own argument values (tensors may live on the meta device, so no GPU is needed):
+
+    r = compile_sm90_like(_my_kernel, {"x": x, "out": out, "n": n}, {"BLOCK": 128}, num_warps=8)
+
+which applies the runtime launcher's specialisation rules (see `specialize`).
+
 Resources are read from the compiled cubin with cuobjdump (`--dump-resource-usage`: registers, local
 memory/stack frame) and from Triton's own `ptxas -v` log for that cubin (spill stores + loads; where
 the knobs to capture it are missing, ptxas is run again on the PTX); shared memory is
@@ -23,9 +29,11 @@ Triton's launch size (metadata.shared, includes the dynamic part). Both tools sh
 import contextlib
 import io
 import os
+import pickle
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -68,7 +76,13 @@ def nvidia_tool(name: str) -> str | None:
 
 def compile_sm90(fn, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4, num_stages: int = 3,
                  aligned=None, capability: int = 90) -> KernelResources:
-    """Compile `fn` for GPUTarget("cuda", capability, 32) and read its resource use; see the module docstring."""
+    """Compile `fn` for GPUTarget("cuda", capability, 32) and read its resource use; see the module docstring.
+
+    Under TRITON_INTERPRET=1 `fn` is an interpreter object that cannot be compiled; the compile then runs in a
+    child Python without the interpreter, importing `fn` from its module by name (so it must be module-level)."""
+    if not hasattr(fn, "cache_key"):
+        return _compile_in_child(fn, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                                 aligned=aligned, capability=capability)
     constexprs = dict(constexprs or {})
     names = list(fn.arg_names)
     missing = [a for a in names if a not in signature and a not in constexprs]
@@ -90,13 +104,62 @@ def compile_sm90(fn, signature: dict, constexprs: dict | None = None, *, num_war
                            wgmma="wgmma.mma_async" in ptx, ptx=ptx, cubin=cubin)
 
 
+_TORCH_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64", "int64": "i64",
+                "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+def specialize(args: dict):
+    """Runtime arguments -> (signature, extra constexprs, aligned names), as Triton's launcher specialises them:
+    a tensor is a pointer, assumed 16-byte aligned; an int equal to 1 becomes a constant; an int divisible
+    by 16 gets a divisibility hint; bools are i1 (unless passed as constexprs), floats fp32."""
+    sig, const, aligned = {}, {}, []
+    for name, v in args.items():
+        if hasattr(v, "dtype") and hasattr(v, "data_ptr"):
+            sig[name] = "*" + _TORCH_TYPES[str(v.dtype).removeprefix("torch.")]
+            aligned.append(name)
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:
+                const[name] = 1
+                continue
+            sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                aligned.append(name)
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"argument {name}: cannot type {type(v).__name__}; pass it in constexprs")
+    return sig, const, aligned
+
+
+def compile_sm90_like(fn, args: dict, constexprs: dict | None = None, **kw) -> KernelResources:
+    """compile_sm90 with the signature taken from example runtime `args` (see `specialize`)."""
+    sig, const, aligned = specialize(args)
+    return compile_sm90(fn, sig, {**const, **(constexprs or {})}, aligned=aligned, **kw)
+
+
+def _compile_in_child(fn, signature, constexprs, **kw):
+    py = getattr(fn, "fn", fn)
+    job = {"module": py.__module__, "name": py.__name__, "signature": signature, "constexprs": constexprs, "kw": kw}
+    code = ("import pickle, sys, importlib; from kernels.aot import compile_sm90; job = pickle.load(sys.stdin.buffer); "
+            "fn = getattr(importlib.import_module(job['module']), job['name']); "
+            "r = compile_sm90(fn, job['signature'], job['constexprs'], **job['kw']); "
+            "sys.stdout.buffer.write(pickle.dumps(r))")
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(job), capture_output=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"AOT compile of {py.__name__} failed in the child process:\n{out.stderr.decode()[-4000:]}")
+    return pickle.loads(out.stdout)
+
+
 def _compile_with_ptxas_log(src, target, options):
     """Compile, capturing Triton's own `ptxas -v` log (knobs of triton >= 3.4; '' where they are missing)."""
     try:
         from triton import knobs
 
         scope = knobs.nvidia.scope, knobs.compilation.scope
-        getattr(knobs.nvidia, "dump_ptxas_log")
+        knobs.nvidia.dump_ptxas_log  # noqa: B018 (probe: raises AttributeError on triton without it)
     except (ImportError, AttributeError):
         return triton.compile(src, target=target, options=options), ""
     buf = io.StringIO()

@@ -46,31 +46,33 @@ from kernels._common import interpreting, use_triton
 
 @triton.jit
 def _patch_rows(keep, rm, mask_m, K, GW, stride_b, stride_h, stride_w, stride_kb, stride_kk,
-                P: tl.constexpr, HAS_KEEP: tl.constexpr):
-    """Per row m = b*K + k: patch index n and the offset of its top-left pixel (int64)."""
+                P: tl.constexpr, HAS_KEEP: tl.constexpr, I64: tl.constexpr):
+    """Per row m = b*K + k: patch index n and the offset of its top-left pixel (int64 only if I64)."""
     b = rm // K
-    k = rm - b * K
+    k = rm % K
     if HAS_KEEP:
-        n = tl.load(keep + b.to(tl.int64) * stride_kb + k * stride_kk, mask=mask_m, other=0).to(tl.int32)
+        n = tl.load(keep + b * stride_kb + k * stride_kk, mask=mask_m, other=0).to(tl.int32)
     else:
         n = k
     gy = n // GW
-    gx = n - gy * GW
-    base = b.to(tl.int64) * stride_b + (gy * P).to(tl.int64) * stride_h + (gx * P).to(tl.int64) * stride_w
-    return n, base
+    gx = n % GW
+    if I64:
+        b = b.to(tl.int64)
+        gy = gy.to(tl.int64)
+    return n, b * stride_b + gy * (P * stride_h) + gx * (P * stride_w)
 
 
 @triton.jit
 def _patch_tile(img, base, mask_m, kk, mask_k, scale, shift, stride_c, stride_h, stride_w,
                 P: tl.constexpr, NORMALIZE: tl.constexpr, DT: tl.constexpr):
-    """(BLOCK_M, BLOCK_K) tile of flattened patches: column kk = c*P*P + i*P + j is pixel (i, j) of channel c."""
+    """(BLOCK_M, BLOCK_K) tile of flattened patches: column kk = c*P*P + i*P + j is pixel (i, j) of channel c.
+    j = kk % P keeps runs of P columns contiguous for the compiler's alignment analysis (vector loads, p=16)."""
     c = kk // (P * P)
-    r = kk - c * (P * P)
-    i = r // P
-    j = r - i * P
+    i = (kk // P) % P
+    j = kk % P
     off = c * stride_c + i * stride_h + j * stride_w  # (BLOCK_K,)
     mask = mask_m[:, None] & mask_k[None, :]
-    x = tl.load(img + base[:, None] + off[None, :], mask=mask, other=0)
+    x = tl.load(img + (base[:, None] + off[None, :]), mask=mask, other=0)
     if NORMALIZE:  # uint8 -> (u/255 - mean)/std = u*scale + shift, in fp32
         s = tl.load(scale + c, mask=mask_k, other=0.0)
         t = tl.load(shift + c, mask=mask_k, other=0.0)
@@ -91,7 +93,7 @@ def _mma(a, b, acc, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
 def _patch_embed_fwd_kernel(img, keep, w, bias, pos, scale, shift, out,
                             M, K, D, CPP, GW,
                             stride_b, stride_c, stride_h, stride_w, stride_kb, stride_kk,
-                            P: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            P: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, I64: tl.constexpr,
                             NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     DT = out.dtype.element_ty
@@ -103,7 +105,8 @@ def _patch_embed_fwd_kernel(img, keep, w, bias, pos, scale, shift, out,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
     mask_n = rn < D
-    n, base = _patch_rows(keep, rm, mask_m, K, GW, stride_b, stride_h, stride_w, stride_kb, stride_kk, P, HAS_KEEP)
+    n, base = _patch_rows(keep, rm, mask_m, K, GW, stride_b, stride_h, stride_w, stride_kb, stride_kk,
+                          P, HAS_KEEP, I64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, CPP, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -115,14 +118,15 @@ def _patch_embed_fwd_kernel(img, keep, w, bias, pos, scale, shift, out,
     if HAS_BIAS:
         acc += tl.load(bias + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     acc += tl.load(pos + n[:, None] * D + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + rm.to(tl.int64)[:, None] * D + rn[None, :], acc.to(DT), mask=mask)
+    ro = rm.to(tl.int64) if I64 else rm
+    tl.store(out + ro[:, None] * D + rn[None, :], acc.to(DT), mask=mask)
 
 
 @triton.jit
 def _patch_embed_bwd_dw_kernel(img, keep, dout, scale, shift, dw, dbias,
                                M, K, D, CPP, GW, ROWS_PER_SPLIT,
                                stride_b, stride_c, stride_h, stride_w, stride_kb, stride_kk,
-                               P: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               P: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, I64: tl.constexpr,
                                NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[s] (D, CPP) and dbias[s] (D,) fp32 partials of split s over rows [s*ROWS_PER_SPLIT, +ROWS_PER_SPLIT)."""
@@ -142,9 +146,10 @@ def _patch_embed_bwd_dw_kernel(img, keep, dout, scale, shift, dw, dbias,
         rm = m0 + tl.arange(0, BLOCK_M)
         mask_m = rm < m_hi
         _, base = _patch_rows(keep, rm, mask_m, K, GW, stride_b, stride_h, stride_w, stride_kb, stride_kk,
-                              P, HAS_KEEP)
+                              P, HAS_KEEP, I64)
         x = _patch_tile(img, base, mask_m, kk, mask_k, scale, shift, stride_c, stride_h, stride_w, P, NORMALIZE, DT)
-        do = tl.load(dout + rm.to(tl.int64)[:, None] * D + rn[None, :], mask=mask_m[:, None] & mask_n[None, :],
+        ro = rm.to(tl.int64) if I64 else rm
+        do = tl.load(dout + ro[:, None] * D + rn[None, :], mask=mask_m[:, None] & mask_n[None, :],
                      other=0.0)  # (BLOCK_M, BLOCK_N)
         acc = _mma(tl.trans(do), x, acc, DOT_PREC, DOT_F32)  # (BLOCK_N, BLOCK_K)
         if HAS_BIAS:
@@ -187,21 +192,23 @@ def _patch_embed_bwd_dpos_kernel(dout, keep_flat, order, offsets, dpos, M, D,
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def _fwd_config(dtype, interpret=None):
+def _fwd_config(dtype, cpp, interpret=None):
     """Forward tiles (see the module docstring); small tiles under the interpreter so tests cover several tiles."""
     if interpreting() if interpret is None else interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=1, num_stages=1)
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1}
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+    # C*p*p % 16 != 0 (p=14: 588): weight rows are not 16-byte aligned, loads go through registers instead of
+    # cp.async; BLOCK_K=64 then needs 254 registers (sm_90 AOT), BLOCK_K=32 194 and no spills.
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64 if cpp % 16 == 0 else 32, "num_warps": 8, "num_stages": 3}
 
 
 def _dw_config(dtype, interpret=None):
     if interpreting() if interpret is None else interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=1, num_stages=1)
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1}
     if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
 
 
 def _dw_split(M, tiles, block_m, n_sm):
@@ -211,66 +218,93 @@ def _dw_split(M, tiles, block_m, n_sm):
     return triton.cdiv(M, rows), rows
 
 
+def _dpos_config(interpret=None):
+    """dpos is a gather/scatter of dout rows: 16 rows x 128 columns (256 B of bf16 per row) per step."""
+    interp = interpreting() if interpret is None else interpret
+    return {"BLOCK_R": 16, "BLOCK_D": 16 if interp else 128, "num_warps": 4, "num_stages": 2}
+
+
 def _dot_prec(dtype):
     """fp32 operands: tf32 only where torch's own matmul would use it."""
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _dot_f32(dtype):
-    return interpreting() and dtype == torch.bfloat16
-
-
-def _geometry(images, keep, p):
+def _common_args(images, keep, D, p):
+    """Runtime arguments shared by the forward and dW kernels (works on meta tensors, for AOT compiles)."""
     B, C, H, W = images.shape
     K = keep.shape[1] if keep is not None else (H // p) * (W // p)
     ks = (keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)
-    return dict(M=B * K, K=K, CPP=C * p * p, GW=W // p), (*images.stride(), *ks)
+    args = dict(M=B * K, K=K, D=D, CPP=C * p * p, GW=W // p, stride_b=images.stride(0), stride_c=images.stride(1),
+                stride_h=images.stride(2), stride_w=images.stride(3), stride_kb=ks[0], stride_kk=ks[1])
+    big = max(images.numel(), B * K * D) >= 2**31 - 1  # 32-bit offsets otherwise: fewer registers per pointer
+    return args, dict(P=p, HAS_KEEP=keep is not None, I64=big)
+
+
+def _fwd_launch(images, keep, weight, bias, pos_embed, p, scale, shift, out, interpret=None):
+    """-> (grid, args, constexprs, launch options) of the forward kernel (interpret=False: the GPU choice)."""
+    interpret = interpreting() if interpret is None else interpret
+    D = weight.shape[0]
+    args, const = _common_args(images, keep, D, p)
+    cfg = _fwd_config(out.dtype, args["CPP"], interpret)
+    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    dummy = weight
+    args = dict(img=images, keep=keep if keep is not None else dummy, w=weight,
+                bias=bias if bias is not None else dummy, pos=pos_embed, scale=scale if scale is not None else dummy,
+                shift=shift if shift is not None else dummy, out=out, **args)
+    const.update(HAS_BIAS=bias is not None, NORMALIZE=scale is not None, DOT_PREC=_dot_prec(out.dtype),
+                 DOT_F32=interpret and out.dtype == torch.bfloat16, **cfg)
+    grid = (triton.cdiv(args["M"], cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)
+    return grid, args, const, opts
+
+
+def _dw_launch(dout, images, keep, p, scale, shift, has_bias, dw, db, n_sm, interpret=None):
+    """-> (grid, args, constexprs, launch options) of the dW kernel; dw (split, D, CPP), db (split, D) fp32."""
+    interpret = interpreting() if interpret is None else interpret
+    D = dout.shape[-1]
+    args, const = _common_args(images, keep, D, p)
+    cfg = _dw_config(dout.dtype, interpret)
+    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    tiles = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(args["CPP"], cfg["BLOCK_K"]))
+    split, rows = _dw_split(args["M"], tiles[0] * tiles[1], cfg["BLOCK_M"], n_sm)
+    dummy = dout
+    args = dict(img=images, keep=keep if keep is not None else dummy, dout=dout,
+                scale=scale if scale is not None else dummy, shift=shift if shift is not None else dummy,
+                dw=dw, dbias=db if db is not None else dummy, ROWS_PER_SPLIT=rows, **args)
+    const.update(HAS_BIAS=has_bias, NORMALIZE=scale is not None, DOT_PREC=_dot_prec(dout.dtype),
+                 DOT_F32=interpret and dout.dtype == torch.bfloat16, **cfg)
+    return (*tiles, split), args, const, opts
 
 
 def _patch_embed_fwd(images, keep, weight, bias, pos_embed, p, scale, shift, out_dtype):
     B = images.shape[0]
     D = weight.shape[0]
-    g, strides = _geometry(images, keep, p)
-    out = torch.empty(B, g["K"], D, device=images.device, dtype=out_dtype)
-    if g["M"] == 0:
+    K = keep.shape[1] if keep is not None else pos_embed.shape[0]
+    out = torch.empty(B, K, D, device=images.device, dtype=out_dtype)
+    if B * K == 0:
         return out
-    weight, pos_embed = weight.contiguous(), pos_embed.contiguous()
-    bias = bias.contiguous() if bias is not None else weight
-    cfg = _fwd_config(out_dtype)
-    grid = (triton.cdiv(g["M"], cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)
-    _patch_embed_fwd_kernel[grid](
-        images, keep if keep is not None else weight, weight, bias, pos_embed,
-        scale if scale is not None else weight, shift if shift is not None else weight, out,
-        g["M"], g["K"], D, g["CPP"], g["GW"], *strides,
-        P=p, HAS_KEEP=keep is not None, HAS_BIAS=bias is not weight, NORMALIZE=scale is not None,
-        DOT_PREC=_dot_prec(out_dtype), DOT_F32=_dot_f32(out_dtype), **cfg)
+    bias = bias.contiguous() if bias is not None else None
+    grid, args, const, opts = _fwd_launch(images, keep, weight.contiguous(), bias, pos_embed.contiguous(), p,
+                                          scale, shift, out)
+    _patch_embed_fwd_kernel[grid](**args, **const, **opts)
     return out
 
 
 def _patch_embed_bwd_dw(dout, images, keep, p, scale, shift, has_bias):
     """-> dW (D, C*p*p) fp32 and dbias (D,) fp32 (or None); dout (B, K, D) contiguous."""
-    D = dout.shape[-1]
-    g, strides = _geometry(images, keep, p)
-    dw = torch.zeros(D, g["CPP"], device=dout.device, dtype=torch.float32)
-    db = torch.zeros(D, device=dout.device, dtype=torch.float32) if has_bias else None
-    if g["M"] == 0:
-        return dw, db
-    cfg = _dw_config(dout.dtype)
-    tiles = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(g["CPP"], cfg["BLOCK_K"]))
+    B, K, D = dout.shape
+    CPP = images.shape[1] * p * p
+    if B * K == 0:
+        return dout.new_zeros(D, CPP, dtype=torch.float32), dout.new_zeros(D, dtype=torch.float32) if has_bias else None
     n_sm = torch.cuda.get_device_properties(dout.device).multi_processor_count if dout.is_cuda else 8
-    split, rows = _dw_split(g["M"], tiles[0] * tiles[1], cfg["BLOCK_M"], n_sm)
-    dw_part = dw if split == 1 else torch.empty(split, D, g["CPP"], device=dout.device, dtype=torch.float32)
-    db_part = (db if split == 1 else torch.empty(split, D, device=dout.device, dtype=torch.float32)) if has_bias else dw
-    _patch_embed_bwd_dw_kernel[(*tiles, split)](
-        images, keep if keep is not None else dout, dout,
-        scale if scale is not None else dout, shift if shift is not None else dout, dw_part, db_part,
-        g["M"], g["K"], D, g["CPP"], g["GW"], rows, *strides,
-        P=p, HAS_KEEP=keep is not None, HAS_BIAS=has_bias, NORMALIZE=scale is not None,
-        DOT_PREC=_dot_prec(dout.dtype), DOT_F32=_dot_f32(dout.dtype), **cfg)
-    if split > 1:  # fixed-order sum of the partials: deterministic
-        dw = dw_part.sum(0)
-        db = db_part.sum(0) if has_bias else None
-    return dw, db
+    cfg = _dw_config(dout.dtype)
+    tiles = triton.cdiv(D, cfg["BLOCK_N"]) * triton.cdiv(CPP, cfg["BLOCK_K"])
+    split, _ = _dw_split(B * K, tiles, cfg["BLOCK_M"], n_sm)
+    dw = torch.empty(split, D, CPP, device=dout.device, dtype=torch.float32)
+    db = torch.empty(split, D, device=dout.device, dtype=torch.float32) if has_bias else None
+    grid, args, const, opts = _dw_launch(dout, images, keep, p, scale, shift, has_bias, dw, db, n_sm)
+    _patch_embed_bwd_dw_kernel[grid](**args, **const, **opts)
+    # fixed-order sum of the split partials: deterministic
+    return dw.sum(0) if split > 1 else dw[0], (db.sum(0) if split > 1 else db[0]) if has_bias else None
 
 
 def _patch_embed_bwd_dpos(dout, keep, N, dtype, deterministic):
@@ -279,18 +313,19 @@ def _patch_embed_bwd_dpos(dout, keep, N, dtype, deterministic):
     if keep is None:  # K == N, every patch once per image
         return dout.sum(0, dtype=torch.float32).to(dtype)
     keep_flat = keep.reshape(-1)
-    BLOCK_D = 128 if not interpreting() else 16
+    cfg = _dpos_config()
+    BLOCK_R, BLOCK_D = cfg["BLOCK_R"], cfg["BLOCK_D"]
     if deterministic:
         vals, order = torch.sort(keep_flat, stable=True)
         offsets = torch.searchsorted(vals, torch.arange(N + 1, device=keep.device, dtype=vals.dtype))
         dpos = torch.empty(N, D, device=dout.device, dtype=dtype)
         _patch_embed_bwd_dpos_kernel[(N, triton.cdiv(D, BLOCK_D))](
-            dout, keep_flat, order, offsets, dpos, B * K, D, DETERMINISTIC=True, BLOCK_R=16, BLOCK_D=BLOCK_D)
+            dout, keep_flat, order, offsets, dpos, B * K, D, DETERMINISTIC=True, **cfg)
         return dpos
     dpos = torch.zeros(N, D, device=dout.device, dtype=torch.float32)
     if B * K:
-        _patch_embed_bwd_dpos_kernel[(triton.cdiv(B * K, 16), triton.cdiv(D, BLOCK_D))](
-            dout, keep_flat, keep_flat, keep_flat, dpos, B * K, D, DETERMINISTIC=False, BLOCK_R=16, BLOCK_D=BLOCK_D)
+        _patch_embed_bwd_dpos_kernel[(triton.cdiv(B * K, BLOCK_R), triton.cdiv(D, BLOCK_D))](
+            dout, keep_flat, keep_flat, keep_flat, dpos, B * K, D, DETERMINISTIC=False, **cfg)
     return dpos.to(dtype)
 
 
