@@ -1,0 +1,33 @@
+# clipfast: `make demo` and `make test` each create .venv on first use and reuse it after.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_DATA := data/demo
+
+.PHONY: demo test bench lint clean-demo
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# Build DeepSpeed's CPU shared-memory comm op now (about 80 s once, cached): part of installing, not of training.
+	$(BIN)/python -c "import torch; from deepspeed.accelerator import get_accelerator as g; b = None if torch.cuda.is_available() else g().create_op_builder('ShmCommBuilder'); b and b.load()" 2>&1 | tail -1
+	touch $(STAMP)
+
+$(DEMO_DATA)/meta.json: $(STAMP)
+	$(BIN)/python -m clipfast.data.demo --out $(DEMO_DATA)
+
+demo: $(STAMP) $(DEMO_DATA)/meta.json
+	rm -rf runs/demo
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed clipfast/train.py --config configs/demo.py
+	@echo "demo done: metrics in runs/demo/metrics.jsonl, zero-shot result in runs/demo/eval.json"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/throughput.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check clipfast kernels bench configs tests

@@ -1,0 +1,110 @@
+import hashlib
+import io
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from clipfast.data import DaliLoader, ShardReader, list_shards, pack_text, write_shard
+from clipfast.data.demo import build, digit_jpeg
+from clipfast.reduce import TextReducer
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    meta = build(out, seed=0, size=32)
+    return out, meta
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*.tar")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_demo_data_real_split_deterministic(demo, tmp_path):
+    out, meta = demo
+    assert meta["counts"]["train"] + meta["counts"]["val"] == 1797  # every scan, once
+    assert 0.18 < meta["counts"]["val"] / 1797 < 0.22
+    again = build(tmp_path / "again", seed=0, size=32)
+    assert again == {**meta}
+    assert _digest(out) == _digest(tmp_path / "again")
+    other = build(tmp_path / "other", seed=1, size=32)
+    assert _digest(tmp_path / "other") != _digest(out) and other["counts"] == meta["counts"]
+    reader = ShardReader(list_shards(str(out / "val")), loop=False, shuffle_buffer=0)
+    samples = list(reader)
+    assert len(samples) == meta["counts"]["val"] and not reader.skipped
+    names = meta["classnames"]
+    for s in samples[:50]:
+        label = s.meta["label"]
+        assert s.meta["classname"] == names[label]
+        assert names[label] in s.caption or str(label) in s.caption
+    assert len({s.caption for s in samples}) > 30  # varied templates
+
+
+def test_corrupt_samples_skipped_counted_logged(tmp_path, caplog):
+    good = digit_jpeg(np.eye(8) * 16, 32)
+    samples = [
+        {"__key__": "ok1", "jpg": good, "txt": "a one"},
+        {"__key__": "truncated", "jpg": good[: len(good) // 2], "txt": "cut"},
+        {"__key__": "garbage", "jpg": b"\x00" * 500, "txt": "noise"},
+        {"__key__": "nocap", "jpg": good},
+        {"__key__": "emptycap", "jpg": good, "txt": "   "},
+        {"__key__": "badjson", "jpg": good, "txt": "fine", "json": "{not json"},
+        {"__key__": "ok2", "jpg": good, "txt": "another"},
+    ]
+    write_shard(tmp_path / "s.tar", samples)
+    with tarfile.open(tmp_path / "s2.tar", "w") as tar:
+        for name, data in [("badutf8.jpg", good), ("badutf8.txt", b"\xff\xfe\xfa")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "broken.tar").write_bytes(b"this is not a tar file at all" * 10)
+    with caplog.at_level(logging.WARNING, logger="clipfast.data"):
+        reader = ShardReader(list_shards(str(tmp_path)), loop=False, shuffle_buffer=0)
+        keys = [s.key for s in reader]
+    assert keys == ["ok1", "ok2"]
+    assert sum(reader.skipped.values()) == 7  # 5 bad samples in s.tar, 1 in s2.tar, 1 unreadable shard
+    for key in ["truncated", "garbage", "nocap", "emptycap", "badjson", "badutf8"]:
+        assert key in caplog.text
+    assert "broken.tar" in caplog.text
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list_shards(str(tmp_path / "nowhere"))
+
+
+def test_pack_text():
+    text, cu, max_len = pack_text([[1, 2, 3], [4], [5, 6]])
+    assert text.dtype == torch.int32 and cu.dtype == torch.int32
+    assert text.tolist() == [1, 2, 3, 4, 5, 6] and cu.tolist() == [0, 3, 4, 6] and max_len == 3
+
+
+def test_dali_train_and_eval_batches(demo):
+    out, meta = demo
+    reducer = TextReducer("truncate", 8)
+    dl = DaliLoader(str(out / "train"), 16, 24, reducer, train=True, crop_scale=(0.5, 1.0), threads=1)
+    seen = set()
+    for _ in range(3):
+        b = next(dl)
+        assert b["images"].shape == (16, 3, 24, 24) and b["images"].dtype == torch.uint8
+        assert b["cu_seqlens"].shape == (17,) and b["cu_seqlens"][-1] == b["text"].shape[0]
+        lengths = (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).tolist()
+        assert max(lengths) == b["max_len"] <= 8
+        tok = reducer.tok
+        ends = (b["cu_seqlens"][1:] - 1).long()
+        assert (b["text"][ends] == tok.eot_token_id).all()
+        assert b["images"].float().std() > 10  # real pixels, not a blank
+        seen.update(b["keys"])
+    assert len(seen) == 48  # no repeats within the first epoch's batches
+    ev = DaliLoader(str(out / "val"), 100, 24, reducer, train=False, threads=1)
+    batches = list(ev)
+    assert [len(b["keys"]) for b in batches] == [100, 100, 100, meta["counts"]["val"] - 300]
+    keys = [k for b in batches for k in b["keys"]]
+    assert keys == sorted(keys)  # evaluation reads in order, once

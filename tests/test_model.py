@@ -1,0 +1,82 @@
+import torch
+
+from clipfast.data import pack_text
+from clipfast.model import CLIP
+from clipfast.presets import from_name
+from clipfast.tokenizer import get_tokenizer
+
+
+def tiny(**kw):
+    cfg = from_name("demo", **{"vision.layers": 2, "text.layers": 2, **kw})
+    torch.manual_seed(0)
+    return CLIP(cfg, kernels="ref").eval()
+
+
+def test_packed_text_equals_padded():
+    model = tiny()
+    tok = get_tokenizer()
+    caps = ["a photo of the number seven", "handwritten 7", "x", "the digit three, drawn with a pen"]
+    padded = tok(caps, context_length=model.context_length)
+    seqs = [[int(i) for i in row[: int(row.argmax()) + 1]] for row in padded]
+    text, cu, max_len = pack_text(seqs)
+    with torch.no_grad():
+        a = model.encode_text(padded)
+        b = model.encode_text_packed(text, cu, max_len)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+
+
+def test_masked_image_keep_all_equals_none_and_uint8_normalised():
+    model = tiny()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    n = model.cfg.vision.num_patches
+    keep_all = torch.arange(n).expand(3, n)
+    with torch.no_grad():
+        a = model.encode_image(images)
+        b = model.encode_image(images, keep_all)
+        c = model.encode_image(model.visual.normalize(images))
+        d = model.encode_image(images, keep_all[:, :5])
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)
+    assert d.shape == a.shape and not torch.allclose(a, d)
+
+
+def test_avg_pool_variants_and_sincos():
+    for kw in ({"vision.pool": "avg", "vision.final_ln_after_pool": True, "vision.no_ln_pre": True},
+               {"vision.pool": "avg"}, {"vision.pos_embed": "sincos"}):
+        model = tiny(**kw)
+        out = model.encode_image(torch.randn(2, 3, 32, 32))
+        assert out.shape == (2, model.cfg.embed_dim) and torch.isfinite(out).all()
+    assert not tiny(**{"vision.pos_embed": "sincos"}).visual.positional_embedding.requires_grad
+
+
+def test_state_dict_layout_is_open_clips():
+    model = tiny()
+    sd = model.state_dict()
+    assert sd["logit_scale"].shape == torch.Size([])
+    assert sd["visual.conv1.weight"].shape == (128, 3, 8, 8)
+    assert "transformer.resblocks.0.attn.in_proj_weight" in sd and "visual.proj" in sd and "text_projection" in sd
+    assert not any(k.endswith(("mean", "std")) for k in sd)  # normalisation constants are not state
+    other = tiny()
+    other.load_state_dict(sd)
+    assert torch.equal(other.logit_scale, model.logit_scale)
+
+
+def test_gradients_reach_every_trainable_parameter():
+    model = tiny().train()
+    tok = get_tokenizer()
+    text, cu, max_len = pack_text([[tok.sot_token_id, 320, 1125, tok.eot_token_id], [tok.sot_token_id, 539, tok.eot_token_id]])
+    img, txt, scale = model(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), text, cu, max_len)
+    (scale * img @ txt.T).logsumexp(0).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n != "token_embedding.weight"
+               and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing
+
+
+def test_grad_checkpointing_same_gradients():
+    ref, ckpt = tiny().train(), tiny().train()
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    for m in (ref, ckpt):
+        m.encode_image(x).sum().backward()
+    for (n, a), (_, b) in zip(ref.named_parameters(), ckpt.named_parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-6), n

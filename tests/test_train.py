@@ -1,0 +1,88 @@
+"""End to end through the DeepSpeed launcher: two CPU ranks (gloo), checkpoints, resume, evaluation."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipfast.data.demo import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deepspeed(ranks, *overrides, timeout=900):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+           str(_free_port()), "clipfast/train.py", "--config", "configs/demo.py", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    build(out, seed=0, size=32)
+    return out
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_ranks_train_checkpoint_resume_evaluate(data, tmp_path):
+    out = tmp_path / "run"
+    common = [f"train_data={data / 'train'}", f"val_data={data / 'val'}", f"out_dir={out}", "batch_size=16",
+              "log_every=2", "ckpt_every=2", "warmup_steps=2", "tensorboard=false", "data_threads=1"]
+    r = _deepspeed(2, "steps=4", *common)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = _metrics(out)
+    assert [x["step"] for x in m] == [2, 4]
+    assert all(x["loss"] > 0 and x["samples_per_s"] > 0 and 0 <= x["data_wait_share"] <= 1 for x in m)
+    assert (out / "ckpt" / "latest").read_text().strip() == "step4"
+    assert (out / "model.pt").is_file()
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["samples"] == 359 and 0 <= ev["top1"] <= ev["top5"] <= 1
+
+    r = _deepspeed(2, "steps=6", "resume=true", *common)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr and "at step 4" in r.stdout + r.stderr
+    assert [x["step"] for x in _metrics(out)] == [2, 4, 6]
+    assert (out / "ckpt" / "latest").read_text().strip() == "step6"
+
+
+def test_unknown_key_fails_listing_valid_keys():
+    r = subprocess.run([sys.executable, "clipfast/train.py", "--config", "configs/demo.py", "stepz=3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "unknown config key 'stepz'" in r.stderr and "batch_size" in r.stderr and "zero_stage" in r.stderr
+
+
+def test_evaluate_cli(data, tmp_path):
+    import torch
+
+    from clipfast.evaluate import main as evaluate_main
+    from clipfast.model import CLIP
+    from clipfast.presets import from_name
+    from clipfast.train import save_model
+    from clipfast.config import TrainConfig
+
+    model = CLIP(from_name("demo"), kernels="ref")
+    save_model(tmp_path / "model.pt", model, TrainConfig(), step=0)
+    res = evaluate_main(["--checkpoint", str(tmp_path), "--data", str(data / "val"), "--device", "cpu",
+                         "--out", str(tmp_path / "e.json")])
+    assert res["samples"] == 359 and res["classes"] == 10
+    assert json.loads((tmp_path / "e.json").read_text())["top1"] == res["top1"]
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        evaluate_main(["--checkpoint", str(tmp_path / "none"), "--data", str(data / "val")])
+    torch.save({"x": 1}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a clipfast model"):
+        evaluate_main(["--checkpoint", str(tmp_path / "bad.pt"), "--data", str(data / "val")])
