@@ -11,13 +11,14 @@ clipfast's CLIP uses open_clip's parameter names, so conversion is a key filter 
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 
 from clipfast.model import sincos_2d
-from clipfast.presets import ModelConfig
+from clipfast.presets import PRESETS, ModelConfig, TextConfig, VisionConfig
 
 VISUAL_POS = "visual.positional_embedding"
 TEXT_POS = "positional_embedding"
@@ -80,3 +81,197 @@ def resize_state_dict(sd: dict, cfg: ModelConfig) -> dict:
         if pos.shape[0] != t.context_length:
             out[TEXT_POS] = _resize_text(pos, t.context_length)
     return out
+
+
+# ---- state dicts ----------------------------------------------------------------------------------------------
+
+def to_open_clip(sd: dict) -> dict:
+    """clipfast state dict -> open_clip's `CLIP.load_state_dict` layout (same names; logit_scale 0-dim)."""
+    out = {k.removeprefix("module."): v for k, v in sd.items()}
+    if "logit_scale" in out:
+        out["logit_scale"] = out["logit_scale"].reshape(())
+    return out
+
+
+def from_open_clip(sd: dict) -> dict:
+    """open_clip state dict (a `CLIP`, also as saved by its trainer: `{"state_dict": ...}`, "module." keys) ->
+    clipfast's layout. Raises for towers clipfast does not model (CustomTextCLIP `text.*`, SigLIP's logit_bias)."""
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    out = {k.removeprefix("module."): v for k, v in sd.items()}
+    out.pop("attn_mask", None)  # a buffer in old open_clip / OpenAI files, rebuilt on the fly here
+    foreign = sorted(k for k in out if k.startswith(("text.", "logit_bias", "visual.trunk", "visual.attn_pool")))
+    if foreign:
+        raise ValueError(f"open_clip weights with parts clipfast's CLIP does not have: {', '.join(foreign[:5])}")
+    if "logit_scale" in out:
+        out["logit_scale"] = out["logit_scale"].reshape(())
+    return out
+
+
+def load_open_clip_state(model, sd_or_path, strict: bool = True):
+    """Load open_clip weights (a state dict or a file) into clipfast `model`, e.g. to fine-tune them.
+
+    Position embeddings are resized to the model's image size and text length (resize_state_dict); every other
+    shape must match, so pick the clipfast config that open_clip_name maps to the open_clip model.
+    """
+    sd = sd_or_path
+    if not isinstance(sd, dict):
+        sd = torch.load(sd_or_path, map_location="cpu", weights_only=True)
+    sd = resize_state_dict(from_open_clip(sd), model.cfg)
+    own = model.state_dict()
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"open_clip weights do not fit {model.cfg.name}: " + "; ".join(bad[:5]))
+    return model.load_state_dict(sd, strict=strict)
+
+
+# ---- model configs and names ----------------------------------------------------------------------------------
+
+# clipfast presets without an open_clip config of their own: the open_clip name to build on (its tokenizer is
+# the one these presets use; the tower that differs comes as a *_cfg override).
+_BASE = {"CLIPA-B-16": "ViT-B-16", "CLIPA-L-16": "ViT-L-16", "CLIPA-L-14": "ViT-L-14", "CLIPA-H-14": "ViT-H-14",
+         "CLIPA-bigG-14": "ViT-bigG-14", "demo": "ViT-B-16"}
+_POS = {"learned": "learnable", "sincos": "sin_cos_2d"}
+# the open_clip fields clipfast models, with open_clip's defaults (CLIPVisionCfg / CLIPTextCfg)
+_V_DEF = dict(image_size=224, layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=16, pool_type="tok",
+              final_ln_after_pool=False, no_ln_pre=False, pos_embed_type="learnable")
+_V_CORE = ("image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size")
+_T_DEF = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12, mlp_ratio=4.0)
+# open_clip options clipfast's CLIP does not implement: each must stay at this value
+_V_FIXED = dict(ls_init_value=None, attentional_pool=False, act_kwargs=None, norm_kwargs=None, qk_norm=False,
+                scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False, scale_attn=False,
+                scale_fc=False, timm_model_name=None)
+_T_FIXED = dict(hf_tokenizer_name=None, tokenizer_mode=None, tokenizer_kwargs=None, ls_init_value=None,
+                embed_cls=False, no_causal_mask=False, final_ln_after_pool=False, pool_type="argmax",
+                proj_bias=False, proj_type="linear", act_kwargs=None, norm_kwargs=None, qk_norm=False,
+                scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False, scale_attn=False,
+                scale_fc=False, hf_model_name=None)
+_TOP_FIXED = dict(quick_gelu=False, init_logit_bias=None, custom_text=False, nonscalar_logit_scale=False)
+
+
+def open_clip_cfg(cfg: ModelConfig) -> dict:
+    """cfg as an open_clip model config (`model_configs/*.json` terms; CLIPA flags only where set)."""
+    v, t = cfg.vision, cfg.text
+    if v.width % v.heads:
+        raise ValueError(f"vision width {v.width} is not a multiple of its {v.heads} heads")
+    vision = dict(image_size=v.image_size, layers=v.layers, width=v.width, head_width=v.width // v.heads,
+                  mlp_ratio=v.mlp_ratio, patch_size=v.patch_size, pool_type=v.pool,
+                  final_ln_after_pool=v.final_ln_after_pool, no_ln_pre=v.no_ln_pre, pos_embed_type=_POS[v.pos_embed])
+    vision = {k: x for k, x in vision.items() if k in _V_CORE or x != _V_DEF[k]}
+    text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
+                layers=t.layers, mlp_ratio=t.mlp_ratio)
+    return dict(embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text)
+
+
+def _unsupported(oc: dict) -> list[str]:
+    v, t = oc.get("vision_cfg", {}), oc.get("text_cfg", {})
+    bad = [f"{k}={oc[k]!r}" for k, x in _TOP_FIXED.items() if oc.get(k, x) != x]
+    bad += [f"vision_cfg.{k}={v[k]!r}" for k, x in _V_FIXED.items() if v.get(k, x) != x]
+    bad += [f"text_cfg.{k}={t[k]!r}" for k, x in _T_FIXED.items() if t.get(k, x) != x]
+    bad += [f"{tower}.block_type={c['block_type']!r}" for tower, c in (("vision_cfg", v), ("text_cfg", t))
+            if c.get("block_type") not in (None, "default")]
+    if v.get("pool_type", "tok") not in ("tok", "avg"):
+        bad.append(f"vision_cfg.pool_type={v['pool_type']!r}")
+    if v.get("pos_embed_type", "learnable") not in _POS.values():
+        bad.append(f"vision_cfg.pos_embed_type={v['pos_embed_type']!r}")
+    if not isinstance(v.get("layers", 12), int):
+        bad.append(f"vision_cfg.layers={v['layers']!r} (a ResNet)")
+    size = v.get("image_size", 224)
+    if isinstance(size, (tuple, list)) and size[0] != size[1]:
+        bad.append(f"vision_cfg.image_size={size!r} (clipfast models square images)")
+    return bad
+
+
+def _normalized(oc: dict) -> tuple[int, dict, dict]:
+    """(embed_dim, vision, text) of an open_clip model config over the fields clipfast models, defaults filled."""
+    v, t = {**_V_DEF, **oc["vision_cfg"]}, {**_T_DEF, **oc["text_cfg"]}
+    if isinstance(v["image_size"], (tuple, list)):
+        v["image_size"] = v["image_size"][0]
+    return oc["embed_dim"], {k: v[k] for k in _V_DEF}, {k: t[k] for k in _T_DEF}
+
+
+def _apply_kwargs(oc: dict, kwargs: dict) -> dict:
+    """open_clip.create_model's overrides on a model config: force_image_size, force_context_length, then the
+    remaining kwargs replace top-level keys (vision_cfg=..., text_cfg=..., embed_dim=...)."""
+    oc = copy.deepcopy(oc)
+    kwargs = dict(kwargs)
+    if (size := kwargs.pop("force_image_size", None)) is not None:
+        oc["vision_cfg"]["image_size"] = size
+    if (length := kwargs.pop("force_context_length", None)) is not None:
+        oc["text_cfg"]["context_length"] = length
+    oc.update(copy.deepcopy(kwargs))
+    return oc
+
+
+def config_from_open_clip(name: str, **create_kwargs) -> ModelConfig:
+    """The clipfast ModelConfig of `open_clip.create_model(name, **create_kwargs)`; raises for open_clip options
+    clipfast does not implement (quick_gelu, CLIPA's BERT text tower, timm / HF towers, layer scale, ...)."""
+    import open_clip
+
+    base = open_clip.get_model_config(name)
+    if base is None:
+        raise KeyError(f"open_clip has no model config {name!r}")
+    oc = _apply_kwargs(base, create_kwargs)
+    bad = _unsupported(oc)
+    if bad:
+        raise ValueError(f"open_clip model {name!r} uses options clipfast's CLIP does not have: {', '.join(bad)}")
+    embed_dim, v, t = _normalized(oc)
+    vision = VisionConfig(
+        image_size=v["image_size"], patch_size=v["patch_size"], width=v["width"], layers=v["layers"],
+        heads=v["width"] // v["head_width"], mlp_ratio=v["mlp_ratio"], pool=v["pool_type"],
+        final_ln_after_pool=v["final_ln_after_pool"], no_ln_pre=v["no_ln_pre"],
+        pos_embed={b: a for a, b in _POS.items()}[v["pos_embed_type"]],
+    )
+    cfg = ModelConfig(name=name, embed_dim=embed_dim, vision=vision, text=TextConfig(**t))
+    for key, preset in PRESETS.items():  # named after the clipfast preset it is, if any
+        if (preset.embed_dim, preset.vision, preset.text) == (cfg.embed_dim, cfg.vision, cfg.text):
+            cfg.name = key
+    return cfg
+
+
+def _overrides(name: str, want: dict) -> dict | None:
+    """create_model kwargs that turn open_clip's `name` into `want`; None if `name` has options clipfast lacks."""
+    import open_clip
+
+    have = open_clip.get_model_config(name)
+    if have is None or _unsupported(have):
+        return None
+    (he, hv, ht), (we, wv, wt) = _normalized(have), _normalized(want)
+    kwargs = {}
+    if he != we:
+        kwargs["embed_dim"] = we
+    if hv != wv:
+        if {**hv, "image_size": wv["image_size"]} == wv:
+            kwargs["force_image_size"] = wv["image_size"]
+        else:
+            kwargs["vision_cfg"] = want["vision_cfg"]
+    if ht != wt:
+        if {**ht, "context_length": wt["context_length"]} == wt:
+            kwargs["force_context_length"] = wt["context_length"]
+        else:
+            kwargs["text_cfg"] = want["text_cfg"]
+    return kwargs
+
+
+def open_clip_name(cfg: ModelConfig) -> tuple[str, dict]:
+    """(name, kwargs) such that `open_clip.create_model(name, **kwargs)` is cfg's architecture.
+
+    Prefers an open_clip config that needs no kwargs (ViT-L-14 at 336 px -> "ViT-L-14-336"), else the preset's
+    own open_clip name (or its base, for CLIPA-* and demo) with force_image_size / force_context_length, and a
+    whole vision_cfg / text_cfg only where a tower differs in more than its token count. The same name gives
+    the tokenizer: `open_clip.get_tokenizer(name, context_length=cfg.text.context_length)`.
+    """
+    import open_clip
+
+    want = open_clip_cfg(cfg)
+    base = _BASE.get(cfg.name, cfg.name)
+    if open_clip.get_model_config(base) is None:
+        base = "ViT-B-16"
+    candidates = [base] + sorted(n for n in open_clip.list_models() if n.startswith(base + "-"))
+    found = [(n, kw) for n in candidates if (kw := _overrides(n, want)) is not None]
+    name, kwargs = min(found, key=lambda nk: len(nk[1]))  # min keeps the first (the base) on ties
+    back = config_from_open_clip(name, **kwargs)
+    if (back.embed_dim, back.vision, back.text) != (cfg.embed_dim, cfg.vision, cfg.text):
+        raise AssertionError(f"open_clip_name({cfg.name}) = {name} {kwargs} does not rebuild the same config")
+    return name, kwargs

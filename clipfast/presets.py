@@ -1,7 +1,8 @@
 """Model sizes: one table keyed by short names, read by `from_name`.
 
-Each entry is the same architecture as open_clip's config of that name (see clipfast.interop for the
-name mapping); `demo` is a tiny model for the CPU demo and tests.
+Each ViT-* entry is the same architecture as open_clip 3.3.0's config of that name; the CLIPA-* entries have
+CLIPA's image tower and CLIP's text tower (why: the comment above them). clipfast.interop.open_clip_name maps a
+config to open_clip's name and create_model kwargs; `demo` is a tiny model for the CPU demo and tests.
 """
 from __future__ import annotations
 
@@ -54,20 +55,62 @@ def _m(name, embed_dim, vision, text):
     return ModelConfig(name=name, embed_dim=embed_dim, vision=VisionConfig(**vision), text=TextConfig(**text))
 
 
+def _vit(patch, width, layers, heads, mlp_ratio=4.0, **kw):
+    return dict(image_size=224, patch_size=patch, width=width, layers=layers, heads=heads, mlp_ratio=mlp_ratio, **kw)
+
+
+def _txt(width, layers, heads, context_length=77):
+    return dict(context_length=context_length, vocab_size=49408, width=width, layers=layers, heads=heads)
+
+
+# open_clip gives vision heads as head_width (default 64): heads = width // head_width.
+_S16, _B32, _B16 = _vit(16, 384, 12, 6), _vit(32, 768, 12, 12), _vit(16, 768, 12, 12)
+_L14, _L16 = _vit(14, 1024, 24, 16), _vit(16, 1024, 24, 16)
+_H14 = _vit(14, 1280, 32, 16)  # head_width 80
+_G14 = _vit(14, 1664, 48, 16, mlp_ratio=4.9231)  # head_width 104; MLP int(1664 * 4.9231) = 8192
+_TS, _TB, _TL, _TH, _TG = _txt(384, 12, 6), _txt(512, 12, 8), _txt(768, 12, 12), _txt(1024, 24, 16), _txt(1280, 32, 20)
+
+# CLIPA image tower (open_clip's *-CLIPA vision_cfg): mean of the patch tokens, the final norm after the pool, no
+# norm before the blocks; the class token is still there (its position slot too) as in open_clip. Position
+# embedding learned, as in those configs; `vision.pos_embed="sincos"` gives the fixed 2-D sin-cos variant
+# (open_clip pos_embed_type="sin_cos_2d"), which a resolution change recomputes instead of resampling.
+_CLIPA = dict(pool="avg", final_ln_after_pool=True, no_ln_pre=True)
+# CLIPA text tower: same width / heads / layers as open_clip's *-CLIPA text_cfg and its 32-token context, but
+# NOT its other details, which clipfast's packed text path cannot reproduce: open_clip's CLIPA text tower reads
+# BERT WordPiece ids (vocab 32000), attends bidirectionally with no padding mask and pools the last *padded*
+# position (pad tokens take part). Packed captions have no padding, and the data path tokenizes with CLIP BPE,
+# so these presets keep CLIP's text tower: BPE vocab 49408, causal attention, pooling at the end-of-text token.
+# open_clip loads them through clipfast.interop.open_clip_name (a vision_cfg override on the plain ViT name).
+
 PRESETS: dict[str, ModelConfig] = {
     "demo": _m(
         "demo", 64,
         dict(image_size=32, patch_size=8, width=128, layers=4, heads=4),
         dict(context_length=16, width=128, layers=3, heads=4),
     ),
-    "ViT-B-16": _m(
-        "ViT-B-16", 512,
-        dict(image_size=224, patch_size=16, width=768, layers=12, heads=12),
-        dict(context_length=77, width=512, layers=12, heads=8),
-    ),
+    # open_clip 3.3.0 model_configs/<name>.json, same architecture
+    "ViT-S-16": _m("ViT-S-16", 384, _S16, _TS),
+    "ViT-B-32": _m("ViT-B-32", 512, _B32, _TB),
+    "ViT-B-16": _m("ViT-B-16", 512, _B16, _TB),
+    "ViT-L-14": _m("ViT-L-14", 768, _L14, _TL),
+    "ViT-L-16": _m("ViT-L-16", 768, _L16, _TL),
+    "ViT-H-14": _m("ViT-H-14", 1024, _H14, _TH),
+    "ViT-bigG-14": _m("ViT-bigG-14", 1280, _G14, _TG),
+    # CLIPA (see above). open_clip has ViT-L-14-CLIPA, ViT-H-14-CLIPA, ViT-bigG-14-CLIPA (image towers equal to
+    # these); it has no B/16 or L/16 CLIPA config: those are CLIPA's paper models on the ViT-B-16 / ViT-L-16 towers.
+    "CLIPA-B-16": _m("CLIPA-B-16", 512, {**_B16, **_CLIPA}, {**_TB, "context_length": 32}),
+    "CLIPA-L-16": _m("CLIPA-L-16", 768, {**_L16, **_CLIPA}, {**_TL, "context_length": 32}),
+    "CLIPA-L-14": _m("CLIPA-L-14", 768, {**_L14, **_CLIPA}, {**_TL, "context_length": 32}),
+    "CLIPA-H-14": _m("CLIPA-H-14", 1024, {**_H14, **_CLIPA}, {**_TH, "context_length": 32}),
+    "CLIPA-bigG-14": _m("CLIPA-bigG-14", 1280, {**_G14, **_CLIPA}, {**_TG, "context_length": 32}),
 }
 
-ALIASES = {"B/16": "ViT-B-16"}
+ALIASES = {
+    "S/16": "ViT-S-16", "B/32": "ViT-B-32", "B/16": "ViT-B-16", "L/14": "ViT-L-14", "L/16": "ViT-L-16",
+    "H/14": "ViT-H-14", "G/14": "ViT-bigG-14", "bigG/14": "ViT-bigG-14",
+    "CLIPA-B/16": "CLIPA-B-16", "CLIPA-L/16": "CLIPA-L-16", "CLIPA-L/14": "CLIPA-L-14",
+    "CLIPA-H/14": "CLIPA-H-14", "CLIPA-G/14": "CLIPA-bigG-14", "CLIPA-bigG/14": "CLIPA-bigG-14",
+}
 
 
 def from_name(name: str, **overrides) -> ModelConfig:
@@ -77,7 +120,8 @@ def from_name(name: str, **overrides) -> ModelConfig:
     """
     key = ALIASES.get(name, name)
     if key not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+        raise KeyError(f"unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}; "
+                       f"aliases: {', '.join(sorted(ALIASES))}")
     cfg = dataclasses.replace(
         PRESETS[key],
         vision=dataclasses.replace(PRESETS[key].vision),
