@@ -64,7 +64,7 @@ def _patch_rows(keep, rm, mask_m, K, GW, stride_b, stride_h, stride_w, stride_kb
 
 @triton.jit
 def _patch_tile(img, base, mask_m, kk, mask_k, scale, shift, stride_c, stride_h, stride_w,
-                P: tl.constexpr, NORMALIZE: tl.constexpr, DT: tl.constexpr):
+                P: tl.constexpr, NORMALIZE: tl.constexpr, DT: tl.constexpr, INTERP_BF16: tl.constexpr):
     """(BLOCK_M, BLOCK_K) tile of flattened patches: column kk = c*P*P + i*P + j is pixel (i, j) of channel c.
     j = kk % P keeps runs of P columns contiguous for the compiler's alignment analysis (vector loads, p=16)."""
     c = kk // (P * P)
@@ -77,16 +77,28 @@ def _patch_tile(img, base, mask_m, kk, mask_k, scale, shift, stride_c, stride_h,
         s = tl.load(scale + c, mask=mask_k, other=0.0)
         t = tl.load(shift + c, mask=mask_k, other=0.0)
         x = tl.where(mask, x.to(tl.float32) * s[None, :] + t[None, :], 0.0)
-    return x.to(DT)
+    return _cast(x, DT, INTERP_BF16 and NORMALIZE)
+
+
+# INTERP_BF16 (set only under TRITON_INTERPRET with bf16 tiles) works around two bugs of triton 3.8's interpreter:
+# tl.dot multiplies bf16 operands as their raw uint16 bits, and fp32 -> bf16 casts truncate. The workarounds keep
+# the GPU's math: bf16 products are exact in fp32, and the hand-written cast rounds to nearest even like cvt.rn.
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """acc += a @ b with fp32 accumulation."""
+    if INTERP_BF16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc += a @ b. DOT_F32 (interpreter + bf16 only): triton 3.8's interpreter multiplies bf16 as raw uint16
-    bits, so operands go up to fp32 first; bf16 products are exact in fp32, so the math is unchanged."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+def _cast(x, DT: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """x.to(DT), rounding to nearest even."""
+    if INTERP_BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(DT)
 
 
 @triton.jit
@@ -94,7 +106,7 @@ def _patch_embed_fwd_kernel(img, keep, w, bias, pos, scale, shift, out,
                             M, K, D, CPP, GW,
                             stride_b, stride_c, stride_h, stride_w, stride_kb, stride_kk,
                             P: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, I64: tl.constexpr,
-                            NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+                            NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     DT = out.dtype.element_ty
     pid = tl.program_id(0)
@@ -111,15 +123,16 @@ def _patch_embed_fwd_kernel(img, keep, w, bias, pos, scale, shift, out,
     for k0 in range(0, CPP, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mask_k = kk < CPP
-        x = _patch_tile(img, base, mask_m, kk, mask_k, scale, shift, stride_c, stride_h, stride_w, P, NORMALIZE, DT)
+        x = _patch_tile(img, base, mask_m, kk, mask_k, scale, shift, stride_c, stride_h, stride_w, P, NORMALIZE, DT,
+                        INTERP_BF16)
         wt = tl.load(w + rn[None, :] * CPP + kk[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(x, wt.to(DT), acc, DOT_PREC, DOT_F32)  # (BLOCK_M, BLOCK_N)
+        acc = _mma(x, _cast(wt, DT, INTERP_BF16), acc, DOT_PREC, INTERP_BF16)  # (BLOCK_M, BLOCK_N)
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         acc += tl.load(bias + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     acc += tl.load(pos + n[:, None] * D + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     ro = rm.to(tl.int64) if I64 else rm
-    tl.store(out + ro[:, None] * D + rn[None, :], acc.to(DT), mask=mask)
+    tl.store(out + ro[:, None] * D + rn[None, :], _cast(acc, DT, INTERP_BF16), mask=mask)
 
 
 @triton.jit
@@ -127,7 +140,7 @@ def _patch_embed_bwd_dw_kernel(img, keep, dout, scale, shift, dw, dbias,
                                M, K, D, CPP, GW, ROWS_PER_SPLIT,
                                stride_b, stride_c, stride_h, stride_w, stride_kb, stride_kk,
                                P: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr, I64: tl.constexpr,
-                               NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+                               NORMALIZE: tl.constexpr, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[s] (D, CPP) and dbias[s] (D,) fp32 partials of split s over rows [s*ROWS_PER_SPLIT, +ROWS_PER_SPLIT)."""
     DT = dout.dtype.element_ty
@@ -147,11 +160,12 @@ def _patch_embed_bwd_dw_kernel(img, keep, dout, scale, shift, dw, dbias,
         mask_m = rm < m_hi
         _, base = _patch_rows(keep, rm, mask_m, K, GW, stride_b, stride_h, stride_w, stride_kb, stride_kk,
                               P, HAS_KEEP, I64)
-        x = _patch_tile(img, base, mask_m, kk, mask_k, scale, shift, stride_c, stride_h, stride_w, P, NORMALIZE, DT)
+        x = _patch_tile(img, base, mask_m, kk, mask_k, scale, shift, stride_c, stride_h, stride_w, P, NORMALIZE, DT,
+                        INTERP_BF16)
         ro = rm.to(tl.int64) if I64 else rm
         do = tl.load(dout + ro[:, None] * D + rn[None, :], mask=mask_m[:, None] & mask_n[None, :],
                      other=0.0)  # (BLOCK_M, BLOCK_N)
-        acc = _mma(tl.trans(do), x, acc, DOT_PREC, DOT_F32)  # (BLOCK_N, BLOCK_K)
+        acc = _mma(tl.trans(do), x, acc, DOT_PREC, INTERP_BF16)  # (BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             db += tl.sum(do.to(tl.float32), axis=0)
     part = pid_s.to(tl.int64) * D * CPP
@@ -163,7 +177,8 @@ def _patch_embed_bwd_dw_kernel(img, keep, dout, scale, shift, dw, dbias,
 
 @triton.jit
 def _patch_embed_bwd_dpos_kernel(dout, keep_flat, order, offsets, dpos, M, D,
-                                 DETERMINISTIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                                 DETERMINISTIC: tl.constexpr, INTERP_BF16: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """DETERMINISTIC: program (n, d-tile) sums dout rows order[offsets[n]:offsets[n+1]] in order into dpos[n]
     (any dtype). Otherwise program (m-tile, d-tile) atomically adds its rows into fp32 dpos[keep[m]]."""
     pid = tl.program_id(0)
@@ -179,7 +194,7 @@ def _patch_embed_bwd_dpos_kernel(dout, keep_flat, order, offsets, dpos, M, D,
             rows = tl.load(order + rr, mask=mask_r, other=0).to(tl.int64)
             g = tl.load(dout + rows[:, None] * D + rd[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
             acc += tl.sum(g.to(tl.float32), axis=0)
-        tl.store(dpos + pid.to(tl.int64) * D + rd, acc.to(dpos.dtype.element_ty), mask=mask_d)
+        tl.store(dpos + pid.to(tl.int64) * D + rd, _cast(acc, dpos.dtype.element_ty, INTERP_BF16), mask=mask_d)
     else:
         rm = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = rm < M
@@ -252,7 +267,7 @@ def _fwd_launch(images, keep, weight, bias, pos_embed, p, scale, shift, out, int
                 bias=bias if bias is not None else dummy, pos=pos_embed, scale=scale if scale is not None else dummy,
                 shift=shift if shift is not None else dummy, out=out, **args)
     const.update(HAS_BIAS=bias is not None, NORMALIZE=scale is not None, DOT_PREC=_dot_prec(out.dtype),
-                 DOT_F32=interpret and out.dtype == torch.bfloat16, **cfg)
+                 INTERP_BF16=interpret and out.dtype == torch.bfloat16, **cfg)
     grid = (triton.cdiv(args["M"], cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)
     return grid, args, const, opts
 
@@ -271,7 +286,7 @@ def _dw_launch(dout, images, keep, p, scale, shift, has_bias, dw, db, n_sm, inte
                 scale=scale if scale is not None else dummy, shift=shift if shift is not None else dummy,
                 dw=dw, dbias=db if db is not None else dummy, ROWS_PER_SPLIT=rows, **args)
     const.update(HAS_BIAS=has_bias, NORMALIZE=scale is not None, DOT_PREC=_dot_prec(dout.dtype),
-                 DOT_F32=interpret and dout.dtype == torch.bfloat16, **cfg)
+                 INTERP_BF16=interpret and dout.dtype == torch.bfloat16, **cfg)
     return (*tiles, split), args, const, opts
 
 
@@ -320,12 +335,14 @@ def _patch_embed_bwd_dpos(dout, keep, N, dtype, deterministic):
         offsets = torch.searchsorted(vals, torch.arange(N + 1, device=keep.device, dtype=vals.dtype))
         dpos = torch.empty(N, D, device=dout.device, dtype=dtype)
         _patch_embed_bwd_dpos_kernel[(N, triton.cdiv(D, BLOCK_D))](
-            dout, keep_flat, order, offsets, dpos, B * K, D, DETERMINISTIC=True, **cfg)
+            dout, keep_flat, order, offsets, dpos, B * K, D, DETERMINISTIC=True,
+            INTERP_BF16=interpreting() and dtype == torch.bfloat16, **cfg)
         return dpos
     dpos = torch.zeros(N, D, device=dout.device, dtype=torch.float32)
     if B * K:
         _patch_embed_bwd_dpos_kernel[(triton.cdiv(B * K, BLOCK_R), triton.cdiv(D, BLOCK_D))](
-            dout, keep_flat, keep_flat, keep_flat, dpos, B * K, D, DETERMINISTIC=False, **cfg)
+            dout, keep_flat, keep_flat, keep_flat, dpos, B * K, D, DETERMINISTIC=False, INTERP_BF16=False,
+            **cfg)
     return dpos.to(dtype)
 
 

@@ -54,7 +54,8 @@ def _dpos(model, deterministic):
                 dpos=_meta(x["N"], x["D"], dtype=torch.bfloat16 if deterministic else torch.float32), M=M, D=x["D"])
     cfg = pe._dpos_config(interpret=False)
     opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-    return compile_sm90_like(pe._patch_embed_bwd_dpos_kernel, args, dict(DETERMINISTIC=deterministic, **cfg), **opts)
+    const = dict(DETERMINISTIC=deterministic, INTERP_BF16=False, **cfg)
+    return compile_sm90_like(pe._patch_embed_bwd_dpos_kernel, args, const, **opts)
 
 
 CASES = [(m, k) for m in MODELS for k in ("fwd", "dw", "dpos-det", "dpos-atomic")]
