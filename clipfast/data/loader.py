@@ -1,0 +1,113 @@
+"""The DALI pipeline: shards -> decoded, cropped, resized uint8 images on the training device + packed text.
+
+Images: a validating shard reader (clipfast.data.shards) feeds encoded bytes to DALI through
+`external_source`; DALI decodes with a region of interest (`decoders.image_random_crop`: only the crop
+is decoded) and resizes straight to the training resolution — `mixed` (nvJPEG on the GPU) when there
+is one, the CPU otherwise. Evaluation decodes whole images, resizes the short side and centre-crops.
+Captions: tokenised and reduced on the host (clipfast.reduce.TextReducer), packed end to end.
+
+A batch is {images: uint8 (B,3,H,W), text: int32 (T,), cu_seqlens: int32 (B+1,), max_len: int,
+keys: [str], meta: [dict]}, tensors on the training device.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from clipfast.data.shards import ShardReader, list_shards
+
+
+def pack_text(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """[[ids], ...] -> packed ids (T,) int32, cu_seqlens (S+1,) int32, max length."""
+    lengths = [len(s) for s in seqs]
+    cu = np.zeros(len(seqs) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(cu[-1]))
+    return torch.from_numpy(flat), torch.from_numpy(cu), max(lengths, default=0)
+
+
+class DaliLoader:
+    """Iterator of batches. `train=True`: endless, shuffled, random-resized-crop; else one ordered pass."""
+
+    def __init__(self, data: str, batch_size: int, image_size: int, text_reducer, *, train=True, rank=0,
+                 world=1, seed=0, crop_scale=(0.4, 1.0), threads=2, device: torch.device | str = "cpu",
+                 drop_last=None):
+        from nvidia.dali import fn, pipeline_def, types
+
+        self.device = torch.device(device)
+        self.batch_size, self.train, self.text_reducer = batch_size, train, text_reducer
+        self.drop_last = train if drop_last is None else drop_last
+        self.reader = ShardReader(list_shards(data), rank, world, seed, loop=train,
+                                  shuffle_buffer=1000 if train else 0)
+        self._samples = iter(self.reader)
+        self._pending: collections.deque = collections.deque()
+        self._exhausted = False
+        self.wait_s = 0.0  # host time spent waiting for batches (stall), for the training log
+        gpu = self.device.type == "cuda"
+        decode_device = "mixed" if gpu else "cpu"
+        op_device = "gpu" if gpu else "cpu"
+
+        device_id = (self.device.index or 0) if gpu else None  # None: a CPU-only pipeline
+
+        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id,
+                      seed=seed * 7919 + rank, prefetch_queue_depth=2, exec_dynamic=True)
+        def pipe():
+            jpegs = fn.external_source(source=self._next_encoded, batch=True, dtype=types.UINT8, no_copy=False)
+            if train:
+                images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
+                                                       random_area=list(crop_scale), random_aspect_ratio=[3 / 4, 4 / 3],
+                                                       num_attempts=10)
+                images = fn.resize(images, device=op_device, resize_x=image_size, resize_y=image_size,
+                                   antialias=True)
+            else:
+                images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+                images = fn.resize(images, device=op_device, resize_shorter=image_size, antialias=True)
+                images = fn.crop(images, device=op_device, crop=(image_size, image_size))
+            return fn.transpose(images, device=op_device, perm=[2, 0, 1])  # HWC -> CHW
+
+        self.pipe = pipe()
+        self.pipe.build()
+
+    def _next_encoded(self):
+        """DALI's source: the next batch of encoded images; its captions wait in _pending, in order."""
+        batch = list(itertools.islice(self._samples, self.batch_size))
+        if not batch or (self.drop_last and len(batch) < self.batch_size):
+            self._exhausted = True
+            raise StopIteration
+        self._pending.append(batch)
+        return [np.frombuffer(s.image, dtype=np.uint8) for s in batch]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        t0 = time.perf_counter()
+        (images,) = self.pipe.run()  # raises StopIteration at the end of an evaluation pass
+        samples = self._pending.popleft()
+        text, cu, max_len = pack_text([self.text_reducer(s.caption) for s in samples])
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = images.as_tensor()
+            out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            out = torch.from_numpy(images.as_array())
+        self.wait_s += time.perf_counter() - t0
+        nb = self.device.type == "cuda"
+        return {
+            "images": out,
+            "text": text.to(self.device, non_blocking=nb),
+            "cu_seqlens": cu.to(self.device, non_blocking=nb),
+            "max_len": max_len,
+            "keys": [s.key for s in samples],
+            "meta": [s.meta for s in samples],
+        }
+
+    @property
+    def skipped(self) -> dict:
+        return dict(self.reader.skipped)
