@@ -1,10 +1,113 @@
 """clipfast.interop: open_clip parity per preset, state dict round trips, resize on load, the export CLI."""
+import copy
+import warnings
+
 import pytest
 import torch
 
-from clipfast.interop import resize_state_dict
+from clipfast.data import pack_text
+from clipfast.interop import from_open_clip, load_open_clip_state, open_clip_name, resize_state_dict, to_open_clip
 from clipfast.model import CLIP, sincos_2d
 from clipfast.presets import from_name
+
+open_clip = pytest.importorskip("open_clip")
+
+# clipfast preset -> (open_clip config of its image tower, of its text tower). The CLIPA-* text towers are CLIP's
+# (presets.py says why), so their text side is the plain ViT config's at CLIPA's 32-token context.
+PAIRS = {
+    "ViT-S-16": ("ViT-S-16", "ViT-S-16"), "ViT-B-32": ("ViT-B-32", "ViT-B-32"), "ViT-B-16": ("ViT-B-16", "ViT-B-16"),
+    "ViT-L-14": ("ViT-L-14", "ViT-L-14"), "ViT-L-16": ("ViT-L-16", "ViT-L-16"), "ViT-H-14": ("ViT-H-14", "ViT-H-14"),
+    "ViT-bigG-14": ("ViT-bigG-14", "ViT-bigG-14"),
+    "CLIPA-L-14": ("ViT-L-14-CLIPA", "ViT-L-14"), "CLIPA-H-14": ("ViT-H-14-CLIPA", "ViT-H-14"),
+    "CLIPA-bigG-14": ("ViT-bigG-14-CLIPA", "ViT-bigG-14"),
+    # open_clip has no B/16 or L/16 CLIPA config: the plain tower plus the flags of its ViT-H-14-CLIPA config
+    "CLIPA-B-16": ("ViT-B-16+CLIPA", "ViT-B-16"), "CLIPA-L-16": ("ViT-L-16+CLIPA", "ViT-L-16"),
+}
+V_LAYERS, T_LAYERS = 2, 1  # reduced depth, full widths and heads
+
+
+def open_clip_json(preset: str) -> dict:
+    """open_clip's own config for `preset` (from its json files, not from clipfast.interop)."""
+    vname, tname = PAIRS[preset]
+    base = vname.split("+")[0]
+    oc = copy.deepcopy(open_clip.get_model_config(base))
+    if vname.endswith("+CLIPA"):
+        flags = open_clip.get_model_config("ViT-H-14-CLIPA")["vision_cfg"]
+        oc["vision_cfg"].update({k: flags[k] for k in ("no_ln_pre", "pool_type", "final_ln_after_pool")})
+    oc["text_cfg"] = copy.deepcopy(open_clip.get_model_config(tname)["text_cfg"])
+    if preset.startswith("CLIPA"):
+        oc["text_cfg"]["context_length"] = open_clip.get_model_config("ViT-H-14-CLIPA")["text_cfg"]["context_length"]
+    return oc
+
+
+def rel_err(a, b) -> float:
+    """max over samples of |a - b| / |b| (L2 norms of the feature vectors)."""
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
+
+
+def random_text(n: int, ctx: int, gen) -> torch.Tensor:
+    """(n, ctx) open_clip-style token rows: start, random BPE ids, end-of-text (the highest id), zero padding."""
+    rows = torch.zeros(n, ctx, dtype=torch.long)
+    for i, length in enumerate(torch.linspace(2, ctx, n).long().tolist()):
+        rows[i, 0] = 49406
+        rows[i, 1:length - 1] = torch.randint(1, 49406, (length - 2,), generator=gen)
+        rows[i, length - 1] = 49407
+    return rows
+
+
+def build_pair(preset: str, size: int, **extra):
+    oc = open_clip_json(preset)
+    oc["vision_cfg"].update(layers=V_LAYERS, image_size=size, **extra)
+    oc["text_cfg"].update(layers=T_LAYERS)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = open_clip.create_model(PAIRS[preset][0].split("+")[0], vision_cfg=oc["vision_cfg"],
+                                     text_cfg=oc["text_cfg"], embed_dim=oc["embed_dim"]).eval()
+    over = {"vision.layers": V_LAYERS, "text.layers": T_LAYERS, "vision.image_size": size}
+    if extra.get("pos_embed_type") == "sin_cos_2d":
+        over["vision.pos_embed"] = "sincos"
+    cfg = from_name(preset, **over)
+    ours = CLIP(cfg, kernels="ref").eval()
+    ours.load_state_dict(from_open_clip(ref.state_dict()))  # strict: same names and shapes
+    return ref, ours
+
+
+PARITY = []  # (preset, image error, padded text error, packed text error), printed at the end of the module
+
+
+@pytest.mark.parametrize("preset,extra", [(p, {}) for p in PAIRS] + [("CLIPA-B-16", {"pos_embed_type": "sin_cos_2d"})])
+def test_open_clip_parity(preset, extra):
+    size = 4 * from_name(preset).vision.patch_size  # a 4x4 patch grid
+    ref, ours = build_pair(preset, size, **extra)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 3, size, size, generator=gen)
+    tokens = random_text(4, ours.context_length, gen)
+    text, cu, max_len = pack_text([row[: int(row.argmax()) + 1].tolist() for row in tokens])
+    with torch.no_grad():
+        errs = (rel_err(ours.encode_image(images), ref.encode_image(images)),
+                rel_err(ours.encode_text(tokens), ref.encode_text(tokens)),
+                rel_err(ours.encode_text_packed(text, cu, max_len), ref.encode_text(tokens)))
+    PARITY.append((preset + ("+sincos" if extra else ""), *errs))
+    assert max(errs) < 1e-5, errs
+    if extra:  # the fixed embedding itself: clipfast's sincos_2d vs open_clip's get_2d_sincos_pos_embed
+        torch.testing.assert_close(ours.visual.positional_embedding, ref.visual.positional_embedding, rtol=0,
+                                   atol=1e-6)
+    # round trip clipfast -> open_clip -> clipfast, exact, from fresh clipfast weights
+    torch.manual_seed(2)
+    fresh = CLIP(ours.cfg, kernels="ref")
+    sd = fresh.state_dict()
+    ref.load_state_dict(to_open_clip(sd))  # strict
+    back = from_open_clip(ref.state_dict())
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    fresh.load_state_dict(back)
+    assert fresh.logit_scale.shape == (1,) and ref.logit_scale.shape == ()
+
+
+def test_print_parity_table():
+    print("\npreset            image      text(pad)  text(packed)")
+    for name, *e in PARITY:
+        print(f"{name:16s} " + " ".join(f"{x:.2e}" for x in e))
 
 
 def _tiny(size=96, ctx=8, **kw):
@@ -60,3 +163,51 @@ def test_resize_same_shape_is_identity_and_rejects_patch_change():
     assert all(new[k] is sd[k] for k in sd)
     with pytest.raises(ValueError, match="patch size"):
         resize_state_dict(sd, _tiny(224, **{"vision.patch_size": 14}))
+
+
+def test_load_open_clip_state_resizes_for_fine_tuning():
+    ref, _ = build_pair("ViT-B-16", 64)  # open_clip weights at 64 px, 77 text positions
+    cfg = from_name("ViT-B-16", **{"vision.layers": V_LAYERS, "text.layers": T_LAYERS, "vision.image_size": 96,
+                                   "text.context_length": 32})
+    model = CLIP(cfg, kernels="ref")
+    load_open_clip_state(model, ref.state_dict())
+    sd = ref.state_dict()
+    assert torch.equal(model.visual.positional_embedding[0], sd["visual.positional_embedding"][0])
+    assert torch.equal(model.positional_embedding, sd["positional_embedding"][:32])
+    assert torch.equal(model.visual.conv1.weight, sd["visual.conv1.weight"])
+    with pytest.raises(ValueError, match="width"):  # a different architecture is refused with the reason
+        load_open_clip_state(CLIP(_tiny(), kernels="ref"), sd)
+
+
+def test_export_cli_end_to_end(tmp_path):
+    import dataclasses
+    import subprocess
+    import sys
+
+    from clipfast.evaluate import load_model
+
+    torch.manual_seed(0)
+    model = CLIP(from_name("demo", **{"vision.layers": 2, "text.layers": 2}), kernels="ref").eval()
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model_config": dataclasses.asdict(model.cfg), "state_dict": model.state_dict(),
+                "train_config": {}, "step": 7}, ckpt)
+    out = tmp_path / "open_clip.pt"
+    run = subprocess.run([sys.executable, "-m", "clipfast.export", "--checkpoint", str(ckpt), "--out", str(out)],
+                         capture_output=True, text=True, check=True)
+    name, kwargs = open_clip_name(model.cfg)
+    assert f"open_clip model name: {name}" in run.stdout
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = open_clip.create_model(name, **kwargs).eval()
+    ref.load_state_dict(torch.load(out, weights_only=True))  # strict
+    images, tokens = torch.randn(2, 3, 32, 32), random_text(3, 16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(model.encode_image(images), ref.encode_image(images)) < 1e-5
+        assert rel_err(model.encode_text(tokens), ref.encode_text(tokens)) < 1e-5
+    # and back: open_clip weights -> a clipfast model.pt that clipfast.evaluate loads
+    back = tmp_path / "back.pt"
+    from clipfast.export import import_open_clip
+
+    import_open_clip(name, str(out), str(back), **kwargs)
+    again = load_model(str(back), kernels="ref")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
