@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import interpreting, use_triton
+from kernels._common import use_triton
 
 _LOG2E = 1.4426950408889634
 
@@ -244,12 +244,13 @@ def _bwd_config(head_dim: int) -> dict:
     return {"WIN": 64, "STEP": 32, "num_warps": 8, "num_stages": 2}
 
 
-def _prec(x: torch.Tensor) -> str:
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+def _bd(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
 
 
-def _f32_dot(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and not x.is_cuda and interpreting()
+def _dot_consts(q: torch.Tensor, interpret: bool) -> dict:
+    # fp32 gets exact dots (tests); the interpreter's bf16 dot is broken (see _dot), so there it runs in fp32
+    return {"PREC": "ieee" if q.dtype == torch.float32 else "tf32", "F32_DOT": interpret and q.dtype == torch.bfloat16}
 
 
 def _seq_bounds(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,32 +260,50 @@ def _seq_bounds(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, tor
     return lo, hi
 
 
+def _fwd_launch(q, k, v, o, lse, lo, hi, causal, scale, cfg, interpret):
+    """(grid, runtime args, constexprs, launch options) of the forward kernel; the AOT test compiles the same."""
+    T, H, d = q.shape
+    args = dict(Q=q, K=k, V=v, O=o, LSE=lse, LO=lo, HI=hi, stride_qt=q.stride(0), stride_qh=q.stride(1),
+                stride_kt=k.stride(0), stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1),
+                stride_ot=o.stride(0), stride_oh=o.stride(1), T=T, D=d, qk_scale=scale * _LOG2E)  # fmt: skip
+    const = dict(IS_CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_bd(d),
+                 **_dot_consts(q, interpret))  # fmt: skip
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    return (triton.cdiv(T, cfg["BLOCK_M"]), H), args, const, opts
+
+
+def _bwd_launch(q, k, v, do, dq, dk, dv, lse, delta, lo, hi, causal, scale, cfg, interpret):
+    """(grid, runtime args, constexprs, launch options) of the dq/dk/dv kernel; dq, dk, dv share strides."""
+    T, H, d = q.shape
+    args = dict(Q=q, K=k, V=v, DO=do, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta, LO=lo, HI=hi,
+                stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+                stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dt=do.stride(0), stride_dh=do.stride(1),
+                stride_gt=dq.stride(0), stride_gh=dq.stride(1), T=T, D=d, qk_scale=scale * _LOG2E,
+                sm_scale=scale)  # fmt: skip
+    const = dict(IS_CAUSAL=causal, WIN=cfg["WIN"], STEP=cfg["STEP"], BLOCK_D=_bd(d), **_dot_consts(q, interpret))
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    return (triton.cdiv(T, cfg["WIN"]), H), args, const, opts
+
+
 def _fwd(q, k, v, lo, hi, causal, scale, cfg):
     T, H, d = q.shape
     o = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]), H)
-    _varlen_attn_fwd_kernel[grid](
-        q, k, v, o, lse, lo, hi, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *o.stride()[:2],
-        T, d, scale * _LOG2E,
-        IS_CAUSAL=causal, BLOCK_D=max(16, triton.next_power_of_2(d)), PREC=_prec(q), F32_DOT=_f32_dot(q), **cfg,
-    )  # fmt: skip
+    grid, args, const, opts = _fwd_launch(q, k, v, o, lse, lo, hi, causal, scale, cfg, not q.is_cuda)
+    _varlen_attn_fwd_kernel[grid](**args, **const, **opts)
     return o, lse
 
 
 def _bwd(do, q, k, v, o, lse, lo, hi, causal, scale, cfg):
     T, H, d = q.shape
-    bd = max(16, triton.next_power_of_2(d))
     delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
     _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(T, 64), H)](
-        o, do, delta, *o.stride()[:2], *do.stride()[:2], T, d, BLOCK_M=64, BLOCK_D=bd
+        o, do, delta, *o.stride()[:2], *do.stride()[:2], T, d, BLOCK_M=64, BLOCK_D=_bd(d)
     )
     dq, dk, dv = (torch.empty((T, H, d), dtype=q.dtype, device=q.device) for _ in range(3))
-    _varlen_attn_bwd_kernel[(triton.cdiv(T, cfg["WIN"]), H)](
-        q, k, v, do, dq, dk, dv, lse, delta, lo, hi, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-        *do.stride()[:2], *dq.stride()[:2], T, d, scale * _LOG2E, scale,
-        IS_CAUSAL=causal, BLOCK_D=bd, PREC=_prec(q), F32_DOT=_f32_dot(q), **cfg,
-    )  # fmt: skip
+    grid, args, const, opts = _bwd_launch(q, k, v, do, dq, dk, dv, lse, delta, lo, hi, causal, scale, cfg,
+                                          not q.is_cuda)  # fmt: skip
+    _varlen_attn_bwd_kernel[grid](**args, **const, **opts)
     return dq, dk, dv
 
 
