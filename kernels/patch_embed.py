@@ -29,13 +29,17 @@ Kernels (GEMM view: M = B*K kept patches, N = D, K-dim = C*p*p):
                             program per (patch, D-tile) sums its rows in order; otherwise fp32 atomics.
                             keep=None: dOut.sum(0) in torch (a plain, deterministic reduction).
 
-Block sizes (bf16/fp16, H100): forward BLOCK_M=128 (kept patches) x BLOCK_N=128 (D) x BLOCK_K=64 (C*p*p),
-8 warps = two warpgroups of 64 rows each for wgmma, 3 stages: acc is 64 fp32 regs/thread and the two
-64-deep operand tiles 32 KiB per stage. C*p*p is 768 (p=16) or 588 (p=14, not a power of two): the
-K-loop tail is masked, 640/588 = 9% padding at BLOCK_K=64. dW: 128 (D) x 128 (C*p*p) per program, rows
-in steps of 64. fp32 images use the same tiling with 4 warps; tf32 only when torch allows it
-(torch.backends.cuda.matmul.allow_tf32), otherwise exact fp32, as torch.matmul would.
-The pixel gather is strided (rows of p pixels), so it is not a TMA/cp.async bulk load; it is L2-served.
+Block sizes (bf16/fp16, H100; resources from the sm_90 AOT compile in tests/test_aot_patch_embed.py):
+  forward BLOCK_M=128 kept patches x BLOCK_N=128 of D x BLOCK_K=64 of C*p*p, 8 warps (two warpgroups of 64 rows
+  each issue wgmma), 3 stages: acc is 64 fp32 regs/thread; both operand tiles are cp.async-pipelined, 32 KiB
+  per stage (96 KiB), 130 regs. j = kk % p lets the alignment analysis see runs of p contiguous pixels
+  (16-byte vectors for p=16) and offsets are 32-bit unless a tensor passes 2^31 elements: the first version
+  (64-bit offsets, subtraction-based column split) spilled 2 KiB at this tile.
+  C*p*p = 588 (p=14) is not a multiple of 16: weight rows are not 16-byte aligned, loads go through registers
+  (not cp.async), and BLOCK_K=64 needs 254 regs; BLOCK_K=32 needs 194, no spills (K tail: 608/588 = 3% padding).
+  dW: 128 of D x 128 of C*p*p per program, rows in steps of 64, 8 warps, 3 stages: 144-160 regs, 64 KiB.
+  fp32 images: exact fp32 by default, on FMA units (64x64x32 / 32x64x64 tiles, 4 warps; larger ones spill);
+  tf32 only where torch's own matmul would use it (torch.backends.cuda.matmul.allow_tf32).
 """
 import torch
 import triton
