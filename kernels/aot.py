@@ -5,7 +5,7 @@
                      signature={"x": "*bf16", "out": "*bf16", "n": "i32"},   # every runtime argument
                      constexprs={"BLOCK": 128},                               # every constexpr argument
                      num_warps=8, num_stages=3)
-    r.registers, r.spills, r.shared, r.wgmma      # 96, 0, 49152, True
+    r.registers, r.spills, r.local, r.shared, r.wgmma   # regs/thread, spill bytes, stack bytes, smem bytes, bool
     print(r.row())                                 # one line for a resource table
 
 Types are Triton's signature strings: "*fp32", "*bf16", "*fp16", "*i32", "*i64", "*u8", "i32", "i64", "fp32".
@@ -145,12 +145,16 @@ def _compile_in_child(fn, signature, constexprs, **kw):
     code = ("import pickle, sys, importlib; from kernels.aot import compile_sm90; job = pickle.load(sys.stdin.buffer); "
             "fn = getattr(importlib.import_module(job['module']), job['name']); "
             "r = compile_sm90(fn, job['signature'], job['constexprs'], **job['kw']); "
-            "sys.stdout.buffer.write(pickle.dumps(r))")
+            "open(sys.argv[1], 'wb').write(pickle.dumps(r))")
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(job), capture_output=True, env=env)
-    if out.returncode:
-        raise RuntimeError(f"AOT compile of {py.__name__} failed in the child process:\n{out.stderr.decode()[-4000:]}")
-    return pickle.loads(out.stdout)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "result.pkl")
+        out = subprocess.run([sys.executable, "-c", code, path], input=pickle.dumps(job), capture_output=True, env=env)
+        if out.returncode:
+            err = out.stderr.decode()[-4000:]
+            raise RuntimeError(f"AOT compile of {py.__name__} failed in the child process:\n{err}")
+        with open(path, "rb") as f:
+            return pickle.load(f)
 
 
 def _compile_with_ptxas_log(src, target, options):
