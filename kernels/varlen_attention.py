@@ -1,11 +1,12 @@
 """Packed (varlen) attention, forward and backward, built for short sequences (captions of 2-77 tokens).
 
 Shapes: q, k, v (T_total, H, d) with token/head strides free and the last dim contiguous; cu_seqlens (S+1,)
-int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T_total (the flash-attn varlen layout). Output (T_total, H, d).
+int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T_total exactly (the flash-attn varlen layout; trailing tokens
+outside every sequence are not supported: their [lo, hi) bounds are never written). Output (T_total, H, d).
 dtypes fp16 / bf16 (fp32 too: exact-ish `ieee` dots, for interpreter tests). Head dims up to 128 tested
 (32, 64, 80, 96, 128); a head dim that is not a power of two is padded to the next one with masked loads.
 Causal or not; any lengths, including 1 and lengths that are not a multiple of the block. No host-device
-sync: the launcher uses only python ints (T_total, S, max_seqlen) and device tensors.
+sync: the launcher uses only python ints (T_total, S) and device tensors; max_seqlen is for the reference.
 
 Scheduling: windows of packed tokens, not one program per sequence.
     The grid is (cdiv(T_total, BLOCK_M), H). A program takes BLOCK_M consecutive packed query rows - the
@@ -36,10 +37,11 @@ Backward: a preprocess kernel delta = rowsum(dO * O); then one kernel per token 
 computes dK, dV for its key window (looping over the query rows that can see it) and dQ for its query window
 (looping over keys), recomputing P from the saved log-sum-exp (base 2, of the scaled scores). No atomics.
 The backward window does not follow BLOCK_M: it holds k, v, dk, dv for the window, so its limit is registers.
-sm_90 bf16 compiles (tests/test_aot_varlen_attention.py), registers x threads / window rows, lower = more rows
-in flight per SM: d=64: WIN 16 (1 warp) 366, WIN 32/STEP 16 (2 warps) 332, WIN 64/STEP 16 (4 warps) 254;
-d=128: WIN 16 and 32 with 1-2 warps spill (272-280 B), WIN 32/STEP 16 (4 warps) 672, WIN 64/STEP 32
-(8 warps) 720 with wgmma. Picked: WIN 64 with STEP 16 / 4 warps for d <= 64, STEP 32 / 8 warps above.
+sm_90 bf16 compiles of the variants (kernels.aot; tests/test_aot_varlen_attention.py keeps the chosen ones),
+registers x threads / window rows, lower = more rows in flight per SM: d=64: WIN 16 (1 warp) 366,
+WIN 32/STEP 16 (2 warps) 332, WIN 64/STEP 16 (4 warps) 254; d=128: WIN 16 and 32 with 1-2 warps spill
+(272-280 B), WIN 32/STEP 16 (4 warps) 672, WIN 64/STEP 32 (8 warps) 720 with wgmma. Picked: WIN 64 with
+STEP 16 / 4 warps for d <= 64, STEP 32 / 8 warps above.
 Backward does ~2.5x the forward FLOPs per score on ~2x the bytes, still below the ridge at 64 + overhang keys.
 """
 import torch
