@@ -61,7 +61,7 @@ def import_open_clip(name: str, weights: str, out: str, image_size: int | None =
     if context_length:
         cfg.text.context_length = context_length
     model = CLIP(cfg, kernels="ref")
-    load_open_clip_state(model, weights)
+    load_open_clip_state(model, weights)  # cfg came from config_from_open_clip: already checked
     torch.save({"model_config": dataclasses.asdict(cfg), "state_dict": model.state_dict(),
                 "train_config": {"open_clip": {"model_name": name, "weights": str(weights), **create_kwargs}},
                 "step": 0}, out)

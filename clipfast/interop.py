@@ -12,6 +12,7 @@ clipfast's CLIP uses open_clip's parameter names, so conversion is a key filter 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import torch
@@ -108,12 +109,21 @@ def from_open_clip(sd: dict) -> dict:
     return out
 
 
-def load_open_clip_state(model, sd_or_path, strict: bool = True):
+def load_open_clip_state(model, sd_or_path, open_clip_model: str | None = None, strict: bool = True):
     """Load open_clip weights (a state dict or a file) into clipfast `model`, e.g. to fine-tune them.
 
     Position embeddings are resized to the model's image size and text length (resize_state_dict); every other
-    shape must match, so pick the clipfast config that open_clip_name maps to the open_clip model.
+    shape must match. A state dict does not say which activation or text tower it was trained with, so give the
+    open_clip model name it came from where you can: it is checked against the model (a *-quickgelu or CLIPA
+    model would load without error and compute something else).
     """
+    if open_clip_model is not None:
+        src = config_from_open_clip(open_clip_model)  # raises for options clipfast lacks (quick_gelu, ...)
+        mine = model.cfg
+        same_size = (dataclasses.replace(src.vision, image_size=mine.vision.image_size),
+                     dataclasses.replace(src.text, context_length=mine.text.context_length), src.embed_dim)
+        if same_size != (mine.vision, mine.text, mine.embed_dim):
+            raise ValueError(f"open_clip {open_clip_model} is not the architecture of clipfast {mine.name}: {src}")
     sd = sd_or_path
     if not isinstance(sd, dict):
         sd = torch.load(sd_or_path, map_location="cpu", weights_only=True)

@@ -73,10 +73,8 @@ def build_pair(preset: str, size: int, **extra):
     return ref, ours
 
 
-PARITY = []  # (preset, image error, padded text error, packed text error), printed at the end of the module
-
-
-@pytest.mark.parametrize("preset,extra", [(p, {}) for p in PAIRS] + [("CLIPA-B-16", {"pos_embed_type": "sin_cos_2d"})])
+@pytest.mark.parametrize("preset,extra", [pytest.param(p, {}, id=p) for p in PAIRS] + [
+    pytest.param("CLIPA-B-16", {"pos_embed_type": "sin_cos_2d"}, id="CLIPA-B-16-sincos")])
 def test_open_clip_parity(preset, extra):
     size = 4 * from_name(preset).vision.patch_size  # a 4x4 patch grid
     ref, ours = build_pair(preset, size, **extra)
@@ -88,7 +86,8 @@ def test_open_clip_parity(preset, extra):
         errs = (rel_err(ours.encode_image(images), ref.encode_image(images)),
                 rel_err(ours.encode_text(tokens), ref.encode_text(tokens)),
                 rel_err(ours.encode_text_packed(text, cu, max_len), ref.encode_text(tokens)))
-    PARITY.append((preset + ("+sincos" if extra else ""), *errs))
+    print(f"\nparity {preset}{'+sincos' if extra else ''}: image {errs[0]:.2e} text padded {errs[1]:.2e} "
+          f"text packed {errs[2]:.2e}")
     assert max(errs) < 1e-5, errs
     if extra:  # the fixed embedding itself: clipfast's sincos_2d vs open_clip's get_2d_sincos_pos_embed
         torch.testing.assert_close(ours.visual.positional_embedding, ref.visual.positional_embedding, rtol=0,
@@ -102,12 +101,6 @@ def test_open_clip_parity(preset, extra):
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     fresh.load_state_dict(back)
     assert fresh.logit_scale.shape == (1,) and ref.logit_scale.shape == ()
-
-
-def test_print_parity_table():
-    print("\npreset            image      text(pad)  text(packed)")
-    for name, *e in PARITY:
-        print(f"{name:16s} " + " ".join(f"{x:.2e}" for x in e))
 
 
 def _tiny(size=96, ctx=8, **kw):
@@ -177,6 +170,10 @@ def test_load_open_clip_state_resizes_for_fine_tuning():
     assert torch.equal(model.visual.conv1.weight, sd["visual.conv1.weight"])
     with pytest.raises(ValueError, match="width"):  # a different architecture is refused with the reason
         load_open_clip_state(CLIP(_tiny(), kernels="ref"), sd)
+    with pytest.raises(ValueError, match="quick_gelu"):  # same shapes, other activation: refused by name
+        load_open_clip_state(model, sd, open_clip_model="ViT-B-16-quickgelu")
+    with pytest.raises(ValueError, match="not the architecture"):
+        load_open_clip_state(model, sd, open_clip_model="ViT-B-16")  # 12 layers, the model has 2
 
 
 def test_export_cli_end_to_end(tmp_path):
@@ -211,3 +208,30 @@ def test_export_cli_end_to_end(tmp_path):
     import_open_clip(name, str(out), str(back), **kwargs)
     again = load_model(str(back), kernels="ref")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+@pytest.mark.parametrize("preset", ["CLIPA-H-14", "CLIPA-B-16", "ViT-L-14", "demo"])
+def test_open_clip_name_builds_the_same_model(preset):
+    over = {"vision.layers": 1, "text.layers": 1, "vision.image_size": 6 * from_name(preset).vision.patch_size,
+            "text.context_length": 8}
+    if preset == "CLIPA-B-16":
+        over["vision.pos_embed"] = "sincos"
+    cfg = from_name(preset, **over)
+    name, kwargs = open_clip_name(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = open_clip.create_model(name, **kwargs)
+    ours = CLIP(cfg, kernels="ref")
+    assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    v = ref.visual
+    assert (v.pool_type, v.final_ln_after_pool, isinstance(v.ln_pre, torch.nn.Identity)) == (
+        cfg.vision.pool, cfg.vision.final_ln_after_pool, cfg.vision.no_ln_pre)
+    assert v.positional_embedding.requires_grad == (cfg.vision.pos_embed == "learned")
+    assert ref.context_length == 8 and ref.transformer.resblocks[0].attn.num_heads == cfg.text.heads
+    assert v.transformer.resblocks[0].attn.num_heads == cfg.vision.heads
+
+
+def test_open_clip_name_prefers_an_exact_config():
+    assert open_clip_name(from_name("L/14", **{"vision.image_size": 336})) == ("ViT-L-14-336", {})
+    assert open_clip_name(from_name("H/14", **{"vision.image_size": 112, "text.context_length": 8})) == (
+        "ViT-H-14", {"force_image_size": 112, "force_context_length": 8})
