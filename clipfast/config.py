@@ -4,11 +4,17 @@
 
 `--config path.py` calls the file's `config()`; `--config path.py:name` calls `name()`. Overrides are
 checked against the dataclass: an unknown key is an error that lists the valid keys.
+
+Multi-stage runs (CLIPA: pre-train small, fine-tune at full size) list `stages`, each a dict of overrides
+of the run's own fields plus an optional "name" (see clipfast.stages). On the command line a stage field is
+`stages.<index or name>.<key>=value` (e.g. `stages.1.steps=50`), or the whole tuple is JSON
+(`stages='[{"steps": 10}, {"steps": 5}]'`).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,7 @@ class TrainConfig:
     text_len: int = 0  # text tokens per caption incl. start/end tokens; 0 = the preset's context length
     kernels: str = "auto"  # "auto" (Triton on CUDA, reference on CPU), "triton", "ref"
     grad_checkpointing: bool = False
+    init_from: str = ""  # model.pt (or a run folder) to start from; position embeddings resized to this run's sizes
     # token reduction (clipfast.reduce)
     image_reduction: str = "resize"  # resize | random | grid | block
     mask_ratio: float = 0.0  # share of patches dropped by random/grid/block
@@ -52,6 +59,8 @@ class TrainConfig:
     resume: bool = False
     tensorboard: bool = True
     eval_at_end: bool = True
+    # stages: () = one stage (this config); else a tuple of dicts of overrides, run in order (clipfast.stages)
+    stages: tuple = ()
 
     def effective_lr(self) -> float:
         return self.lr * self.batch_size / 256 if self.lr_scaled_by_batch else self.lr
@@ -61,8 +70,18 @@ def field_names(cls=TrainConfig) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+# fields a stage may not override: they belong to the whole run
+RUN_ONLY_KEYS = ("stages", "out_dir", "resume")
+
+
 def _parse_value(raw: str, typ, name: str):
     typ = typing.get_type_hints(TrainConfig).get(name, typ) if isinstance(typ, str) else typ
+    if name == "stages":
+        try:
+            stages = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"stages takes a JSON list of dicts, got {raw!r}") from e
+        return tuple(stages)
     if typ is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
@@ -77,19 +96,65 @@ def _parse_value(raw: str, typ, name: str):
         raise ValueError(f"config key {name!r} takes a {typ.__name__}, got {raw!r}") from e
 
 
+def _stage_index(stages: tuple, ref: str) -> int:
+    names = [s.get("name", f"stage{i}") for i, s in enumerate(stages)]
+    if ref.isdigit() and int(ref) < len(stages):
+        return int(ref)
+    if ref in names:
+        return names.index(ref)
+    raise KeyError(f"no stage {ref!r}: the config has stages {', '.join(names) or '(none)'} (or their index)")
+
+
+def check_stages(stages: tuple, cls=TrainConfig) -> None:
+    """Each stage is a dict of the run's fields (less RUN_ONLY_KEYS) plus "name"; names are unique."""
+    valid = [k for k in field_names(cls) if k not in RUN_ONLY_KEYS]
+    names = []
+    for i, st in enumerate(stages):
+        if not isinstance(st, dict):
+            raise TypeError(f"stage {i} is a {type(st).__name__}, expected a dict of config overrides")
+        for key in st:
+            if key != "name" and key not in valid:
+                raise KeyError(f"stage {i}: unknown or run-wide key {key!r}; "
+                               f"valid stage keys: name, {', '.join(valid)}")
+        names.append(st.get("name", f"stage{i}"))
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique, got {names}")
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ["key=value", ...] to a copy of `cfg`; unknown keys raise with the list of valid ones."""
     hints = typing.get_type_hints(type(cfg))
     changes = {}
+    stage_changes = []
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         key = key.strip().removeprefix("--")
+        if key.startswith("stages."):  # stages.<index|name>.<key>=value
+            parts = key.split(".")
+            if len(parts) != 3:
+                raise KeyError(f"stage override {key!r} is not of the form stages.<index or name>.<key>")
+            _, ref, sub = parts
+            if sub == "name":
+                stage_changes.append((ref, sub, raw.strip()))
+                continue
+            if sub not in hints or sub in RUN_ONLY_KEYS:
+                valid = [k for k in field_names(type(cfg)) if k not in RUN_ONLY_KEYS]
+                raise KeyError(f"unknown stage config key {sub!r}; valid keys: name, {', '.join(valid)}")
+            stage_changes.append((ref, sub, _parse_value(raw.strip(), hints[sub], sub)))
+            continue
         if key not in hints:
             raise KeyError(f"unknown config key {key!r}; valid keys: {', '.join(field_names(type(cfg)))}")
         changes[key] = _parse_value(raw.strip(), hints[key], key)
-    return dataclasses.replace(cfg, **changes)
+    out = dataclasses.replace(cfg, **changes)
+    if stage_changes:
+        stages = [dict(s) for s in out.stages]
+        for ref, sub, value in stage_changes:
+            stages[_stage_index(tuple(stages), ref)][sub] = value
+        out = dataclasses.replace(out, stages=tuple(stages))
+    check_stages(out.stages, type(cfg))
+    return out
 
 
 def load_config(spec: str, overrides: list[str] | None = None) -> TrainConfig:

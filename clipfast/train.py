@@ -6,7 +6,8 @@
 Writes under out_dir: metrics.jsonl (one JSON line per log step), TensorBoard events, DeepSpeed
 checkpoints in ckpt/ (every ckpt_every steps and at the end; `resume=true` continues from the latest),
 model.pt (a plain state_dict + model config, for clipfast.evaluate and clipfast.export) and, when
-val_data is set, the zero-shot result of the final model in eval.json.
+val_data is set, the zero-shot result of the final model in eval.json. A config with `stages` runs each
+stage this way in out_dir/<stage>/, each starting from the previous one's weights (clipfast.stages).
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from clipfast import presets
 from clipfast.config import TrainConfig, load_config, to_dict
 from clipfast.data import DaliLoader
 from clipfast.flops import flops_per_sample
+from clipfast.interop import resize_state_dict
 from clipfast.loss import distributed_clip_loss
 from clipfast.model import CLIP
-from clipfast.reduce import TextReducer, image_keep_indices, num_kept
+from clipfast.reduce import TextReducer, image_keep_indices, keep_count
 
 log = logging.getLogger("clipfast.train")
 
@@ -108,11 +110,23 @@ def save_model(path: Path, model: CLIP, cfg: TrainConfig, step: int) -> None:
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half file behind
 
 
+def load_weights(model: CLIP, path: str) -> None:
+    """Start from a clipfast model.pt (or a run folder holding one): position embeddings resized to `model`."""
+    p = Path(path)
+    p = p / "model.pt" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"init_from: no model file at {path!r} (expected a model.pt from clipfast.train)")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+    model.load_state_dict(resize_state_dict(sd, model.cfg))
+    log.info("initialised from %s (step %s)", p, ckpt.get("step", "?") if isinstance(ckpt, dict) else "?")
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
 
-    # --- setup
+    # --- setup (once per process; each stage of a multi-stage config is one call of train())
     import deepspeed
 
     cuda = torch.cuda.is_available()
@@ -122,12 +136,28 @@ def main(argv=None):
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s")
+    if cfg.stages:
+        from clipfast import stages
+
+        stages.run(cfg, lambda st, name: train(st, device, rank, world, desc=name), is_main=rank == 0,
+                   barrier=dist.barrier)
+    else:
+        train(cfg, device, rank, world)
+    dist.barrier()
+
+
+def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: str = "train") -> dict:
+    """One training run (a stage) in cfg.out_dir; returns {"step", "loss", "train_s", "total_s", "top1"}."""
+    import deepspeed
+
+    t_start = time.perf_counter()
+    cuda = device.type == "cuda"
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out_dir)
     is_main = rank == 0
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -139,6 +169,8 @@ def main(argv=None):
         mcfg.vision.image_size = cfg.image_size
     mcfg.grad_checkpointing = cfg.grad_checkpointing
     model = CLIP(mcfg, kernels=cfg.kernels)
+    if cfg.init_from:
+        load_weights(model, cfg.init_from)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.effective_lr(),
                                   betas=tuple(cfg.betas), eps=cfg.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -155,7 +187,7 @@ def main(argv=None):
 
     # --- data (reseeded on resume so that the continued run does not replay the same order)
     grid = mcfg.vision.grid
-    keep_k = num_kept(grid * grid, cfg.mask_ratio) if cfg.image_reduction != "resize" else grid * grid
+    keep_k = keep_count(cfg.image_reduction, grid, cfg.mask_ratio)  # also validates the reduction settings
     loader = DaliLoader(cfg.train_data, cfg.batch_size // world, mcfg.vision.image_size,
                         TextReducer(cfg.text_reduction, text_len, seed=cfg.seed * 131 + rank + step),
                         train=True, rank=rank, world=world, seed=cfg.seed + step, crop_scale=tuple(cfg.crop_scale),
@@ -182,8 +214,9 @@ def main(argv=None):
     peak = peak_flops(device)
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
-    t_last, wait_last, samples_last, text_tokens = time.perf_counter(), loader.wait_s, 0, 0
+    bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True, desc=desc)
+    t_loop = t_last = time.perf_counter()
+    wait_last, samples_last, text_tokens, loss_v = loader.wait_s, 0, 0, None
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     while step < cfg.steps:
@@ -225,10 +258,12 @@ def main(argv=None):
             if is_main:
                 save_model(out / "model.pt", engine.module, cfg, step)
     bar.close()
+    train_s = time.perf_counter() - t_loop
     if loader.skipped:
         log.warning("skipped %d corrupt samples: %s", sum(loader.skipped.values()), loader.skipped)
 
     # --- evaluate the final model
+    res = {}
     if cfg.val_data and cfg.eval_at_end and is_main:
         from clipfast.evaluate import zero_shot
 
@@ -241,7 +276,8 @@ def main(argv=None):
         writer.close()
     if metrics:
         metrics.close()
-    dist.barrier()
+    return {"step": step, "loss": loss_v, "train_s": train_s, "total_s": time.perf_counter() - t_start,
+            "top1": res.get("top1")}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Multi-stage runs: CLIPA's pre-train at few tokens, then fine-tune at full size, as one command.
+
+    deepspeed clipfast/train.py --config configs/demo_clipa.py [stages.1.steps=100 ...]
+
+A config with `stages` (a tuple of dicts of overrides of its own fields, each with an optional "name")
+runs each stage as a run of its own under out_dir/<name>/ — its own steps, LR schedule, fresh optimizer,
+metrics.jsonl, ckpt/ and model.pt — and:
+
+- stage i > 0 starts from stage i-1's model.pt (`init_from`, unless the stage sets one): position
+  embeddings resized on load to the stage's resolution and text length (clipfast.interop.resize_state_dict);
+- a stage's seed is the run's seed + its index (unless set), so stages do not replay the same data order;
+- only the last stage evaluates at the end, unless a stage sets `eval_at_end` itself;
+- a finished stage writes done.json; `resume=true` skips finished stages and resumes the first unfinished
+  one from its own ckpt/ (or from the previous stage's weights if it has none); without resume every stage
+  starts afresh;
+- the last stage's model.pt and eval.json are copied to out_dir/, where single-stage runs leave them, and
+  out_dir/stages.json sums up every stage (sizes, steps, loss, wall time, zero-shot result).
+
+A config without stages is one stage whose folder is out_dir itself: exactly the single-stage run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from clipfast.config import TrainConfig, check_stages, to_dict
+from clipfast.reduce import check
+
+log = logging.getLogger("clipfast.stages")
+
+DONE = "done.json"
+
+
+def stage_name(i: int, overrides: dict) -> str:
+    return overrides.get("name", f"stage{i}")
+
+
+def expand(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """[(name, the stage's full TrainConfig)], in order; validates every stage before any of them runs."""
+    if not cfg.stages:
+        check(cfg.image_reduction, cfg.mask_ratio, cfg.text_reduction)
+        return [("", cfg)]
+    check_stages(cfg.stages)
+    out: list[tuple[str, TrainConfig]] = []
+    last = len(cfg.stages) - 1
+    for i, overrides in enumerate(cfg.stages):
+        name = stage_name(i, overrides)
+        fields = {k: v for k, v in overrides.items() if k != "name"}
+        fields.setdefault("seed", cfg.seed + i)
+        fields.setdefault("eval_at_end", cfg.eval_at_end if i == last else False)
+        if i > 0:
+            fields.setdefault("init_from", str(Path(cfg.out_dir) / out[-1][0] / "model.pt"))
+        st = dataclasses.replace(cfg, stages=(), out_dir=str(Path(cfg.out_dir) / name), **fields)
+        check(st.image_reduction, st.mask_ratio, st.text_reduction)
+        out.append((name, st))
+    return out
+
+
+def finished(st: TrainConfig) -> dict | None:
+    """The done.json record of a stage that ran all its steps, else None."""
+    path = Path(st.out_dir) / DONE
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    return rec if rec.get("steps") == st.steps else None
+
+
+def _copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_suffix(dst.suffix + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def run(cfg: TrainConfig, train_fn, *, is_main: bool, barrier=lambda: None) -> list[dict]:
+    """Run the stages of `cfg` in order with `train_fn(stage_cfg, desc) -> summary dict`; returns the summaries."""
+    stages = expand(cfg)
+    # decide what to skip before anything is written, so that every rank takes the same decisions
+    plan = [(name, st, finished(st) if cfg.resume else None) for name, st in stages]
+    out = Path(cfg.out_dir)
+    barrier()
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    summaries = []
+    for i, (name, st, done) in enumerate(plan):
+        if done is not None:
+            log.info("stage %s (%d/%d) finished before: skipped", name, i + 1, len(plan))
+            summaries.append(done)
+            continue
+        st = dataclasses.replace(st, resume=cfg.resume)
+        if is_main:
+            Path(st.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(st.out_dir) / DONE).unlink(missing_ok=True)
+        log.info("stage %s (%d/%d): %d steps at %s px, %s text tokens, image %s (mask %.2f), text %s",
+                 name, i + 1, len(plan), st.steps, st.image_size or "preset", st.text_len or "preset",
+                 st.image_reduction, st.mask_ratio, st.text_reduction)
+        summary = {"stage": name, "steps": st.steps, "image_size": st.image_size, "text_len": st.text_len,
+                   "image_reduction": st.image_reduction, "mask_ratio": st.mask_ratio,
+                   "text_reduction": st.text_reduction, **train_fn(st, name)}
+        barrier()
+        if is_main:
+            (Path(st.out_dir) / DONE).write_text(json.dumps(summary, indent=1))
+        summaries.append(summary)
+        gc.collect()  # the stage's engine, optimizer state and DALI pipeline go before the next stage builds its own
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if is_main:
+        last = Path(plan[-1][1].out_dir)
+        for fname in ("model.pt", "eval.json"):
+            if (last / fname).is_file():
+                _copy(last / fname, out / fname)
+        (out / "stages.json").write_text(json.dumps(summaries, indent=1))
+    barrier()
+    return summaries

@@ -1,0 +1,153 @@
+"""Multi-stage runs: stage expansion and overrides, weight hand-over with resizing, a tiny two-stage run + resume."""
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipfast import stages
+from clipfast.config import TrainConfig, apply_overrides, load_config
+from clipfast.data.demo import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TWO = (dict(name="pre", image_size=16, text_len=8, text_reduction="syntax", steps=10, lr=1e-3),
+       dict(name="fine", image_size=32, text_len=16, steps=4, lr=1e-4, image_reduction="random", mask_ratio=0.3))
+
+
+def test_no_stages_is_the_run_itself():
+    cfg = TrainConfig(out_dir="runs/x")
+    assert stages.expand(cfg) == [("", cfg)]
+
+
+def test_expand_chains_stages():
+    cfg = TrainConfig(out_dir="runs/x", seed=5, batch_size=64, stages=TWO)
+    (n0, s0), (n1, s1) = stages.expand(cfg)
+    assert (n0, n1) == ("pre", "fine")
+    assert s0.out_dir == str(Path("runs/x/pre")) and s1.out_dir == str(Path("runs/x/fine"))
+    assert (s0.image_size, s0.text_len, s0.steps, s0.text_reduction) == (16, 8, 10, "syntax")
+    assert (s1.image_size, s1.text_len, s1.steps, s1.mask_ratio) == (32, 16, 4, 0.3)
+    assert s0.batch_size == s1.batch_size == 64, "the run's own fields are the stages' defaults"
+    assert s0.init_from == "" and s1.init_from == str(Path("runs/x/pre/model.pt"))
+    assert (s0.seed, s1.seed) == (5, 6)
+    assert (s0.eval_at_end, s1.eval_at_end) == (False, True)
+    assert s0.stages == s1.stages == ()
+    unnamed = stages.expand(dataclasses.replace(cfg, stages=({"steps": 1}, {"steps": 2})))
+    assert [n for n, _ in unnamed] == ["stage0", "stage1"]
+
+
+def test_stage_overrides_on_the_command_line():
+    cfg = TrainConfig(stages=TWO)
+    out = apply_overrides(cfg, ["stages.1.steps=7", "stages.pre.lr=0.002", "stages.fine.crop_scale=0.5,1.0",
+                                "batch_size=32"])
+    assert out.stages[1]["steps"] == 7 and out.stages[0]["lr"] == 0.002 and out.stages[1]["crop_scale"] == (0.5, 1.0)
+    assert out.batch_size == 32 and cfg.stages[1]["steps"] == 4, "the original config is not modified"
+    js = apply_overrides(TrainConfig(), ['stages=[{"steps": 3}, {"name": "b", "steps": 2}]'])
+    assert js.stages == ({"steps": 3}, {"name": "b", "steps": 2})
+    with pytest.raises(KeyError, match="unknown stage config key 'stepz'"):
+        apply_overrides(cfg, ["stages.0.stepz=1"])
+    with pytest.raises(KeyError, match="no stage 'tune'.*pre, fine"):
+        apply_overrides(cfg, ["stages.tune.steps=1"])
+    with pytest.raises(KeyError, match="unknown stage config key 'out_dir'"):
+        apply_overrides(cfg, ["stages.0.out_dir=/tmp"])
+
+
+def test_stage_validation_before_anything_runs():
+    with pytest.raises(KeyError, match="run-wide key 'resume'"):
+        apply_overrides(TrainConfig(), ['stages=[{"resume": true}]'])
+    with pytest.raises(KeyError, match="unknown or run-wide key 'stepz'"):
+        stages.expand(TrainConfig(stages=({"stepz": 1},)))
+    with pytest.raises(ValueError, match="unique"):
+        stages.expand(TrainConfig(stages=({"name": "a"}, {"name": "a"})))
+    bad = TrainConfig(stages=(dict(steps=1), dict(steps=1, image_reduction="resize", mask_ratio=0.5)))
+    with pytest.raises(ValueError, match="resize"):
+        stages.run(bad, lambda st, name: pytest.fail("no stage may run"), is_main=True)
+    with pytest.raises(ValueError, match="unknown text reduction"):
+        stages.expand(TrainConfig(stages=(dict(text_reduction="nouns"),)))
+
+
+def test_demo_clipa_config_loads():
+    cfg = load_config(str(ROOT / "configs" / "demo_clipa.py"))
+    (_, pre), (_, fine) = stages.expand(cfg)
+    base = load_config(str(ROOT / "configs" / "demo.py"))
+    assert fine.image_size == base.image_size and fine.text_len == base.text_len
+    assert pre.image_size < fine.image_size and pre.text_len < fine.text_len
+    assert fine.eval_at_end and fine.val_data == base.val_data and fine.batch_size == base.batch_size
+
+
+def test_load_weights_resizes_position_embeddings(tmp_path):
+    from clipfast.model import CLIP
+    from clipfast.presets import from_name
+    from clipfast.train import load_weights, save_model
+
+    small = CLIP(from_name("demo", **{"vision.image_size": 16, "text.context_length": 8}), kernels="ref")
+    save_model(tmp_path / "model.pt", small, TrainConfig(), step=3)
+    big = CLIP(from_name("demo", **{"vision.image_size": 32, "text.context_length": 16}), kernels="ref")
+    load_weights(big, str(tmp_path))
+    a, b = small.state_dict(), big.state_dict()
+    assert b["visual.positional_embedding"].shape == (1 + 16, 128) and b["positional_embedding"].shape == (16, 128)
+    assert torch.equal(b["positional_embedding"][:8], a["positional_embedding"])
+    assert torch.equal(b["visual.positional_embedding"][0], a["visual.positional_embedding"][0]), "class slot kept"
+    for k in a:
+        if "positional_embedding" not in k:
+            assert torch.equal(a[k], b[k]), k
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        load_weights(big, str(tmp_path / "nothing"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(config, *overrides):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(_free_port()),
+           "clipfast/train.py", "--config", str(config), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def _steps(path):
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_stage_run_end_to_end_and_resume(tmp_path):
+    data = tmp_path / "digits"
+    build(data, seed=0, size=32)
+    out = tmp_path / "run"
+    common = [f"train_data={data / 'train'}", f"val_data={data / 'val'}", f"out_dir={out}", "batch_size=16",
+              "log_every=2", "ckpt_every=2", "tensorboard=false", "data_threads=1", "warmup_steps=1",
+              "stages.pretrain.steps=3", "stages.pretrain.ckpt_every=2", "stages.pretrain.warmup_steps=1",
+              "stages.finetune.warmup_steps=1", "stages.finetune.ckpt_every=2",
+              "stages.finetune.image_reduction=grid", "stages.finetune.mask_ratio=0.75"]
+    log = _run(ROOT / "configs" / "demo_clipa.py", "stages.finetune.steps=2", *common)
+    assert "initialised from" in log and "pretrain/model.pt" in log
+    pre, fine = out / "pretrain", out / "finetune"
+    assert _steps(pre / "metrics.jsonl") == [2, 3] and _steps(fine / "metrics.jsonl") == [2]
+    top = torch.load(out / "model.pt", weights_only=False)
+    first = torch.load(pre / "model.pt", weights_only=False)
+    assert top["model_config"]["vision"]["image_size"] == 32 and top["model_config"]["text"]["context_length"] == 16
+    assert first["model_config"]["vision"]["image_size"] == 16 and first["model_config"]["text"]["context_length"] == 8
+    assert top["step"] == 2 and top["train_config"]["mask_ratio"] == 0.75
+    assert not (pre / "eval.json").exists(), "only the last stage evaluates"
+    assert json.loads((out / "eval.json").read_text()) == json.loads((fine / "eval.json").read_text())
+    summary = json.loads((out / "stages.json").read_text())
+    assert [s["stage"] for s in summary] == ["pretrain", "finetune"] and summary[1]["top1"] is not None
+    assert all(s["train_s"] > 0 for s in summary)
+
+    # resume with a longer fine-tune: the finished pre-training is skipped, the fine-tune continues at step 2
+    log = _run(ROOT / "configs" / "demo_clipa.py", "stages.finetune.steps=4", "resume=true", *common)
+    assert "stage pretrain (1/2) finished before: skipped" in log
+    assert "at step 2" in log
+    assert _steps(pre / "metrics.jsonl") == [2, 3] and _steps(fine / "metrics.jsonl") == [2, 4]
+    assert torch.load(out / "model.pt", weights_only=False)["step"] == 4
+    assert [s["steps"] for s in json.loads((out / "stages.json").read_text())] == [3, 4]
