@@ -80,6 +80,47 @@ def test_demo_clipa_config_loads():
     assert fine.eval_at_end and fine.val_data == base.val_data and fine.batch_size == base.batch_size
 
 
+def _recipes():
+    import importlib.util
+    import inspect
+
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for name, fn in vars(module).items():
+            if (inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")
+                    and inspect.signature(fn).return_annotation in (TrainConfig, "TrainConfig")):
+                yield f"{path.name}:{name}"
+
+
+RECIPES = list(_recipes())
+
+
+def test_recipes_found():
+    names = set(RECIPES)
+    for want in ("demo.py:config", "demo_clipa.py:config", "clip.py:config", "clipa.py:b16_i50_t16",
+                 "clipa.py:l16_i17_t16", "clipa.py:l16_i37_t8", "clipa_v2.py:config", "flip.py:mask50",
+                 "flip.py:mask75"):
+        assert want in names, (want, names)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_loads_and_names_a_preset(recipe):
+    from clipfast.presets import from_name
+
+    cfg = load_config(str(ROOT / "configs" / recipe))
+    mcfg = from_name(cfg.model)  # raises for a name presets.py does not have
+    for _, st in stages.expand(cfg):
+        size = st.image_size or mcfg.vision.image_size
+        assert size % mcfg.vision.patch_size == 0, (recipe, size)
+        assert 2 <= (st.text_len or mcfg.text.context_length) <= 77
+        assert st.steps > 0 and 0 <= st.warmup_steps < st.steps
+    if not recipe.startswith("demo"):  # the paper recipes share CLIPA's optimiser
+        assert cfg.betas == (0.9, 0.95) and cfg.weight_decay == 0.2 and cfg.lr_scaled_by_batch
+        assert cfg.crop_scale == (0.4, 1.0)
+
+
 def test_load_weights_resizes_position_embeddings(tmp_path):
     from clipfast.model import CLIP
     from clipfast.presets import from_name
