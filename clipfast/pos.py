@@ -56,9 +56,12 @@ CLOSED = DETERMINERS | SUBJECTS | AUXILIARIES | frozenset(
 VERB_CUES = AUXILIARIES | SUBJECTS | {"to"}
 
 
-@lru_cache(maxsize=1 << 16)
-def _lexicon(word: str) -> tuple[frozenset, bool, bool]:
-    """(open-class tags of word, known to lemminflect at all, an inflected verb form not ending in s)."""
+@lru_cache(maxsize=1 << 18)
+def _info(word: str) -> tuple[bool, frozenset, bool, bool, bool]:
+    """(open-class word, its open-class tags, known to lemminflect, inflected verb form not ending in s, can be a
+    noun), one cached look-up per word: the data loader calls this for every word of every caption."""
+    if len(word) < 2 or not word.isalpha() or word in CLOSED:  # single letters ("s" of "1970s"): rest
+        return False, frozenset(), False, False, False
     import lemminflect
 
     lemmas = lemminflect.getAllLemmas(word)
@@ -71,46 +74,32 @@ def _lexicon(word: str) -> tuple[frozenset, bool, bool]:
         elif upos == "VERB":
             tags.add(VERB)
     inflected_verb = "VERB" in lemmas and word not in lemmas["VERB"] and not word.endswith("s")
-    return frozenset(tags), bool(lemmas), inflected_verb
-
-
-def _open_word(word: str) -> bool:
-    return len(word) > 1 and word.isalpha() and word not in CLOSED  # single letters ("s" of "1970s"): rest
-
-
-def _could_be_noun(word: str | None) -> bool:
-    if word is None or not _open_word(word):
-        return False
-    tags, known, _ = _lexicon(word)
-    return NOUN in tags or not known
+    return True, frozenset(tags), bool(lemmas), inflected_verb, NOUN in tags or not lemmas
 
 
 def lexicon_tags(words: list[str]) -> list[int]:
     """Class of each word (lower-case pieces of clipfast.tokenizer's pre-tokeniser) by the lexicon rules."""
+    infos = [_info(w) for w in words]
     out = []
-    for i, w in enumerate(words):
-        if not _open_word(w):
+    for i, (is_open, tags, known, inflected_verb, _) in enumerate(infos):
+        if not is_open:
             out.append(REST)
-            continue
-        tags, known, inflected_verb = _lexicon(w)
-        if not tags:
+        elif not tags:
             out.append(REST if known else NOUN)
-            continue
-        if len(tags) == 1:
+        elif len(tags) == 1:
             out.append(next(iter(tags)))
-            continue
-        p = words[i - 1] if i else None
-        n = words[i + 1] if i + 1 < len(words) else None
-        if VERB in tags and p in VERB_CUES:
-            out.append(VERB)
-        elif ADJ in tags and _could_be_noun(n):
-            out.append(ADJ)
-        elif p in DETERMINERS:
-            out.append(NOUN if NOUN in tags else ADJ)
-        elif VERB in tags and inflected_verb:
-            out.append(VERB)
         else:
-            out.append(min(tags))  # noun, then adjective, then verb
+            p = words[i - 1] if i else None
+            if VERB in tags and p in VERB_CUES:
+                out.append(VERB)
+            elif ADJ in tags and i + 1 < len(words) and infos[i + 1][4]:
+                out.append(ADJ)
+            elif p in DETERMINERS:
+                out.append(NOUN if NOUN in tags else ADJ)
+            elif VERB in tags and inflected_verb:
+                out.append(VERB)
+            else:
+                out.append(min(tags))  # noun, then adjective, then verb
     return out
 
 
