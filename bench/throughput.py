@@ -1,0 +1,643 @@
+"""Training throughput against token length: clipfast next to open_clip 3.3.0 at the same settings.
+
+    python bench/throughput.py                    # CPU grid: ViT-S-16, 64-112 px, masks, text 8-77 (~4 min, 2 cores)
+    python bench/throughput.py --grid gpu         # S/16, B/16, L/14, H/14 at 64-224 px, text 8-77, masks at 224 px
+    python bench/throughput.py --presets B/16 --sizes 112 224 --masks 0.5 --text-lens 16 77 --batch 64
+
+A grid point is (preset, image size, mask ratio, text length); the preset at its own size, no mask and its full
+text context is always measured too ("full tokens"). At each point clipfast's CLIP and open_clip's CLIP of the
+same architecture (force_image_size / force_context_length; patch_dropout set to keep the same number of
+patches) run full training steps: forward, local-loss InfoNCE, backward, AdamW. The two alternate step by step
+in one process, so load from other work on a shared machine falls on both alike, and the median step time
+after warm-up is kept (CUDA events on a GPU). Precision: bf16 autocast over fp32 weights on CUDA, fp32 on CPU.
+
+Batches are synthetic, made on the device before timing, so the data path is not timed (--data DIR times
+clipfast with its DALI loader instead, and skips open_clip). Captions have realistic lengths: log-normal with
+median 12 tokens (start and end included), clipped to [2, text length]; packed end to end for clipfast,
+padded to the text length for open_clip, which is what each does in training.
+
+Columns: step time, samples/s, tokens/s (kept patches + real caption tokens), TFLOP/s and MFU from
+clipfast.flops over useful work (kept patches, real tokens: the same FLOPs for both, so padding that open_clip
+computes counts as waste), peak memory (weights + optimizer state + the step's transient peak: CUDA allocator
+on a GPU, the profiler's allocation trace on CPU), the speed-up over the same preset at full tokens next to the
+FLOP ratio and their quotient (scaling efficiency), and clipfast / open_clip. Writes throughput.{md,csv,json,png}
+under --out (default bench/results/<device>-<date>/).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/throughput.py` from a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from clipfast.data.loader import pack_text  # noqa: E402
+from clipfast.flops import flops_per_sample  # noqa: E402
+from clipfast.loss import clip_loss  # noqa: E402
+from clipfast.model import CLIP, IMAGE_MEAN, IMAGE_STD  # noqa: E402
+from clipfast.presets import ModelConfig, from_name  # noqa: E402
+from clipfast.reduce import image_keep_indices, num_kept  # noqa: E402
+
+CAPTION_MEDIAN, CAPTION_SIGMA = 12, 0.6  # log-normal caption length in tokens (start + words + end)
+SOT_ID, EOT_ID = 49406, 49407  # CLIP BPE; end-of-text is the highest id, which open_clip's argmax pooling needs
+GRIDS = {
+    # 2 CPU cores: one small preset at low resolution, so both columns finish in ~4 minutes even under load
+    # threads=1: on a shared 2-core machine two intra-op threads collapse under load (OpenMP barriers spin while
+    # the other thread is descheduled): S/16 64 px steps took 7-23 s with 2 threads vs 1.0 s with 1, at load ~8
+    "cpu": dict(presets=["ViT-S-16"], sizes=[64, 112], masks=[0.5], text_lens=[8, 32, 77], batch=8, steps=5,
+                warmup=2, batches=2, threads=1),
+    "gpu": dict(presets=["ViT-S-16", "ViT-B-16", "ViT-L-14", "ViT-H-14"], sizes=[64, 112, 160, 224],
+                masks=[0.5, 0.75], text_lens=[8, 16, 32, 77], batch=None, steps=10, warmup=3, batches=3, threads=None),
+}
+GPU_BATCH = {"ViT-S-16": 512, "ViT-B-16": 256, "ViT-B-32": 512, "ViT-L-14": 128, "ViT-L-16": 128, "ViT-H-14": 64}
+IMPLS = ("clipfast", "open_clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    preset: str
+    size: int  # image side in px, a multiple of the patch size
+    mask: float  # fraction of patches dropped
+    text_len: int  # caption clip length = open_clip's padded length
+
+    @property
+    def label(self) -> str:
+        return f"{self.preset} {self.size}px mask={self.mask:g} text={self.text_len}"
+
+
+def snap(size: int, patch: int) -> int:
+    """The multiple of `patch` nearest to `size` (ties down), at least one patch."""
+    return max(patch, patch * math.floor(size / patch + 0.5 - 1e-9))
+
+
+def grid_points(presets, sizes, masks, text_lens) -> dict[str, list[Point]]:
+    """Per preset: its full-token point first (every speed-up needs it), then sizes x text_lens unmasked, then
+    masks x text_lens at the largest size."""
+    out = {}
+    for name in presets:
+        cfg = from_name(name)
+        p = cfg.vision.patch_size
+        pts = [Point(cfg.name, cfg.vision.image_size, 0.0, cfg.text.context_length)]
+        pts += [Point(cfg.name, snap(s, p), 0.0, t) for s in sizes for t in text_lens]
+        pts += [Point(cfg.name, snap(max(sizes), p), m, t) for m in masks if m > 0 for t in text_lens]
+        out[cfg.name] = list(dict.fromkeys(pts))
+    return out
+
+
+def caption_lengths(n: int, text_len: int, gen: torch.Generator) -> torch.Tensor:
+    z = torch.randn(n, generator=gen, dtype=torch.float64)
+    return (CAPTION_MEDIAN * torch.exp(CAPTION_SIGMA * z)).round().clamp(2, text_len).long()
+
+
+@dataclasses.dataclass
+class Batch:
+    images: torch.Tensor  # uint8 (B, 3, H, W): clipfast normalises inside its model
+    pixels: torch.Tensor  # normalised float (B, 3, H, W): what open_clip's data pipeline hands it
+    text: torch.Tensor  # int32 (T,) packed captions
+    cu_seqlens: torch.Tensor  # int32 (B+1,)
+    max_len: int
+    padded: torch.Tensor  # int64 (B, text_len), zero padding after the end-of-text token
+    lengths: torch.Tensor  # (B,) caption lengths
+
+
+def make_batch(batch: int, size: int, text_len: int, gen: torch.Generator, device, pixel_dtype) -> Batch:
+    lengths = caption_lengths(batch, text_len, gen)
+    seqs = [[SOT_ID, *torch.randint(1, SOT_ID, (n - 2,), generator=gen).tolist(), EOT_ID] for n in lengths.tolist()]
+    text, cu, max_len = pack_text(seqs)
+    padded = torch.zeros(batch, text_len, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        padded[i, : len(s)] = torch.tensor(s)
+    images = torch.randint(0, 256, (batch, 3, size, size), generator=gen, dtype=torch.uint8)
+    mean, std = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    pixels = ((images.float() / 255 - mean) / std).to(pixel_dtype)
+    return Batch(images.to(device), pixels.to(device), text.to(device), cu.to(device), max_len, padded.to(device),
+                 lengths)
+
+
+# ---- the two training steps -----------------------------------------------------------------------------------
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "amp_bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _optimizer(model, device):
+    # fused on CPU too (torch >= 2.4): 6x faster than the for-each loop on 2 cores (0.08 vs 0.50 s per 20M params),
+    # and the same kernel for both columns, so the optimizer does not dilute the comparison more than it must
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True)
+
+
+def clipfast_step_fn(cfg: ModelConfig, pt: Point, device, precision, batch_size):
+    with torch.device(device):
+        model = CLIP(cfg).train()
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    opt = _optimizer(model, device)
+    grid = cfg.vision.grid
+
+    def step(b: Batch):
+        keep = image_keep_indices("random", batch_size, grid, pt.mask, device=device)  # None when mask == 0
+        with _autocast(device, precision):
+            img, txt, scale = model(b.images, b.text, b.cu_seqlens, b.max_len, keep)
+            loss = clip_loss(img, txt, scale)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return model, opt, step
+
+
+def open_clip_kwargs(cfg: ModelConfig, mask: float) -> dict:
+    """open_clip.model.CLIP kwargs of cfg's architecture, with patch_dropout keeping clipfast's num_kept patches
+    (open_clip keeps int(N * (1 - p)), clipfast round(N * (1 - mask)): p is chosen so both give K)."""
+    from clipfast.interop import open_clip_cfg
+
+    kw = open_clip_cfg(cfg)
+    n = cfg.vision.num_patches
+    k = num_kept(n, mask)
+    if k < n:
+        kw["vision_cfg"]["patch_dropout"] = 1.0 - (k + 0.5) / n
+    return kw
+
+
+def open_clip_step_fn(cfg: ModelConfig, pt: Point, device, precision, batch_size):
+    import open_clip
+
+    with torch.device(device):
+        model = open_clip.model.CLIP(**open_clip_kwargs(cfg, pt.mask)).train()
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    opt = _optimizer(model, device)
+    loss_fn = open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True)
+
+    def step(b: Batch):
+        with _autocast(device, precision):
+            img, txt, scale = model(b.pixels, b.padded)
+            loss = loss_fn(img, txt, scale)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return model, opt, step
+
+
+def persistent_bytes(model, opt) -> int:
+    """Weights + optimizer state (the gradients are freed after each step: zero_grad(set_to_none=True))."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    n += sum(model.get_buffer(name).numel() * model.get_buffer(name).element_size() for name, _ in
+             model.named_buffers())
+    return n + sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's native start/stop lines, written straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def step_peak_bytes(step, batch, device) -> int:
+    """Transient peak of one step above what was allocated before it (activations, gradients, workspaces)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step(batch)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(batch)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
+def time_interleaved(steps: dict, batches: list[Batch], n_steps: int, device) -> tuple[dict, dict]:
+    """Per-step seconds of each step function, alternating which goes first, so both see the same load.
+
+    Returns (wall, cpu): wall-clock seconds (CUDA events on a GPU) and, on CPU, process CPU seconds, which
+    time-slicing by other jobs on a shared machine does not inflate (with one intra-op thread they equal the
+    wall time of an idle machine); None on a GPU.
+    """
+    names = list(steps)
+    cuda = device.type == "cuda"
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    for i in range(n_steps):
+        b = batches[i % len(batches)]
+        for name in names if i % 2 == 0 else names[::-1]:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                steps[name](b)
+                end.record()
+                wall[name].append((start, end))
+            else:
+                t0, c0 = time.perf_counter(), time.process_time()
+                steps[name](b)
+                cpu[name].append(time.process_time() - c0)
+                wall[name].append(time.perf_counter() - t0)
+    if cuda:
+        torch.cuda.synchronize(device)  # note: the one CPU-GPU sync of the timed loop
+        return {n: [s.elapsed_time(e) / 1e3 for s, e in wall[n]] for n in names}, None
+    return wall, cpu
+
+
+def data_step_times(step, loader, n_warm: int, n_steps: int, device) -> tuple[list[float], float]:
+    """--data: clipfast steps fed by its DALI loader, timed with the loader (wall clock, synced per step)."""
+    def run():
+        raw = next(loader)
+        b = Batch(raw["images"], None, raw["text"], raw["cu_seqlens"], raw["max_len"], None,
+                  (raw["cu_seqlens"][1:] - raw["cu_seqlens"][:-1]).cpu())
+        step(b)
+        return b
+
+    for _ in range(n_warm):
+        run()
+    times, tokens = [], []
+    for _ in range(n_steps):
+        t0 = time.perf_counter()
+        b = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # note: sync per step, so the wall clock covers the device work
+        times.append(time.perf_counter() - t0)
+        tokens.append(float(b.lengths.float().mean()))
+    return times, statistics.fmean(tokens)
+
+
+# ---- one grid point -------------------------------------------------------------------------------------------
+
+def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
+    cfg = from_name(pt.preset, **{"vision.image_size": pt.size, "text.context_length": pt.text_len})
+    bs = args.batch or GPU_BATCH.get(pt.preset, 128)
+    n = cfg.vision.num_patches
+    k = num_kept(n, pt.mask)
+    gen = torch.Generator().manual_seed(args.seed)
+    pixel_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    batches = [make_batch(bs, pt.size, pt.text_len, gen, device, pixel_dtype) for _ in range(args.batches)]
+    text_tokens = statistics.fmean(float(b.lengths.float().mean()) for b in batches)
+    row = dict(preset=pt.preset, image_px=pt.size, mask=pt.mask, image_tokens=k, text_len=pt.text_len,
+               batch=bs, load_1min=round(os.getloadavg()[0], 2))
+    builders = {"clipfast": clipfast_step_fn, "open_clip": open_clip_step_fn}
+    impls = [i for i in IMPLS if i == "clipfast" or (have_open_clip and not args.data)]
+    steps, mem = {}, {}
+    for impl in impls:
+        torch.manual_seed(args.seed)
+        model, opt, step = builders[impl](cfg, pt, device, args.precision, bs)
+        for i in range(args.warmup):
+            loss = step(batches[i % len(batches)])
+        if not math.isfinite(loss.item()):  # note: a sync point, once per model
+            raise FloatingPointError(f"{impl}: non-finite loss at {pt.label}")
+        mem[impl] = persistent_bytes(model, opt) + step_peak_bytes(step, batches[0], device)
+        steps[impl] = step
+    cpu_times = None
+    if args.data:
+        from clipfast.data import DaliLoader
+        from clipfast.reduce import TextReducer
+
+        loader = DaliLoader(args.data, bs, pt.size, TextReducer(length=pt.text_len), device=device, seed=args.seed)
+        wall, text_tokens = data_step_times(steps["clipfast"], loader, args.warmup, args.steps, device)
+        times = wall = {"clipfast": wall}
+    else:
+        wall, cpu_times = time_interleaved(steps, batches, args.steps, device)
+        times = cpu_times if args.timer_used == "cpu" else wall
+    row["text_tokens"] = round(text_tokens, 2)
+    row["pad_frac"] = round(1 - text_tokens / pt.text_len, 3)
+    fl = flops_per_sample(cfg, k, text_tokens, training=True)
+    row["gflop_per_sample"] = round(fl / 1e9, 3)
+    for impl in impls:
+        t = statistics.median(times[impl])
+        q = statistics.quantiles(times[impl], n=4) if len(times[impl]) > 1 else [t, t, t]
+        sps = bs / t
+        row.update({
+            f"{impl}_ms": round(t * 1e3, 2), f"{impl}_iqr_ms": round((q[2] - q[0]) * 1e3, 2),
+            f"{impl}_wall_ms": round(statistics.median(wall[impl]) * 1e3, 2),
+            f"{impl}_samples_s": round(sps, 2), f"{impl}_tokens_s": round(sps * (k + text_tokens), 1),
+            f"{impl}_tflops": round(sps * fl / 1e12, 4),
+            f"{impl}_mfu": round(sps * fl / args.peak, 4) if args.peak else None,
+            f"{impl}_peak_mib": round(mem[impl] / 2**20, 1),
+        })
+    if len(impls) == 2:
+        row["vs_open_clip_wall"] = round(row["open_clip_wall_ms"] / row["clipfast_wall_ms"], 3)
+    row["load_1min_end"] = round(os.getloadavg()[0], 2)
+    return row
+
+
+def add_scaling(rows: list[dict]) -> None:
+    """Speed-up over the same preset's full-token point, the FLOP ratio, their quotient; clipfast / open_clip."""
+    full = {}
+    for r in rows:
+        cfg = from_name(r["preset"])
+        if (r["image_px"], r["mask"], r["text_len"]) == (cfg.vision.image_size, 0.0, cfg.text.context_length):
+            full[r["preset"]] = r
+    for r in rows:
+        f = full.get(r["preset"])
+        r["flop_ratio"] = round(f["gflop_per_sample"] / r["gflop_per_sample"], 3) if f else None
+        for impl in IMPLS:
+            key = f"{impl}_samples_s"
+            ok = f is not None and r.get(key) and f.get(key)
+            r[f"{impl}_speedup"] = round(r[key] / f[key], 3) if ok else None
+            r[f"{impl}_scaling_eff"] = round(r[f"{impl}_speedup"] / r["flop_ratio"], 3) if ok else None
+        ok = r.get("clipfast_samples_s") and r.get("open_clip_samples_s")
+        r["vs_open_clip"] = round(r["clipfast_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
+
+
+# ---- output ---------------------------------------------------------------------------------------------------
+
+def _fmt(x, nd) -> str:
+    if x is None:
+        return "–"
+    return str(x) if nd is None else f"{x:g}" if nd == "g" else f"{x:.{nd}f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = [("preset", "preset", None), ("px", "image_px", None), ("mask", "mask", "g"),
+            ("img tok", "image_tokens", None), ("text len", "text_len", None), ("txt tok", "text_tokens", 1),
+            ("batch", "batch", None), ("clipfast ms", "clipfast_ms", 1), ("samples/s", "clipfast_samples_s", 1),
+            ("tokens/s", "clipfast_tokens_s", 0), ("TFLOP/s", "clipfast_tflops", 3), ("MFU", "clipfast_mfu", 3),
+            ("peak MiB", "clipfast_peak_mib", 0), ("speed-up", "clipfast_speedup", 2), ("FLOP ratio", "flop_ratio", 2),
+            ("scaling eff", "clipfast_scaling_eff", 2), ("open_clip ms", "open_clip_ms", 1),
+            ("open_clip samples/s", "open_clip_samples_s", 1), ("open_clip MiB", "open_clip_peak_mib", 0),
+            ("open_clip speed-up", "open_clip_speedup", 2), ("clipfast / open_clip", "vs_open_clip", 2)]
+    cols = [c for c in cols if any(r.get(c[1]) is not None for r in rows)]  # no empty columns (MFU on CPU, ...)
+    lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [_fmt(r.get(key), nd) for _, key, nd in cols]
+        if cols[-1][1] == "vs_open_clip" and r.get("vs_open_clip"):
+            cells[-1] = f"**{r['vs_open_clip']:.2f}×**"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    ratios = [(r["vs_open_clip"], r) for r in rows if r.get("vs_open_clip")]
+    if not ratios:
+        return "open_clip column absent: no ratio."
+    lo, lo_r = min(ratios, key=lambda x: x[0])
+    skip = [(x, r) for x, r in ratios if r["mask"] > 0 or r["pad_frac"] >= 0.25]
+    wall = [r["vs_open_clip_wall"] for r in rows if r.get("vs_open_clip_wall")]
+    out = [f"clipfast / open_clip samples/s: min {lo:.2f}× ({lo_r['image_px']} px, mask {lo_r['mask']:g}, "
+           f"text {lo_r['text_len']}, {lo_r['preset']}), median {statistics.median(x for x, _ in ratios):.2f}×, "
+           f"max {max(x for x, _ in ratios):.2f}× over {len(ratios)} points."]
+    if wall and any(r["clipfast_ms"] != r["clipfast_wall_ms"] for _, r in ratios):
+        out.append(f"By wall clock (loaded machine): min {min(wall):.2f}×, median {statistics.median(wall):.2f}×.")
+    if skip:
+        out.append(f"At the {len(skip)} points with masking or ≥ 25% padding: min {min(x for x, _ in skip):.2f}×, "
+                   f"median {statistics.median(x for x, _ in skip):.2f}×.")
+    return " ".join(out)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    lens = sorted({r["text_len"] for r in rows})
+    colors = {p: f"C{i}" for i, p in enumerate(presets)}
+    markers = dict(zip(lens, "osD^v<>p*h"))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for p in presets:
+        for t in lens:
+            for impl, ls, alpha in (("clipfast", "-", 1.0), ("open_clip", "--", 0.45)):
+                pts = sorted((r["image_tokens"], r[f"{impl}_samples_s"], r["mask"] > 0) for r in rows
+                             if r["preset"] == p and r["text_len"] == t and r.get(f"{impl}_samples_s"))
+                if not pts:
+                    continue
+                line = [(x, y) for x, y, masked in pts if not masked]
+                if line:
+                    ax.plot(*zip(*line), ls=ls, color=colors[p], marker=markers[t], alpha=alpha)
+                for x, y, masked in pts:
+                    if masked:
+                        ax.plot([x], [y], ls="", marker=markers[t], color=colors[p], mfc="none", ms=9, alpha=alpha)
+    for p in presets:
+        ax.plot([], [], color=colors[p], lw=3, label=p)
+    for t in lens:
+        ax.plot([], [], ls="", color="k", marker=markers[t], label=f"text {t}")
+    ax.plot([], [], color="gray", ls="-", label="clipfast")
+    ax.plot([], [], color="gray", ls="--", alpha=0.45, label="open_clip")
+    ax.plot([], [], ls="", marker="o", mfc="none", color="gray", label="masked (224/max px)")
+    ax.set(xscale="log", yscale="log", xlabel="image tokens per sample (kept patches)", ylabel="samples / s",
+           title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def device_info(device: torch.device) -> tuple[str, str]:
+    """(human name, folder slug)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return name, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    short = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)|processor|cpu", "", model.lower())).strip("-")
+    name = f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return name, f"cpu-{short[:30]}-{os.cpu_count()}c"
+
+
+def git_commit() -> str:
+    if os.environ.get("CLIPFAST_COMMIT"):
+        return os.environ["CLIPFAST_COMMIT"]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "clipfast", "kernels", "bench/throughput.py"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def update_readme(md: str, readme: Path = ROOT / "README.md") -> None:
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    i, j = text.index(start) + len(start), text.index(end)
+    readme.write_text(text[:i] + "\n" + md.strip() + "\n" + text[j:])
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--grid", choices=sorted(GRIDS), default=None, help="preset grid (default: gpu on CUDA, else cpu)")
+    ap.add_argument("--presets", nargs="+", help="preset names or aliases (S/16, B/16, ...)")
+    ap.add_argument("--sizes", nargs="+", type=int, help="image sides in px (snapped to the patch size)")
+    ap.add_argument("--masks", nargs="*", type=float, help="mask ratios, measured at the largest size")
+    ap.add_argument("--text-lens", nargs="+", type=int, help="caption clip lengths = open_clip's context length")
+    ap.add_argument("--batch", type=int, help="batch size (gpu grid default: per preset)")
+    ap.add_argument("--steps", type=int, help="timed steps per implementation")
+    ap.add_argument("--warmup", type=int, help="untimed steps first (at least one per distinct batch)")
+    ap.add_argument("--batches", type=int, help="distinct synthetic batches cycled through")
+    ap.add_argument("--timer", choices=["auto", "wall", "cpu"], default="auto",
+                    help="cpu: process CPU time (auto on CPU with 1 thread); wall: perf_counter / CUDA events")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, help="CPU intra-op threads (cpu grid default: 1, see GRIDS)")
+    ap.add_argument("--precision", choices=["amp_bf16", "bf16", "fp32"], help="default: amp_bf16 on CUDA, else fp32")
+    ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: clipfast.train.peak_flops)")
+    ap.add_argument("--no-open-clip", action="store_true", help="skip the open_clip column")
+    ap.add_argument("--data", help="webdataset shards: time clipfast with its DALI loader (open_clip skipped)")
+    ap.add_argument("--time-budget", type=float, default=0, help="seconds; start no new point after (0: none)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="output folder (default bench/results/<device>-<date>)")
+    ap.add_argument("--update-readme", action="store_true", help="write the table into README.md's bench section")
+    args = ap.parse_args(argv)
+    grid = GRIDS[args.grid or ("gpu" if args.device.startswith("cuda") else "cpu")]
+    for key in ("presets", "sizes", "masks", "text_lens", "batch", "steps", "warmup", "batches", "threads"):
+        if getattr(args, key) is None:
+            setattr(args, key, grid[key])
+    args.warmup = max(args.warmup, args.batches)
+    args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    one_thread = device.type == "cpu" and torch.get_num_threads() == 1
+    args.timer_used = "cpu" if device.type == "cpu" and (args.timer == "cpu" or args.timer == "auto" and one_thread) \
+        else "wall"
+    have_open_clip = False
+    note = ""
+    if not args.no_open_clip:
+        try:
+            import open_clip
+
+            have_open_clip = True
+            note = f"open_clip {open_clip.__version__}"
+        except ImportError as e:
+            note = f"open_clip not installed ({e}): its column is skipped"
+            print(f"note: {note}", file=sys.stderr)
+    if args.data:
+        note = "--data: clipfast timed with its DALI loader; open_clip skipped"
+    if args.peak_tflops:
+        args.peak = args.peak_tflops * 1e12
+    else:
+        try:
+            from clipfast.train import peak_flops
+
+            args.peak = peak_flops(device)
+        except ImportError:
+            args.peak = None
+    name, slug = device_info(device)
+    today = datetime.date.today().isoformat()
+    out = Path(args.out or ROOT / "bench" / "results" / f"{slug}-{today}")
+    out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    meta = dict(device=name, date=today, commit=git_commit(), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), open_clip=note, precision=args.precision,
+                threads=torch.get_num_threads(), peak_tflops=args.peak / 1e12 if args.peak else None,
+                load_start=os.getloadavg(), argv=sys.argv[1:] if argv is None else list(argv),
+                captions=f"log-normal lengths, median {CAPTION_MEDIAN}, sigma {CAPTION_SIGMA}, clipped to [2, text "
+                         f"len]; packed for clipfast, padded to text len for open_clip",
+                timing={"cpu": "median process CPU time per step (1 intra-op thread: immune to time-slicing by other "
+                               "jobs), interleaved steps after warm-up; wall-clock medians in the CSV",
+                        "wall": "median wall time per step, interleaved steps after warm-up"
+                                + (" (CUDA events)" if device.type == "cuda" else "")}[args.timer_used])
+    groups = grid_points(args.presets, args.sizes, args.masks, args.text_lens)
+    n_points = sum(map(len, groups.values()))
+    rows, skipped, t0 = [], [], time.perf_counter()
+    print(f"# {name} | torch {torch.__version__} | triton {triton.__version__} | {note} | {n_points} points",
+          file=sys.stderr)
+    i = 0
+    for g, points in enumerate(groups.values()):
+        # the time budget is shared out per preset (what one leaves over goes to the next), so a slow preset
+        # cannot starve the ones after it
+        left = args.time_budget - (time.perf_counter() - t0)
+        deadline = time.perf_counter() + left / (len(groups) - g)
+        for pt in points:
+            i += 1
+            if args.time_budget and time.perf_counter() > deadline:
+                skipped.append(f"{pt.label} (time budget)")
+                continue
+            try:
+                row = measure(pt, args, device, have_open_clip)
+            except Exception as e:  # e.g. out of memory or a kernel that fails to compile: note it, go on
+                print(f"[{i}/{n_points}] {pt.label}: FAILED {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+                skipped.append(f"{pt.label} ({type(e).__name__})")
+                row = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if row is None:
+                continue
+            rows.append(row)
+            print(f"[{i}/{n_points}] {pt.label}: clipfast {row['clipfast_ms']} ms, open_clip "
+                  f"{row.get('open_clip_ms', '–')} ms, load {row['load_1min']} ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr)
+            write_outputs(rows, meta, skipped, out, t0)  # after every point: a run cut short keeps what it measured
+    md = write_outputs(rows, meta, skipped, out, t0)
+    print(md)
+    if rows:
+        plot(rows, out / "throughput.png", f"training throughput, {name}, {meta['date']}")
+    if args.update_readme:
+        rel = (out / "throughput.png").resolve().relative_to(ROOT)
+        update_readme(f"### Throughput (`python bench/throughput.py`)\n\n{md}\n\n![throughput]({rel})")
+    print(f"wrote {out}", file=sys.stderr)
+    return rows
+
+
+def write_outputs(rows: list[dict], meta: dict, skipped: list[str], out: Path, t0: float) -> str:
+    """throughput.{md,csv,json} from the rows so far; returns the markdown."""
+    order = {p: i for i, p in enumerate(dict.fromkeys(r["preset"] for r in rows))}
+    rows.sort(key=lambda r: (order[r["preset"]], r["mask"], r["image_px"], r["text_len"]))
+    add_scaling(rows)
+    meta = dict(meta, load_end=os.getloadavg(), wall_s=round(time.perf_counter() - t0, 1), skipped=skipped,
+                summary=summary(rows))
+    loads = [r["load_1min"] for r in rows]
+    header = (f"**{meta['device']}**, {meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton "
+              f"{meta['triton']}, {meta['open_clip']}, {meta['precision']}; load (1 min) {min(loads, default=0):.1f}–"
+              f"{max(loads, default=0):.1f}. Captions: {meta['captions']}. Timing: {meta['timing']}.")
+    md = header + "\n\n" + markdown_table(rows) + "\n\n" + meta["summary"]
+    if skipped:
+        md += f"\n\nNot measured: {'; '.join(skipped)}."
+    (out / "throughput.md").write_text(md + "\n")
+    with open(out / "throughput.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return md
+
+
+if __name__ == "__main__":
+    main()

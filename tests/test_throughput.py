@@ -1,0 +1,94 @@
+"""bench/throughput.py: a fast smoke run of the harness on the tiny `demo` preset, and its building blocks."""
+import csv
+import json
+import sys
+
+import pytest
+import torch
+
+from bench import throughput as tp
+from clipfast.reduce import num_kept
+
+TINY = ["--presets", "demo", "--sizes", "16", "--masks", "0.5", "--text-lens", "8", "--batch", "4", "--steps", "2",
+        "--warmup", "1", "--batches", "1", "--device", "cpu"]
+
+
+def test_caption_lengths_lognormal_median_12_clipped():
+    gen = torch.Generator().manual_seed(0)
+    n = tp.caption_lengths(20000, 77, gen)
+    assert n.min() >= 2 and n.max() <= 77
+    assert 11 <= n.median().item() <= 13
+    short = tp.caption_lengths(20000, 8, gen)
+    assert short.max() == 8 and (short == 8).float().mean() > 0.6  # most captions are cut at a short text length
+
+
+def test_batch_packed_and_padded_hold_the_same_captions():
+    gen = torch.Generator().manual_seed(1)
+    b = tp.make_batch(5, 32, 16, gen, "cpu", torch.float32)
+    assert b.cu_seqlens[-1] == b.text.numel() == int(b.lengths.sum()) and b.max_len == int(b.lengths.max())
+    for i in range(5):
+        row = b.text[b.cu_seqlens[i]:b.cu_seqlens[i + 1]].long()
+        assert torch.equal(b.padded[i, : len(row)], row) and not b.padded[i, len(row):].any()
+        assert row[0] == tp.SOT_ID and row[-1] == tp.EOT_ID and b.padded[i].argmax() == len(row) - 1
+    assert b.images.dtype == torch.uint8 and b.pixels.shape == b.images.shape
+
+
+def test_grid_snaps_to_patch_and_puts_full_point_first():
+    groups = tp.grid_points(["H/14", "demo"], [64, 160, 224], [0.5], [8, 77])
+    h = groups["ViT-H-14"]
+    assert h[0] == tp.Point("ViT-H-14", 224, 0.0, 77)
+    assert sorted({p.size for p in h}) == [70, 154, 224] and all(p.size % 14 == 0 for p in h)
+    assert len(h) == len(set(h)) == 3 * 2 + 2  # the full point (224, 77) is not measured twice
+    assert {p.mask for p in h if p.mask} == {0.5} and all(p.size == 224 for p in h if p.mask)
+    assert groups["demo"][0] == tp.Point("demo", 32, 0.0, 16)
+
+
+@pytest.mark.parametrize("mask", [0.3, 0.5, 0.75, 0.9])
+def test_open_clip_patch_dropout_keeps_clipfasts_count(mask):
+    open_clip = pytest.importorskip("open_clip")
+    cfg = tp.from_name("ViT-B-16", **{"vision.image_size": 112})
+    kw = tp.open_clip_kwargs(cfg, mask)
+    n = cfg.vision.num_patches
+    drop = open_clip.transformer.PatchDropout(kw["vision_cfg"]["patch_dropout"]).train()
+    out = drop(torch.zeros(2, n + 1, 4))  # class token + patches
+    assert out.shape[1] - 1 == num_kept(n, mask)
+    assert "patch_dropout" not in tp.open_clip_kwargs(cfg, 0.0)["vision_cfg"]
+
+
+def test_smoke_run_writes_results_side_by_side(tmp_path):
+    rows = tp.main(TINY + ["--out", str(tmp_path)])
+    assert len(rows) == 3  # (32 px, 16) full, (16 px, 8), (16 px, mask 0.5, 8)
+    for f in ("throughput.md", "throughput.csv", "throughput.json", "throughput.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    meta = data["meta"]
+    for key in ("device", "date", "commit", "torch", "triton", "load_start", "load_end", "captions", "timing"):
+        assert meta[key], key
+    assert "packed" in meta["captions"] and "padded" in meta["captions"]
+    full = next(r for r in data["rows"] if (r["image_px"], r["text_len"]) == (32, 16))
+    assert full["clipfast_speedup"] == 1.0 and full["flop_ratio"] == 1.0
+    for r in data["rows"]:
+        assert r["clipfast_samples_s"] > 0 and r["open_clip_samples_s"] > 0 and r["vs_open_clip"] > 0
+        assert r["clipfast_peak_mib"] > 0 and r["open_clip_peak_mib"] > 0
+        assert r["image_tokens"] == num_kept(r["image_px"] ** 2 // 64, r["mask"])
+        assert (r["flop_ratio"] > 1) == (r is not full) and r["load_1min"] >= 0
+    with open(tmp_path / "throughput.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    md = (tmp_path / "throughput.md").read_text()
+    assert "clipfast / open_clip" in md and meta["device"] in md
+
+
+def test_runs_without_open_clip(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` now raises ImportError
+    rows = tp.main(TINY + ["--sizes", "32", "--masks", "--out", str(tmp_path)])
+    assert len(rows) == 2 and all("open_clip_ms" not in r and r["vs_open_clip"] is None for r in rows)
+    meta = json.loads((tmp_path / "throughput.json").read_text())["meta"]
+    assert "not installed" in meta["open_clip"]
+    assert "open_clip" not in (tmp_path / "throughput.md").read_text().split("\n")[2]  # no empty columns
+
+
+def test_update_readme_replaces_only_the_bench_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\ntail\n")
+    tp.update_readme("new table", readme)
+    assert readme.read_text() == "# x\n\n<!-- bench:start -->\nnew table\n<!-- bench:end -->\n\ntail\n"
