@@ -27,17 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import datetime
 import gc
-import json
 import math
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +44,14 @@ if str(ROOT) not in sys.path:  # `python bench/throughput.py` from a checkout th
 
 import torch  # noqa: E402
 
+from bench.report import (  # noqa: E402
+    IMPLS,
+    device_info,
+    git_commit,
+    plot,
+    update_readme,
+    write_outputs,
+)
 from clipfast.data.loader import pack_text  # noqa: E402
 from clipfast.flops import flops_per_sample  # noqa: E402
 from clipfast.loss import clip_loss  # noqa: E402
@@ -64,10 +68,9 @@ GRIDS = {
     "cpu": dict(presets=["ViT-S-16"], sizes=[64, 112], masks=[0.5], text_lens=[8, 32, 77], batch=8, steps=5,
                 warmup=2, batches=2, threads=1),
     "gpu": dict(presets=["ViT-S-16", "ViT-B-16", "ViT-L-14", "ViT-H-14"], sizes=[64, 112, 160, 224],
-                masks=[0.5, 0.75], text_lens=[8, 16, 32, 77], batch=None, steps=10, warmup=3, batches=3, threads=None),
+                masks=[0.5, 0.75], text_lens=[8, 77, 32, 16], batch=None, steps=10, warmup=3, batches=3, threads=None),
 }
 GPU_BATCH = {"ViT-S-16": 512, "ViT-B-16": 256, "ViT-B-32": 512, "ViT-L-14": 128, "ViT-L-16": 128, "ViT-H-14": 64}
-IMPLS = ("clipfast", "open_clip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,14 +92,15 @@ def snap(size: int, patch: int) -> int:
 
 def grid_points(presets, sizes, masks, text_lens) -> dict[str, list[Point]]:
     """Per preset: its full-token point first (every speed-up needs it), then sizes x text_lens unmasked, then
-    masks x text_lens at the largest size."""
+    masks x text_lens at the largest size; text length is the outer loop, in the order given, so a time budget
+    that cuts a preset short leaves whole lines of the plot."""
     out = {}
     for name in presets:
         cfg = from_name(name)
         p = cfg.vision.patch_size
         pts = [Point(cfg.name, cfg.vision.image_size, 0.0, cfg.text.context_length)]
-        pts += [Point(cfg.name, snap(s, p), 0.0, t) for s in sizes for t in text_lens]
-        pts += [Point(cfg.name, snap(max(sizes), p), m, t) for m in masks if m > 0 for t in text_lens]
+        pts += [Point(cfg.name, snap(s, p), 0.0, t) for t in text_lens for s in sizes]
+        pts += [Point(cfg.name, snap(max(sizes), p), m, t) for t in text_lens for m in masks if m > 0]
         out[cfg.name] = list(dict.fromkeys(pts))
     return out
 
@@ -316,11 +320,12 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     for impl in impls:
         torch.manual_seed(args.seed)
         model, opt, step = builders[impl](cfg, pt, device, args.precision, bs)
-        for i in range(args.warmup):
-            loss = step(batches[i % len(batches)])
-        if not math.isfinite(loss.item()):  # note: a sync point, once per model
-            raise FloatingPointError(f"{impl}: non-finite loss at {pt.label}")
+        step(batches[0])  # allocates the optimizer state, so the memory step below sees only transients
         mem[impl] = persistent_bytes(model, opt) + step_peak_bytes(step, batches[0], device)
+        for i in range(1, args.warmup):  # after the profiled step: its teardown slowed the next step (CPU)
+            loss = step(batches[i % len(batches)])
+        if args.warmup > 1 and not math.isfinite(loss.item()):  # note: a sync point, once per model
+            raise FloatingPointError(f"{impl}: non-finite loss at {pt.label}")
         steps[impl] = step
     cpu_times = None
     if args.data:
@@ -355,143 +360,6 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     return row
 
 
-def add_scaling(rows: list[dict]) -> None:
-    """Speed-up over the same preset's full-token point, the FLOP ratio, their quotient; clipfast / open_clip."""
-    full = {}
-    for r in rows:
-        cfg = from_name(r["preset"])
-        if (r["image_px"], r["mask"], r["text_len"]) == (cfg.vision.image_size, 0.0, cfg.text.context_length):
-            full[r["preset"]] = r
-    for r in rows:
-        f = full.get(r["preset"])
-        r["flop_ratio"] = round(f["gflop_per_sample"] / r["gflop_per_sample"], 3) if f else None
-        for impl in IMPLS:
-            key = f"{impl}_samples_s"
-            ok = f is not None and r.get(key) and f.get(key)
-            r[f"{impl}_speedup"] = round(r[key] / f[key], 3) if ok else None
-            r[f"{impl}_scaling_eff"] = round(r[f"{impl}_speedup"] / r["flop_ratio"], 3) if ok else None
-        ok = r.get("clipfast_samples_s") and r.get("open_clip_samples_s")
-        r["vs_open_clip"] = round(r["clipfast_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
-
-
-# ---- output ---------------------------------------------------------------------------------------------------
-
-def _fmt(x, nd) -> str:
-    if x is None:
-        return "–"
-    return str(x) if nd is None else f"{x:g}" if nd == "g" else f"{x:.{nd}f}"
-
-
-def markdown_table(rows: list[dict]) -> str:
-    cols = [("preset", "preset", None), ("px", "image_px", None), ("mask", "mask", "g"),
-            ("img tok", "image_tokens", None), ("text len", "text_len", None), ("txt tok", "text_tokens", 1),
-            ("batch", "batch", None), ("clipfast ms", "clipfast_ms", 1), ("samples/s", "clipfast_samples_s", 1),
-            ("tokens/s", "clipfast_tokens_s", 0), ("TFLOP/s", "clipfast_tflops", 3), ("MFU", "clipfast_mfu", 3),
-            ("peak MiB", "clipfast_peak_mib", 0), ("speed-up", "clipfast_speedup", 2), ("FLOP ratio", "flop_ratio", 2),
-            ("scaling eff", "clipfast_scaling_eff", 2), ("open_clip ms", "open_clip_ms", 1),
-            ("open_clip samples/s", "open_clip_samples_s", 1), ("open_clip MiB", "open_clip_peak_mib", 0),
-            ("open_clip speed-up", "open_clip_speedup", 2), ("clipfast / open_clip", "vs_open_clip", 2)]
-    cols = [c for c in cols if any(r.get(c[1]) is not None for r in rows)]  # no empty columns (MFU on CPU, ...)
-    lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [_fmt(r.get(key), nd) for _, key, nd in cols]
-        if cols[-1][1] == "vs_open_clip" and r.get("vs_open_clip"):
-            cells[-1] = f"**{r['vs_open_clip']:.2f}×**"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def summary(rows: list[dict]) -> str:
-    ratios = [(r["vs_open_clip"], r) for r in rows if r.get("vs_open_clip")]
-    if not ratios:
-        return "open_clip column absent: no ratio."
-    lo, lo_r = min(ratios, key=lambda x: x[0])
-    skip = [(x, r) for x, r in ratios if r["mask"] > 0 or r["pad_frac"] >= 0.25]
-    wall = [r["vs_open_clip_wall"] for r in rows if r.get("vs_open_clip_wall")]
-    out = [f"clipfast / open_clip samples/s: min {lo:.2f}× ({lo_r['image_px']} px, mask {lo_r['mask']:g}, "
-           f"text {lo_r['text_len']}, {lo_r['preset']}), median {statistics.median(x for x, _ in ratios):.2f}×, "
-           f"max {max(x for x, _ in ratios):.2f}× over {len(ratios)} points."]
-    if wall and any(r["clipfast_ms"] != r["clipfast_wall_ms"] for _, r in ratios):
-        out.append(f"By wall clock (loaded machine): min {min(wall):.2f}×, median {statistics.median(wall):.2f}×.")
-    if skip:
-        out.append(f"At the {len(skip)} points with masking or ≥ 25% padding: min {min(x for x, _ in skip):.2f}×, "
-                   f"median {statistics.median(x for x, _ in skip):.2f}×.")
-    return " ".join(out)
-
-
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    presets = list(dict.fromkeys(r["preset"] for r in rows))
-    lens = sorted({r["text_len"] for r in rows})
-    colors = {p: f"C{i}" for i, p in enumerate(presets)}
-    markers = dict(zip(lens, "osD^v<>p*h"))
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for p in presets:
-        for t in lens:
-            for impl, ls, alpha in (("clipfast", "-", 1.0), ("open_clip", "--", 0.45)):
-                pts = sorted((r["image_tokens"], r[f"{impl}_samples_s"], r["mask"] > 0) for r in rows
-                             if r["preset"] == p and r["text_len"] == t and r.get(f"{impl}_samples_s"))
-                if not pts:
-                    continue
-                line = [(x, y) for x, y, masked in pts if not masked]
-                if line:
-                    ax.plot(*zip(*line), ls=ls, color=colors[p], marker=markers[t], alpha=alpha)
-                for x, y, masked in pts:
-                    if masked:
-                        ax.plot([x], [y], ls="", marker=markers[t], color=colors[p], mfc="none", ms=9, alpha=alpha)
-    for p in presets:
-        ax.plot([], [], color=colors[p], lw=3, label=p)
-    for t in lens:
-        ax.plot([], [], ls="", color="k", marker=markers[t], label=f"text {t}")
-    ax.plot([], [], color="gray", ls="-", label="clipfast")
-    ax.plot([], [], color="gray", ls="--", alpha=0.45, label="open_clip")
-    ax.plot([], [], ls="", marker="o", mfc="none", color="gray", label="masked (224/max px)")
-    ax.set(xscale="log", yscale="log", xlabel="image tokens per sample (kept patches)", ylabel="samples / s",
-           title=title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def device_info(device: torch.device) -> tuple[str, str]:
-    """(human name, folder slug)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return name, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    short = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)|processor|cpu", "", model.lower())).strip("-")
-    name = f"CPU {model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    return name, f"cpu-{short[:30]}-{os.cpu_count()}c"
-
-
-def git_commit() -> str:
-    if os.environ.get("CLIPFAST_COMMIT"):
-        return os.environ["CLIPFAST_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "clipfast", "kernels", "bench/throughput.py"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def update_readme(md: str, readme: Path = ROOT / "README.md") -> None:
-    text = readme.read_text()
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    i, j = text.index(start) + len(start), text.index(end)
-    readme.write_text(text[:i] + "\n" + md.strip() + "\n" + text[j:])
-
-
 # ---- main -----------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -500,7 +368,8 @@ def parse_args(argv=None):
     ap.add_argument("--presets", nargs="+", help="preset names or aliases (S/16, B/16, ...)")
     ap.add_argument("--sizes", nargs="+", type=int, help="image sides in px (snapped to the patch size)")
     ap.add_argument("--masks", nargs="*", type=float, help="mask ratios, measured at the largest size")
-    ap.add_argument("--text-lens", nargs="+", type=int, help="caption clip lengths = open_clip's context length")
+    ap.add_argument("--text-lens", nargs="+", type=int,
+                    help="caption clip lengths = open_clip's context length, measured in this order")
     ap.add_argument("--batch", type=int, help="batch size (gpu grid default: per preset)")
     ap.add_argument("--steps", type=int, help="timed steps per implementation")
     ap.add_argument("--warmup", type=int, help="untimed steps first (at least one per distinct batch)")
@@ -614,29 +483,6 @@ def main(argv=None) -> list[dict]:
         update_readme(f"### Throughput (`python bench/throughput.py`)\n\n{md}\n\n![throughput]({rel})")
     print(f"wrote {out}", file=sys.stderr)
     return rows
-
-
-def write_outputs(rows: list[dict], meta: dict, skipped: list[str], out: Path, t0: float) -> str:
-    """throughput.{md,csv,json} from the rows so far; returns the markdown."""
-    order = {p: i for i, p in enumerate(dict.fromkeys(r["preset"] for r in rows))}
-    rows.sort(key=lambda r: (order[r["preset"]], r["mask"], r["image_px"], r["text_len"]))
-    add_scaling(rows)
-    meta = dict(meta, load_end=os.getloadavg(), wall_s=round(time.perf_counter() - t0, 1), skipped=skipped,
-                summary=summary(rows))
-    loads = [r["load_1min"] for r in rows]
-    header = (f"**{meta['device']}**, {meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton "
-              f"{meta['triton']}, {meta['open_clip']}, {meta['precision']}; load (1 min) {min(loads, default=0):.1f}–"
-              f"{max(loads, default=0):.1f}. Captions: {meta['captions']}. Timing: {meta['timing']}.")
-    md = header + "\n\n" + markdown_table(rows) + "\n\n" + meta["summary"]
-    if skipped:
-        md += f"\n\nNot measured: {'; '.join(skipped)}."
-    (out / "throughput.md").write_text(md + "\n")
-    with open(out / "throughput.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    return md
 
 
 if __name__ == "__main__":

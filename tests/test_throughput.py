@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from bench import report
 from bench import throughput as tp
 from clipfast.reduce import num_kept
 
@@ -90,5 +91,5 @@ def test_runs_without_open_clip(tmp_path, monkeypatch):
 def test_update_readme_replaces_only_the_bench_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\ntail\n")
-    tp.update_readme("new table", readme)
+    report.update_readme("new table", readme)
     assert readme.read_text() == "# x\n\n<!-- bench:start -->\nnew table\n<!-- bench:end -->\n\ntail\n"

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The GPU suite, one script for a machine with a GPU (H100/H200; Python 3.12, torch 2.11, triton 3.6; no DeepSpeed,
+# no DALI, open_clip optional), run from anywhere:
+#
+#     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh
+#
+# 1. kernel and model tests, natively (no interpreter): tests/test_{patch_embed,varlen_attention,aot_*,model,loss,
+#    flops,presets,interop}.py (none imports DeepSpeed or DALI; presets/interop skip without open_clip)
+# 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
+# 3. the throughput grid: python bench/throughput.py --grid gpu (clipfast beside open_clip, if present)
+# Everything lands in bench/results/<device>-<date>/ (suite.log, per-part logs, summary.md with device, date,
+# commit); with $OUT set (the device tool), summary.md, throughput.{md,png} and a tarball of the folder are
+# copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
+# Defaults fit ~9.5 minutes: T_TESTS=150 T_BENCH=150 (split over the microbenchmark files) T_GRID=270 seconds;
+# GRID_ARGS (default "--grid gpu") replaces the grid's arguments; PYTHON (default python3) the interpreter.
+#
+# open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
+# GPU image) travel as wheels in .whl/ (git-ignored; ~1.6 MB). Prepare them on a machine with PyPI access:
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl wcwidth==0.9.4   # binary (abi3)
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#         open_clip_torch==3.3.0 ftfy==6.3.1                                                         # pure Python
+# and carry .whl with the tree (device tool: carry=[".whl"]). This script installs them with
+#     pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# Without them the open_clip column is skipped with a note (and tests that need open_clip skip or fail, logged).
+set -u -o pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+PY=${PYTHON:-python3}
+T_TESTS=${T_TESTS:-150}
+T_BENCH=${T_BENCH:-150}
+T_GRID=${T_GRID:-270}
+read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
+SUITE_START=$(date +%s)
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    SITE=${SITE:-/tmp/site}
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+    then export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"; WHEELS="installed $(cd .whl && echo *.whl)"
+    else WHEELS="wheel install FAILED"; fi
+else
+    WHEELS="no .whl folder: open_clip only if already installed"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the repo is used in place, not pip-installed
+export PYTHONUNBUFFERED=1
+
+DEVICE=$($PY -c "import sys, torch; sys.path.insert(0, 'bench'); import throughput as t
+print(t.device_info(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))[1])" 2>/dev/null \
+    || nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z ' 'a-z-' \
+    || echo unknown-device)
+DATE=$(date -u +%F)
+COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export CLIPFAST_COMMIT=$COMMIT  # throughput.py records it (the tree on the GPU machine may have no .git)
+DIR=${RESULTS_DIR:-bench/results/$DEVICE-$DATE}
+mkdir -p "$DIR"
+LOG=$DIR/suite.log
+: >"$LOG"
+STATUS=()
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+# part NAME TIMEOUT_S COMMAND...: runs COMMAND under timeout into $DIR/NAME.log; never stops the suite
+part() {
+    local name=$1 limit=$2 t0 rc
+    shift 2
+    t0=$(date +%s)
+    log "=== $name (timeout ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" >"$DIR/$name.log" 2>&1
+    rc=$?
+    local dt=$(( $(date +%s) - t0 )) what=ok
+    [ "$rc" -eq 0 ] || what="FAILED rc=$rc"
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && what="TIMED OUT after ${limit}s (rc=$rc)"
+    log "=== $name: $what in ${dt}s; last lines:"
+    tail -n 4 "$DIR/$name.log" | awk '{print "    " $0}' | tee -a "$LOG"
+    STATUS+=("| $name | $what | ${dt} s |")
+}
+
+log "device $DEVICE, date $DATE, commit $COMMIT, wheels: $WHEELS"
+cat >"$DIR/env.sh" <<EOF
+nvidia-smi
+$PY -c 'import sys, torch, triton; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda,
+    torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA"); print("triton", triton.__version__)'
+$PY -c 'import open_clip; print("open_clip", open_clip.__version__, open_clip.__file__)'
+$PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|open.clip|timm|ftfy|regex|pytest|pytest-benchmark|matplotlib|numpy) '
+EOF
+part env 60 bash "$DIR/env.sh"
+
+# tests that import neither DeepSpeed nor DALI (test_train, test_stages, test_data do); on CUDA, tests/conftest.py
+# leaves TRITON_INTERPRET unset, so the kernels compile and run natively
+TESTS=(tests/test_patch_embed.py tests/test_varlen_attention.py tests/test_aot_patch_embed.py
+       tests/test_aot_varlen_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py
+       tests/test_presets.py tests/test_interop.py)
+EXISTING=()
+for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done
+part tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfEs --junitxml="$DIR/tests.xml" "${EXISTING[@]}"
+
+BENCH_FILES=(bench/test_bench_*.py)
+if [ -e "${BENCH_FILES[0]}" ]; then
+    per=$(( T_BENCH / ${#BENCH_FILES[@]} ))
+    for f in "${BENCH_FILES[@]}"; do
+        name=$(basename "$f" .py)
+        # short rounds: ~180 cases must fit the budget; one file per run so a timeout loses only that file's JSON
+        part "$name" "$per" "$PY" -m pytest -q -p no:cacheprovider "$f" --benchmark-only --benchmark-max-time=0.1 \
+            --benchmark-min-rounds=5 --benchmark-json="$DIR/$name.json" --benchmark-columns=median,iqr,rounds
+    done
+else
+    log "no bench/test_bench_*.py files: microbenchmarks skipped"
+fi
+
+# the grid stops starting new points 30 s before its timeout and writes its tables after every point
+part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget $(( T_GRID - 30 ))
+
+{
+    echo "# GPU suite: $DEVICE, $DATE, commit $COMMIT"
+    echo
+    echo "wheels: $WHEELS; total $(( $(date +%s) - SUITE_START )) s"
+    echo
+    echo "| part | result | time |"
+    echo "|---|---|---|"
+    printf '%s\n' "${STATUS[@]}"
+    echo
+    grep -E "passed|failed|error" "$DIR/tests.log" 2>/dev/null | tail -n 1
+    echo
+    [ -f "$DIR/throughput.md" ] && cat "$DIR/throughput.md"
+} >"$DIR/summary.md"
+log "wrote $DIR (total $(( $(date +%s) - SUITE_START )) s)"
+
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+    cp "$DIR/summary.md" "$OUT/" 2>/dev/null
+    cp "$DIR/throughput.png" "$OUT/" 2>/dev/null
+    tar czf "$OUT/results.tar.gz" -C "$(dirname "$DIR")" "$(basename "$DIR")"
+    log "copied summary.md, throughput.png, results.tar.gz to \$OUT"
+fi
+exit 0
