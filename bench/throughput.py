@@ -417,6 +417,7 @@ def main(argv=None) -> list[dict]:
             print(f"note: {note}", file=sys.stderr)
     if args.data:
         note = "--data: clipfast timed with its DALI loader; open_clip skipped"
+        args.timer_used = "wall"  # the loader's work runs in DALI's threads too
     if args.peak_tflops:
         args.peak = args.peak_tflops * 1e12
     else:
@@ -437,7 +438,8 @@ def main(argv=None) -> list[dict]:
                 threads=torch.get_num_threads(), peak_tflops=args.peak / 1e12 if args.peak else None,
                 load_start=os.getloadavg(), argv=sys.argv[1:] if argv is None else list(argv),
                 captions=f"log-normal lengths, median {CAPTION_MEDIAN}, sigma {CAPTION_SIGMA}, clipped to [2, text "
-                         f"len]; packed for clipfast, padded to text len for open_clip",
+                         f"len]; packed for clipfast, padded to text len for open_clip" if not args.data else
+                         f"from the shards in {args.data}, truncated to the text length, packed",
                 timing={"cpu": "median process CPU time per step (1 intra-op thread: immune to time-slicing by other "
                                "jobs), interleaved steps after warm-up; wall-clock medians in the CSV",
                         "wall": "median wall time per step, interleaved steps after warm-up"
