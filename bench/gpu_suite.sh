@@ -11,7 +11,8 @@
 # Everything lands in bench/results/<device>-<date>/ (suite.log, per-part logs, summary.md with device, date,
 # commit); with $OUT set (the device tool), summary.md, throughput.{md,png} and a tarball of the folder are
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
-# Defaults fit ~9.5 minutes: T_TESTS=150 T_BENCH=150 (split over the microbenchmark files) T_GRID=270 seconds;
+# Defaults end within ~9 minutes (the device tool allows 10 per command): T_TESTS=130 T_BENCH=140 (split over the
+# microbenchmark files) T_GRID=260 seconds, plus a few seconds for the wheels and the environment report;
 # GRID_ARGS (default "--grid gpu") replaces the grid's arguments; PYTHON (default python3) the interpreter.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
@@ -27,9 +28,9 @@ set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 PY=${PYTHON:-python3}
-T_TESTS=${T_TESTS:-150}
-T_BENCH=${T_BENCH:-150}
-T_GRID=${T_GRID:-270}
+T_TESTS=${T_TESTS:-130}
+T_BENCH=${T_BENCH:-140}
+T_GRID=${T_GRID:-260}
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
 SUITE_START=$(date +%s)
 

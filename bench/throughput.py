@@ -264,6 +264,9 @@ def time_interleaved(steps: dict, batches: list[Batch], n_steps: int, device) ->
         for name in names if i % 2 == 0 else names[::-1]:
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                # note: sync point: each step starts on an idle GPU, so neither column hides its launch overhead
+                # behind the other's queued kernels
+                torch.cuda.synchronize(device)
                 start.record()
                 steps[name](b)
                 end.record()
@@ -274,7 +277,7 @@ def time_interleaved(steps: dict, batches: list[Batch], n_steps: int, device) ->
                 cpu[name].append(time.process_time() - c0)
                 wall[name].append(time.perf_counter() - t0)
     if cuda:
-        torch.cuda.synchronize(device)  # note: the one CPU-GPU sync of the timed loop
+        torch.cuda.synchronize(device)
         return {n: [s.elapsed_time(e) / 1e3 for s, e in wall[n]] for n in names}, None
     return wall, cpu
 
@@ -342,6 +345,11 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     row["pad_frac"] = round(1 - text_tokens / pt.text_len, 3)
     fl = flops_per_sample(cfg, k, text_tokens, training=True)
     row["gflop_per_sample"] = round(fl / 1e9, 3)
+    # what open_clip executes: the padded text and the patch embedding of every patch (it drops after conv1)
+    v = cfg.vision
+    fl_oc = flops_per_sample(cfg, k, pt.text_len, training=True) + 3 * 2 * (n - k) * 3 * v.patch_size**2 * v.width
+    if "open_clip" in impls:
+        row["open_clip_exec_flop_ratio"] = round(fl_oc / fl, 3)
     for impl in impls:
         t = statistics.median(times[impl])
         q = statistics.quantiles(times[impl], n=4) if len(times[impl]) > 1 else [t, t, t]
