@@ -1,6 +1,6 @@
 """Training throughput against token length: clipfast next to open_clip 3.3.0 at the same settings.
 
-    python bench/throughput.py                    # CPU grid: ViT-S-16, 64-112 px, masks, text 8-77 (~4 min, 2 cores)
+    python bench/throughput.py                    # CPU grid: ViT-S-16, 64-112 px, mask 0.5, text 8-77 (~3 min)
     python bench/throughput.py --grid gpu         # S/16, B/16, L/14, H/14 at 64-224 px, text 8-77, masks at 224 px
     python bench/throughput.py --presets B/16 --sizes 112 224 --masks 0.5 --text-lens 16 77 --batch 64
 
@@ -65,7 +65,7 @@ GRIDS = {
     # 2 CPU cores: one small preset at low resolution, so both columns finish in ~4 minutes even under load
     # threads=1: on a shared 2-core machine two intra-op threads collapse under load (OpenMP barriers spin while
     # the other thread is descheduled): S/16 64 px steps took 7-23 s with 2 threads vs 1.0 s with 1, at load ~8
-    "cpu": dict(presets=["ViT-S-16"], sizes=[64, 112], masks=[0.5], text_lens=[8, 32, 77], batch=8, steps=5,
+    "cpu": dict(presets=["ViT-S-16"], sizes=[64, 112], masks=[0.5], text_lens=[8, 32, 77], batch=8, steps=7,
                 warmup=2, batches=2, threads=1),
     "gpu": dict(presets=["ViT-S-16", "ViT-B-16", "ViT-L-14", "ViT-H-14"], sizes=[64, 112, 160, 224],
                 masks=[0.5, 0.75], text_lens=[8, 77, 32, 16], batch=None, steps=10, warmup=3, batches=3, threads=None),
