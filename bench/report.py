@@ -160,6 +160,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+def readme_section(md: str, png: Path) -> str:
+    return (f"### Throughput (`python bench/throughput.py`; method in [bench/README.md](bench/README.md))\n\n{md}\n\n"
+            f"![throughput]({png})")
+
+
 def update_readme(md: str, readme: Path = ROOT / "README.md") -> None:
     text = readme.read_text()
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"

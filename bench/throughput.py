@@ -49,6 +49,7 @@ from bench.report import (  # noqa: E402
     device_info,
     git_commit,
     plot,
+    readme_section,
     update_readme,
     write_outputs,
 )
@@ -490,7 +491,7 @@ def main(argv=None) -> list[dict]:
         plot(rows, out / "throughput.png", f"training throughput, {name}, {meta['date']}")
     if args.update_readme:
         rel = (out / "throughput.png").resolve().relative_to(ROOT)
-        update_readme(f"### Throughput (`python bench/throughput.py`)\n\n{md}\n\n![throughput]({rel})")
+        update_readme(readme_section(md, rel))
     print(f"wrote {out}", file=sys.stderr)
     return rows
 
