@@ -63,7 +63,8 @@ def test_state_dict_layout_is_open_clips():
 def test_gradients_reach_every_trainable_parameter():
     model = tiny().train()
     tok = get_tokenizer()
-    text, cu, max_len = pack_text([[tok.sot_token_id, 320, 1125, tok.eot_token_id], [tok.sot_token_id, 539, tok.eot_token_id]])
+    sot, eot = tok.sot_token_id, tok.eot_token_id
+    text, cu, max_len = pack_text([[sot, 320, 1125, eot], [sot, 539, eot]])
     img, txt, scale = model(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), text, cu, max_len)
     (scale * img @ txt.T).logsumexp(0).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n != "token_embedding.weight"

@@ -69,11 +69,11 @@ def test_unknown_key_fails_listing_valid_keys():
 def test_evaluate_cli(data, tmp_path):
     import torch
 
+    from clipfast.config import TrainConfig
     from clipfast.evaluate import main as evaluate_main
     from clipfast.model import CLIP
     from clipfast.presets import from_name
     from clipfast.train import save_model
-    from clipfast.config import TrainConfig
 
     model = CLIP(from_name("demo"), kernels="ref")
     save_model(tmp_path / "model.pt", model, TrainConfig(), step=0)
