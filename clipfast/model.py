@@ -136,8 +136,7 @@ class VisionTransformer(nn.Module):
         return images.to(self.conv1.weight.dtype)
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.normalize(images)
-        B, _, H, W = x.shape
+        B, _, H, W = images.shape
         p = self.cfg.patch_size
         if H % p or W % p or (H // p) * (W // p) != self.positional_embedding.shape[0] - 1:
             raise ValueError(
@@ -145,8 +144,12 @@ class VisionTransformer(nn.Module):
                 f"({self.positional_embedding.shape[0] - 1} positions); resize the model (clipfast.interop)"
             )
         w = self.conv1.weight.reshape(self.cfg.width, -1)  # (D, 3*p*p)
-        pos = self.positional_embedding.to(x.dtype)
-        x = masked_patch_embed(x, keep, w, None, pos[1:], p, impl=self.impl)  # (B, K, D)
+        pos = self.positional_embedding.to(w.dtype)
+        if images.dtype == torch.uint8:  # normalisation folded into the kernel's loads: no float copy of the batch
+            x = masked_patch_embed(images, keep, w, None, pos[1:], p, impl=self.impl, mean=self.mean.view(-1),
+                                   std=self.std.view(-1), out_dtype=w.dtype)  # (B, K, D)
+        else:
+            x = masked_patch_embed(images.to(w.dtype), keep, w, None, pos[1:], p, impl=self.impl)  # (B, K, D)
         cls = (self.class_embedding.to(x.dtype) + pos[0]).expand(B, 1, -1)
         x = self.ln_pre(torch.cat([cls, x], dim=1))
         x = self.transformer(x)
