@@ -108,3 +108,20 @@ def test_dali_train_and_eval_batches(demo):
     assert [len(b["keys"]) for b in batches] == [100, 100, 100, meta["counts"]["val"] - 300]
     keys = [k for b in batches for k in b["keys"]]
     assert keys == sorted(keys)  # evaluation reads in order, once
+
+
+def test_sample_the_decoder_rejects_is_skipped_not_fatal(tmp_path, monkeypatch, caplog):
+    """A sample that passes the reader's cheap checks but that DALI cannot decode: the loader finds it by a
+    full host decode, skips and logs it, rebuilds the pipeline and carries on with every other sample."""
+    import clipfast.data.shards as shards
+
+    good = digit_jpeg(np.eye(8) * 16, 32)
+    bad = good[:2] + b"\x00" * 300 + good[-2:]  # JPEG start and end markers around nothing decodable
+    samples = [{"__key__": f"s{i}", "jpg": bad if i == 5 else good, "txt": f"caption {i}"} for i in range(12)]
+    write_shard(tmp_path / "a.tar", samples)
+    monkeypatch.setattr(shards, "image_problem", lambda data: None)  # let it through to the decoder
+    dl = DaliLoader(str(tmp_path), 4, 16, TextReducer("truncate", 8), train=False, threads=1)
+    with caplog.at_level(logging.WARNING, logger="clipfast.data"):
+        keys = [k for b in dl for k in b["keys"]]
+    assert keys == [f"s{i}" for i in range(12) if i != 5]
+    assert dl.skipped == {"does not decode": 1} and "'s5'" in caplog.text

@@ -12,13 +12,17 @@ keys: [str], meta: [dict]}, tensors on the training device.
 from __future__ import annotations
 
 import collections
+import io
 import itertools
+import logging
 import time
 
 import numpy as np
 import torch
 
 from clipfast.data.shards import ShardReader, list_shards
+
+log = logging.getLogger("clipfast.data")
 
 
 def pack_text(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -45,7 +49,6 @@ class DaliLoader:
                                   shuffle_buffer=1000 if train else 0)
         self._samples = iter(self.reader)
         self._pending: collections.deque = collections.deque()
-        self._exhausted = False
         self.wait_s = 0.0  # host time spent waiting for batches (stall), for the training log
         gpu = self.device.type == "cuda"
         decode_device = "mixed" if gpu else "cpu"
@@ -69,6 +72,7 @@ class DaliLoader:
                 images = fn.crop(images, device=op_device, crop=(image_size, image_size))
             return fn.transpose(images, device=op_device, perm=[2, 0, 1])  # HWC -> CHW
 
+        self._make_pipe = pipe
         self.pipe = pipe()
         self.pipe.build()
 
@@ -76,7 +80,6 @@ class DaliLoader:
         """DALI's source: the next batch of encoded images; its captions wait in _pending, in order."""
         batch = list(itertools.islice(self._samples, self.batch_size))
         if not batch or (self.drop_last and len(batch) < self.batch_size):
-            self._exhausted = True
             raise StopIteration
         self._pending.append(batch)
         return [np.frombuffer(s.image, dtype=np.uint8) for s in batch]
@@ -86,7 +89,11 @@ class DaliLoader:
 
     def __next__(self) -> dict:
         t0 = time.perf_counter()
-        (images,) = self.pipe.run()  # raises StopIteration at the end of an evaluation pass
+        try:
+            (images,) = self.pipe.run()  # raises StopIteration at the end of an evaluation pass
+        except RuntimeError as e:  # a sample the reader's checks passed but the decoder rejects
+            self._recover(e)
+            return next(self)
         samples = self._pending.popleft()
         text, cu, max_len = pack_text([self.text_reducer(s.caption) for s in samples])
         if self.device.type == "cuda":
@@ -107,6 +114,29 @@ class DaliLoader:
             "keys": [s.key for s in samples],
             "meta": [s.meta for s in samples],
         }
+
+    def _recover(self, error: Exception) -> None:
+        """Find the undecodable samples among those fed to DALI (full host decode), skip them (counted and
+        logged by key), put the rest back in front of the stream and rebuild the pipeline, which DALI leaves
+        unusable after an error. An error that no sample explains is raised: it is not the data's."""
+        from PIL import Image
+
+        fed = [s for batch in self._pending for s in batch]
+        self._pending.clear()
+        good = []
+        for s in fed:
+            try:
+                with Image.open(io.BytesIO(s.image)) as im:
+                    im.load()
+                good.append(s)
+            except Exception as e:
+                self.reader.skipped["does not decode"] += 1
+                log.warning("skipping sample %r: the decoder rejects it (%s: %s)", s.key, type(e).__name__, e)
+        if len(good) == len(fed):
+            raise error
+        self._samples = itertools.chain(good, self._samples)
+        self.pipe = self._make_pipe()
+        self.pipe.build()
 
     @property
     def skipped(self) -> dict:
