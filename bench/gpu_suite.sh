@@ -11,8 +11,8 @@
 # Everything lands in bench/results/<device>-<date>/ (suite.log, per-part logs, summary.md with device, date,
 # commit); with $OUT set (the device tool), summary.md, throughput.{md,png} and a tarball of the folder are
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
-# Defaults end within ~9 minutes (the device tool allows 10 per command): T_TESTS=130 T_BENCH=140 (split over the
-# microbenchmark files) T_GRID=260 seconds, plus a few seconds for the wheels and the environment report;
+# Defaults end within ~9 minutes (the device tool allows 10 per command): T_TESTS=170 T_BENCH=140 (split over the
+# microbenchmark files) T_GRID=200 seconds, plus a few seconds for the wheels and the environment report;
 # GRID_ARGS (default "--grid gpu") replaces the grid's arguments; PYTHON (default python3) the interpreter.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
@@ -28,9 +28,9 @@ set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 PY=${PYTHON:-python3}
-T_TESTS=${T_TESTS:-130}
+T_TESTS=${T_TESTS:-170}
 T_BENCH=${T_BENCH:-140}
-T_GRID=${T_GRID:-260}
+T_GRID=${T_GRID:-200}
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
 SUITE_START=$(date +%s)
 
@@ -88,7 +88,7 @@ part env 60 bash "$DIR/env.sh"
 
 # tests that import neither DeepSpeed nor DALI (test_train, test_stages, test_data do); on CUDA, tests/conftest.py
 # leaves TRITON_INTERPRET unset, so the kernels compile and run natively
-TESTS=(tests/test_patch_embed.py tests/test_varlen_attention.py tests/test_aot_patch_embed.py
+TESTS=(tests/test_graph.py tests/test_patch_embed.py tests/test_varlen_attention.py tests/test_aot_patch_embed.py
        tests/test_aot_varlen_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py
        tests/test_presets.py tests/test_interop.py)
 EXISTING=()

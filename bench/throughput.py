@@ -3,6 +3,7 @@
     python bench/throughput.py                    # CPU grid: ViT-S-16, 64-112 px, mask 0.5, text 8-77 (~3 min)
     python bench/throughput.py --grid gpu         # S/16, B/16, L/14, H/14 at 64-224 px, text 8-77, masks at 224 px
     python bench/throughput.py --presets B/16 --sizes 112 224 --masks 0.5 --text-lens 16 77 --batch 64
+    python bench/throughput.py --grid clipa       # the CLIPA goal points: B/16 at 112 px / 16, L/16 at 96 px / 8
 
 A grid point is (preset, image size, mask ratio, text length); the preset at its own size, no mask and its full
 text context is always measured too ("full tokens"). At each point clipfast's CLIP and open_clip's CLIP of the
@@ -20,7 +21,13 @@ Columns: step time, samples/s, tokens/s (kept patches + real caption tokens), TF
 clipfast.flops over useful work (kept patches, real tokens: the same FLOPs for both, so padding that open_clip
 computes counts as waste), peak memory (weights + optimizer state + the step's transient peak: CUDA allocator
 on a GPU, the profiler's allocation trace on CPU), the speed-up over the same preset at full tokens next to the
-FLOP ratio and their quotient (scaling efficiency), and clipfast / open_clip. Writes throughput.{md,csv,json,png}
+FLOP ratio and their quotient (scaling efficiency), and clipfast / open_clip.
+
+On CUDA a third column, "graphs", runs clipfast's step as CUDA graphs (clipfast.graph.GraphedTrainStep: text
+padded to a bucket, the whole step replayed by one launch); --no-cuda-graph leaves it out. Batch: the GPU grid
+scales each preset's batch up where a point has fewer image tokens than the full one, by the largest power of
+two up to --max-batch-scale (4) that the token ratio allows, as a CLIPA run would (same memory, more samples);
+--batch fixes it. Writes throughput.{md,csv,json,png}
 under --out (default bench/results/<device>-<date>/).
 """
 from __future__ import annotations
@@ -45,7 +52,6 @@ if str(ROOT) not in sys.path:  # `python bench/throughput.py` from a checkout th
 import torch  # noqa: E402
 
 from bench.report import (  # noqa: E402
-    IMPLS,
     device_info,
     git_commit,
     plot,
@@ -55,6 +61,7 @@ from bench.report import (  # noqa: E402
 )
 from clipfast.data.loader import pack_text  # noqa: E402
 from clipfast.flops import flops_per_sample  # noqa: E402
+from clipfast.graph import GraphedTrainStep, default_text_bucket  # noqa: E402
 from clipfast.loss import clip_loss  # noqa: E402
 from clipfast.model import CLIP, IMAGE_MEAN, IMAGE_STD  # noqa: E402
 from clipfast.presets import ModelConfig, from_name  # noqa: E402
@@ -67,9 +74,13 @@ GRIDS = {
     # threads=1: on a shared 2-core machine two intra-op threads collapse under load (OpenMP barriers spin while
     # the other thread is descheduled): S/16 64 px steps took 7-23 s with 2 threads vs 1.0 s with 1, at load ~8
     "cpu": dict(presets=["ViT-S-16"], sizes=[64, 112], masks=[0.5], text_lens=[8, 32, 77], batch=8, steps=7,
-                warmup=2, batches=2, threads=1),
+                warmup=2, batches=2, threads=1, max_batch_scale=1),
     "gpu": dict(presets=["ViT-S-16", "ViT-B-16", "ViT-L-14", "ViT-H-14"], sizes=[64, 112, 160, 224],
-                masks=[0.5, 0.75], text_lens=[8, 77, 32, 16], batch=None, steps=10, warmup=3, batches=3, threads=None),
+                masks=[0.5, 0.75], text_lens=[8, 77, 32, 16], batch=None, steps=10, warmup=3, batches=3, threads=None,
+                max_batch_scale=4),
+    # issue 7's GPU goal points (CLIPA pre-training settings) with their full-token points; masks at 112 px
+    "clipa": dict(presets=["ViT-B-16", "ViT-L-16"], sizes=[112, 96], masks=[0.5], text_lens=[16, 8], batch=None,
+                  steps=10, warmup=3, batches=3, threads=None, max_batch_scale=4),
 }
 GPU_BATCH = {"ViT-S-16": 512, "ViT-B-16": 256, "ViT-B-32": 512, "ViT-L-14": 128, "ViT-L-16": 128, "ViT-H-14": 64}
 
@@ -104,6 +115,15 @@ def grid_points(presets, sizes, masks, text_lens) -> dict[str, list[Point]]:
         pts += [Point(cfg.name, snap(max(sizes), p), m, t) for t in text_lens for m in masks if m > 0]
         out[cfg.name] = list(dict.fromkeys(pts))
     return out
+
+
+def point_batch(args, pt: Point, kept: int) -> int:
+    """--batch, else the preset's GPU batch times the largest power of two <= min(max scale, full / kept tokens)."""
+    if args.batch:
+        return args.batch
+    full = from_name(pt.preset).vision.num_patches
+    scale = max(1, min(args.max_batch_scale or 1, full // max(kept, 1)))
+    return GPU_BATCH.get(pt.preset, 128) * 2 ** int(math.log2(scale))
 
 
 def caption_lengths(n: int, text_len: int, gen: torch.Generator) -> torch.Tensor:
@@ -167,6 +187,24 @@ def clipfast_step_fn(cfg: ModelConfig, pt: Point, device, precision, batch_size)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+
+    return model, opt, step
+
+
+def clipfast_graph_step_fn(cfg: ModelConfig, pt: Point, device, precision, batch_size):
+    """clipfast's step as CUDA graphs: the same model, loss and fused AdamW (capturable), replayed per text bucket."""
+    with torch.device(device):
+        model = CLIP(cfg).train()
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True, capturable=True)
+    graphed = GraphedTrainStep(model, opt, autocast_dtype=torch.bfloat16 if precision == "amp_bf16" else None,
+                               text_bucket=default_text_bucket(batch_size, cfg.text.context_length))
+    grid = cfg.vision.grid
+
+    def step(b: Batch):
+        keep = image_keep_indices("random", batch_size, grid, pt.mask, device=device)  # eager, copied into the graph
+        return graphed(b.images, b.text, b.cu_seqlens, keep)
 
     return model, opt, step
 
@@ -309,23 +347,39 @@ def data_step_times(step, loader, n_warm: int, n_steps: int, device) -> tuple[li
 
 def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     cfg = from_name(pt.preset, **{"vision.image_size": pt.size, "text.context_length": pt.text_len})
-    bs = args.batch or GPU_BATCH.get(pt.preset, 128)
     n = cfg.vision.num_patches
     k = num_kept(n, pt.mask)
+    bs = point_batch(args, pt, k)
     gen = torch.Generator().manual_seed(args.seed)
     pixel_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     batches = [make_batch(bs, pt.size, pt.text_len, gen, device, pixel_dtype) for _ in range(args.batches)]
     text_tokens = statistics.fmean(float(b.lengths.float().mean()) for b in batches)
     row = dict(preset=pt.preset, image_px=pt.size, mask=pt.mask, image_tokens=k, text_len=pt.text_len,
                batch=bs, load_1min=round(os.getloadavg()[0], 2))
-    builders = {"clipfast": clipfast_step_fn, "open_clip": open_clip_step_fn}
-    impls = [i for i in IMPLS if i == "clipfast" or (have_open_clip and not args.data)]
+    builders = {"clipfast": clipfast_step_fn, "clipfast_graph": clipfast_graph_step_fn, "open_clip": open_clip_step_fn}
+    impls = ["clipfast"]
+    if device.type == "cuda" and not args.no_cuda_graph and not args.data:
+        impls.append("clipfast_graph")
+    if have_open_clip and not args.data:
+        impls.append("open_clip")
     steps, mem = {}, {}
-    for impl in impls:
+    for impl in list(impls):
         torch.manual_seed(args.seed)
         model, opt, step = builders[impl](cfg, pt, device, args.precision, bs)
-        step(batches[0])  # allocates the optimizer state, so the memory step below sees only transients
-        mem[impl] = persistent_bytes(model, opt) + step_peak_bytes(step, batches[0], device)
+        if impl == "clipfast_graph":  # its first call is the eager step + capture: its peak is what the graph holds
+            try:
+                peak = step_peak_bytes(step, batches[0], device)
+            except Exception as e:  # a capture that fails costs its column, not the point
+                print(f"{pt.label}: CUDA graph capture FAILED, column left out: {type(e).__name__}: {str(e)[:500]}",
+                      file=sys.stderr)
+                row["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                impls.remove(impl)
+                del model, opt, step
+                continue
+            mem[impl] = persistent_bytes(model, opt) + peak
+        else:
+            step(batches[0])  # allocates the optimizer state, so the memory step below sees only transients
+            mem[impl] = persistent_bytes(model, opt) + step_peak_bytes(step, batches[0], device)
         for i in range(1, args.warmup):  # after the profiled step: its teardown slowed the next step (CPU)
             loss = step(batches[i % len(batches)])
         if args.warmup > 1 and not math.isfinite(loss.item()):  # note: a sync point, once per model
@@ -363,7 +417,7 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
             f"{impl}_mfu": round(sps * fl / args.peak, 4) if args.peak else None,
             f"{impl}_peak_mib": round(mem[impl] / 2**20, 1),
         })
-    if len(impls) == 2:
+    if "open_clip" in impls:
         row["vs_open_clip_wall"] = round(row["open_clip_wall_ms"] / row["clipfast_wall_ms"], 3)
     row["load_1min_end"] = round(os.getloadavg()[0], 2)
     return row
@@ -379,7 +433,10 @@ def parse_args(argv=None):
     ap.add_argument("--masks", nargs="*", type=float, help="mask ratios, measured at the largest size")
     ap.add_argument("--text-lens", nargs="+", type=int,
                     help="caption clip lengths = open_clip's context length, measured in this order")
-    ap.add_argument("--batch", type=int, help="batch size (gpu grid default: per preset)")
+    ap.add_argument("--batch", type=int, help="batch size (gpu grid default: per preset, scaled, see below)")
+    ap.add_argument("--max-batch-scale", type=int,
+                    help="grow the preset's batch by up to this power of two at points with fewer image tokens")
+    ap.add_argument("--no-cuda-graph", action="store_true", help="leave out the CUDA-graph column (CUDA only)")
     ap.add_argument("--steps", type=int, help="timed steps per implementation")
     ap.add_argument("--warmup", type=int, help="untimed steps first (at least one per distinct batch)")
     ap.add_argument("--batches", type=int, help="distinct synthetic batches cycled through")
@@ -397,7 +454,8 @@ def parse_args(argv=None):
     ap.add_argument("--update-readme", action="store_true", help="write the table into README.md's bench section")
     args = ap.parse_args(argv)
     grid = GRIDS[args.grid or ("gpu" if args.device.startswith("cuda") else "cpu")]
-    for key in ("presets", "sizes", "masks", "text_lens", "batch", "steps", "warmup", "batches", "threads"):
+    for key in ("presets", "sizes", "masks", "text_lens", "batch", "steps", "warmup", "batches", "threads",
+                "max_batch_scale"):
         if getattr(args, key) is None:
             setattr(args, key, grid[key])
     args.warmup = max(args.warmup, args.batches)

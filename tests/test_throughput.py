@@ -93,3 +93,17 @@ def test_update_readme_replaces_only_the_bench_section(tmp_path):
     readme.write_text("# x\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\ntail\n")
     report.update_readme("new table", readme)
     assert readme.read_text() == "# x\n\n<!-- bench:start -->\nnew table\n<!-- bench:end -->\n\ntail\n"
+
+
+def test_point_batch_grows_by_powers_of_two_with_fewer_image_tokens():
+    args = tp.parse_args(["--grid", "clipa", "--device", "cpu"])
+    assert args.max_batch_scale == 4 and args.batch is None
+    full = tp.Point("ViT-B-16", 224, 0.0, 77)
+    assert tp.point_batch(args, full, 196) == 256
+    assert tp.point_batch(args, tp.Point("ViT-B-16", 160, 0.0, 77), 100) == 256  # 1.96x fewer: not yet 2
+    assert tp.point_batch(args, tp.Point("ViT-B-16", 112, 0.0, 16), 49) == 1024  # 4x fewer
+    assert tp.point_batch(args, tp.Point("ViT-B-16", 112, 0.5, 16), 24) == 1024  # capped at 4x
+    args.batch = 32
+    assert tp.point_batch(args, full, 196) == 32
+    cpu = tp.parse_args(["--device", "cpu"])
+    assert cpu.max_batch_scale == 1 and tp.point_batch(cpu, tp.Point("ViT-S-16", 64, 0.0, 8), 16) == cpu.batch

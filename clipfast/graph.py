@@ -1,0 +1,164 @@
+"""A whole training step (forward, loss, backward, optimizer) replayed as one CUDA graph.
+
+Why: at CLIPA's token counts a step is too small to keep an H100 busy from eager PyTorch. The H200 run at
+758b73d (bench/results/nvidia-h200-2026-11-26) timed B/16 at 96 px / 8 text tokens, batch 256, at 45 ms a
+step and 12% MFU, while its ~5.4 TFLOP need ~10 ms of matmuls: the CPU launching ~1,500 kernels one by one
+is the bottleneck, and open_clip's eager step is bound the same way (47 ms). A graph launches them all in one
+call.
+
+What must be static for a graph, and how each is made so:
+- image batch (B, 3, H, W) and keep indices (B, K): fixed by the run's batch size and mask ratio;
+- packed text: its token count T changes with every batch. Text is padded to a bucket, T_cap = a multiple of
+  `text_bucket` tokens, one graph per bucket (a handful per run: T of B log-normal captions varies by a few
+  percent). The padding forms P extra captions of 1..context_length tokens each (P fixed per bucket), so the
+  model sees ordinary packed captions, positions stay inside the position table, and attention never mixes
+  a padding token with a real one. Their features are computed and dropped: the loss sees the first B rows.
+  Cost: at most `text_bucket + P` padded text tokens per step.
+- max_seqlen: the model's context length (the kernels need only cu_seqlens).
+
+Each new bucket runs its first step eagerly on a side stream (that compiles the Triton kernels for the shape,
+initialises cuBLAS and the optimizer state) and is then captured; later steps replay. Every call is one
+real step. The optimizer must be built with capturable=True (AdamW(fused=True, capturable=True)); a learning
+rate that changes must be a device tensor updated in place (`set_lr`). Autocast runs with its weight-cast
+cache off, as graphs require. All graphs share one memory pool; each keeps its static inputs, outputs and
+gradients referenced, so no graph's live tensors are reused by another.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from clipfast.loss import clip_loss
+
+
+def pad_segments(bucket: int, context_length: int) -> int:
+    """P: padding captions per bucket, enough that P..P+bucket-1 tokens split into P parts of <= context_length."""
+    if context_length < 2:
+        raise ValueError(f"context_length must be at least 2 to pad text into captions, got {context_length}")
+    return -(-2 * bucket // context_length) + 1
+
+
+def padded_text_layout(total: int, num_seqs: int, bucket: int, context_length: int) -> tuple[int, list[int]]:
+    """(T_cap, the P padding captions' end offsets) for T = `total` real tokens; python ints, no device work.
+
+    T_cap is the smallest multiple of `bucket` holding T + P tokens (each padding caption gets at least one),
+    and the padding splits as evenly as possible: every part has 1..context_length tokens.
+    """
+    p = pad_segments(bucket, context_length)
+    cap = -(-(total + p) // bucket) * bucket
+    pad = cap - total
+    base, extra = divmod(pad, p)
+    ends, off = [], total
+    for i in range(p):
+        off += base + (i < extra)
+        ends.append(off)
+    assert ends[-1] == cap and base >= 1 and base + (extra > 0) <= context_length, (total, bucket, context_length)
+    return cap, ends
+
+
+def pad_packed_text(text: torch.Tensor, cu_seqlens: torch.Tensor, bucket: int, context_length: int):
+    """Packed (T,) ids + (S+1,) cu_seqlens -> (T_cap,) ids and (S+1+P,) cu_seqlens with the padding captions."""
+    cap, ends = padded_text_layout(text.numel(), cu_seqlens.numel() - 1, bucket, context_length)
+    ids = torch.zeros(cap, dtype=text.dtype, device=text.device)
+    ids[: text.numel()] = text
+    tail = torch.tensor(ends, dtype=cu_seqlens.dtype).to(cu_seqlens.device, non_blocking=True)
+    return ids, torch.cat([cu_seqlens, tail])
+
+
+class GraphedTrainStep:
+    """step(images, text, cu_seqlens, keep=None) -> loss: one training step of a clipfast CLIP, as CUDA graphs.
+
+    model: clipfast.model.CLIP on a CUDA device; optimizer: capturable. autocast_dtype: torch.bfloat16 for
+    mixed precision, None for none. The returned loss is the graph's static output tensor: read it (or
+    .clone() it) before the next call. clip_grad_norm clips inside the graph (the norm never leaves the device).
+    """
+
+    def __init__(self, model, optimizer, *, autocast_dtype=torch.bfloat16, text_bucket: int = 256,
+                 clip_grad_norm: float | None = None):
+        if not next(model.parameters()).is_cuda:
+            raise ValueError("GraphedTrainStep needs a model on a CUDA device (CUDA graphs)")
+        for group in optimizer.param_groups:
+            if not group.get("capturable", False):
+                raise ValueError(f"GraphedTrainStep needs a capturable optimizer: build {type(optimizer).__name__}"
+                                 f"(..., capturable=True)")
+        self.model, self.opt = model, optimizer
+        self.autocast_dtype, self.bucket, self.clip = autocast_dtype, int(text_bucket), clip_grad_norm
+        self.ctx = model.context_length
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, dict] = {}
+        self.captures = 0
+
+    def set_lr(self, lr: float) -> None:
+        """In-place learning-rate update that graphs see (the first call turns each group's lr into a tensor)."""
+        for group in self.opt.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = torch.tensor(lr, dtype=torch.float32, device=next(self.model.parameters()).device)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _step(self, s):
+        with self._autocast():
+            img, txt, scale = self.model(s["images"], s["text"], s["cu_seqlens"], self.ctx, s["keep"])
+            loss = clip_loss(img, txt[: img.shape[0]], scale)  # the padding captions' features are dropped
+        loss.backward()
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
+        self.opt.step()
+        return loss
+
+    def __call__(self, images, text, cu_seqlens, keep=None) -> torch.Tensor:
+        cap, ends = padded_text_layout(text.numel(), cu_seqlens.numel() - 1, self.bucket, self.ctx)
+        key = (tuple(images.shape), images.dtype, None if keep is None else tuple(keep.shape), cap,
+               cu_seqlens.numel())
+        g = self.graphs.get(key)
+        first = g is None
+        if first:
+            g = self.graphs[key] = {
+                "images": torch.empty_like(images), "keep": None if keep is None else torch.empty_like(keep),
+                "text": torch.zeros(cap, dtype=text.dtype, device=text.device),
+                "cu_seqlens": torch.empty(cu_seqlens.numel() + len(ends), dtype=cu_seqlens.dtype,
+                                          device=cu_seqlens.device),
+            }
+        # inputs into the graph's static buffers (device copies, no sync)
+        g["images"].copy_(images, non_blocking=True)
+        if keep is not None:
+            g["keep"].copy_(keep, non_blocking=True)
+        T, S1 = text.numel(), cu_seqlens.numel()
+        g["text"][:T].copy_(text, non_blocking=True)
+        g["text"][T:].zero_()
+        g["cu_seqlens"][:S1].copy_(cu_seqlens, non_blocking=True)
+        g["cu_seqlens"][S1:].copy_(torch.tensor(ends, dtype=cu_seqlens.dtype), non_blocking=True)
+        if not first:
+            g["graph"].replay()
+            return g["loss"]
+        # a new shape: one eager step on a side stream (compiles, allocates the optimizer state), then capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.opt.zero_grad(set_to_none=True)
+            loss = self._step(g).detach().clone()
+        torch.cuda.current_stream().wait_stream(side)
+        self.opt.zero_grad(set_to_none=True)  # the graph allocates its own gradients
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            g["loss"] = self._step(g)
+        g["graph"] = graph
+        g["grads"] = [p.grad for p in self.model.parameters()]  # keep the graph's gradients out of others' reach
+        self.captures += 1
+        return loss
+
+    @property
+    def padded_tokens_bound(self) -> int:
+        return self.bucket + pad_segments(self.bucket, self.ctx)
+
+
+def default_text_bucket(batch: int, context_length: int) -> int:
+    """~3% of the batch's padded text size, a multiple of 64 tokens, at least 64: few graphs, little padding."""
+    return max(64, int(math.ceil(0.03 * batch * context_length / 64)) * 64)

@@ -1,0 +1,121 @@
+"""clipfast.graph: the padded text layout (CPU), and graph replay against eager steps (CUDA only)."""
+import pytest
+import torch
+
+from clipfast.data import pack_text
+from clipfast.graph import GraphedTrainStep, default_text_bucket, pad_packed_text, pad_segments, padded_text_layout
+from clipfast.loss import clip_loss
+from clipfast.model import CLIP
+from clipfast.presets import from_name
+from tests.conftest import requires_cuda
+
+
+@pytest.mark.parametrize("ctx", [2, 3, 8, 16, 77])
+@pytest.mark.parametrize("bucket", [64, 100, 256])
+def test_layout_fills_a_bucket_with_short_padding_captions(bucket, ctx):
+    p = pad_segments(bucket, ctx)
+    for total in [0, 1, 5, bucket - p, bucket - p + 1, bucket, 3 * bucket + 7, 1000]:
+        cap, ends = padded_text_layout(total, 9, bucket, ctx)
+        assert cap % bucket == 0 and cap >= total + p and cap - bucket < total + p, (total, cap)
+        lens = [b - a for a, b in zip([total, *ends[:-1]], ends, strict=True)]
+        assert len(lens) == p and ends[-1] == cap
+        assert min(lens) >= 1 and max(lens) <= ctx, lens
+
+
+def test_layout_rejects_a_context_too_short_to_pad():
+    with pytest.raises(ValueError, match="context_length"):
+        pad_segments(64, 1)
+
+
+def test_default_bucket():
+    assert default_text_bucket(256, 16) == 128 and default_text_bucket(8, 8) == 64
+    assert default_text_bucket(512, 77) % 64 == 0
+
+
+@pytest.mark.parametrize("kernels", ["ref", "triton"])
+def test_padding_captions_leave_real_features_and_gradients_unchanged(kernels):
+    """What a graph step computes on padded text equals the plain step: features, loss and every gradient."""
+    cfg = from_name("demo", **{"vision.layers": 1, "text.layers": 2})
+    torch.manual_seed(0)
+    model = CLIP(cfg, kernels=kernels)
+    g = torch.Generator().manual_seed(1)
+    seqs = [[49406, *torch.randint(1, 49406, (int(n),), generator=g).tolist(), 49407]
+            for n in torch.randint(0, cfg.text.context_length - 1, (5,), generator=g)]
+    text, cu, max_len = pack_text(seqs)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g)
+    ids, cu_pad = pad_packed_text(text, cu, bucket=64, context_length=cfg.text.context_length)
+    assert ids.numel() % 64 == 0 and cu_pad[-1] == ids.numel() and torch.equal(cu_pad[: cu.numel()], cu)
+
+    def run(t, c, ml):
+        model.zero_grad(set_to_none=True)
+        img, txt, scale = model(images, t, c, ml)
+        loss = clip_loss(img, txt[: img.shape[0]], scale)
+        loss.backward()
+        return txt[: img.shape[0]].detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                              if p.grad is not None}
+
+    txt_a, loss_a, grads_a = run(text, cu, max_len)
+    txt_b, loss_b, grads_b = run(ids, cu_pad, cfg.text.context_length)
+    torch.testing.assert_close(txt_b, txt_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:  # token embedding rows of the padding id 0 get no gradient: the padding features are cut
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_needs_cuda_and_a_capturable_optimizer():
+    model = CLIP(from_name("demo", **{"vision.layers": 1, "text.layers": 1}))
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedTrainStep(model, torch.optim.AdamW(model.parameters()))
+
+
+@requires_cuda
+def test_capturable_required():
+    model = CLIP(from_name("demo", **{"vision.layers": 1, "text.layers": 1})).cuda()
+    with pytest.raises(ValueError, match="capturable"):
+        GraphedTrainStep(model, torch.optim.AdamW(model.parameters(), fused=True))
+
+
+@requires_cuda
+@pytest.mark.parametrize("mask", [0.0, 0.5])
+def test_graph_replay_equals_eager_steps(mask):
+    """Six steps over batches whose text falls in two buckets: the graphed losses and weights follow eager ones."""
+    from clipfast.reduce import image_keep_indices
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = from_name("demo", **{"vision.layers": 2, "text.layers": 2})
+    B, dev = 16, torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(6):
+        hi = 4 if i % 2 == 0 else cfg.text.context_length - 2  # short and long captions: two buckets
+        seqs = [[49406, *torch.randint(1, 49406, (int(n),), generator=gen).tolist(), 49407]
+                for n in torch.randint(0, hi, (B,), generator=gen)]
+        text, cu, _ = pack_text(seqs)
+        images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        keep = image_keep_indices("random", B, cfg.vision.grid, mask, device="cpu", generator=gen)
+        batches.append((images.to(dev), text.to(dev), cu.to(dev), None if keep is None else keep.to(dev)))
+
+    def build():
+        torch.manual_seed(0)
+        model = CLIP(cfg).to(dev).train()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
+
+    model_e, opt_e = build()
+    eager = []
+    for images, text, cu, keep in batches:
+        img, txt, scale = model_e(images, text, cu, cfg.text.context_length, keep)
+        loss = clip_loss(img, txt, scale)
+        loss.backward()
+        opt_e.step()
+        opt_e.zero_grad(set_to_none=True)
+        eager.append(loss.item())
+
+    model_g, opt_g = build()
+    step = GraphedTrainStep(model_g, opt_g, autocast_dtype=None, text_bucket=64)
+    graphed = [step(*b).item() for b in batches]
+    assert step.captures == len(step.graphs) >= 2  # each bucket captured once, replayed after
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(model_e.state_dict().items(), model_g.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
