@@ -64,6 +64,7 @@ from clipfast.flops import flops_per_sample  # noqa: E402
 from clipfast.graph import GraphedTrainStep, default_text_bucket  # noqa: E402
 from clipfast.loss import clip_loss  # noqa: E402
 from clipfast.model import CLIP, IMAGE_MEAN, IMAGE_STD  # noqa: E402
+from clipfast.optim import MasterAdamW  # noqa: E402
 from clipfast.presets import ModelConfig, from_name  # noqa: E402
 from clipfast.reduce import image_keep_indices, num_kept  # noqa: E402
 
@@ -164,18 +165,23 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _optimizer(model, device):
+def _optimizer(model, precision: str = "fp32", **kw):
     # fused on CPU too (torch >= 2.4): 6x faster than the for-each loop on 2 cores (0.08 vs 0.50 s per 20M params),
     # and the same kernel for both columns, so the optimizer does not dilute the comparison more than it must
-    return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True)
+    if precision == "bf16_master":  # DeepSpeed's bf16 mode: bf16 weights, fp32 masters in the optimizer
+        return MasterAdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True, **kw)
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True, **kw)
+
+
+def _clipfast_model(cfg: ModelConfig, device, precision: str) -> CLIP:
+    with torch.device(device):
+        model = CLIP(cfg).train()
+    return model.to(torch.bfloat16) if precision in ("bf16", "bf16_master") else model
 
 
 def clipfast_step_fn(cfg: ModelConfig, pt: Point, device, precision, batch_size):
-    with torch.device(device):
-        model = CLIP(cfg).train()
-    if precision == "bf16":
-        model = model.to(torch.bfloat16)
-    opt = _optimizer(model, device)
+    model = _clipfast_model(cfg, device, precision)
+    opt = _optimizer(model, precision)
     grid = cfg.vision.grid
 
     def step(b: Batch):
@@ -193,11 +199,8 @@ def clipfast_step_fn(cfg: ModelConfig, pt: Point, device, precision, batch_size)
 
 def clipfast_graph_step_fn(cfg: ModelConfig, pt: Point, device, precision, batch_size):
     """clipfast's step as CUDA graphs: the same model, loss and fused AdamW (capturable), replayed per text bucket."""
-    with torch.device(device):
-        model = CLIP(cfg).train()
-    if precision == "bf16":
-        model = model.to(torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True, capturable=True)
+    model = _clipfast_model(cfg, device, precision)
+    opt = _optimizer(model, precision, capturable=True)
     graphed = GraphedTrainStep(model, opt, autocast_dtype=torch.bfloat16 if precision == "amp_bf16" else None,
                                text_bucket=default_text_bucket(batch_size, cfg.text.context_length))
     grid = cfg.vision.grid
@@ -229,7 +232,7 @@ def open_clip_step_fn(cfg: ModelConfig, pt: Point, device, precision, batch_size
         model = open_clip.model.CLIP(**open_clip_kwargs(cfg, pt.mask)).train()
     if precision == "bf16":
         model = model.to(torch.bfloat16)
-    opt = _optimizer(model, device)
+    opt = _optimizer(model, precision)
     loss_fn = open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True)
 
     def step(b: Batch):
@@ -249,6 +252,7 @@ def persistent_bytes(model, opt) -> int:
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     n += sum(model.get_buffer(name).numel() * model.get_buffer(name).element_size() for name, _ in
              model.named_buffers())
+    n += opt.master_bytes() if isinstance(opt, MasterAdamW) else 0
     return n + sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
@@ -365,7 +369,8 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     steps, mem = {}, {}
     for impl in list(impls):
         torch.manual_seed(args.seed)
-        model, opt, step = builders[impl](cfg, pt, device, args.precision, bs)
+        precision = args.precision if impl == "open_clip" else args.clipfast_precision
+        model, opt, step = builders[impl](cfg, pt, device, precision, bs)
         if impl == "clipfast_graph":  # its first call is the eager step + capture: its peak is what the graph holds
             try:
                 peak = step_peak_bytes(step, batches[0], device)
@@ -444,7 +449,11 @@ def parse_args(argv=None):
                     help="cpu: process CPU time (auto on CPU with 1 thread); wall: perf_counter / CUDA events")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, help="CPU intra-op threads (cpu grid default: 1, see GRIDS)")
-    ap.add_argument("--precision", choices=["amp_bf16", "bf16", "fp32"], help="default: amp_bf16 on CUDA, else fp32")
+    ap.add_argument("--precision", choices=["amp_bf16", "bf16", "fp32"],
+                    help="open_clip's (clipfast's too, unless --clipfast-precision): amp_bf16 on CUDA, else fp32")
+    ap.add_argument("--clipfast-precision", choices=["bf16_master", "amp_bf16", "bf16", "fp32"],
+                    help="clipfast's; default on CUDA bf16_master, as clipfast.train runs (DeepSpeed bf16: bf16 "
+                         "weights and activations, fp32 master weights in the optimizer), else --precision")
     ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: clipfast.train.peak_flops)")
     ap.add_argument("--no-open-clip", action="store_true", help="skip the open_clip column")
     ap.add_argument("--data", help="webdataset shards: time clipfast with its DALI loader (open_clip skipped)")
@@ -460,6 +469,8 @@ def parse_args(argv=None):
             setattr(args, key, grid[key])
     args.warmup = max(args.warmup, args.batches)
     args.precision = args.precision or ("amp_bf16" if args.device.startswith("cuda") else "fp32")
+    args.clipfast_precision = args.clipfast_precision or (
+        "bf16_master" if args.device.startswith("cuda") and args.precision == "amp_bf16" else args.precision)
     return args
 
 
@@ -501,7 +512,9 @@ def main(argv=None) -> list[dict]:
     import triton
 
     meta = dict(device=name, date=today, commit=git_commit(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), open_clip=note, precision=args.precision,
+                python=platform.python_version(), open_clip=note,
+                precision=args.precision if args.clipfast_precision == args.precision else
+                f"clipfast {args.clipfast_precision}, open_clip {args.precision}",
                 threads=torch.get_num_threads(), peak_tflops=args.peak / 1e12 if args.peak else None,
                 load_start=os.getloadavg(), argv=sys.argv[1:] if argv is None else list(argv),
                 captions=f"log-normal lengths, median {CAPTION_MEDIAN}, sigma {CAPTION_SIGMA}, clipped to [2, text "

@@ -19,9 +19,10 @@ What must be static for a graph, and how each is made so:
 Each new bucket runs its first step eagerly on a side stream (that compiles the Triton kernels for the shape,
 initialises cuBLAS and the optimizer state) and is then captured; later steps replay. Every call is one
 real step. The optimizer must be built with capturable=True (AdamW(fused=True, capturable=True)); a learning
-rate that changes must be a device tensor updated in place (`set_lr`). Autocast runs with its weight-cast
-cache off, as graphs require. All graphs share one memory pool; each keeps its static inputs, outputs and
-gradients referenced, so no graph's live tensors are reused by another.
+rate that changes must be a device tensor updated in place (`set_lr`). clipfast.optim.MasterAdamW (bf16 weights,
+fp32 masters: how clipfast.train runs under DeepSpeed bf16) is capturable with capturable=True.
+Autocast runs with its weight-cast cache off, as graphs require. All graphs share one memory pool; each keeps its
+static inputs, outputs and gradients referenced, so no graph's live tensors are reused by another.
 """
 from __future__ import annotations
 
@@ -148,7 +149,9 @@ class GraphedTrainStep:
         self.opt.zero_grad(set_to_none=True)  # the graph allocates its own gradients
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            g["loss"] = self._step(g)
+            # detached: a loss holding its autograd graph keeps the parameters' AccumulateGrad nodes (made on the
+            # capture stream) alive into the next bucket's eager step, which then syncs across streams
+            g["loss"] = self._step(g).detach()
         g["graph"] = graph
         g["grads"] = [p.grad for p in self.model.parameters()]  # keep the graph's gradients out of others' reach
         self.captures += 1

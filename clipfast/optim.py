@@ -1,0 +1,51 @@
+"""bf16 weights with fp32 master copies: the precision clipfast trains in on a GPU, outside DeepSpeed.
+
+DeepSpeed's bf16 mode (what `clipfast.train` runs on CUDA) keeps the model in bf16, so activations, norms and
+matmuls are all bf16, and holds an fp32 master copy of the weights in the optimizer: each step casts the bf16
+gradients to fp32, updates the masters, and copies them back into the bf16 weights. `MasterAdamW` does the
+same for one device, so a benchmark or a CUDA-graph step (clipfast.graph) can run what the trainer runs; with
+capturable=True its whole step can be captured.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class MasterAdamW:
+    """AdamW over fp32 masters of `params` (bf16 or fp16 leaves): step() = cast grads up, update, copy down."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.01, **kw):
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("MasterAdamW: no trainable parameters")
+        self.master = [p.detach().float().clone().requires_grad_() for p in self.params]
+        self.opt = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay, **kw)
+
+    @property
+    def param_groups(self):
+        return self.opt.param_groups
+
+    @property
+    def state(self):
+        return self.opt.state
+
+    def master_bytes(self) -> int:
+        return sum(m.numel() * m.element_size() for m in self.master)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for m, p in zip(self.master, self.params, strict=True):
+            m.grad = None if p.grad is None else p.grad.float()  # (a parameter without a gradient is skipped)
+        self.opt.step()
+        torch._foreach_copy_([p for p in self.params], self.master)  # fp32 -> bf16, round to nearest
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict(), "master": [m.detach() for m in self.master]}
