@@ -16,14 +16,12 @@
 # GRID_ARGS (default "--grid gpu") replaces the grid's arguments; PYTHON (default python3) the interpreter.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
-# GPU image) travel as wheels in .whl/ (git-ignored; ~1.6 MB). Prepare them on a machine with PyPI access:
-#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl wcwidth==0.9.4   # binary (abi3)
-#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#         open_clip_torch==3.3.0 ftfy==6.3.1                                                         # pure Python
+# GPU image) travel as wheels in .whl/ (git-ignored; 2.4 MB). Prepare them on a machine with PyPI access with
+#     bash bench/fetch_wheels.sh              # --deepspeed adds DeepSpeed 0.19.8 + pydantic & co (7.1 MB in all)
 # and carry .whl with the tree (device tool: carry=[".whl"]). This script installs them with
 #     pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 # Without them the open_clip column is skipped with a note (and tests that need open_clip skip or fail, logged).
+# The suite itself needs no DeepSpeed (nothing it runs imports it); the wheels are for running clipfast.train there.
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD

@@ -138,6 +138,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(sorted({r["image_tokens"] for r in rows}))  # the measured token counts, not log decades
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()

@@ -61,8 +61,14 @@ def test_padding_captions_leave_real_features_and_gradients_unchanged(kernels):
     torch.testing.assert_close(txt_b, txt_a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
     assert grads_a.keys() == grads_b.keys()
+    # atol relative to each gradient's largest entry: the first LayerNorm's backward scales the embedding gradients
+    # by 1/std of its input (~45 at init), and the two runs sum them in other orders (other shapes); on the H200 at
+    # 5b759a6 a fixed atol of 1e-6 failed for positional_embedding on both implementations. A padding token that
+    # leaked into a real caption would be off by O(1) of the gradient, far outside this.
     for name in grads_a:  # token embedding rows of the padding id 0 get no gradient: the padding features are cut
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+        a = grads_a[name]
+        torch.testing.assert_close(grads_b[name], a, rtol=1e-4, atol=1e-5 * a.abs().max().item() + 1e-8,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_needs_cuda_and_a_capturable_optimizer():
@@ -112,6 +118,7 @@ def test_graph_replay_equals_eager_steps(mask, precision):
         return model, torch.optim.AdamW(model.parameters(), **kw)
 
     model_e, opt_e = build()
+    init = {k: v.clone() for k, v in model_e.state_dict().items()}
     eager = []
     for images, text, cu, keep in batches:
         img, txt, scale = model_e(images, text, cu, cfg.text.context_length, keep)
@@ -127,9 +134,16 @@ def test_graph_replay_equals_eager_steps(mask, precision):
     assert step.captures == len(step.graphs) >= 2  # each bucket captured once, replayed after
     tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)  # bf16: 8 mantissa bits
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), **tol)
-    tol = dict(rtol=1e-3, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=1e-3)
-    for (name, a), b in zip(model_e.state_dict().items(), model_g.state_dict().values(), strict=True):
-        torch.testing.assert_close(b, a, **tol, msg=name)
+    for (name, a), b, p0 in zip(model_e.state_dict().items(), model_g.state_dict().values(), init.values(),
+                                strict=True):
+        if precision == "fp32":
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            # bf16: both runs round every op, in other orders (padded text), and Adam turns a near-zero gradient's
+            # rounding into a step of up to lr: entries can part by a few lr (the H200 at 5b759a6: positional_embedding
+            # outside an elementwise 1e-3). The tensor as a whole must still move as eager moved it.
+            moved, apart = (a.float() - p0.float()).norm(), (b.float() - a.float()).norm()
+            assert apart <= 0.25 * moved + 1e-6, f"{name}: graphed vs eager {apart:.3g}, eager moved {moved:.3g}"
 
 
 def test_master_adamw_keeps_fp32_masters_and_rounds_into_bf16():
