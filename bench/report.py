@@ -17,7 +17,8 @@ import torch
 from clipfast.presets import from_name
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPLS = ("clipfast", "clipfast_graph", "open_clip")  # clipfast_graph: --cuda-graph (clipfast.graph)
+# clipfast_graph: CUDA graphs (clipfast.graph); clipfast_ds: --deepspeed, the trainer's DeepSpeed engine
+IMPLS = ("clipfast", "clipfast_graph", "clipfast_ds", "open_clip")
 
 
 def add_scaling(rows: list[dict]) -> None:
@@ -39,6 +40,8 @@ def add_scaling(rows: list[dict]) -> None:
         r["vs_open_clip"] = round(r["clipfast_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
         ok = r.get("clipfast_graph_samples_s") and r.get("open_clip_samples_s")
         r["graph_vs_open_clip"] = round(r["clipfast_graph_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
+        ok = r.get("clipfast_ds_samples_s") and r.get("open_clip_samples_s")
+        r["ds_vs_open_clip"] = round(r["clipfast_ds_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
 
 
 # ---- output ---------------------------------------------------------------------------------------------------
@@ -61,13 +64,16 @@ def markdown_table(rows: list[dict]) -> str:
             ("open_clip / clipfast FLOPs", "open_clip_exec_flop_ratio", 2),
             ("graphs ms", "clipfast_graph_ms", 1), ("graphs samples/s", "clipfast_graph_samples_s", 1),
             ("graphs MFU", "clipfast_graph_mfu", 3), ("graphs scaling eff", "clipfast_graph_scaling_eff", 2),
-            ("graphs / open_clip", "graph_vs_open_clip", 2), ("clipfast / open_clip", "vs_open_clip", 2)]
+            ("graphs / open_clip", "graph_vs_open_clip", 2),
+            ("DeepSpeed ms", "clipfast_ds_ms", 1), ("DeepSpeed samples/s", "clipfast_ds_samples_s", 1),
+            ("DeepSpeed MiB", "clipfast_ds_peak_mib", 0), ("DeepSpeed / open_clip", "ds_vs_open_clip", 2),
+            ("clipfast / open_clip", "vs_open_clip", 2)]
     cols = [c for c in cols if any(r.get(c[1]) is not None for r in rows)]  # no empty columns (MFU on CPU, ...)
     lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [_fmt(r.get(key), nd) for _, key, nd in cols]
         for i, (_, key, _) in enumerate(cols):
-            if key in ("vs_open_clip", "graph_vs_open_clip") and r.get(key):
+            if key in ("vs_open_clip", "graph_vs_open_clip", "ds_vs_open_clip") and r.get(key):
                 cells[i] = f"**{r[key]:.2f}×**"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -96,6 +102,9 @@ def summary(rows: list[dict]) -> str:
     graphed = [r for r in rated if r.get("graph_vs_open_clip")]
     if graphed:
         out.append(f"With CUDA graphs (clipfast.graph) / open_clip: {stats(graphed, 'graph_vs_open_clip')}.")
+    ds = [r for r in rated if r.get("ds_vs_open_clip")]
+    if ds:
+        out.append(f"Through DeepSpeed's engine (clipfast.train's step) / open_clip: {stats(ds, 'ds_vs_open_clip')}.")
     return " ".join(out)
 
 
@@ -113,7 +122,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for p in presets:
         for t in lens:
-            for impl, ls, alpha in (("clipfast", "-", 1.0), ("clipfast_graph", ":", 1.0), ("open_clip", "--", 0.45)):
+            for impl, ls, alpha in (("clipfast", "-", 1.0), ("clipfast_graph", ":", 1.0), ("clipfast_ds", "-.", 0.8),
+                                    ("open_clip", "--", 0.45)):
                 pts = sorted((r["image_tokens"], r[f"{impl}_samples_s"], r["mask"] > 0) for r in rows
                              if r["preset"] == p and r["text_len"] == t and r.get(f"{impl}_samples_s"))
                 if not pts:
@@ -131,6 +141,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.plot([], [], color="gray", ls="-", label="clipfast")
     if any(r.get("clipfast_graph_samples_s") for r in rows):
         ax.plot([], [], color="gray", ls=":", label="clipfast + CUDA graphs")
+    if any(r.get("clipfast_ds_samples_s") for r in rows):
+        ax.plot([], [], color="gray", ls="-.", label="clipfast via DeepSpeed")
     ax.plot([], [], color="gray", ls="--", alpha=0.45, label="open_clip")
     ax.plot([], [], ls="", marker="o", mfc="none", color="gray", label="masked (largest size)")
     ax.set(xscale="log", yscale="log", xlabel="image tokens per sample (kept patches)", ylabel="samples / s",

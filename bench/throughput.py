@@ -212,6 +212,49 @@ def clipfast_graph_step_fn(cfg: ModelConfig, pt: Point, device, precision, batch
     return model, opt, step
 
 
+def _single_process_dist(device) -> None:
+    """torch.distributed with one rank (what `deepspeed.initialize` needs) unless a launcher already set it up."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+def clipfast_ds_step_fn(cfg: ModelConfig, pt: Point, device, precision, batch_size):
+    """clipfast's step through DeepSpeed's engine, built as clipfast.train builds it (same config and optimizer
+    functions: param groups, fused AdamW, gradient clipping, ZeRO stage 0 on one rank; bf16 on CUDA): the trainer's
+    own step."""
+    import deepspeed
+
+    from clipfast.config import TrainConfig
+    from clipfast.loss import distributed_clip_loss
+    from clipfast.train import deepspeed_config, make_optimizer
+
+    _single_process_dist(device)
+    tc = TrainConfig(batch_size=batch_size, lr=1e-5, lr_scaled_by_batch=False)
+    model = CLIP(cfg).train()
+    opt = make_optimizer(model, tc)
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt,
+                                             config=deepspeed_config(tc, 1, bf16=device.type == "cuda"))
+    grid = cfg.vision.grid
+
+    def step(b: Batch):
+        keep = image_keep_indices("random", batch_size, grid, pt.mask, device=device)
+        img, txt, scale = engine(b.images, b.text, b.cu_seqlens, b.max_len, keep=keep)
+        loss = distributed_clip_loss(img, txt, scale)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return engine.module, opt, step
+
+
 def open_clip_kwargs(cfg: ModelConfig, mask: float) -> dict:
     """open_clip.model.CLIP kwargs of cfg's architecture, with patch_dropout keeping clipfast's num_kept patches
     (open_clip keeps int(N * (1 - p)), clipfast round(N * (1 - mask)): p is chosen so both give K)."""
@@ -360,8 +403,11 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     text_tokens = statistics.fmean(float(b.lengths.float().mean()) for b in batches)
     row = dict(preset=pt.preset, image_px=pt.size, mask=pt.mask, image_tokens=k, text_len=pt.text_len,
                batch=bs, load_1min=round(os.getloadavg()[0], 2))
-    builders = {"clipfast": clipfast_step_fn, "clipfast_graph": clipfast_graph_step_fn, "open_clip": open_clip_step_fn}
+    builders = {"clipfast": clipfast_step_fn, "clipfast_graph": clipfast_graph_step_fn,
+                "clipfast_ds": clipfast_ds_step_fn, "open_clip": open_clip_step_fn}
     impls = ["clipfast"]
+    if args.deepspeed and not args.data:
+        impls.append("clipfast_ds")
     if device.type == "cuda" and not args.no_cuda_graph and not args.data:
         impls.append("clipfast_graph")
     if have_open_clip and not args.data:
@@ -370,8 +416,19 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     for impl in list(impls):
         torch.manual_seed(args.seed)
         precision = args.precision if impl == "open_clip" else args.clipfast_precision
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
         model, opt, step = builders[impl](cfg, pt, device, precision, bs)
-        if impl == "clipfast_graph":  # its first call is the eager step + capture: its peak is what the graph holds
+        if impl == "clipfast_ds":  # DeepSpeed's optimizer keeps fp32 partitions outside .state: count what it allocated
+            step(batches[0])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                held = torch.cuda.memory_allocated(device) - before
+            else:  # CPU, fp32, ZeRO-1 on one rank: weights, the fp32 partition, two Adam moments (an estimate)
+                held = 4 * sum(p.numel() * 4 for p in model.parameters())
+            mem[impl] = held + step_peak_bytes(step, batches[0], device)
+        elif impl == "clipfast_graph":  # its first call is the eager step + capture: its peak is what the graph holds
             try:
                 peak = step_peak_bytes(step, batches[0], device)
             except Exception as e:  # a capture that fails costs its column, not the point
@@ -442,6 +499,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch-scale", type=int,
                     help="grow the preset's batch by up to this power of two at points with fewer image tokens")
     ap.add_argument("--no-cuda-graph", action="store_true", help="leave out the CUDA-graph column (CUDA only)")
+    ap.add_argument("--deepspeed", action="store_true",
+                    help="add a column: clipfast through DeepSpeed's engine as clipfast.train runs it (one rank)")
     ap.add_argument("--steps", type=int, help="timed steps per implementation")
     ap.add_argument("--warmup", type=int, help="untimed steps first (at least one per distinct batch)")
     ap.add_argument("--batches", type=int, help="distinct synthetic batches cycled through")

@@ -62,6 +62,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: CLIP, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over param_groups. fused: one kernel over all tensors (CUDA and CPU, torch >= 2.4); the demo model on
+    CPU under ZeRO-1: 36 vs 69 ms per engine.step() against the default for-each loop. Under ZeRO or bf16 it runs
+    over DeepSpeed's fp32 partitions."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.effective_lr(), betas=tuple(cfg.betas),
+                             eps=cfg.eps, fused=True)
+
+
 def lr_lambda(cfg: TrainConfig):
     """Linear warmup, then cosine to min_lr; a multiplier of the peak LR."""
     peak = cfg.effective_lr()
@@ -76,6 +84,12 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def zero_stage(cfg: TrainConfig, world: int) -> int:
+    """cfg.zero_stage, except on one rank, where ZeRO partitions nothing and its bucketed copies only cost time
+    (the demo model on CPU: 62 vs 23 ms of backward + optimizer step per step with fused AdamW): stage 0 there."""
+    return cfg.zero_stage if world > 1 else 0
+
+
 def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks")
@@ -84,7 +98,7 @@ def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
         "train_micro_batch_size_per_gpu": cfg.batch_size // world,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.grad_clip,  # set explicitly: DeepSpeed's default is no clipping
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": zero_stage(cfg, world)},
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -171,9 +185,10 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     model = CLIP(mcfg, kernels=cfg.kernels)
     if cfg.init_from:
         load_weights(model, cfg.init_from)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.effective_lr(),
-                                  betas=tuple(cfg.betas), eps=cfg.eps)
+    optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    if zero_stage(cfg, world) != cfg.zero_stage:
+        log.info("one rank: ZeRO stage %d would partition nothing, running stage 0", cfg.zero_stage)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg, world, bf16))
     step = 0

@@ -107,3 +107,19 @@ def test_point_batch_grows_by_powers_of_two_with_fewer_image_tokens():
     assert tp.point_batch(args, full, 196) == 32
     cpu = tp.parse_args(["--device", "cpu"])
     assert cpu.max_batch_scale == 1 and tp.point_batch(cpu, tp.Point("ViT-S-16", 64, 0.0, 8), 16) == cpu.batch
+
+
+def test_deepspeed_column_times_the_trainers_engine(tmp_path):
+    """--deepspeed: clipfast through DeepSpeed's engine as clipfast.train builds it (own process: it sets up
+    torch.distributed with one rank)."""
+    pytest.importorskip("deepspeed")
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/throughput.py", *TINY, "--no-open-clip", "--deepspeed",
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert rows and all(row["clipfast_ds_ms"] > 0 and row["clipfast_ds_peak_mib"] > 0 for row in rows)
+    assert "DeepSpeed ms" in (tmp_path / "throughput.md").read_text()

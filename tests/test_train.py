@@ -86,3 +86,15 @@ def test_evaluate_cli(data, tmp_path):
     torch.save({"x": 1}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a clipfast model"):
         evaluate_main(["--checkpoint", str(tmp_path / "bad.pt"), "--data", str(data / "val")])
+
+
+def test_one_rank_runs_zero_stage_0_and_more_ranks_the_configured_stage():
+    from clipfast.config import TrainConfig
+    from clipfast.train import deepspeed_config
+
+    cfg = TrainConfig(batch_size=8, zero_stage=2)
+    assert deepspeed_config(cfg, 1, bf16=False)["zero_optimization"]["stage"] == 0
+    assert deepspeed_config(cfg, 2, bf16=True)["zero_optimization"]["stage"] == 2
+    assert deepspeed_config(cfg, 2, bf16=True)["bf16"]["enabled"] is True
+    with pytest.raises(ValueError, match="not divisible"):
+        deepspeed_config(TrainConfig(batch_size=9), 2, bf16=False)
