@@ -191,6 +191,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         log.info("one rank: ZeRO stage %d would partition nothing, running stage 0", cfg.zero_stage)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg, world, bf16))
+    if world == 1:  # one rank: the all-reduce would only flatten and copy back every gradient (demo, CPU: 26.5 vs
+        engine.enable_backward_allreduce = False  # 24.5 ms per step)
     step = 0
     ckpt_dir = out / "ckpt"
     if cfg.resume and (ckpt_dir / "latest").is_file():
