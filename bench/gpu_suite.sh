@@ -4,7 +4,7 @@
 #
 #     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh
 #
-# 1. kernel and model tests, natively (no interpreter): tests/test_{patch_embed,varlen_attention,aot_*,model,loss,
+# 1. kernel and model tests, natively (no interpreter): tests/test_{graph,engine,patch_embed,varlen_attention,aot_*,model,loss,
 #    flops,presets,interop}.py (none imports DeepSpeed or DALI; presets/interop skip without open_clip)
 # 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
 # 3. the throughput grid: python bench/throughput.py --grid gpu (clipfast beside open_clip, if present)
@@ -86,7 +86,7 @@ part env 60 bash "$DIR/env.sh"
 
 # tests that import neither DeepSpeed nor DALI (test_train, test_stages, test_data do); on CUDA, tests/conftest.py
 # leaves TRITON_INTERPRET unset, so the kernels compile and run natively
-TESTS=(tests/test_graph.py tests/test_patch_embed.py tests/test_varlen_attention.py tests/test_aot_patch_embed.py
+TESTS=(tests/test_graph.py tests/test_engine.py tests/test_patch_embed.py tests/test_varlen_attention.py tests/test_aot_patch_embed.py
        tests/test_aot_varlen_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py
        tests/test_presets.py tests/test_interop.py)
 EXISTING=()
@@ -106,6 +106,10 @@ else
     log "no bench/test_bench_*.py files: microbenchmarks skipped"
 fi
 
+# with DeepSpeed importable (bench/fetch_wheels.sh --deepspeed), the grid also times the trainer's DeepSpeed engine
+if "$PY" -c "import deepspeed" >/dev/null 2>&1 && [[ " ${GRID_ARGS[*]} " != *" --deepspeed "* ]]; then
+    GRID_ARGS+=(--deepspeed)
+fi
 # the grid stops starting new points 30 s before its timeout and writes its tables after every point
 part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget $(( T_GRID - 30 ))
 

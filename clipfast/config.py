@@ -49,7 +49,9 @@ class TrainConfig:
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-6
     grad_clip: float = 1.0
-    zero_stage: int = 1
+    zero_stage: int = 1  # on one rank DeepSpeed runs stage 0 (nothing to partition)
+    engine: str = "deepspeed"  # "deepspeed", or "torch" (one rank, no DeepSpeed: clipfast.engine)
+    cuda_graph: bool = False  # engine=torch on CUDA: the whole step replayed as CUDA graphs (clipfast.graph)
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     # bookkeeping

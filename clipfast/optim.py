@@ -12,14 +12,24 @@ import torch
 
 
 class MasterAdamW:
-    """AdamW over fp32 masters of `params` (bf16 or fp16 leaves): step() = cast grads up, update, copy down."""
+    """AdamW over fp32 masters of `params` (bf16 or fp16 leaves): step() = cast grads up, update, copy down.
+
+    params: tensors or param-group dicts (e.g. clipfast.train.param_groups), as torch.optim takes them.
+    """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.01, **kw):
-        self.params = [p for p in params if p.requires_grad]
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.params, master_groups = [], []
+        for g in groups:
+            ps = [p for p in g["params"] if p.requires_grad]
+            ms = [p.detach().float().clone().requires_grad_() for p in ps]
+            self.params += ps
+            master_groups.append({**g, "params": ms})
         if not self.params:
             raise ValueError("MasterAdamW: no trainable parameters")
-        self.master = [p.detach().float().clone().requires_grad_() for p in self.params]
-        self.opt = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay, **kw)
+        self.master = [m for g in master_groups for m in g["params"]]
+        self.opt = torch.optim.AdamW(master_groups, lr=lr, weight_decay=weight_decay, **kw)
 
     @property
     def param_groups(self):
@@ -48,4 +58,13 @@ class MasterAdamW:
         torch._foreach_copy_([p for p in self.params], self.master)  # fp32 -> bf16, round to nearest
 
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "master": [m.detach() for m in self.master]}
+        return {"opt": self.opt.state_dict(), "master": [m.detach().clone() for m in self.master]}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        if len(sd["master"]) != len(self.master):
+            raise ValueError(f"MasterAdamW state has {len(sd['master'])} masters, this optimizer {len(self.master)}")
+        for m, saved, p in zip(self.master, sd["master"], self.params, strict=True):
+            m.copy_(saved)
+            p.copy_(saved)  # the weights are the masters rounded
+        self.opt.load_state_dict(sd["opt"])

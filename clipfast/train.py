@@ -2,6 +2,10 @@
 
     deepspeed clipfast/train.py --config configs/demo.py [key=value ...]
     deepspeed --num_gpus 2 clipfast/train.py --config configs/demo.py steps=20   # two ranks (CPU: gloo)
+    deepspeed clipfast/train.py --config configs/demo.py engine=torch [cuda_graph=true]   # one rank, no DeepSpeed
+
+On one rank DeepSpeed runs ZeRO stage 0 without the gradient all-reduce; engine=torch (clipfast.engine) drops
+the engine altogether, and on CUDA cuda_graph=true replays each whole step as CUDA graphs (clipfast.graph).
 
 Writes under out_dir: metrics.jsonl (one JSON line per log step), TensorBoard events, DeepSpeed
 checkpoints in ckpt/ (every ckpt_every steps and at the end; `resume=true` continues from the latest),
@@ -30,6 +34,7 @@ import torch.distributed as dist
 from clipfast import presets
 from clipfast.config import TrainConfig, load_config, to_dict
 from clipfast.data import DaliLoader
+from clipfast.engine import TorchEngine, check_engine
 from clipfast.flops import flops_per_sample
 from clipfast.interop import resize_state_dict
 from clipfast.loss import distributed_clip_loss
@@ -185,14 +190,20 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     model = CLIP(mcfg, kernels=cfg.kernels)
     if cfg.init_from:
         load_weights(model, cfg.init_from)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    if zero_stage(cfg, world) != cfg.zero_stage:
-        log.info("one rank: ZeRO stage %d would partition nothing, running stage 0", cfg.zero_stage)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=deepspeed_config(cfg, world, bf16))
-    if world == 1:  # one rank: the all-reduce would only flatten and copy back every gradient (demo, CPU: 26.5 vs
-        engine.enable_backward_allreduce = False  # 24.5 ms per step)
+    check_engine(cfg, world)
+    if cfg.engine == "torch":  # one rank, plain PyTorch, optionally CUDA graphs (clipfast.engine)
+        engine = TorchEngine(model, cfg, device, bf16, cuda_graph=cfg.cuda_graph)
+        scheduler = engine.scheduler
+    else:
+        optimizer = make_optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        if zero_stage(cfg, world) != cfg.zero_stage:
+            log.info("one rank: ZeRO stage %d would partition nothing, running stage 0", cfg.zero_stage)
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                               lr_scheduler=scheduler,
+                                                               config=deepspeed_config(cfg, world, bf16))
+        if world == 1:  # one rank: the all-reduce would only flatten and copy back every gradient (demo, CPU:
+            engine.enable_backward_allreduce = False  # 26.5 vs 24.5 ms per step)
     step = 0
     ckpt_dir = out / "ckpt"
     if cfg.resume and (ckpt_dir / "latest").is_file():
@@ -215,6 +226,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     def train_step(batch) -> torch.Tensor:
         keep = image_keep_indices(cfg.image_reduction, batch["images"].shape[0], grid, cfg.mask_ratio,
                                   device=device, generator=gen)
+        if cfg.cuda_graph:  # forward, loss, backward, clipping and optimizer in one replay
+            return engine.graph_step(batch["images"], batch["text"], batch["cu_seqlens"], keep)
         img, txt, scale = engine(batch["images"], batch["text"], batch["cu_seqlens"], batch["max_len"], keep=keep)
         loss = distributed_clip_loss(img, txt, scale)
         engine.backward(loss)

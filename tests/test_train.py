@@ -98,3 +98,20 @@ def test_one_rank_runs_zero_stage_0_and_more_ranks_the_configured_stage():
     assert deepspeed_config(cfg, 2, bf16=True)["bf16"]["enabled"] is True
     with pytest.raises(ValueError, match="not divisible"):
         deepspeed_config(TrainConfig(batch_size=9), 2, bf16=False)
+
+
+@pytest.mark.slow
+def test_one_rank_torch_engine_trains_resumes_and_refuses_bad_settings(data, tmp_path):
+    out = tmp_path / "run_torch"
+    common = [f"train_data={data / 'train'}", f"out_dir={out}", "batch_size=16", "log_every=2", "ckpt_every=2",
+              "warmup_steps=2", "tensorboard=false", "data_threads=1", "engine=torch"]
+    r = _deepspeed(1, "steps=4", *common)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / "ckpt" / "step4" / "state.pt").is_file() and (out / "model.pt").is_file()
+    r = _deepspeed(1, "steps=6", "resume=true", *common)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "at step 4" in r.stdout + r.stderr
+    m = _metrics(out)
+    assert [x["step"] for x in m] == [2, 4, 6] and all(x["loss"] > 0 for x in m)
+    r = _deepspeed(1, "steps=2", *common[:-1], "cuda_graph=true")  # DeepSpeed's engine cannot be captured
+    assert r.returncode != 0 and "cuda_graph=true needs engine=torch" in r.stdout + r.stderr

@@ -1,0 +1,100 @@
+"""clipfast.engine.TorchEngine: one-rank training without DeepSpeed; checkpoints; CUDA graphs on a GPU."""
+import pytest
+import torch
+
+from clipfast.config import TrainConfig
+from clipfast.data import pack_text
+from clipfast.engine import TorchEngine, check_engine
+from clipfast.loss import clip_loss
+from clipfast.model import CLIP
+from clipfast.presets import from_name
+from tests.conftest import requires_cuda
+
+
+def _batch(device, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [[49406, *torch.randint(1, 49406, (int(k),), generator=g).tolist(), 49407]
+            for k in torch.randint(0, 10, (n,), generator=g)]
+    text, cu, max_len = pack_text(seqs)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return images.to(device), text.to(device), cu.to(device), max_len
+
+
+def _engine(device, bf16=False, cuda_graph=False, **kw):
+    cfg = TrainConfig(batch_size=6, steps=10, warmup_steps=2, lr=1e-3, **kw)
+    torch.manual_seed(0)
+    model = CLIP(from_name("demo", **{"vision.layers": 1, "text.layers": 1}), kernels="ref")
+    return TorchEngine(model, cfg, torch.device(device), bf16=bf16, cuda_graph=cuda_graph)
+
+
+def _eager_step(engine, b):
+    images, text, cu, max_len = b
+    img, txt, scale = engine(images, text, cu, max_len)
+    loss = clip_loss(img, txt, scale)
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
+def test_check_engine_names_the_bad_setting():
+    check_engine(TrainConfig(engine="torch", cuda_graph=True), 1)
+    with pytest.raises(ValueError, match="engine must be"):
+        check_engine(TrainConfig(engine="jax"), 1)
+    with pytest.raises(ValueError, match="one rank"):
+        check_engine(TrainConfig(engine="torch"), 2)
+    with pytest.raises(ValueError, match="needs engine=torch"):
+        check_engine(TrainConfig(cuda_graph=True), 1)
+    with pytest.raises(ValueError, match="CUDA"):
+        _engine("cpu", cuda_graph=True)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_steps_follow_the_schedule_and_a_checkpoint_resumes_exactly(bf16, tmp_path):
+    e = _engine("cpu", bf16=bf16)
+    assert next(e.module.parameters()).dtype == (torch.bfloat16 if bf16 else torch.float32)
+    b = _batch("cpu")
+    losses = [_eager_step(e, b) for _ in range(3)]
+    assert e.scheduler.last_epoch == 3
+    if not bf16:  # the same step written out with torch: param groups, clipping, fused AdamW, warmup schedule
+        from clipfast.train import lr_lambda, param_groups
+
+        ref = _engine("cpu").module  # same seed, same weights
+        opt = torch.optim.AdamW(param_groups(ref, e.cfg.weight_decay), lr=1e-3, betas=e.cfg.betas, eps=e.cfg.eps,
+                                fused=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(e.cfg))
+        for want in losses:
+            loss = clip_loss(*ref(*b))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), e.cfg.grad_clip, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            assert loss.item() == pytest.approx(want, rel=1e-6)
+    e.save_checkpoint(str(tmp_path), tag="step3", client_state={"step": 3})
+    after = [_eager_step(e, b) for _ in range(2)]
+
+    f = _engine("cpu", bf16=bf16)
+    path, client = f.load_checkpoint(str(tmp_path))
+    assert client == {"step": 3} and path.endswith("step3/state.pt") and f.scheduler.last_epoch == 3
+    assert [_eager_step(f, b) for _ in range(2)] == after  # bit for bit: weights, masters, moments, lr restored
+
+
+def test_a_missing_checkpoint_file_is_named(tmp_path):
+    (tmp_path / "latest").write_text("global_step9")
+    with pytest.raises(FileNotFoundError, match="global_step9"):
+        _engine("cpu").load_checkpoint(str(tmp_path))
+
+
+@requires_cuda
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_graph_engine_follows_the_eager_engine(bf16):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager, graphed = _engine("cuda", bf16=bf16, eps=1e-3), _engine("cuda", bf16=bf16, cuda_graph=True, eps=1e-3)
+    batches = [_batch("cuda", seed=i % 2) for i in range(5)]
+    a = [_eager_step(eager, b) for b in batches]
+    g = [graphed.graph_step(*b[:3]).item() for b in batches]
+    tol = dict(rtol=1e-4, atol=1e-5) if not bf16 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(torch.tensor(g), torch.tensor(a), **tol)
+    assert graphed.scheduler.last_epoch == eager.scheduler.last_epoch == 5
+    lr_g = graphed.optimizer.param_groups[0]["lr"]
+    assert torch.is_tensor(lr_g) and abs(float(lr_g) - eager.scheduler.get_last_lr()[0]) < 1e-9
