@@ -7,13 +7,15 @@
 # 1. kernel and model tests, natively (no interpreter): tests/test_{graph,engine,patch_embed,varlen_attention,aot_*,model,loss,
 #    flops,presets,interop}.py (none imports DeepSpeed or DALI; presets/interop skip without open_clip)
 # 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
-# 3. the throughput grid: python bench/throughput.py --grid gpu (clipfast beside open_clip, if present)
+# 3. the throughput grids: --grid clipa into clipa/, then --grid gpu (clipfast beside open_clip, if present)
 # Everything lands in bench/results/<device>-<date>/ (suite.log, per-part logs, summary.md with device, date,
 # commit); with $OUT set (the device tool), summary.md, throughput.{md,png} and a tarball of the folder are
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
-# Defaults end within ~9 minutes (the device tool allows 10 per command): T_TESTS=170 T_BENCH=140 (split over the
-# microbenchmark files) T_GRID=200 seconds, plus a few seconds for the wheels and the environment report;
-# GRID_ARGS (default "--grid gpu") replaces the grid's arguments; PYTHON (default python3) the interpreter.
+# Defaults end within ~9 minutes (the device tool allows 10 per command): T_TESTS=120 (pytest -n 8 where xdist is
+# installed) T_BENCH=120 (split over the microbenchmark files) T_CLIPA=120 (the CLIPA goal points, --grid clipa,
+# into clipa/; 0 skips) T_GRID=150 seconds, plus a few seconds for the wheels and the environment report;
+# GRID_ARGS (default "--grid gpu") and CLIPA_ARGS (default "--grid clipa") replace the grids' arguments; PYTHON
+# (default python3) the interpreter.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
 # GPU image) travel as wheels in .whl/ (git-ignored; 2.4 MB). Prepare them on a machine with PyPI access with
@@ -26,10 +28,12 @@ set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 PY=${PYTHON:-python3}
-T_TESTS=${T_TESTS:-170}
-T_BENCH=${T_BENCH:-140}
-T_GRID=${T_GRID:-200}
+T_TESTS=${T_TESTS:-120}
+T_BENCH=${T_BENCH:-120}
+T_CLIPA=${T_CLIPA:-120}  # 0: no CLIPA goal grid
+T_GRID=${T_GRID:-150}
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
+read -r -a CLIPA_ARGS <<<"${CLIPA_ARGS:---grid clipa}"
 SUITE_START=$(date +%s)
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -91,7 +95,12 @@ TESTS=(tests/test_graph.py tests/test_engine.py tests/test_patch_embed.py tests/
        tests/test_presets.py tests/test_interop.py)
 EXISTING=()
 for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done
-part tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfEs --continue-on-collection-errors --junitxml="$DIR/tests.xml" "${EXISTING[@]}"
+# pytest-xdist (in the GPU image): a fresh machine compiles every Triton kernel first, and 8 workers do that in
+# parallel (one process, cold: past 110 s on the H200 on 2026-11-26; warm: 86 s)
+XDIST=()
+"$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=(-n 8)
+part tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" --continue-on-collection-errors \
+    --junitxml="$DIR/tests.xml" "${EXISTING[@]}"
 
 BENCH_FILES=(bench/test_bench_*.py)
 if [ -e "${BENCH_FILES[0]}" ]; then
@@ -106,11 +115,16 @@ else
     log "no bench/test_bench_*.py files: microbenchmarks skipped"
 fi
 
-# with DeepSpeed importable (bench/fetch_wheels.sh --deepspeed), the grid also times the trainer's DeepSpeed engine
-if "$PY" -c "import deepspeed" >/dev/null 2>&1 && [[ " ${GRID_ARGS[*]} " != *" --deepspeed "* ]]; then
-    GRID_ARGS+=(--deepspeed)
+# with DeepSpeed importable (bench/fetch_wheels.sh --deepspeed), the grids also time the trainer's DeepSpeed engine
+if "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+    [[ " ${GRID_ARGS[*]} " != *" --deepspeed "* ]] && GRID_ARGS+=(--deepspeed)
+    [[ " ${CLIPA_ARGS[*]} " != *" --deepspeed "* ]] && CLIPA_ARGS+=(--deepspeed)
 fi
-# the grid stops starting new points 30 s before its timeout and writes its tables after every point
+# each grid stops starting new points 30 s before its timeout and writes its tables after every point
+if [ "$T_CLIPA" -gt 30 ]; then
+    part throughput_clipa "$T_CLIPA" "$PY" bench/throughput.py "${CLIPA_ARGS[@]}" --out "$DIR/clipa" \
+        --time-budget $(( T_CLIPA - 30 ))
+fi
 part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget $(( T_GRID - 30 ))
 
 {
@@ -124,13 +138,15 @@ part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DI
     echo
     grep -E "passed|failed|error" "$DIR/tests.log" 2>/dev/null | tail -n 1
     echo
-    [ -f "$DIR/throughput.md" ] && cat "$DIR/throughput.md"
+    [ -f "$DIR/clipa/throughput.md" ] && { echo "## CLIPA goal points"; echo; cat "$DIR/clipa/throughput.md"; echo; }
+    [ -f "$DIR/throughput.md" ] && { echo "## Grid"; echo; cat "$DIR/throughput.md"; }
 } >"$DIR/summary.md"
 log "wrote $DIR (total $(( $(date +%s) - SUITE_START )) s)"
 
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
     cp "$DIR/summary.md" "$OUT/" 2>/dev/null
     cp "$DIR/throughput.png" "$OUT/" 2>/dev/null
+    cp "$DIR/clipa/throughput.png" "$OUT/throughput_clipa.png" 2>/dev/null
     tar czf "$OUT/results.tar.gz" -C "$(dirname "$DIR")" "$(basename "$DIR")"
     log "copied summary.md, throughput.png, results.tar.gz to \$OUT"
 fi
