@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from bench import report
+from bench import report, steps
 from bench import throughput as tp
 from clipfast.reduce import num_kept
 
@@ -48,12 +48,12 @@ def test_grid_snaps_to_patch_and_puts_full_point_first():
 def test_open_clip_patch_dropout_keeps_clipfasts_count(mask):
     open_clip = pytest.importorskip("open_clip")
     cfg = tp.from_name("ViT-B-16", **{"vision.image_size": 112})
-    kw = tp.open_clip_kwargs(cfg, mask)
+    kw = steps.open_clip_kwargs(cfg, mask)
     n = cfg.vision.num_patches
     drop = open_clip.transformer.PatchDropout(kw["vision_cfg"]["patch_dropout"]).train()
     out = drop(torch.zeros(2, n + 1, 4))  # class token + patches
     assert out.shape[1] - 1 == num_kept(n, mask)
-    assert "patch_dropout" not in tp.open_clip_kwargs(cfg, 0.0)["vision_cfg"]
+    assert "patch_dropout" not in steps.open_clip_kwargs(cfg, 0.0)["vision_cfg"]
 
 
 def test_smoke_run_writes_results_side_by_side(tmp_path):
