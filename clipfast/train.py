@@ -2,7 +2,7 @@
 
     deepspeed clipfast/train.py --config configs/demo.py [key=value ...]
     deepspeed --num_gpus 2 clipfast/train.py --config configs/demo.py steps=20   # two ranks (CPU: gloo)
-    deepspeed clipfast/train.py --config configs/demo.py engine=torch [cuda_graph=true]   # one rank, no DeepSpeed
+    python clipfast/train.py --config configs/demo.py engine=torch [cuda_graph=true]   # one rank, no DeepSpeed
 
 On one rank DeepSpeed runs ZeRO stage 0 without the gradient all-reduce; engine=torch (clipfast.engine) drops
 the engine altogether, and on CUDA cuda_graph=true replays each whole step as CUDA graphs (clipfast.graph).
@@ -141,15 +141,32 @@ def load_weights(model: CLIP, path: str) -> None:
     log.info("initialised from %s (step %s)", p, ckpt.get("step", "?") if isinstance(ckpt, dict) else "?")
 
 
+def _one_rank_env() -> None:
+    """Started without a launcher (`python clipfast/train.py`): one rank on a free local port. A launcher's own
+    RANK / WORLD_SIZE / MASTER_* are kept."""
+    import socket
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
 
     # --- setup (once per process; each stage of a multi-stage config is one call of train())
-    import deepspeed
-
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    _one_rank_env()
+    if cfg.engine == "torch":  # no DeepSpeed needed: `python clipfast/train.py ... engine=torch` runs without it
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -169,8 +186,6 @@ def main(argv=None):
 
 def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: str = "train") -> dict:
     """One training run (a stage) in cfg.out_dir; returns {"step", "loss", "train_s", "total_s", "top1"}."""
-    import deepspeed
-
     t_start = time.perf_counter()
     cuda = device.type == "cuda"
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
@@ -195,6 +210,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         engine = TorchEngine(model, cfg, device, bf16, cuda_graph=cfg.cuda_graph)
         scheduler = engine.scheduler
     else:
+        import deepspeed
+
         optimizer = make_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         if zero_stage(cfg, world) != cfg.zero_stage:
