@@ -13,7 +13,8 @@
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
 # Defaults end within ~9 minutes (the device tool allows 10 per command): T_TESTS=120 (pytest -n 8 where xdist is
 # installed) T_BENCH=120 (split over the microbenchmark files) T_CLIPA=120 (the CLIPA goal points, --grid clipa,
-# into clipa/; 0 skips) T_GRID=150 seconds, plus a few seconds for the wheels and the environment report;
+# into clipa/; 0 skips) T_PROFILE=45 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024; 0 skips)
+# T_GRID=120 s, plus a few seconds for the wheels and the environment report;
 # GRID_ARGS (default "--grid gpu") and CLIPA_ARGS (default "--grid clipa") replace the grids' arguments; PYTHON
 # (default python3) the interpreter.
 #
@@ -31,7 +32,8 @@ PY=${PYTHON:-python3}
 T_TESTS=${T_TESTS:-120}
 T_BENCH=${T_BENCH:-120}
 T_CLIPA=${T_CLIPA:-120}  # 0: no CLIPA goal grid
-T_GRID=${T_GRID:-150}
+T_PROFILE=${T_PROFILE:-45}  # 0: no step profile
+T_GRID=${T_GRID:-120}
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
 read -r -a CLIPA_ARGS <<<"${CLIPA_ARGS:---grid clipa}"
 SUITE_START=$(date +%s)
@@ -125,6 +127,10 @@ if [ "$T_CLIPA" -gt 30 ]; then
     part throughput_clipa "$T_CLIPA" "$PY" bench/throughput.py "${CLIPA_ARGS[@]}" --out "$DIR/clipa" \
         --time-budget $(( T_CLIPA - 30 ))
 fi
+# where a CLIPA step's device time goes (kernel groups, busy share), clipfast beside open_clip
+if [ "$T_PROFILE" -gt 0 ]; then
+    part profile "$T_PROFILE" "$PY" bench/profile_step.py --out "$DIR"
+fi
 part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget $(( T_GRID - 30 ))
 
 {
@@ -139,6 +145,7 @@ part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DI
     grep -E "passed|failed|error" "$DIR/tests.log" 2>/dev/null | tail -n 1
     echo
     [ -f "$DIR/clipa/throughput.md" ] && { echo "## CLIPA goal points"; echo; cat "$DIR/clipa/throughput.md"; echo; }
+    [ -f "$DIR/profile.md" ] && { echo "## Step profile"; echo; cat "$DIR/profile.md"; echo; }
     [ -f "$DIR/throughput.md" ] && { echo "## Grid"; echo; cat "$DIR/throughput.md"; }
 } >"$DIR/summary.md"
 log "wrote $DIR (total $(( $(date +%s) - SUITE_START )) s)"

@@ -123,3 +123,21 @@ def test_deepspeed_column_times_the_trainers_engine(tmp_path):
     rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
     assert rows and all(row["clipfast_ds_ms"] > 0 and row["clipfast_ds_peak_mib"] > 0 for row in rows)
     assert "DeepSpeed ms" in (tmp_path / "throughput.md").read_text()
+
+
+def test_step_profile_groups_the_time_of_both_steps(tmp_path):
+    from bench import profile_step
+
+    summaries = profile_step.main(["--preset", "demo", "--size", "16", "--text-len", "8", "--batch", "4",
+                                   "--warmup", "1", "--steps", "1", "--device", "cpu", "--impls", "clipfast",
+                                   "--out", str(tmp_path)])
+    assert [s["impl"] for s in summaries] == ["clipfast"]
+    s = summaries[0]
+    assert s["wall_ms"] > 0 and 0 < s["busy_ms"] and s["groups"]["matmul"] > 0 and s["groups"]["optimizer"] > 0
+    assert abs(sum(s["groups"].values()) - s["busy_ms"]) < 1e-6 * s["busy_ms"] + 1e-9
+    md = (tmp_path / "profile.md").read_text()
+    assert "| matmul |" in md and "ms per step" in md
+    assert profile_step.group_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert profile_step.group_of("flash_fwd_kernel") == "attention"
+    assert profile_step.group_of("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>") == \
+        "elementwise / activation"

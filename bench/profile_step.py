@@ -1,0 +1,147 @@
+"""Where one training step's time goes: device time per kind of kernel, next to the step's wall time.
+
+    python bench/profile_step.py                                   # B/16 at 112 px / 16 tokens (a CLIPA point)
+    python bench/profile_step.py --preset L/16 --size 96 --text-len 8 --batch 512 --impls clipfast open_clip
+    python bench/profile_step.py --preset demo --size 32 --text-len 16 --batch 8 --device cpu   # CPU: op time
+
+The same steps as bench/throughput.py (bench/steps.py; synthetic batches on the device), warmed up, then
+profiled for --steps steps with torch.profiler. Kernels are grouped by name into matmul, attention, norm,
+elementwise / activation, optimizer, copy / cast, other; each group's time per step and share is printed with
+the busy share of the step (device time / wall time: well under 100% means the step waits on the CPU that
+launches it). Writes profile.md (and the top kernels) under --out (default bench/results/<device>-<date>/).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.report import device_info, git_commit  # noqa: E402
+from bench.steps import clipfast_ds_step_fn, clipfast_graph_step_fn, clipfast_step_fn, open_clip_step_fn  # noqa: E402
+from bench.throughput import Point, make_batch, snap  # noqa: E402
+from clipfast.presets import from_name  # noqa: E402
+
+BUILDERS = {"clipfast": clipfast_step_fn, "clipfast_graph": clipfast_graph_step_fn,
+            "clipfast_ds": clipfast_ds_step_fn, "open_clip": open_clip_step_fn}
+# first match wins; names of cuBLAS/CUTLASS/Triton/ATen kernels and CPU ops
+GROUPS = [
+    ("optimizer", r"adam|foreach|multi_tensor|_fused_adamw"),
+    ("attention", r"flash|fmha|attention|attn|_varlen|softmax"),
+    ("matmul", r"gemm|sm90_xmma|cutlass|cublas|matmul|aten::mm|aten::addmm|aten::bmm|nvjet|_patch_embed|linear"),
+    ("norm", r"layer_norm|layernorm|native_layer_norm|rms"),
+    ("copy / cast", r"copy|cast|convert|to_copy|memcpy|memset|fill|cat|index|gather|scatter"),
+    ("elementwise / activation", r"elementwise|vectorized|gelu|add|mul|div|exp|reduce|sum|mean|norm"),
+]
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, pattern in GROUPS:
+        if re.search(pattern, low):
+            return group
+    return "other"
+
+
+def profile(impl: str, args, device) -> tuple[str, dict]:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cfg = from_name(args.preset, **{"vision.image_size": args.size, "text.context_length": args.text_len})
+    pt = Point(cfg.name, args.size, args.mask, args.text_len)
+    precision = ("amp_bf16" if impl == "open_clip" else "bf16_master") if device.type == "cuda" else "fp32"
+    torch.manual_seed(0)
+    _, _, step = BUILDERS[impl](cfg, pt, device, precision, args.batch)
+    gen = torch.Generator().manual_seed(0)
+    batch = make_batch(args.batch, args.size, args.text_len, gen, device,
+                       torch.float32 if precision != "bf16" else torch.bfloat16)
+    for _ in range(args.warmup):
+        step(batch)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(batch)
+        if cuda:
+            torch.cuda.synchronize(device)
+        wall = (time.perf_counter() - t0) / args.steps
+    events = prof.key_averages()
+    if cuda:  # device kernels: self device time of events that ran on the GPU
+        rows = [(e.key, e.self_device_time_total / 1e3 / args.steps, e.count // args.steps) for e in events
+                if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    else:  # CPU: self time of aten ops
+        rows = [(e.key, e.self_cpu_time_total / 1e3 / args.steps, e.count // args.steps) for e in events
+                if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    busy = sum(r[1] for r in rows)
+    groups: dict[str, list] = {}
+    for name, ms, n in rows:
+        g = groups.setdefault(group_of(name), [0.0, 0])
+        g[0] += ms
+        g[1] += n
+    unit = "device" if cuda else "CPU op"
+    lines = [f"### {impl}: {cfg.name} {args.size} px, mask {args.mask:g}, text {args.text_len}, batch {args.batch}, "
+             f"{precision}",
+             "", f"wall {wall * 1e3:.1f} ms per step; {unit} time {busy:.1f} ms per step "
+             f"({100 * busy / (wall * 1e3):.0f}% of the wall time)", "",
+             f"| group | ms per step | share of {unit} time | kernels per step |", "|---|---|---|---|"]
+    for name, (ms, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {name} | {ms:.2f} | {100 * ms / busy:.1f}% | {n} |")
+    lines += ["", f"Top {args.top} by {unit} time:", "", "| kernel | group | ms per step | calls per step |",
+              "|---|---|---|---|"]
+    for name, ms, n in rows[: args.top]:
+        short = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{short}` | {group_of(name)} | {ms:.3f} | {n} |")
+    summary = {"impl": impl, "wall_ms": wall * 1e3, "busy_ms": busy, "groups": {k: v[0] for k, v in groups.items()}}
+    return "\n".join(lines), summary
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="B/16")
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--mask", type=float, default=0.0)
+    ap.add_argument("--text-len", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--impls", nargs="+", default=["clipfast", "open_clip"], choices=sorted(BUILDERS))
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="output folder (default bench/results/<device>-<date>)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    args.size = snap(args.size, from_name(args.preset).vision.patch_size)
+    name, slug = device_info(device)
+    import datetime
+
+    out = Path(args.out or ROOT / "bench" / "results" / f"{slug}-{datetime.date.today().isoformat()}")
+    out.mkdir(parents=True, exist_ok=True)
+    parts, summaries = [f"# Step profile: {name}, {datetime.date.today().isoformat()}, commit `{git_commit()}`, "
+                        f"torch {torch.__version__}"], []
+    for impl in args.impls:
+        try:
+            md, summary = profile(impl, args, device)
+        except Exception as e:  # e.g. open_clip not installed: note it, go on
+            md, summary = f"### {impl}: FAILED {type(e).__name__}: {str(e)[:300]}", None
+        print(md, flush=True)
+        parts.append(md)
+        if summary:
+            summaries.append(summary)
+    (out / "profile.md").write_text("\n\n".join(parts) + "\n")
+    print(f"wrote {out / 'profile.md'}", file=sys.stderr)
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
