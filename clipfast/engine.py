@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from clipfast.graph import GraphedTrainStep, default_text_bucket
+from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
 from clipfast.optim import MasterAdamW
 
 
@@ -44,8 +44,7 @@ class TorchEngine:
                 torch.optim.AdamW(param_groups(self.module, cfg.weight_decay), **kw)
             inner = self.optimizer
         if cuda_graph:  # a device tensor the graphs read, filled in place by the scheduler
-            for g in inner.param_groups:
-                g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
+            lr_on_device(inner, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lr_lambda(cfg))
         self.graph = None
         if cuda_graph:
@@ -93,10 +92,8 @@ class TorchEngine:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.graph is not None:  # load_state_dict put a plain number or a host tensor back as the lr
-            inner = self.optimizer.opt if isinstance(self.optimizer, MasterAdamW) else self.optimizer
-            for g in inner.param_groups:
-                g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device)
+        if self.graph is not None:  # load_state_dict put the saved lr back, not the tensors the graphs read
+            lr_on_device(self.optimizer, self.device)
             self.graph.graphs.clear()  # captured against the old lr tensors: capture again
         return str(path), state["client_state"]
 

@@ -19,8 +19,9 @@ What must be static for a graph, and how each is made so:
 Each new bucket runs its first step eagerly on a side stream (that compiles the Triton kernels for the shape,
 initialises cuBLAS and the optimizer state) and is then captured; later steps replay. Every call is one
 real step. The optimizer must be built with capturable=True (AdamW(fused=True, capturable=True)); a learning
-rate that changes must be a device tensor updated in place (`set_lr`). clipfast.optim.MasterAdamW (bf16 weights,
-fp32 masters: how clipfast.train runs under DeepSpeed bf16) is capturable with capturable=True.
+rate that changes must be a device tensor updated in place (`lr_on_device`; torch's LR schedulers fill it).
+clipfast.optim.MasterAdamW (bf16 weights, fp32 masters: how clipfast.train runs under DeepSpeed bf16) is
+capturable with capturable=True.
 Autocast runs with its weight-cast cache off, as graphs require. All graphs share one memory pool; each keeps its
 static inputs, outputs and gradients referenced, so no graph's live tensors are reused by another.
 """
@@ -91,14 +92,6 @@ class GraphedTrainStep:
         self.graphs: dict[tuple, dict] = {}
         self.captures = 0
 
-    def set_lr(self, lr: float) -> None:
-        """In-place learning-rate update that graphs see (the first call turns each group's lr into a tensor)."""
-        for group in self.opt.param_groups:
-            if torch.is_tensor(group["lr"]):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = torch.tensor(lr, dtype=torch.float32, device=next(self.model.parameters()).device)
-
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -157,9 +150,11 @@ class GraphedTrainStep:
         self.captures += 1
         return loss
 
-    @property
-    def padded_tokens_bound(self) -> int:
-        return self.bucket + pad_segments(self.bucket, self.ctx)
+
+def lr_on_device(optimizer, device) -> None:
+    """Each param group's lr as a float32 tensor on `device`, which a graph reads and a scheduler fills in place."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
 
 
 def default_text_bucket(batch: int, context_length: int) -> int:
