@@ -5,7 +5,6 @@ batch size) and returns (model, optimizer, step) with step(batch) -> loss: forwa
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -78,9 +77,9 @@ def _single_process_dist(device) -> None:
         return
     import deepspeed
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
-        os.environ.setdefault(key, value)
+    from clipfast.train import one_rank_env
+
+    one_rank_env()  # the trainer's own defaults: rank 0 of 1 on a free local port
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 

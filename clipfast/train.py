@@ -141,7 +141,7 @@ def load_weights(model: CLIP, path: str) -> None:
     log.info("initialised from %s (step %s)", p, ckpt.get("step", "?") if isinstance(ckpt, dict) else "?")
 
 
-def _one_rank_env() -> None:
+def one_rank_env() -> None:
     """Started without a launcher (`python clipfast/train.py`): one rank on a free local port. A launcher's own
     RANK / WORLD_SIZE / MASTER_* are kept."""
     import socket
@@ -160,7 +160,7 @@ def main(argv=None):
 
     # --- setup (once per process; each stage of a multi-stage config is one call of train())
     cuda = torch.cuda.is_available()
-    _one_rank_env()
+    one_rank_env()
     if cfg.engine == "torch":  # no DeepSpeed needed: `python clipfast/train.py ... engine=torch` runs without it
         dist.init_process_group("nccl" if cuda else "gloo")
     else:
