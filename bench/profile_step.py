@@ -56,7 +56,8 @@ def profile(impl: str, args, device) -> tuple[str, dict]:
 
     cfg = from_name(args.preset, **{"vision.image_size": args.size, "text.context_length": args.text_len})
     pt = Point(cfg.name, args.size, args.mask, args.text_len)
-    precision = ("amp_bf16" if impl == "open_clip" else "bf16_master") if device.type == "cuda" else "fp32"
+    mixed = device.type == "cuda" if args.precision == "auto" else args.precision == "mixed"
+    precision = ("amp_bf16" if impl == "open_clip" else "bf16_master") if mixed else "fp32"
     torch.manual_seed(0)
     _, _, step = BUILDERS[impl](cfg, pt, device, precision, args.batch)
     gen = torch.Generator().manual_seed(0)
@@ -117,6 +118,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--precision", choices=["auto", "mixed", "fp32"], default="auto",
+                    help="mixed: clipfast bf16_master, open_clip amp_bf16 (as throughput.py); auto: mixed on CUDA")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="output folder (default bench/results/<device>-<date>)")
     args = ap.parse_args(argv)

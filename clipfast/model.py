@@ -31,6 +31,16 @@ def _impl(kernels: str):
     return None if kernels == "auto" else kernels
 
 
+def sdpa(q, k, v, causal: bool = False, **kw):
+    """F.scaled_dot_product_attention, in float32 for bf16/fp16 inputs on the CPU: there torch's bf16 kernel runs
+    2-5x slower than float32 (forward and backward, one thread, 8-197 tokens: `python bench/cpu_attention.py`),
+    while the matmuls around it gain from bf16 (AMX). Output in q's dtype."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, **kw).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kw)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names."""
 
@@ -48,7 +58,7 @@ class Attention(nn.Module):
         if cu_seqlens is None:  # dense (B, N, D)
             B, N, D = x.shape
             q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            o = sdpa(q, k, v, causal)
             o = o.transpose(1, 2).reshape(B, N, D)
         else:  # packed (T, D)
             T, D = x.shape

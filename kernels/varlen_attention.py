@@ -44,6 +44,8 @@ WIN 32/STEP 16 (2 warps) 332, WIN 64/STEP 16 (4 warps) 254; d=128: WIN 16 and 32
 STEP 16 / 4 warps for d <= 64, STEP 32 / 8 warps above.
 Backward does ~2.5x the forward FLOPs per score on ~2x the bytes, still below the ridge at 64 + overhang keys.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -375,7 +377,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, softmax_scal
         raise ValueError(f"q, k, v must share one (T_total, heads, head_dim) shape: {q.shape}, {k.shape}, {v.shape}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if not use_triton(q, impl):
-        return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+        # on the CPU, in float32: torch's bf16 SDPA there is 2-5x slower (see clipfast.model.sdpa)
+        upcast = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+            return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, causal, scale, upcast=upcast)
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be int32 (flash-attn layout), got {cu_seqlens.dtype}")
     if q.shape[0] == 0:

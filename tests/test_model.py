@@ -81,3 +81,24 @@ def test_grad_checkpointing_same_gradients():
     for (n, a), (_, b) in zip(ref.named_parameters(), ckpt.named_parameters()):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-6), n
+
+
+def test_cpu_attention_of_bf16_runs_in_float32():
+    """clipfast.model.sdpa: bf16 on the CPU is computed in float32 (torch's CPU bf16 kernel is 2-5x slower), with or
+    without autocast, and differentiably; float32 is torch's own."""
+    import torch.nn.functional as F
+
+    from clipfast.model import sdpa
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
+    assert not torch.equal(want, F.scaled_dot_product_attention(q, k, v, is_causal=True))  # so this test can fail
+    assert torch.equal(sdpa(q, k, v, causal=True), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sdpa(q, k, v, causal=True)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    got.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+    x = torch.randn(2, 3, 5, 16)
+    assert torch.equal(sdpa(x, x, x), F.scaled_dot_product_attention(x, x, x))

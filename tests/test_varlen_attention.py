@@ -152,8 +152,12 @@ def test_reference_upcast_and_dispatch():
     up = varlen_attention_ref(q, k, v, cu, 40, True, upcast=True)
     assert up.dtype == torch.bfloat16
     assert torch.equal(up, varlen_attention_ref(q.float(), k.float(), v.float(), cu, 40, True).bfloat16())
-    if DEVICE == "cpu":  # impl=None on a CPU tensor is the reference
-        assert torch.equal(varlen_attention(q, k, v, cu, 40, True), varlen_attention_ref(q, k, v, cu, 40, True))
+    if DEVICE == "cpu":  # impl=None on a CPU tensor is the reference, in float32 for bf16 (torch's CPU bf16 SDPA
+        # is the slow one), autocast or not
+        assert torch.equal(varlen_attention(q, k, v, cu, 40, True), up)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(varlen_attention(q, k, v, cu, 40, True), up)
+        assert not torch.equal(up, varlen_attention_ref(q, k, v, cu, 40, True))  # so the two checks above can fail
     with pytest.raises(ValueError):
         varlen_attention(q, k, v, cu, 40, impl="cuda")
     with pytest.raises(ValueError):
