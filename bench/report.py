@@ -18,7 +18,7 @@ from clipfast.presets import from_name
 
 ROOT = Path(__file__).resolve().parents[1]
 # clipfast_graph: CUDA graphs (clipfast.graph); clipfast_ds: --deepspeed, the trainer's DeepSpeed engine
-IMPLS = ("clipfast", "clipfast_graph", "clipfast_ds", "open_clip")
+IMPLS = ("clipfast", "clipfast_compiled", "clipfast_graph", "clipfast_ds", "open_clip")
 
 
 def add_scaling(rows: list[dict]) -> None:
@@ -40,6 +40,9 @@ def add_scaling(rows: list[dict]) -> None:
         r["vs_open_clip"] = round(r["clipfast_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
         ok = r.get("clipfast_graph_samples_s") and r.get("open_clip_samples_s")
         r["graph_vs_open_clip"] = round(r["clipfast_graph_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
+        ok = r.get("clipfast_compiled_samples_s") and r.get("open_clip_samples_s")
+        r["compiled_vs_open_clip"] = (round(r["clipfast_compiled_samples_s"] / r["open_clip_samples_s"], 3) if ok
+                                      else None)
         ok = r.get("clipfast_ds_samples_s") and r.get("open_clip_samples_s")
         r["ds_vs_open_clip"] = round(r["clipfast_ds_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
 
@@ -62,6 +65,8 @@ def markdown_table(rows: list[dict]) -> str:
             ("open_clip samples/s", "open_clip_samples_s", 1), ("open_clip MiB", "open_clip_peak_mib", 0),
             ("open_clip speed-up", "open_clip_speedup", 2),
             ("open_clip / clipfast FLOPs", "open_clip_exec_flop_ratio", 2),
+            ("compiled ms", "clipfast_compiled_ms", 1), ("compiled samples/s", "clipfast_compiled_samples_s", 1),
+            ("compiled MFU", "clipfast_compiled_mfu", 3), ("compiled / open_clip", "compiled_vs_open_clip", 2),
             ("graphs ms", "clipfast_graph_ms", 1), ("graphs samples/s", "clipfast_graph_samples_s", 1),
             ("graphs MFU", "clipfast_graph_mfu", 3), ("graphs scaling eff", "clipfast_graph_scaling_eff", 2),
             ("graphs / open_clip", "graph_vs_open_clip", 2),
@@ -73,7 +78,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         cells = [_fmt(r.get(key), nd) for _, key, nd in cols]
         for i, (_, key, _) in enumerate(cols):
-            if key in ("vs_open_clip", "graph_vs_open_clip", "ds_vs_open_clip") and r.get(key):
+            if key in ("vs_open_clip", "compiled_vs_open_clip", "graph_vs_open_clip", "ds_vs_open_clip") and r.get(key):
                 cells[i] = f"**{r[key]:.2f}×**"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -99,6 +104,10 @@ def summary(rows: list[dict]) -> str:
     out += [f"{kind.capitalize()}: {stats(rs)}." for kind, rs in kinds.items() if rs]
     if any(r["clipfast_ms"] != r["clipfast_wall_ms"] for r in rated):
         out.append(f"By wall clock (loaded machine): {stats(rated, 'vs_open_clip_wall')}.")
+    compiled = [r for r in rated if r.get("compiled_vs_open_clip")]
+    if compiled:
+        out.append(f"With compiled blocks (CLIP.compile_blocks) / open_clip: "
+                   f"{stats(compiled, 'compiled_vs_open_clip')}.")
     graphed = [r for r in rated if r.get("graph_vs_open_clip")]
     if graphed:
         out.append(f"With CUDA graphs (clipfast.graph) / open_clip: {stats(graphed, 'graph_vs_open_clip')}.")
@@ -122,7 +131,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for p in presets:
         for t in lens:
-            for impl, ls, alpha in (("clipfast", "-", 1.0), ("clipfast_graph", ":", 1.0), ("clipfast_ds", "-.", 0.8),
+            for impl, ls, alpha in (("clipfast", "-", 1.0), ("clipfast_compiled", (0, (5, 1, 1, 1)), 1.0),
+                                    ("clipfast_graph", ":", 1.0), ("clipfast_ds", "-.", 0.8),
                                     ("open_clip", "--", 0.45)):
                 pts = sorted((r["image_tokens"], r[f"{impl}_samples_s"], r["mask"] > 0) for r in rows
                              if r["preset"] == p and r["text_len"] == t and r.get(f"{impl}_samples_s"))
@@ -139,6 +149,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for t in lens:
         ax.plot([], [], ls="", color="k", marker=markers[t], label=f"text {t}")
     ax.plot([], [], color="gray", ls="-", label="clipfast")
+    if any(r.get("clipfast_compiled_samples_s") for r in rows):
+        ax.plot([], [], color="gray", ls=(0, (5, 1, 1, 1)), label="clipfast, compiled blocks")
     if any(r.get("clipfast_graph_samples_s") for r in rows):
         ax.plot([], [], color="gray", ls=":", label="clipfast + CUDA graphs")
     if any(r.get("clipfast_ds_samples_s") for r in rows):

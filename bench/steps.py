@@ -1,6 +1,7 @@
-"""The training steps bench/throughput.py times: clipfast eager, clipfast as CUDA graphs, clipfast through the
-trainer's DeepSpeed engine, and open_clip 3.3.0. Each builder takes (model config, grid point, device, precision,
-batch size) and returns (model, optimizer, step) with step(batch) -> loss: forward, loss, backward, optimizer.
+"""The training steps bench/throughput.py times: clipfast eager, clipfast with compiled blocks, clipfast as CUDA
+graphs, clipfast through the trainer's DeepSpeed engine, and open_clip 3.3.0. Each builder takes (model config,
+grid point, device, precision, batch size) and returns (model, optimizer, step) with step(batch) -> loss: forward,
+loss, backward, optimizer.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def _clipfast_model(cfg: ModelConfig, device, precision: str) -> CLIP:
     return model.to(torch.bfloat16) if precision in ("bf16", "bf16_master") else model
 
 
-def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
-    model = _clipfast_model(cfg, device, precision)
+def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, compile_backend: str | None = None):
+    model = _clipfast_model(cfg, device, precision).compile_blocks(compile_backend)
     opt = _optimizer(model, precision)
     grid = cfg.vision.grid
 
@@ -52,6 +53,12 @@ def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
         return loss
 
     return model, opt, step
+
+
+def clipfast_compiled_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
+    """clipfast's eager step with every transformer block's non-attention part through torch.compile (inductor):
+    CLIP.compile_blocks. Compiles on its first step (untimed warm-up)."""
+    return clipfast_step_fn(cfg, pt, device, precision, batch_size, compile_backend="inductor")
 
 
 def clipfast_graph_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):

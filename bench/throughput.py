@@ -24,7 +24,9 @@ on a GPU, the profiler's allocation trace on CPU), the speed-up over the same pr
 FLOP ratio and their quotient (scaling efficiency), and clipfast / open_clip.
 
 On CUDA a third column, "graphs", runs clipfast's step as CUDA graphs (clipfast.graph.GraphedTrainStep: text
-padded to a bucket, the whole step replayed by one launch); --no-cuda-graph leaves it out. Batch: the GPU grid
+padded to a bucket, the whole step replayed by one launch); --no-cuda-graph leaves it out. --compile adds
+"compiled": the eager step with each transformer block's layer norms, projections, MLP and residuals through
+torch.compile (clipfast.model.CLIP.compile_blocks; compiled in the warm-up). Batch: the GPU grid
 scales each preset's batch up where a point has fewer image tokens than the full one, by the largest power of
 two up to --max-batch-scale (4) that the token ratio allows, as a CLIPA run would (same memory, more samples);
 --batch fixes it. Writes throughput.{md,csv,json,png}
@@ -60,6 +62,7 @@ from bench.report import (  # noqa: E402
     write_outputs,
 )
 from bench.steps import (  # noqa: E402
+    clipfast_compiled_step_fn,
     clipfast_ds_step_fn,
     clipfast_graph_step_fn,
     clipfast_step_fn,
@@ -277,8 +280,11 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     row = dict(preset=pt.preset, image_px=pt.size, mask=pt.mask, image_tokens=k, text_len=pt.text_len,
                batch=bs, load_1min=round(os.getloadavg()[0], 2))
     builders = {"clipfast": clipfast_step_fn, "clipfast_graph": clipfast_graph_step_fn,
+                "clipfast_compiled": clipfast_compiled_step_fn,
                 "clipfast_ds": clipfast_ds_step_fn, "open_clip": open_clip_step_fn}
     impls = ["clipfast"]
+    if args.compile and not args.data:
+        impls.append("clipfast_compiled")
     if args.deepspeed and not args.data:
         impls.append("clipfast_ds")
     if device.type == "cuda" and not args.no_cuda_graph and not args.data:
@@ -301,13 +307,18 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
             else:  # CPU, fp32, ZeRO-1 on one rank: weights, the fp32 partition, two Adam moments (an estimate)
                 held = 4 * sum(p.numel() * 4 for p in model.parameters())
             mem[impl] = held + step_peak_bytes(step, batches[0], device)
-        elif impl == "clipfast_graph":  # its first call is the eager step + capture: its peak is what the graph holds
+        elif impl in ("clipfast_graph", "clipfast_compiled"):
+            # the graph's first call is the eager step + capture, so its peak is what the graph holds; the compiled
+            # step's first call compiles. Either failing costs its column, not the point.
             try:
+                if impl == "clipfast_compiled":
+                    step(batches[0])
                 peak = step_peak_bytes(step, batches[0], device)
-            except Exception as e:  # a capture that fails costs its column, not the point
-                print(f"{pt.label}: CUDA graph capture FAILED, column left out: {type(e).__name__}: {str(e)[:500]}",
+            except Exception as e:
+                what = "CUDA graph capture" if impl == "clipfast_graph" else "torch.compile"
+                print(f"{pt.label}: {what} FAILED, column left out: {type(e).__name__}: {str(e)[:500]}",
                       file=sys.stderr)
-                row["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                row[impl.replace("clipfast_", "") + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 impls.remove(impl)
                 del model, opt, step
                 continue
@@ -372,6 +383,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch-scale", type=int,
                     help="grow the preset's batch by up to this power of two at points with fewer image tokens")
     ap.add_argument("--no-cuda-graph", action="store_true", help="leave out the CUDA-graph column (CUDA only)")
+    ap.add_argument("--compile", action="store_true",
+                    help="add a column: clipfast with its blocks' non-attention part compiled (CLIP.compile_blocks)")
     ap.add_argument("--deepspeed", action="store_true",
                     help="add a column: clipfast through DeepSpeed's engine as clipfast.train runs it (one rank)")
     ap.add_argument("--steps", type=int, help="timed steps per implementation")

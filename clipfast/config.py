@@ -52,6 +52,7 @@ class TrainConfig:
     zero_stage: int = 1  # on one rank DeepSpeed runs stage 0 (nothing to partition)
     engine: str = "deepspeed"  # "deepspeed", or "torch" (one rank, no DeepSpeed: clipfast.engine)
     cuda_graph: bool = False  # engine=torch on CUDA: the whole step replayed as CUDA graphs (clipfast.graph)
+    compile: bool = False  # torch.compile each transformer block's layer norms, projections, MLP (CLIP.compile_blocks)
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     # bookkeeping

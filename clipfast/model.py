@@ -55,16 +55,30 @@ class Attention(nn.Module):
 
     def forward(self, x, causal: bool = False, cu_seqlens=None, max_seqlen: int = 0, impl=None):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return self.out_proj(self.core(qkv, causal, cu_seqlens, max_seqlen, impl))
+
+    def core(self, qkv, causal: bool = False, cu_seqlens=None, max_seqlen: int = 0, impl=None):
+        """Attention of the projected qkv, (B, N, 3D) dense or (T, 3D) packed, before the output projection."""
+        D = qkv.shape[-1] // 3
         if cu_seqlens is None:  # dense (B, N, D)
-            B, N, D = x.shape
+            B, N, _ = qkv.shape
             q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-            o = sdpa(q, k, v, causal)
-            o = o.transpose(1, 2).reshape(B, N, D)
-        else:  # packed (T, D)
-            T, D = x.shape
-            q, k, v = qkv.view(T, 3, self.heads, D // self.heads).unbind(1)  # each (T, H, d)
-            o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, impl=impl).reshape(T, D)
-        return self.out_proj(o)
+            return sdpa(q, k, v, causal).transpose(1, 2).reshape(B, N, D)
+        T = qkv.shape[0]  # packed (T, D)
+        q, k, v = qkv.view(T, 3, self.heads, D // self.heads).unbind(1)  # each (T, H, d)
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, impl=impl).reshape(T, D)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(backend: str):
+    """torch.compile'd ResidualAttentionBlock.pre / .post, one pair per backend, dynamic in the token count (packed
+    text changes it every step). The attention between them stays outside: a Triton kernel or SDPA already."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = tuple(torch.compile(f, backend=backend, dynamic=True)
+                                   for f in (ResidualAttentionBlock.pre, ResidualAttentionBlock.post))
+    return _COMPILED[backend]
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -77,9 +91,21 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(
             OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(hidden, width))])
         )
+        self.compile_backend = None  # set by CLIP.compile_blocks
 
     def forward(self, x, causal=False, cu_seqlens=None, max_seqlen=0, impl=None):
-        x = x + self.attn(self.ln_1(x), causal, cu_seqlens, max_seqlen, impl)
+        if self.compile_backend:  # the same two compiled functions serve every block (parameters are inputs)
+            pre, post = _compiled(self.compile_backend)
+            return post(self, x, self.attn.core(pre(self, x), causal, cu_seqlens, max_seqlen, impl))
+        return self.post(x, self.attn.core(self.pre(x), causal, cu_seqlens, max_seqlen, impl))
+
+    def pre(self, x):
+        """Everything before the attention itself: layer norm and the qkv projection."""
+        return F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
+
+    def post(self, x, o):
+        """Everything after it: output projection, residual, layer norm, MLP, residual."""
+        x = x + self.attn.out_proj(o)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -219,6 +245,14 @@ class CLIP(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    def compile_blocks(self, backend: str | None = "inductor") -> CLIP:
+        """Compile the non-attention part of every transformer block (layer norms, projections, MLP, residuals) with
+        torch.compile, fusing its elementwise work; None undoes it. The attention kernels stay as they are."""
+        for m in self.modules():
+            if isinstance(m, ResidualAttentionBlock):
+                m.compile_backend = backend
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.visual.transformer.grad_checkpointing = enable

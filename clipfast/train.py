@@ -205,6 +205,10 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     model = CLIP(mcfg, kernels=cfg.kernels)
     if cfg.init_from:
         load_weights(model, cfg.init_from)
+    if cfg.compile:
+        model.compile_blocks("inductor")
+        if is_main:
+            log.info("compile=true: transformer blocks go through torch.compile (inductor) on the first step")
     check_engine(cfg, world)
     if cfg.engine == "torch":  # one rank, plain PyTorch, optionally CUDA graphs (clipfast.engine)
         engine = TorchEngine(model, cfg, device, bf16, cuda_graph=cfg.cuda_graph)

@@ -102,3 +102,41 @@ def test_cpu_attention_of_bf16_runs_in_float32():
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
     x = torch.randn(2, 3, 5, 16)
     assert torch.equal(sdpa(x, x, x), F.scaled_dot_product_attention(x, x, x))
+
+
+def _step_grads(model, images, ids, cu, max_len):
+    model.zero_grad(set_to_none=True)
+    img, txt, scale = model(images, ids, cu, max_len)
+    (img @ txt.T * scale).logsumexp(-1).sum().backward()
+    return [img, txt] + [p.grad.clone() for p in model.parameters()]
+
+
+def _compile_case(backend):
+    """Eager vs compile_blocks(backend) on two batches whose packed text lengths differ (dynamic token count)."""
+    model = tiny().train()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    batches = [(torch.randint(1, 1000, (9,)), torch.tensor([0, 4, 9], dtype=torch.int32)),
+               (torch.randint(1, 1000, (13,)), torch.tensor([0, 6, 13], dtype=torch.int32))]
+    out = []
+    for ids, cu in batches:
+        eager = _step_grads(model.compile_blocks(None), images, ids, cu, 7)
+        compiled = _step_grads(model.compile_blocks(backend), images, ids, cu, 7)
+        out.append((eager, compiled))
+    assert all(b.compile_backend == backend for b in model.visual.transformer.resblocks)
+    return out
+
+
+def test_compiled_blocks_trace_to_the_same_ops():
+    """aot_eager: dynamo + AOT autograd, no code generation: the traced blocks must run exactly the eager ops."""
+    for eager, compiled in _compile_case("aot_eager"):
+        for a, b in zip(eager, compiled, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_compiled_blocks_inductor_match_eager():
+    """inductor (C++ on the CPU, Triton on a GPU): fused code, float32 sums in other orders, so each tensor is
+    compared as a whole (an entry of a gradient that nearly cancels can part by more than its own size allows)."""
+    for eager, compiled in _compile_case("inductor"):
+        for i, (a, b) in enumerate(zip(eager, compiled, strict=True)):
+            err, size = (b - a).norm().item(), a.norm().item()
+            assert err <= 1e-5 * size + 1e-9, f"tensor {i} {tuple(a.shape)}: |diff| {err:.3g}, |eager| {size:.3g}"

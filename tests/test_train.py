@@ -120,10 +120,11 @@ def test_one_rank_torch_engine_trains_resumes_without_deepspeed(data, tmp_path):
     r = _python_without_deepspeed(tmp_path, "steps=4", *common)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / "ckpt" / "step4" / "state.pt").is_file() and (out / "model.pt").is_file()
-    r = _python_without_deepspeed(tmp_path, "steps=6", "resume=true", *common)
+    r = _python_without_deepspeed(tmp_path, "steps=6", "resume=true", "compile=true", *common)  # resumed, compiled
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "at step 4" in r.stdout + r.stderr
+    assert "at step 4" in r.stdout + r.stderr and "compile=true: transformer blocks" in r.stdout + r.stderr
     m = _metrics(out)
-    assert [x["step"] for x in m] == [2, 4, 6] and all(x["loss"] > 0 for x in m)
+    assert [x["step"] for x in m] == [2, 4, 6] and all(0 < x["loss"] < 10 for x in m)
+    assert json.loads((out / "config.json").read_text())["compile"] is True
     r = _deepspeed(1, "steps=2", *common[:-1], "cuda_graph=true")  # DeepSpeed's engine cannot be captured
     assert r.returncode != 0 and "cuda_graph=true needs engine=torch" in r.stdout + r.stderr
