@@ -33,7 +33,7 @@ def _impl(kernels: str):
 
 def sdpa(q, k, v, causal: bool = False, **kw):
     """F.scaled_dot_product_attention, in float32 for bf16/fp16 inputs on the CPU: there torch's bf16 kernel runs
-    2-5x slower than float32 (forward and backward, one thread, 8-197 tokens: `python bench/cpu_attention.py`),
+    up to ~5x slower than float32 (forward and backward, one thread, 8-197 tokens: `python bench/cpu_attention.py`),
     while the matmuls around it gain from bf16 (AMX). Output in q's dtype."""
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):

@@ -84,8 +84,8 @@ def test_grad_checkpointing_same_gradients():
 
 
 def test_cpu_attention_of_bf16_runs_in_float32():
-    """clipfast.model.sdpa: bf16 on the CPU is computed in float32 (torch's CPU bf16 kernel is 2-5x slower), with or
-    without autocast, and differentiably; float32 is torch's own."""
+    """clipfast.model.sdpa: bf16 on the CPU is computed in float32 (torch's CPU bf16 kernel is up to ~5x slower),
+    with or without autocast, and differentiably; float32 is torch's own."""
     import torch.nn.functional as F
 
     from clipfast.model import sdpa
