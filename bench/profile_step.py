@@ -34,6 +34,8 @@ BUILDERS = {"clipfast": clipfast_step_fn, "clipfast_graph": clipfast_graph_step_
 # first match wins; names of cuBLAS/CUTLASS/Triton/ATen kernels and CPU ops
 GROUPS = [
     ("optimizer", r"adam|foreach|multi_tensor|_fused_adamw"),
+    # torch.compile'd code on the CPU (inductor's C++: MasterAdamW's fused_cast step, compiled blocks)
+    ("compiled (inductor)", r"^## call compiledfxgraph"),
     ("attention", r"flash|fmha|attention|attn|_varlen|softmax"),
     ("matmul", r"gemm|sm90_xmma|cutlass|cublas|matmul|aten::mm|aten::addmm|aten::bmm|nvjet|_patch_embed|linear"),
     ("norm", r"layer_norm|layernorm|native_layer_norm|rms"),
@@ -82,7 +84,7 @@ def profile(impl: str, args, device) -> tuple[str, dict]:
                 if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
     else:  # CPU: self time of aten ops
         rows = [(e.key, e.self_cpu_time_total / 1e3 / args.steps, e.count // args.steps) for e in events
-                if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+                if e.key.startswith(("aten::", "## Call CompiledFxGraph")) and e.self_cpu_time_total > 0]
     rows.sort(key=lambda r: -r[1])
     busy = sum(r[1] for r in rows)
     groups: dict[str, list] = {}

@@ -59,6 +59,7 @@ class _FusedCastAdamW(torch.optim.AdamW):
         kernel = _compiled_adamw_cast()
         for group in self.param_groups:
             b1, b2 = group["betas"]
+            hps = {}  # (step count, device) -> hyper-parameters: as a rule one tensor per group and step
             for m in group["params"]:
                 p = self._param_of[id(m)]
                 if p.grad is None:  # as torch's AdamW: no gradient, no step
@@ -68,8 +69,11 @@ class _FusedCastAdamW(torch.optim.AdamW):
                     st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(m), exp_avg_sq=torch.zeros_like(m))
                 st["step"] += 1
                 t = float(st["step"])
-                hp = torch.tensor([group["lr"], group["weight_decay"], b1, b2, group["eps"], 1 - b1**t,
-                                   math.sqrt(1 - b2**t)], dtype=torch.float32, device=m.device)
+                hp = hps.get((t, m.device))
+                if hp is None:
+                    hp = hps[t, m.device] = torch.tensor(
+                        [group["lr"], group["weight_decay"], b1, b2, group["eps"], 1 - b1**t, math.sqrt(1 - b2**t)],
+                        dtype=torch.float32, device=m.device)
                 args = (p, p.grad, m, st["exp_avg"], st["exp_avg_sq"])
                 if all(x.is_contiguous() for x in args):
                     args = tuple(x.view(-1) for x in args)  # one compiled kernel for every shape
