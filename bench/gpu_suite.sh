@@ -12,9 +12,9 @@
 # commit); with $OUT set (the device tool), summary.md, throughput.{md,png} and a tarball of the folder are
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
 # Defaults end within ~9 minutes (the device tool allows 10 per command): T_TESTS=120 (pytest -n 8 where xdist is
-# installed) T_BENCH=120 (split over the microbenchmark files) T_CLIPA=150 (the CLIPA goal points, --grid clipa
+# installed) T_BENCH=130 (split over the microbenchmark files) T_CLIPA=150 (the CLIPA goal points, --grid clipa
 # --compile: with the compiled-blocks column, into clipa/; 0 skips) T_PROFILE=45 (bench/profile_step.py: B/16
-# 112 px / 16 tokens, batch 1024; 0 skips) T_GRID=90 s, plus a few seconds for the wheels and the environment
+# 112 px / 16 tokens, batch 1024; 0 skips) T_GRID=80 s, plus a few seconds for the wheels and the environment
 # report; GRID_ARGS (default "--grid gpu") and CLIPA_ARGS (default "--grid clipa --compile") replace the grids'
 # arguments; PYTHON
 # (default python3) the interpreter.
@@ -31,10 +31,10 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 PY=${PYTHON:-python3}
 T_TESTS=${T_TESTS:-120}
-T_BENCH=${T_BENCH:-120}
+T_BENCH=${T_BENCH:-130}
 T_CLIPA=${T_CLIPA:-150}  # 0: no CLIPA goal grid
 T_PROFILE=${T_PROFILE:-45}  # 0: no step profile
-T_GRID=${T_GRID:-90}
+T_GRID=${T_GRID:-80}
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
 read -r -a CLIPA_ARGS <<<"${CLIPA_ARGS:---grid clipa --compile}"
 SUITE_START=$(date +%s)

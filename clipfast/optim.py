@@ -93,9 +93,10 @@ class MasterAdamW:
 
     params: tensors or param-group dicts (e.g. clipfast.train.param_groups), as torch.optim takes them.
     fused_cast: do each parameter's cast up, update and copy down in one compiled pass (`_adamw_cast`), reading and
-    writing 28 bytes per parameter where torch's fused AdamW between two casts moves 40: on the 2-core CPU 105 vs
-    146 ms per step for ViT-S/16's 62M parameters. None (default): on the CPU, unless capturable. The state
-    (exp_avg, exp_avg_sq, step) is torch.optim.AdamW's either way, so checkpoints do not depend on it.
+    writing 28 bytes per parameter where torch's fused AdamW between two casts moves 40: on the 2-core CPU 104 vs
+    150 ms per step for ViT-S/16's 62M parameters (bench/test_bench_optim.py). None (default): on the CPU, unless
+    capturable. The state (exp_avg, exp_avg_sq, step) is torch.optim.AdamW's either way, so checkpoints do not depend
+    on it.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.01, fused_cast: bool | None = None, **kw):
