@@ -12,11 +12,11 @@
 # commit); with $OUT set (the device tool), summary.md, throughput.{md,png} and a tarball of the folder are
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
 # Defaults end within ~9 minutes (the device tool allows 10 per command): T_TESTS=120 (pytest -n 8 where xdist is
-# installed) T_BENCH=130 (split over the microbenchmark files) T_CLIPA=150 (the CLIPA goal points, --grid clipa
-# --compile: with the compiled-blocks column, into clipa/; 0 skips) T_PROFILE=45 (bench/profile_step.py: B/16
-# 112 px / 16 tokens, batch 1024; 0 skips) T_GRID=80 s, plus a few seconds for the wheels and the environment
-# report; GRID_ARGS (default "--grid gpu") and CLIPA_ARGS (default "--grid clipa --compile") replace the grids'
-# arguments; PYTHON
+# installed) T_BENCH=130 (split over the microbenchmark files) T_CLIPA=120 (the CLIPA goal points, --grid clipa,
+# into clipa/; 0 skips) T_COMPILE=70 (the two goal points with the compiled-blocks column, into compile/; 0 skips)
+# T_PROFILE=45 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024; 0 skips) T_GRID=60 s, plus a few
+# seconds for the wheels and the environment report; GRID_ARGS (default "--grid gpu") and CLIPA_ARGS (default
+# "--grid clipa") replace the grids' arguments; PYTHON
 # (default python3) the interpreter.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
@@ -32,11 +32,12 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 T_TESTS=${T_TESTS:-120}
 T_BENCH=${T_BENCH:-130}
-T_CLIPA=${T_CLIPA:-150}  # 0: no CLIPA goal grid
+T_CLIPA=${T_CLIPA:-120}  # 0: no CLIPA goal grid
+T_COMPILE=${T_COMPILE:-70}  # 0: no compiled-blocks run at the two CLIPA goal points
 T_PROFILE=${T_PROFILE:-45}  # 0: no step profile
-T_GRID=${T_GRID:-80}
+T_GRID=${T_GRID:-60}
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
-read -r -a CLIPA_ARGS <<<"${CLIPA_ARGS:---grid clipa --compile}"
+read -r -a CLIPA_ARGS <<<"${CLIPA_ARGS:---grid clipa}"
 SUITE_START=$(date +%s)
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -128,6 +129,12 @@ if [ "$T_CLIPA" -gt 30 ]; then
     part throughput_clipa "$T_CLIPA" "$PY" bench/throughput.py "${CLIPA_ARGS[@]}" --out "$DIR/clipa" \
         --time-budget $(( T_CLIPA - 30 ))
 fi
+# CLIP.compile_blocks (torch.compile of each block's non-attention part) at the two goal points only: its first
+# step compiles, which would cost the full grid its last points
+if [ "$T_COMPILE" -gt 30 ]; then
+    part throughput_compile "$T_COMPILE" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --compile \
+        --no-cuda-graph --out "$DIR/compile" --time-budget $(( T_COMPILE - 30 ))
+fi
 # where a CLIPA step's device time goes (kernel groups, busy share), clipfast beside open_clip
 if [ "$T_PROFILE" -gt 0 ]; then
     part profile "$T_PROFILE" "$PY" bench/profile_step.py --out "$DIR"
@@ -146,6 +153,8 @@ part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DI
     grep -E "passed|failed|error" "$DIR/tests.log" 2>/dev/null | tail -n 1
     echo
     [ -f "$DIR/clipa/throughput.md" ] && { echo "## CLIPA goal points"; echo; cat "$DIR/clipa/throughput.md"; echo; }
+    [ -f "$DIR/compile/throughput.md" ] && { echo "## Compiled blocks at the goal points"; echo
+                                              cat "$DIR/compile/throughput.md"; echo; }
     [ -f "$DIR/profile.md" ] && { echo "## Step profile"; echo; cat "$DIR/profile.md"; echo; }
     [ -f "$DIR/throughput.md" ] && { echo "## Grid"; echo; cat "$DIR/throughput.md"; }
 } >"$DIR/summary.md"

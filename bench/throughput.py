@@ -125,6 +125,27 @@ def grid_points(presets, sizes, masks, text_lens) -> dict[str, list[Point]]:
     return out
 
 
+def parse_points(specs: list[str]) -> dict[str, list[Point]]:
+    """--points PRESET:SIZE:TEXT[:MASK] ...: exactly these points, each preset's full-token point first (the
+    speed-ups need it). An entry that does not parse is an error that names it."""
+    out: dict[str, list[Point]] = {}
+    for spec in specs:
+        parts = spec.split(":")
+        try:
+            if len(parts) not in (3, 4):
+                raise ValueError("want PRESET:SIZE:TEXT or PRESET:SIZE:TEXT:MASK")
+            cfg = from_name(parts[0])
+            size, text = int(parts[1]), int(parts[2])
+            mask = float(parts[3]) if len(parts) == 4 else 0.0
+            if not 0 <= mask < 1 or size <= 0 or text < 2:
+                raise ValueError("size > 0, text >= 2, 0 <= mask < 1")
+        except (ValueError, KeyError) as e:
+            raise SystemExit(f"--points: bad entry {spec!r}: {e}") from None
+        pts = out.setdefault(cfg.name, [Point(cfg.name, cfg.vision.image_size, 0.0, cfg.text.context_length)])
+        pts.append(Point(cfg.name, snap(size, cfg.vision.patch_size), mask, text))
+    return {k: list(dict.fromkeys(v)) for k, v in out.items()}
+
+
 def point_batch(args, pt: Point, kept: int) -> int:
     """--batch, else the preset's GPU batch times the largest power of two <= min(max scale, full / kept tokens)."""
     if args.batch:
@@ -375,6 +396,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--grid", choices=sorted(GRIDS), default=None, help="preset grid (default: gpu on CUDA, else cpu)")
     ap.add_argument("--presets", nargs="+", help="preset names or aliases (S/16, B/16, ...)")
+    ap.add_argument("--points", nargs="+", metavar="PRESET:SIZE:TEXT[:MASK]",
+                    help="exactly these points (each preset's full-token point added first), instead of the grid; "
+                         "e.g. B/16:112:16 L/16:96:8 (the CLIPA goal points)")
     ap.add_argument("--sizes", nargs="+", type=int, help="image sides in px (snapped to the patch size)")
     ap.add_argument("--masks", nargs="*", type=float, help="mask ratios, measured at the largest size")
     ap.add_argument("--text-lens", nargs="+", type=int,
@@ -469,7 +493,8 @@ def main(argv=None) -> list[dict]:
                                "jobs), interleaved steps after warm-up; wall-clock medians in the CSV",
                         "wall": "median wall time per step, interleaved steps after warm-up"
                                 + (" (CUDA events)" if device.type == "cuda" else "")}[args.timer_used])
-    groups = grid_points(args.presets, args.sizes, args.masks, args.text_lens)
+    groups = parse_points(args.points) if args.points else grid_points(args.presets, args.sizes, args.masks,
+                                                                        args.text_lens)
     n_points = sum(map(len, groups.values()))
     rows, skipped, t0 = [], [], time.perf_counter()
     print(f"# {name} | torch {torch.__version__} | triton {triton.__version__} | {note} | {n_points} points",

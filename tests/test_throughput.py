@@ -159,3 +159,15 @@ def test_compile_column_and_a_failing_compile_costs_only_its_column(tmp_path, mo
     rows = tp.main(TINY + ["--sizes", "32", "--masks", "--no-open-clip", "--compile", "--out", str(tmp_path / "b")])
     assert rows and all("clipfast_compiled_ms" not in r and "inductor said no" in r["compiled_error"] for r in rows)
     assert all(r["clipfast_ms"] > 0 for r in rows)
+
+
+def test_points_measure_exactly_those_points_after_each_full_point(tmp_path):
+    groups = tp.parse_points(["B/16:112:16", "L/16:96:8:0.5", "B/16:96:8"])
+    assert [(p.size, p.mask, p.text_len) for p in groups["ViT-B-16"]] == [(224, 0.0, 77), (112, 0.0, 16), (96, 0.0, 8)]
+    assert [(p.size, p.mask, p.text_len) for p in groups["ViT-L-16"]] == [(224, 0.0, 77), (96, 0.5, 8)]
+    for bad, why in (("B/16:112", "PRESET:SIZE:TEXT"), ("Z/99:112:16", "unknown model preset"),
+                     ("B/16:112:16:1.5", "mask"), ("B/16:big:16", "invalid literal")):
+        with pytest.raises(SystemExit, match=why):
+            tp.parse_points([bad])
+    rows = tp.main(TINY + ["--points", "demo:16:8:0.5", "--no-open-clip", "--out", str(tmp_path)])
+    assert [(r["image_px"], r["mask"], r["text_len"]) for r in rows] == [(32, 0.0, 16), (16, 0.5, 8)]
