@@ -73,14 +73,18 @@ def test_gradients_reach_every_trainable_parameter():
 
 
 def test_grad_checkpointing_same_gradients():
-    ref, ckpt = tiny().train(), tiny().train()
+    ref, ckpt, ckpt_compiled = tiny().train(), tiny().train(), tiny().train()
     ckpt.set_grad_checkpointing(True)
+    ckpt_compiled.set_grad_checkpointing(True)
+    ckpt_compiled.compile_blocks("aot_eager")  # recomputation through the compiled blocks
     x = torch.randn(2, 3, 32, 32)
-    for m in (ref, ckpt):
+    for m in (ref, ckpt, ckpt_compiled):
         m.encode_image(x).sum().backward()
-    for (n, a), (_, b) in zip(ref.named_parameters(), ckpt.named_parameters()):
+    for (n, a), (_, b), (_, c) in zip(ref.named_parameters(), ckpt.named_parameters(),
+                                      ckpt_compiled.named_parameters()):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-6), n
+            assert torch.allclose(a.grad, c.grad, atol=1e-6), n
 
 
 def test_cpu_attention_of_bf16_runs_in_float32():
