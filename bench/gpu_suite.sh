@@ -13,7 +13,7 @@
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
 # Defaults end within ~9 minutes (the device tool allows 10 per command): T_TESTS=120 (pytest -n 8 where xdist is
 # installed) T_BENCH=130 (split over the microbenchmark files) T_CLIPA=120 (the CLIPA goal points, --grid clipa,
-# into clipa/; 0 skips) T_COMPILE=70 (the two goal points with the compiled-blocks column, into compile/; 0 skips)
+# into clipa/; 0 skips) T_COMPILE=75 (the two goal points, eager beside compiled blocks, into compile/; 0 skips)
 # T_PROFILE=45 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024; 0 skips) T_GRID=60 s, plus a few
 # seconds for the wheels and the environment report; GRID_ARGS (default "--grid gpu") and CLIPA_ARGS (default
 # "--grid clipa") replace the grids' arguments; PYTHON
@@ -33,7 +33,7 @@ PY=${PYTHON:-python3}
 T_TESTS=${T_TESTS:-120}
 T_BENCH=${T_BENCH:-130}
 T_CLIPA=${T_CLIPA:-120}  # 0: no CLIPA goal grid
-T_COMPILE=${T_COMPILE:-70}  # 0: no compiled-blocks run at the two CLIPA goal points
+T_COMPILE=${T_COMPILE:-75}  # 0: no compiled-blocks run at the two CLIPA goal points
 T_PROFILE=${T_PROFILE:-45}  # 0: no step profile
 T_GRID=${T_GRID:-60}
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
@@ -129,11 +129,11 @@ if [ "$T_CLIPA" -gt 30 ]; then
     part throughput_clipa "$T_CLIPA" "$PY" bench/throughput.py "${CLIPA_ARGS[@]}" --out "$DIR/clipa" \
         --time-budget $(( T_CLIPA - 30 ))
 fi
-# CLIP.compile_blocks (torch.compile of each block's non-attention part) at the two goal points only: its first
-# step compiles, which would cost the full grid its last points
+# CLIP.compile_blocks (torch.compile of each block's non-attention part) at the two goal points only, beside the
+# eager step (open_clip's ratio is in clipa/): its first step compiles, which would cost the full grid its last points
 if [ "$T_COMPILE" -gt 30 ]; then
     part throughput_compile "$T_COMPILE" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --compile \
-        --no-cuda-graph --out "$DIR/compile" --time-budget $(( T_COMPILE - 30 ))
+        --no-cuda-graph --no-open-clip --out "$DIR/compile" --time-budget $(( T_COMPILE - 30 ))
 fi
 # where a CLIPA step's device time goes (kernel groups, busy share), clipfast beside open_clip
 if [ "$T_PROFILE" -gt 0 ]; then
