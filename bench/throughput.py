@@ -126,8 +126,9 @@ def grid_points(presets, sizes, masks, text_lens) -> dict[str, list[Point]]:
 
 
 def parse_points(specs: list[str]) -> dict[str, list[Point]]:
-    """--points PRESET:SIZE:TEXT[:MASK] ...: exactly these points, each preset's full-token point first (the
-    speed-ups need it). An entry that does not parse is an error that names it."""
+    """--points PRESET:SIZE:TEXT[:MASK] ...: exactly these points, then each preset's full-token point (the
+    speed-ups need it; last, so that a time budget spends itself on the points asked for first). An entry that does
+    not parse is an error that names it."""
     out: dict[str, list[Point]] = {}
     for spec in specs:
         parts = spec.split(":")
@@ -141,8 +142,10 @@ def parse_points(specs: list[str]) -> dict[str, list[Point]]:
                 raise ValueError("size > 0, text >= 2, 0 <= mask < 1")
         except (ValueError, KeyError) as e:
             raise SystemExit(f"--points: bad entry {spec!r}: {e}") from None
-        pts = out.setdefault(cfg.name, [Point(cfg.name, cfg.vision.image_size, 0.0, cfg.text.context_length)])
-        pts.append(Point(cfg.name, snap(size, cfg.vision.patch_size), mask, text))
+        out.setdefault(cfg.name, []).append(Point(cfg.name, snap(size, cfg.vision.patch_size), mask, text))
+    for name, pts in out.items():
+        cfg = from_name(name)
+        pts.append(Point(name, cfg.vision.image_size, 0.0, cfg.text.context_length))
     return {k: list(dict.fromkeys(v)) for k, v in out.items()}
 
 
@@ -397,7 +400,7 @@ def parse_args(argv=None):
     ap.add_argument("--grid", choices=sorted(GRIDS), default=None, help="preset grid (default: gpu on CUDA, else cpu)")
     ap.add_argument("--presets", nargs="+", help="preset names or aliases (S/16, B/16, ...)")
     ap.add_argument("--points", nargs="+", metavar="PRESET:SIZE:TEXT[:MASK]",
-                    help="exactly these points (each preset's full-token point added first), instead of the grid; "
+                    help="exactly these points (then each preset's full-token point), instead of the grid; "
                          "e.g. B/16:112:16 L/16:96:8 (the CLIPA goal points)")
     ap.add_argument("--sizes", nargs="+", type=int, help="image sides in px (snapped to the patch size)")
     ap.add_argument("--masks", nargs="*", type=float, help="mask ratios, measured at the largest size")

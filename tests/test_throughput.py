@@ -161,13 +161,15 @@ def test_compile_column_and_a_failing_compile_costs_only_its_column(tmp_path, mo
     assert all(r["clipfast_ms"] > 0 for r in rows)
 
 
-def test_points_measure_exactly_those_points_after_each_full_point(tmp_path):
+def test_points_measure_exactly_those_points_then_each_full_point(tmp_path):
     groups = tp.parse_points(["B/16:112:16", "L/16:96:8:0.5", "B/16:96:8"])
-    assert [(p.size, p.mask, p.text_len) for p in groups["ViT-B-16"]] == [(224, 0.0, 77), (112, 0.0, 16), (96, 0.0, 8)]
-    assert [(p.size, p.mask, p.text_len) for p in groups["ViT-L-16"]] == [(224, 0.0, 77), (96, 0.5, 8)]
+    assert [(p.size, p.mask, p.text_len) for p in groups["ViT-B-16"]] == [(112, 0.0, 16), (96, 0.0, 8), (224, 0.0, 77)]
+    assert [(p.size, p.mask, p.text_len) for p in groups["ViT-L-16"]] == [(96, 0.5, 8), (224, 0.0, 77)]
+    assert list(tp.parse_points(["B/16:224:77"])["ViT-B-16"]) == [tp.Point("ViT-B-16", 224, 0.0, 77)]  # once
     for bad, why in (("B/16:112", "PRESET:SIZE:TEXT"), ("Z/99:112:16", "unknown model preset"),
                      ("B/16:112:16:1.5", "mask"), ("B/16:big:16", "invalid literal")):
         with pytest.raises(SystemExit, match=why):
             tp.parse_points([bad])
     rows = tp.main(TINY + ["--points", "demo:16:8:0.5", "--no-open-clip", "--out", str(tmp_path)])
-    assert [(r["image_px"], r["mask"], r["text_len"]) for r in rows] == [(32, 0.0, 16), (16, 0.5, 8)]
+    assert sorted((r["image_px"], r["mask"], r["text_len"]) for r in rows) == [(16, 0.5, 8), (32, 0.0, 16)]
+    assert next(r for r in rows if r["mask"])["clipfast_speedup"] > 1  # the full point, measured last, still counts
