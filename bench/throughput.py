@@ -125,6 +125,15 @@ def grid_points(presets, sizes, masks, text_lens) -> dict[str, list[Point]]:
     return out
 
 
+def cpu_has_amx() -> bool:
+    """Whether the CPU advertises AMX bf16 tiles (Linux /proc/cpuinfo), where bf16 matmuls run ~10x float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def parse_points(specs: list[str]) -> dict[str, list[Point]]:
     """--points PRESET:SIZE:TEXT[:MASK] ...: exactly these points, then each preset's full-token point (the
     speed-ups need it; last, so that a time budget spends itself on the points asked for first). An entry that does
@@ -502,6 +511,9 @@ def main(argv=None) -> list[dict]:
     rows, skipped, t0 = [], [], time.perf_counter()
     print(f"# {name} | torch {torch.__version__} | triton {triton.__version__} | {note} | {n_points} points",
           file=sys.stderr)
+    if device.type == "cpu" and args.precision == "fp32" and cpu_has_amx():
+        print("# this CPU has AMX (fast bf16 matmuls): --precision amp_bf16 --clipfast-precision bf16_master times "
+              "both libraries in their mixed precision, as on a GPU", file=sys.stderr)
     i = 0
     for g, points in enumerate(groups.values()):
         # the time budget is shared out per preset (what one leaves over goes to the next), so a slow preset
