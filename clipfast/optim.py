@@ -134,7 +134,9 @@ class MasterAdamW:
         return self.opt.state
 
     def master_bytes(self) -> int:
-        return sum(m.numel() * m.element_size() for m in self.master)
+        """What this optimizer holds beside torch's AdamW state: the fp32 masters and, unfused, their fp32 gradient
+        buffers (kept from step to step)."""
+        return sum(t.numel() * t.element_size() for t in (*self.master, *self._grad32))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
