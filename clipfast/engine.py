@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
-from clipfast.optim import MasterAdamW
+from clipfast.optim import MasterAdamW, clipped_step
 
 
 class TorchEngine:
@@ -60,9 +60,8 @@ class TorchEngine:
         loss.backward()
 
     def step(self) -> None:
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip, foreach=True)
-        self.optimizer.step()
+        with clipped_step(self.optimizer, list(self.module.parameters()), self.cfg.grad_clip):  # fp32: in AdamW
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 

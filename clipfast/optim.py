@@ -9,6 +9,7 @@ run as one compiled pass instead (fused_cast).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -167,3 +168,33 @@ class MasterAdamW:
             m.copy_(saved)
             p.copy_(saved)  # the weights are the masters rounded
         self.opt.load_state_dict(sd["opt"])
+
+
+def folds_clipping(optimizer) -> bool:
+    """Whether clipped_step can hand the clipping to the optimizer's own kernel: torch's fused AdamW (not capturable;
+    its grad_scale input is what GradScaler uses)."""
+    return type(optimizer) is torch.optim.AdamW and all(g.get("fused") and not g.get("capturable")
+                                                        for g in optimizer.param_groups)
+
+
+@contextlib.contextmanager
+def clipped_step(optimizer, params, max_norm: float):
+    """Gradients clipped to a global L2 norm of max_norm for the optimizer step run inside the block.
+
+    torch's fused AdamW does it in its own pass: the norm is one read of the gradients, and the kernel divides each
+    gradient by max(1, (norm + 1e-6) / max_norm) (its grad_scale input) where clip_grad_norm_ multiplies every
+    gradient in a pass of its own (with the norm, 44 ms of ViT-S/16's 406 ms step on the CPU through DeepSpeed's
+    clipping). Any other optimizer gets torch.nn.utils.clip_grad_norm_ first. max_norm 0 or None: no clipping.
+    """
+    fold = bool(max_norm) and folds_clipping(optimizer)
+    if max_norm and not fold:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    elif fold:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # float32 for float32 gradients; on their device
+        optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
+    try:
+        yield
+    finally:
+        if fold:
+            optimizer.grad_scale = None

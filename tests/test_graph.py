@@ -234,3 +234,46 @@ def test_master_adamw_fused_cast_falls_back_to_eager_with_a_warning(monkeypatch,
         opt.step()
     assert "running it eagerly" in caplog.text and optim._COMPILED_STEP is optim._adamw_cast
     torch.testing.assert_close(opt.master[0], w32.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e3, 0.0])  # clipping, a bound the norm stays under, no clipping
+def test_clipped_step_in_fused_adamw_equals_clip_grad_norm_then_step(max_norm):
+    from clipfast.optim import clipped_step, folds_clipping
+
+    torch.manual_seed(3)
+    shapes = [(40, 6), (6,), (3, 5, 2)]
+    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    b, c = ([torch.nn.Parameter(x.detach().clone()) for x in a] for _ in range(2))
+    opt_a, opt_b, opt_c = (torch.optim.AdamW(ws, lr=1e-2, weight_decay=0.1, fused=True) for ws in (a, b, c))
+    assert folds_clipping(opt_b) and not folds_clipping(torch.optim.AdamW(b, lr=1e-2))
+    for i in range(4):
+        gen = torch.Generator().manual_seed(i)
+        scale = 1 + i  # gradients of changing size: clipping then changes Adam's steps, not only their scale
+        gs = [scale * torch.randn(s, generator=gen) for s in shapes]
+        for x, y, z, g in zip(a, b, c, gs):
+            x.grad, y.grad, z.grad = g.clone(), g.clone(), g.clone()
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(a, max_norm, foreach=True)
+        opt_a.step()
+        opt_c.step()  # never clipped
+        with clipped_step(opt_b, b, max_norm):
+            assert (getattr(opt_b, "grad_scale", None) is not None) == bool(max_norm)
+            opt_b.step()
+        assert getattr(opt_b, "grad_scale", None) is None
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+    parted = max(((x - z).abs().max() / z.abs().max()).item() for x, z in zip(a, c))
+    assert (parted > 1e-3) == (max_norm == 0.05)  # clipping moved the weights elsewhere: the check above can fail
+
+
+def test_clipped_step_clips_first_for_an_optimizer_it_cannot_fold_into():
+    from clipfast.optim import clipped_step
+
+    w = torch.nn.Parameter(torch.zeros(4))
+    w.grad = torch.full((4,), 3.0)  # norm 6
+    opt = torch.optim.SGD([w], lr=1.0)
+    with clipped_step(opt, [w], 1.5):
+        assert not hasattr(opt, "grad_scale")
+        torch.testing.assert_close(w.grad.norm(), torch.tensor(1.5))  # clipped before the step
+        opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((4,), -0.75))

@@ -96,6 +96,10 @@ def test_one_rank_runs_zero_stage_0_and_more_ranks_the_configured_stage():
     assert deepspeed_config(cfg, 1, bf16=False)["zero_optimization"]["stage"] == 0
     assert deepspeed_config(cfg, 2, bf16=True)["zero_optimization"]["stage"] == 2
     assert deepspeed_config(cfg, 2, bf16=True)["bf16"]["enabled"] is True
+    # one rank in float32 the trainer clips inside its fused AdamW (clipfast.optim.clipped_step), else DeepSpeed
+    assert deepspeed_config(cfg, 1, bf16=False)["gradient_clipping"] == 0.0
+    assert deepspeed_config(cfg, 1, bf16=True)["gradient_clipping"] == cfg.grad_clip
+    assert deepspeed_config(cfg, 2, bf16=False)["gradient_clipping"] == cfg.grad_clip > 0
     with pytest.raises(ValueError, match="not divisible"):
         deepspeed_config(TrainConfig(batch_size=9), 2, bf16=False)
 
