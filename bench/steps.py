@@ -104,7 +104,7 @@ def clipfast_ds_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
     from clipfast.config import TrainConfig
     from clipfast.loss import distributed_clip_loss
     from clipfast.optim import clipped_step
-    from clipfast.train import clips_in_optimizer, deepspeed_config, make_optimizer
+    from clipfast.train import deepspeed_config, make_optimizer, trainer_clip
 
     _single_process_dist(device)
     tc = TrainConfig(batch_size=batch_size, lr=1e-5, lr_scaled_by_batch=False)
@@ -113,7 +113,7 @@ def clipfast_ds_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
     bf16 = device.type == "cuda"
     engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(tc, 1, bf16=bf16))
     engine.enable_backward_allreduce = False  # as clipfast.train on one rank
-    own_clip = clips_in_optimizer(1, bf16)  # as clipfast.train: float32 clips inside the fused AdamW
+    clip = trainer_clip(tc, 1, bf16)  # as clipfast.train: float32 clips inside the fused AdamW
     params = list(model.parameters())
     grid = cfg.vision.grid
 
@@ -122,7 +122,7 @@ def clipfast_ds_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
         img, txt, scale = engine(b.images, b.text, b.cu_seqlens, b.max_len, keep=keep)
         loss = distributed_clip_loss(img, txt, scale)
         engine.backward(loss)
-        with clipped_step(engine.optimizer, params, tc.grad_clip) if own_clip else contextlib.nullcontext():
+        with clipped_step(engine.optimizer, params, clip):
             engine.step()
         return loss.detach()
 

@@ -104,6 +104,12 @@ def clips_in_optimizer(world: int, bf16: bool) -> bool:
     return world == 1 and not bf16
 
 
+def trainer_clip(cfg: TrainConfig, world: int, bf16: bool) -> float:
+    """The max norm the trainer clips to around DeepSpeed's engine.step() (clipfast.optim.clipped_step): cfg.grad_clip
+    where clips_in_optimizer, else 0 (DeepSpeed clips, or engine=torch clips in its own step)."""
+    return cfg.grad_clip if cfg.engine != "torch" and clips_in_optimizer(world, bf16) else 0.0
+
+
 def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks")
@@ -235,8 +241,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                                                                config=deepspeed_config(cfg, world, bf16))
         if world == 1:  # one rank: the all-reduce would only flatten and copy back every gradient (demo, CPU:
             engine.enable_backward_allreduce = False  # 26.5 vs 24.5 ms per step)
-    # DeepSpeed one rank, float32: the trainer clips, inside the fused AdamW (clips_in_optimizer)
-    own_clip = cfg.engine != "torch" and clips_in_optimizer(world, bf16) and bool(cfg.grad_clip)
+    clip = trainer_clip(cfg, world, bf16)  # DeepSpeed on one float32 rank: clipped inside the fused AdamW
     params = [p for p in model.parameters() if p.requires_grad]
     step = 0
     ckpt_dir = out / "ckpt"
@@ -265,10 +270,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         img, txt, scale = engine(batch["images"], batch["text"], batch["cu_seqlens"], batch["max_len"], keep=keep)
         loss = distributed_clip_loss(img, txt, scale)
         engine.backward(loss)
-        if own_clip:
-            with clipped_step(engine.optimizer, params, cfg.grad_clip):
-                engine.step()
-        else:
+        with clipped_step(engine.optimizer, params, clip):  # clip 0: nothing to do here
             engine.step()
         return loss.detach()
 

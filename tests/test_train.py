@@ -100,6 +100,11 @@ def test_one_rank_runs_zero_stage_0_and_more_ranks_the_configured_stage():
     assert deepspeed_config(cfg, 1, bf16=False)["gradient_clipping"] == 0.0
     assert deepspeed_config(cfg, 1, bf16=True)["gradient_clipping"] == cfg.grad_clip
     assert deepspeed_config(cfg, 2, bf16=False)["gradient_clipping"] == cfg.grad_clip > 0
+    from clipfast.train import trainer_clip  # exactly one of the two clips
+
+    for world, bf16 in ((1, False), (1, True), (2, False)):
+        assert (trainer_clip(cfg, world, bf16) > 0) != (deepspeed_config(cfg, world, bf16)["gradient_clipping"] > 0)
+    assert trainer_clip(TrainConfig(engine="torch"), 1, False) == 0.0  # TorchEngine.step clips itself
     with pytest.raises(ValueError, match="not divisible"):
         deepspeed_config(TrainConfig(batch_size=9), 2, bf16=False)
 
