@@ -62,7 +62,11 @@ class Attention(nn.Module):
         D = qkv.shape[-1] // 3
         if cu_seqlens is None:  # dense (B, N, D)
             B, N, _ = qkv.shape
-            q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            # unbind over the q/k/v axis, then transpose each: backward stacks dq, dk, dv (each laid out (B, N, H, d),
+            # as SDPA allocates them) along that axis into qkv's own layout, one contiguous copy. Unbinding a permuted
+            # (3, B, H, N, d) view instead stacked into that order and then copied back: two transposing copies per
+            # block (the H200 profile at efae470: 9.8 of 93.5 ms per B/16 step)
+            q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3, self.heads, D // self.heads).unbind(2))
             return sdpa(q, k, v, causal).transpose(1, 2).reshape(B, N, D)
         T = qkv.shape[0]  # packed (T, D)
         q, k, v = qkv.view(T, 3, self.heads, D // self.heads).unbind(1)  # each (T, H, d)
