@@ -11,10 +11,11 @@
 # Everything lands in bench/results/<device>-<date>/ (suite.log, per-part logs, summary.md with device, date,
 # commit); with $OUT set (the device tool), summary.md, throughput.{md,png} and a tarball of the folder are
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
-# Defaults end within ~9.5 minutes (the device tool allows 10 per command): T_TESTS=120 (pytest -n 8 where xdist is
-# installed) T_BENCH=130 (split over the microbenchmark files) T_CLIPA=120 (the CLIPA goal points, --grid clipa,
-# into clipa/; 0 skips) T_COMPILE=75 (the two goal points, eager beside compiled blocks, into compile/; 0 skips)
-# T_PROFILE=45 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024; 0 skips) T_GRID=45 s, plus a few
+# Defaults end within ~9.5 minutes (the device tool allows 10 per command): T_TESTS=175 (pytest -n 8 where xdist
+# is installed; 120 s cut the H200 run at efae470 short, cold, where a warm rerun took 107 s) T_BENCH=100 (split
+# over the microbenchmark files; they took 60 s there) T_CLIPA=120 (the CLIPA goal points, --grid clipa, into
+# clipa/; 0 skips) T_COMPILE=60 (the two goal points, eager beside compiled blocks, into compile/; 0 skips)
+# T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024; 0 skips) T_GRID=40 s, plus a few
 # seconds for the wheels and the environment report; GRID_ARGS (default "--grid gpu") and CLIPA_ARGS (default
 # "--grid clipa") replace the grids' arguments; PYTHON
 # (default python3) the interpreter.
@@ -30,12 +31,12 @@ set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 PY=${PYTHON:-python3}
-T_TESTS=${T_TESTS:-120}
-T_BENCH=${T_BENCH:-130}
+T_TESTS=${T_TESTS:-175}
+T_BENCH=${T_BENCH:-100}
 T_CLIPA=${T_CLIPA:-120}  # 0: no CLIPA goal grid
-T_COMPILE=${T_COMPILE:-75}  # 0: no compiled-blocks run at the two CLIPA goal points
-T_PROFILE=${T_PROFILE:-45}  # 0: no step profile
-T_GRID=${T_GRID:-45}
+T_COMPILE=${T_COMPILE:-60}  # 0: no compiled-blocks run at the two CLIPA goal points
+T_PROFILE=${T_PROFILE:-40}  # 0: no step profile
+T_GRID=${T_GRID:-40}
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
 read -r -a CLIPA_ARGS <<<"${CLIPA_ARGS:---grid clipa}"
 SUITE_START=$(date +%s)

@@ -119,33 +119,47 @@ def test_graph_replay_equals_eager_steps(mask, precision):
             return model.to(torch.bfloat16), MasterAdamW(model.parameters(), **kw)
         return model, torch.optim.AdamW(model.parameters(), **kw)
 
-    model_e, opt_e = build()
-    init = {k: v.clone() for k, v in model_e.state_dict().items()}
-    eager = []
-    for images, text, cu, keep in batches:
-        img, txt, scale = model_e(images, text, cu, cfg.text.context_length, keep)
-        loss = clip_loss(img, txt, scale)
-        loss.backward()
-        opt_e.step()
-        opt_e.zero_grad(set_to_none=True)
-        eager.append(loss.item())
+    def run_eager(padded: bool):
+        """Six eager steps; padded: on the text exactly as the graph pads it (same shapes, so the same kernels)."""
+        model, opt = build()
+        losses = []
+        for images, text, cu, keep in batches:
+            if padded:
+                text, cu = pad_packed_text(text, cu, 64, cfg.text.context_length)
+            img, txt, scale = model(images, text, cu, cfg.text.context_length, keep)
+            loss = clip_loss(img, txt[:B], scale)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return model, losses
 
+    init = {k: v.clone() for k, v in build()[0].state_dict().items()}
+    model_e, eager = run_eager(padded=False)
     model_g, opt_g = build()
     step = GraphedTrainStep(model_g, opt_g, autocast_dtype=None, text_bucket=64)
     graphed = [step(*b).item() for b in batches]
     assert step.captures == len(step.graphs) >= 2  # each bucket captured once, replayed after
     tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)  # bf16: 8 mantissa bits
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), **tol)
-    for (name, a), b, p0 in zip(model_e.state_dict().items(), model_g.state_dict().values(), init.values(),
-                                strict=True):
-        if precision == "fp32":
+    if precision == "fp32":  # padding the text changes no real row's math: the weights follow unpadded eager ones
+        for (name, a), b in zip(model_e.state_dict().items(), model_g.state_dict().values(), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
-        else:
-            # bf16: both runs round every op, in other orders (padded text), and Adam turns a near-zero gradient's
-            # rounding into a step of up to lr: entries can part by a few lr (the H200 at 5b759a6: positional_embedding
-            # outside an elementwise 1e-3). The tensor as a whole must still move as eager moved it.
-            moved, apart = (a.float() - p0.float()).norm(), (b.float() - a.float()).norm()
-            assert apart <= 0.25 * moved + 1e-6, f"{name}: graphed vs eager {apart:.3g}, eager moved {moved:.3g}"
+        return
+    # bf16: padding changes the text matmuls' shapes, hence cuBLAS's kernels and their rounding, and Adam turns a
+    # near-zero gradient's rounding into a step of up to lr: against unpadded eager, whole tensors parted by up to
+    # 0.29 of how far they moved (the H200 at efae470: ln_1.weight). So the weights are held to eager steps on the
+    # same padded text, where capture and replay are all that differs: each tensor must move as eager moved it.
+    model_p, padded = run_eager(padded=True)
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(padded), **tol)
+    ratios = {}
+    for (name, a), b, p0 in zip(model_p.state_dict().items(), model_g.state_dict().values(), init.values(),
+                                strict=True):
+        moved, apart = (a.float() - p0.float()).norm(), (b.float() - a.float()).norm()
+        ratios[name] = (apart / (moved + 1e-6)).item()
+    worst = max(ratios, key=ratios.get)
+    print(f"graphed vs padded eager, bf16: worst tensor {worst} apart {ratios[worst]:.3g} of its move")
+    assert ratios[worst] <= 0.1, f"{worst}: graphed vs padded eager {ratios[worst]:.3g} of how far eager moved it"
 
 
 @pytest.mark.parametrize("fused_cast", [False, True])
