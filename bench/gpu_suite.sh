@@ -4,21 +4,23 @@
 #
 #     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh
 #
-# 1. kernel and model tests, natively (no interpreter): tests/test_{graph,engine,patch_embed,varlen_attention,aot_*,model,loss,
-#    flops,presets,interop}.py (none imports DeepSpeed or DALI; presets/interop skip without open_clip)
+# 1. kernel and model tests, natively (no interpreter): tests/test_{graph,engine,patch_embed,varlen_attention,
+#    layer_norm,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed or DALI; presets/interop skip
+#    without open_clip)
 # 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
-# 3. the throughput grids: --grid clipa into clipa/, then --grid gpu (clipfast beside open_clip, if present)
+# 3. the throughput grids: --grid clipa into clipa/; the two goal points with compiled blocks (compile/) and with
+#    the layer-norm kernel (layer_norm/); a step profile; then --grid gpu (clipfast beside open_clip, if present)
 # Everything lands in bench/results/<device>-<date>/ (suite.log, per-part logs, summary.md with device, date,
 # commit); with $OUT set (the device tool), summary.md, throughput.{md,png} and a tarball of the folder are
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
-# Defaults end within ~9.5 minutes (the device tool allows 10 per command): T_TESTS=175 (pytest -n 8 where xdist
-# is installed; 120 s cut the H200 run at efae470 short, cold, where a warm rerun took 107 s) T_BENCH=100 (split
-# over the microbenchmark files; they took 60 s there) T_CLIPA=120 (the CLIPA goal points, --grid clipa, into
-# clipa/; 0 skips) T_COMPILE=60 (the two goal points, eager beside compiled blocks, into compile/; 0 skips)
-# T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024; 0 skips) T_GRID=40 s, plus a few
-# seconds for the wheels and the environment report; GRID_ARGS (default "--grid gpu") and CLIPA_ARGS (default
-# "--grid clipa") replace the grids' arguments; PYTHON
-# (default python3) the interpreter.
+# Defaults end within ~9.5 minutes (the device tool allows 10 per command; typical parts end sooner): T_TESTS=150
+# (pytest -n 8 where xdist is installed; 120 s cut the H200 run at efae470 short, cold, where a warm rerun took
+# 107 s) T_BENCH=120 (split over the microbenchmark files; three took 60 s there) T_CLIPA=120 (the CLIPA goal
+# points, --grid clipa, into clipa/; 0 skips) T_COMPILE=60 (the two goal points, eager beside compiled blocks,
+# into compile/; 0 skips) T_LN=45 (the same two points with --clipfast-layer-norm triton, into layer_norm/; 0
+# skips) T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024; 0 skips) T_GRID=40 s, plus a
+# few seconds for the wheels and the environment report; GRID_ARGS (default "--grid gpu") and CLIPA_ARGS
+# (default "--grid clipa") replace the grids' arguments; PYTHON (default python3) the interpreter.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
 # GPU image) travel as wheels in .whl/ (git-ignored; 2.4 MB). Prepare them on a machine with PyPI access with
@@ -31,10 +33,11 @@ set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 PY=${PYTHON:-python3}
-T_TESTS=${T_TESTS:-175}
-T_BENCH=${T_BENCH:-100}
+T_TESTS=${T_TESTS:-150}
+T_BENCH=${T_BENCH:-120}
 T_CLIPA=${T_CLIPA:-120}  # 0: no CLIPA goal grid
 T_COMPILE=${T_COMPILE:-60}  # 0: no compiled-blocks run at the two CLIPA goal points
+T_LN=${T_LN:-45}  # 0: no run with clipfast's layer-norm kernel at the two goal points
 T_PROFILE=${T_PROFILE:-40}  # 0: no step profile
 T_GRID=${T_GRID:-40}
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
@@ -97,7 +100,7 @@ part env 60 bash "$DIR/env.sh"
 # leaves TRITON_INTERPRET unset, so the kernels compile and run natively
 TESTS=(tests/test_graph.py tests/test_engine.py tests/test_patch_embed.py tests/test_varlen_attention.py tests/test_aot_patch_embed.py
        tests/test_aot_varlen_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py
-       tests/test_presets.py tests/test_interop.py)
+       tests/test_presets.py tests/test_interop.py tests/test_layer_norm.py tests/test_aot_layer_norm.py)
 EXISTING=()
 for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done
 # pytest-xdist (in the GPU image): a fresh machine compiles every Triton kernel first, and 8 workers do that in
@@ -136,6 +139,12 @@ if [ "$T_COMPILE" -gt 30 ]; then
     part throughput_compile "$T_COMPILE" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --compile \
         --no-cuda-graph --no-open-clip --out "$DIR/compile" --time-budget $(( T_COMPILE - 30 ))
 fi
+# kernels.layer_norm (dW, dB fused into dx's pass; CLIP.set_layer_norm("triton")) at the two goal points, against
+# the eager column of clipa/ (same machine, minutes apart): torch's layer norms took 12.4 of 85.3 ms at 87ad763
+if [ "$T_LN" -gt 30 ]; then
+    part throughput_layer_norm "$T_LN" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 \
+        --clipfast-layer-norm triton --no-cuda-graph --no-open-clip --out "$DIR/layer_norm" --time-budget $(( T_LN - 30 ))
+fi
 # where a CLIPA step's device time goes (kernel groups, busy share), clipfast beside open_clip
 if [ "$T_PROFILE" -gt 0 ]; then
     part profile "$T_PROFILE" "$PY" bench/profile_step.py --out "$DIR"
@@ -156,6 +165,8 @@ part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DI
     [ -f "$DIR/clipa/throughput.md" ] && { echo "## CLIPA goal points"; echo; cat "$DIR/clipa/throughput.md"; echo; }
     [ -f "$DIR/compile/throughput.md" ] && { echo "## Compiled blocks at the goal points"; echo
                                               cat "$DIR/compile/throughput.md"; echo; }
+    [ -f "$DIR/layer_norm/throughput.md" ] && { echo "## clipfast's layer-norm kernel at the goal points"; echo
+                                                 cat "$DIR/layer_norm/throughput.md"; echo; }
     [ -f "$DIR/profile.md" ] && { echo "## Step profile"; echo; cat "$DIR/profile.md"; echo; }
     [ -f "$DIR/throughput.md" ] && { echo "## Grid"; echo; cat "$DIR/throughput.md"; }
 } >"$DIR/summary.md"

@@ -31,9 +31,14 @@ def _optimizer(model, precision: str = "fp32", **kw):
     return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True, **kw)
 
 
+# every clipfast column's layer norms (CLIP.set_layer_norm): "torch" or "triton"; bench/throughput.py's
+# --clipfast-layer-norm sets it for the run
+LAYER_NORM = "torch"
+
+
 def _clipfast_model(cfg: ModelConfig, device, precision: str) -> CLIP:
     with torch.device(device):
-        model = CLIP(cfg).train()
+        model = CLIP(cfg).train().set_layer_norm(LAYER_NORM)
     return model.to(torch.bfloat16) if precision in ("bf16", "bf16_master") else model
 
 

@@ -68,6 +68,7 @@ from bench.steps import (  # noqa: E402
     clipfast_step_fn,
     open_clip_step_fn,
 )
+import bench.steps as bench_steps  # noqa: E402
 from clipfast.data.loader import pack_text  # noqa: E402
 from clipfast.flops import flops_per_sample  # noqa: E402
 from clipfast.model import IMAGE_MEAN, IMAGE_STD  # noqa: E402
@@ -435,6 +436,8 @@ def parse_args(argv=None):
     ap.add_argument("--clipfast-precision", choices=["bf16_master", "amp_bf16", "bf16", "fp32"],
                     help="clipfast's; default on CUDA bf16_master, as clipfast.train runs (DeepSpeed bf16: bf16 "
                          "weights and activations, fp32 master weights in the optimizer), else --precision")
+    ap.add_argument("--clipfast-layer-norm", choices=["torch", "triton"], default="torch",
+                    help="clipfast's layer norms (CLIP.set_layer_norm): torch's, or kernels.layer_norm on CUDA")
     ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: clipfast.train.peak_flops)")
     ap.add_argument("--no-open-clip", action="store_true", help="skip the open_clip column")
     ap.add_argument("--data", help="webdataset shards: time clipfast with its DALI loader (open_clip skipped)")
@@ -458,6 +461,7 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
+    bench_steps.LAYER_NORM = args.clipfast_layer_norm
     if args.threads:
         torch.set_num_threads(args.threads)
     one_thread = device.type == "cpu" and torch.get_num_threads() == 1
@@ -494,8 +498,9 @@ def main(argv=None) -> list[dict]:
 
     meta = dict(device=name, date=today, commit=git_commit(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), open_clip=note,
-                precision=args.precision if args.clipfast_precision == args.precision else
-                f"clipfast {args.clipfast_precision}, open_clip {args.precision}",
+                precision=(args.precision if args.clipfast_precision == args.precision else
+                           f"clipfast {args.clipfast_precision}, open_clip {args.precision}")
+                + ("" if args.clipfast_layer_norm == "torch" else f", clipfast layer norm {args.clipfast_layer_norm}"),
                 threads=torch.get_num_threads(), peak_tflops=args.peak / 1e12 if args.peak else None,
                 load_start=os.getloadavg(), argv=sys.argv[1:] if argv is None else list(argv),
                 captions=f"log-normal lengths, median {CAPTION_MEDIAN}, sigma {CAPTION_SIGMA}, clipped to [2, text "

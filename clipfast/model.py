@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clipfast.presets import ModelConfig, TextConfig, VisionConfig
-from kernels import masked_patch_embed, varlen_attention
+from kernels import layer_norm, masked_patch_embed, varlen_attention
+from kernels._common import interpreting
 
 # OpenAI CLIP's pixel statistics (open_clip's OPENAI_DATASET_MEAN / STD), applied to uint8 images.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,6 +40,22 @@ def sdpa(q, k, v, causal: bool = False, **kw):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal, **kw).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kw)
+
+
+LAYER_NORMS = ("torch", "triton")
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same state_dict) that can run `kernels.layer_norm`: impl "torch" is
+    F.layer_norm; "triton" the fused kernel (dW and dB in dx's pass) on CUDA tensors and under the interpreter,
+    F.layer_norm elsewhere and inside torch.compile (which fuses the norm itself). Set by CLIP.set_layer_norm."""
+
+    impl = "torch"
+
+    def forward(self, x):
+        if self.impl == "triton" and (x.is_cuda or interpreting()) and not torch.compiler.is_compiling():
+            return layer_norm(x, self.weight, self.bias, self.eps, impl="triton")
+        return super().forward(x)
 
 
 class Attention(nn.Module):
@@ -89,9 +106,9 @@ class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float):
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = LayerNorm(width)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = LayerNorm(width)
         self.mlp = nn.Sequential(
             OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(hidden, width))])
         )
@@ -162,9 +179,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"vision.pos_embed must be 'learned' or 'sincos', got {cfg.pos_embed!r}")
         if cfg.pool not in ("tok", "avg"):
             raise ValueError(f"vision.pool must be 'tok' or 'avg', got {cfg.pool!r}")
-        self.ln_pre = nn.Identity() if cfg.no_ln_pre else nn.LayerNorm(w)
+        self.ln_pre = nn.Identity() if cfg.no_ln_pre else LayerNorm(w)
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio)
-        self.ln_post = nn.LayerNorm(w)
+        self.ln_post = LayerNorm(w)
         self.proj = nn.Parameter(scale * torch.randn(w, embed_dim))
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
@@ -227,7 +244,7 @@ class CLIP(nn.Module):
         self.token_embedding = nn.Embedding(t.vocab_size, t.width)
         self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
         self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio)
-        self.ln_final = nn.LayerNorm(t.width)
+        self.ln_final = LayerNorm(t.width)
         self.text_projection = nn.Parameter(torch.empty(t.width, cfg.embed_dim))
         # Held as shape (1,): DeepSpeed 0.19.8 broadcasts parameters through .view(torch.uint8), which fails
         # for 0-dim tensors. The state_dict hooks keep open_clip's 0-dim layout on save and load.
@@ -256,6 +273,15 @@ class CLIP(nn.Module):
         for m in self.modules():
             if isinstance(m, ResidualAttentionBlock):
                 m.compile_backend = backend
+        return self
+
+    def set_layer_norm(self, impl: str = "torch") -> CLIP:
+        """Every layer norm's implementation: "torch" (F.layer_norm) or "triton" (kernels.layer_norm on CUDA)."""
+        if impl not in LAYER_NORMS:
+            raise ValueError(f"layer_norm must be one of {LAYER_NORMS}, got {impl!r}")
+        for m in self.modules():
+            if isinstance(m, LayerNorm):
+                m.impl = impl
         return self
 
     def set_grad_checkpointing(self, enable: bool = True):

@@ -144,3 +144,27 @@ def test_compiled_blocks_inductor_match_eager():
         for i, (a, b) in enumerate(zip(eager, compiled, strict=True)):
             err, size = (b - a).norm().item(), a.norm().item()
             assert err <= 1e-5 * size + 1e-9, f"tensor {i} {tuple(a.shape)}: |diff| {err:.3g}, |eager| {size:.3g}"
+
+
+def test_triton_layer_norm_matches_torch_and_keeps_the_state_dict():
+    """set_layer_norm("triton"): every layer norm through kernels.layer_norm (under the interpreter on the CPU, natively
+    on a GPU): the same features and gradients as F.layer_norm to float32 rounding, the same state_dict."""
+    import pytest
+
+    from clipfast.model import LayerNorm
+    from tests.conftest import DEVICE
+
+    model = tiny().train().to(DEVICE)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
+    ids, cu = torch.randint(1, 1000, (11,), device=DEVICE), torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE)
+    norms = [m for m in model.modules() if isinstance(m, LayerNorm)]
+    assert len(norms) >= 2 * 2 * 2 + 2 and all(m.impl == "torch" for m in norms)  # 2 per block, ln_post, ln_final
+    ref = _step_grads(model, images, ids, cu, 7)
+    keys = list(model.state_dict())
+    got = _step_grads(model.set_layer_norm("triton"), images, ids, cu, 7)
+    assert all(m.impl == "triton" for m in norms) and list(model.state_dict()) == keys
+    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+        err, size = (b - a).norm().item(), a.norm().item()
+        assert err <= 1e-5 * size + 1e-7, f"tensor {i} {tuple(a.shape)}: |diff| {err:.3g}, |torch| {size:.3g}"
+    with pytest.raises(ValueError, match=r"one of \('torch', 'triton'\)"):
+        model.set_layer_norm("apex")

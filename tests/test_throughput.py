@@ -175,3 +175,23 @@ def test_points_measure_exactly_those_points_then_each_full_point(tmp_path):
     masked, full = sorted(rows, key=lambda r: r["mask"], reverse=True)  # the full point, measured last, still counts:
     assert full["clipfast_speedup"] == 1.0
     assert masked["clipfast_speedup"] == round(masked["clipfast_samples_s"] / full["clipfast_samples_s"], 3)
+
+
+def test_clipfast_layer_norm_flag_reaches_every_clipfast_model(tmp_path, monkeypatch):
+    """--clipfast-layer-norm triton: the clipfast columns' models run kernels.layer_norm (under the interpreter here),
+    and the run's header says so."""
+    import bench.steps as steps
+    from clipfast.model import LayerNorm
+
+    built = []
+    real = steps._clipfast_model
+    monkeypatch.setattr(steps, "_clipfast_model", lambda *a: built.append(real(*a)) or built[-1])
+    monkeypatch.setattr(steps, "LAYER_NORM", "torch")  # restored after the test: tp.main sets it for the run
+    rows = tp.main(TINY + ["--points", "demo:16:8", "--no-open-clip", "--clipfast-layer-norm", "triton",
+                           "--out", str(tmp_path)])  # fmt: skip
+    assert rows and built
+    assert all(m.impl == "triton" for model in built for m in model.modules() if isinstance(m, LayerNorm))
+    meta = json.loads((tmp_path / "throughput.json").read_text())["meta"]
+    assert "clipfast layer norm triton" in meta["precision"]
+    with pytest.raises(SystemExit):
+        tp.parse_args(["--clipfast-layer-norm", "apex"])
