@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clipfast.presets import ModelConfig, TextConfig, VisionConfig
-from kernels import layer_norm, masked_patch_embed, varlen_attention
+from kernels import layer_norm, masked_patch_embed, varlen_attention_qkvpacked
 from kernels._common import interpreting
 
 # OpenAI CLIP's pixel statistics (open_clip's OPENAI_DATASET_MEAN / STD), applied to uint8 images.
@@ -85,9 +85,9 @@ class Attention(nn.Module):
             # block (the H200 profile at efae470: 9.8 of 93.5 ms per B/16 step)
             q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3, self.heads, D // self.heads).unbind(2))
             return sdpa(q, k, v, causal).transpose(1, 2).reshape(B, N, D)
-        T = qkv.shape[0]  # packed (T, D)
-        q, k, v = qkv.view(T, 3, self.heads, D // self.heads).unbind(1)  # each (T, H, d)
-        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, impl=impl).reshape(T, D)
+        T = qkv.shape[0]  # packed (T, 3D): the kernel's backward writes dq, dk, dv into one (T, 3, H, d) gradient
+        qkv = qkv.view(T, 3, self.heads, D // self.heads)
+        return varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=causal, impl=impl).reshape(T, D)
 
 
 _COMPILED: dict = {}

@@ -298,13 +298,14 @@ def _fwd(q, k, v, lo, hi, causal, scale, cfg):
     return o, lse
 
 
-def _bwd(do, q, k, v, o, lse, lo, hi, causal, scale, cfg):
+def _bwd(do, q, k, v, o, lse, lo, hi, causal, scale, cfg, out=None):
+    """dq, dk, dv; out: three (T, H, d) tensors with one set of strides to write them into (views of one dqkv)."""
     T, H, d = q.shape
     delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
     _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(T, 64), H)](
         o, do, delta, *o.stride()[:2], *do.stride()[:2], T, d, BLOCK_M=64, BLOCK_D=_bd(d)
     )
-    dq, dk, dv = (torch.empty((T, H, d), dtype=q.dtype, device=q.device) for _ in range(3))
+    dq, dk, dv = out or (torch.empty((T, H, d), dtype=q.dtype, device=q.device) for _ in range(3))
     grid, args, const, opts = _bwd_launch(q, k, v, do, dq, dk, dv, lse, delta, lo, hi, causal, scale, cfg,
                                           not q.is_cuda)  # fmt: skip
     _varlen_attn_bwd_kernel[grid](**args, **const, **opts)
@@ -365,6 +366,47 @@ class VarlenAttentionFn(torch.autograd.Function):
         cfg = _bwd_config(q.shape[2])
         dq, dk, dv = _bwd(do, q, k, v, o, lse, lo, hi, ctx.causal, ctx.scale, cfg)
         return dq, dk, dv, None, None, None, None
+
+
+class VarlenAttentionQKVFn(torch.autograd.Function):
+    """The same kernels on q, k, v packed as one (T, 3, H, d) tensor (a qkv projection's output): backward writes
+    dq, dk, dv straight into one dqkv of that layout, where three separate gradients would be stacked into it by
+    autograd (a copy of the whole dqkv per layer)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cu_seqlens, causal, scale, block_m):
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        q, k, v = qkv.unbind(1)
+        lo, hi = _seq_bounds(cu_seqlens, qkv.shape[0])
+        cfg = _fwd_config(qkv.shape[0], cu_seqlens.numel() - 1, qkv.shape[3], block_m)
+        o, lse = _fwd(q, k, v, lo, hi, causal, scale, cfg)
+        ctx.save_for_backward(qkv, o, lse, lo, hi)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse, lo, hi = ctx.saved_tensors
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        _bwd(do, *qkv.unbind(1), o, lse, lo, hi, ctx.causal, ctx.scale, _bwd_config(qkv.shape[3]),
+             out=dqkv.unbind(1))  # fmt: skip
+        return dqkv, None, None, None, None
+
+
+def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=False, softmax_scale=None, *, impl=None,
+                               _block_m=None):  # fmt: skip
+    """varlen_attention of q, k, v = qkv.unbind(1) for qkv (T_total, 3, H, d) -> (T_total, H, d): the same
+    results, with qkv's gradient written in one piece (see VarlenAttentionQKVFn)."""
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be (T_total, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    if not use_triton(qkv, impl) or qkv.shape[0] == 0:
+        return varlen_attention(*qkv.unbind(1), cu_seqlens, max_seqlen, causal, softmax_scale, impl=impl,
+                                _block_m=_block_m)  # fmt: skip
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32 (flash-attn layout), got {cu_seqlens.dtype}")
+    scale = qkv.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return VarlenAttentionQKVFn.apply(qkv, cu_seqlens, bool(causal), scale, _block_m)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, softmax_scale=None, *, impl=None, _block_m=None):

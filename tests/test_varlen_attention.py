@@ -120,6 +120,35 @@ def test_kernel_strided_qkv_and_scale():
     _compare(kernel, lambda x: attention_loop(*x.unbind(1), cu, False, 0.3), [qkv], dout, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_qkvpacked_equals_three_views(causal, dtype):
+    """varlen_attention_qkvpacked: the same kernels on views of one qkv, so the output and qkv's gradient equal the
+    three-view call's bit for bit; its gradient is one tensor of qkv's own layout, written by the kernel."""
+    from kernels import varlen_attention_qkvpacked
+
+    torch.manual_seed(3)
+    cu = _cu(MIX)
+    base = torch.randn(sum(MIX), 3 * 2 * 48, device=DEVICE, dtype=dtype)
+    dout = torch.randn(sum(MIX), 2, 48, device=DEVICE, dtype=dtype)
+    outs = []
+    for packed in (True, False):
+        x = base.clone().requires_grad_()
+        qkv = x.view(-1, 3, 2, 48)
+        if packed:
+            o = varlen_attention_qkvpacked(qkv, cu, 40, causal, impl="triton")
+            assert type(o.grad_fn).__name__ == "VarlenAttentionQKVFnBackward"  # not unbind + three gradients
+        else:
+            o = varlen_attention(*qkv.unbind(1), cu, 40, causal, impl="triton")
+        o.backward(dout)
+        outs.append((o.detach(), x.grad))
+    (o1, g1), (o2, g2) = outs
+    assert torch.equal(o1, o2) and torch.equal(g1, g2)
+    assert g1.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\(T_total, 3, heads, head_dim\)"):
+        varlen_attention_qkvpacked(base.view(-1, 6, 48), cu, 40, impl="triton")
+
+
 def test_rule_rejects_wrong_answer():
     """The tolerance can fail: the non-causal kernel output is not accepted as the causal answer."""
     torch.manual_seed(2)
