@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:  # `python bench/throughput.py` from a checkout th
 
 import torch  # noqa: E402
 
+import bench.steps as bench_steps  # noqa: E402
 from bench.report import (  # noqa: E402
     device_info,
     git_commit,
@@ -68,7 +69,6 @@ from bench.steps import (  # noqa: E402
     clipfast_step_fn,
     open_clip_step_fn,
 )
-import bench.steps as bench_steps  # noqa: E402
 from clipfast.data.loader import pack_text  # noqa: E402
 from clipfast.flops import flops_per_sample  # noqa: E402
 from clipfast.model import IMAGE_MEAN, IMAGE_STD  # noqa: E402

@@ -204,3 +204,22 @@ def _ptxas_spills(ptx: str, capability: int):
         out = subprocess.run([tool, "-v", f"--gpu-name={arch}", path, "-o", os.path.join(d, "k.cubin")],
                              capture_output=True, text=True, check=True)
     return _parse_spills(out.stdout + out.stderr)
+
+
+def without_interpreter(module: str, func: str = "compile_all"):
+    """`module.func()` (e.g. a test's label -> KernelResources table, ptx and cubin dropped so it pickles small),
+    compiled with the interpreter off: here when TRITON_INTERPRET is unset, else in one child process (Triton reads
+    the variable once, at import). `module` is imported by name, from the repo root."""
+    import importlib
+
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return getattr(importlib.import_module(module), func)()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import pickle, sys; from {module} import {func}; "
+            f"sys.stdout.buffer.write(pickle.dumps({func}()))")  # fmt: skip
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in [root, *sys.path] if p))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling {module}.{func} without the interpreter failed:\n"
+                           f"{done.stderr.decode()[-4000:]}")  # fmt: skip
+    return pickle.loads(done.stdout)

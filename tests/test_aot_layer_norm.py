@@ -1,23 +1,19 @@
 """sm_90 ahead-of-time compile of the layer-norm kernels in bf16 (no GPU needed), at the widths of the presets'
 towers (S 384, B text 512, B 768, L 1024, H 1280, G 1664), with the launchers' own tiles and warps (`_fwd_launch`,
 `_bwd_launch` on meta tensors). Asserts no spills and no local memory; `pytest -s` prints the resource table."""
-import os
-import pickle
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from kernels import layer_norm as _public  # noqa: F401 (kernels/__init__ shadows the module name)
-from kernels.aot import compile_sm90_like, nvidia_tool
+from kernels.aot import compile_sm90_like, nvidia_tool, without_interpreter
 
 ln = sys.modules["kernels.layer_norm"]
 
 pytestmark = pytest.mark.skipif(nvidia_tool("ptxas") is None or nvidia_tool("cuobjdump") is None,
                                 reason="ptxas/cuobjdump not found (triton/backends/nvidia/bin or PATH)")  # fmt: skip
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 M_AOT = 51203  # B/16's 1024 x 50 tokens, plus an odd tail
 WIDTHS = [384, 512, 768, 1024, 1280, 1664]
 CASES = [(f"{kind} N={n}", kind, n) for n in WIDTHS for kind in ("fwd", "bwd")]
@@ -50,14 +46,7 @@ def compile_all() -> dict:
 
 @pytest.fixture(scope="module")
 def resources():
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return compile_all()
-    code = ("import pickle, sys; from tests.test_aot_layer_norm import compile_all; "
-            "sys.stdout.buffer.write(pickle.dumps(compile_all()))")  # fmt: skip
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in [ROOT, *sys.path] if p))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr.decode()[-4000:]
-    return pickle.loads(done.stdout)
+    return without_interpreter("tests.test_aot_layer_norm")
 
 
 @pytest.mark.parametrize("label,kind,n", CASES, ids=[c[0] for c in CASES])

@@ -7,23 +7,19 @@ spills and no local memory; asserts wgmma where the tile allows it (>= 64 rows o
 compile in one child process without the interpreter (one Python start instead of ~30). `pytest -s` prints
 the resource table.
 """
-import os
-import pickle
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from kernels import varlen_attention as _public  # noqa: F401 (kernels/__init__ shadows the module name)
-from kernels.aot import compile_sm90_like, nvidia_tool
+from kernels.aot import compile_sm90_like, nvidia_tool, without_interpreter
 
 va = sys.modules["kernels.varlen_attention"]
 
 pytestmark = pytest.mark.skipif(nvidia_tool("ptxas") is None or nvidia_tool("cuobjdump") is None,
                                 reason="ptxas/cuobjdump not found (triton/backends/nvidia/bin or PATH)")  # fmt: skip
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T_AOT, H_AOT, S_AOT = 14003, 8, 1000  # ~1000 captions of ~14 tokens; T not a multiple of 16 (no hint)
 HEAD_DIMS = [32, 64, 80, 96, 128]
 CASES = [(f"fwd d={d} BLOCK_M={bm}", "fwd", d, bm, True) for d in HEAD_DIMS for bm in (16, 32, 64, 128)]
@@ -68,14 +64,7 @@ def compile_all() -> dict:
 
 @pytest.fixture(scope="module")
 def resources():
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return compile_all()
-    code = ("import pickle, sys; from tests.test_aot_varlen_attention import compile_all; "
-            "sys.stdout.buffer.write(pickle.dumps(compile_all()))")  # fmt: skip
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in [ROOT, *sys.path] if p))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr.decode()[-4000:]
-    return pickle.loads(done.stdout)
+    return without_interpreter("tests.test_aot_varlen_attention")
 
 
 @pytest.mark.parametrize("label,kind,d,block_m,causal", CASES, ids=[c[0] for c in CASES])
