@@ -24,13 +24,21 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+import bench.steps as bench_steps  # noqa: E402
 from bench.report import device_info, git_commit  # noqa: E402
-from bench.steps import clipfast_ds_step_fn, clipfast_graph_step_fn, clipfast_step_fn, open_clip_step_fn  # noqa: E402
+from bench.steps import (  # noqa: E402
+    clipfast_compiled_step_fn,
+    clipfast_ds_step_fn,
+    clipfast_graph_step_fn,
+    clipfast_step_fn,
+    open_clip_step_fn,
+)
 from bench.throughput import Point, make_batch, snap  # noqa: E402
 from clipfast.presets import from_name  # noqa: E402
 
-BUILDERS = {"clipfast": clipfast_step_fn, "clipfast_graph": clipfast_graph_step_fn,
-            "clipfast_ds": clipfast_ds_step_fn, "open_clip": open_clip_step_fn}
+BUILDERS = {"clipfast": clipfast_step_fn, "clipfast_compiled": clipfast_compiled_step_fn,
+            "clipfast_graph": clipfast_graph_step_fn, "clipfast_ds": clipfast_ds_step_fn,
+            "open_clip": open_clip_step_fn}
 # first match wins; names of cuBLAS/CUTLASS/Triton/ATen kernels and CPU ops
 GROUPS = [
     ("optimizer", r"adam|foreach|multi_tensor|_fused_adamw"),
@@ -122,9 +130,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--precision", choices=["auto", "mixed", "fp32"], default="auto",
                     help="mixed: clipfast bf16_master, open_clip amp_bf16 (as throughput.py); auto: mixed on CUDA")
+    ap.add_argument("--layer-norm", choices=["torch", "triton"], default="torch",
+                    help="clipfast's layer norms (CLIP.set_layer_norm), as throughput.py --clipfast-layer-norm")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="output folder (default bench/results/<device>-<date>)")
     args = ap.parse_args(argv)
+    bench_steps.LAYER_NORM = args.layer_norm
     device = torch.device(args.device)
     args.size = snap(args.size, from_name(args.preset).vision.patch_size)
     name, slug = device_info(device)

@@ -125,12 +125,15 @@ def test_deepspeed_column_times_the_trainers_engine(tmp_path):
     assert "DeepSpeed ms" in (tmp_path / "throughput.md").read_text()
 
 
-def test_step_profile_groups_the_time_of_both_steps(tmp_path):
+def test_step_profile_groups_the_time_of_both_steps(tmp_path, monkeypatch):
+    import bench.steps as steps
     from bench import profile_step
 
+    monkeypatch.setattr(steps, "LAYER_NORM", "torch")  # restored after the test: --layer-norm sets it for the run
     summaries = profile_step.main(["--preset", "demo", "--size", "16", "--text-len", "8", "--batch", "4",
                                    "--warmup", "1", "--steps", "1", "--device", "cpu", "--impls", "clipfast",
-                                   "--out", str(tmp_path)])
+                                   "--layer-norm", "triton", "--out", str(tmp_path)])
+    assert steps.LAYER_NORM == "triton"
     assert [s["impl"] for s in summaries] == ["clipfast"]
     s = summaries[0]
     assert s["wall_ms"] > 0 and 0 < s["busy_ms"] and s["groups"]["matmul"] > 0 and s["groups"]["optimizer"] > 0
@@ -139,6 +142,8 @@ def test_step_profile_groups_the_time_of_both_steps(tmp_path):
     assert "| matmul |" in md and "ms per step" in md
     assert profile_step.group_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert profile_step.group_of("flash_fwd_kernel") == "attention"
+    assert profile_step.group_of("_layer_norm_bwd_kernel") == "norm"
+    assert set(profile_step.BUILDERS) >= {"clipfast", "clipfast_compiled", "clipfast_graph", "clipfast_ds", "open_clip"}
     assert profile_step.group_of("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>") == \
         "elementwise / activation"
 
