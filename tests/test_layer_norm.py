@@ -68,6 +68,9 @@ def test_default_and_fallbacks_take_the_reference():
         assert torch.equal(layer_norm(x, w, b), F.layer_norm(x, (8,), w, b))
     with torch.autocast(DEVICE, dtype=torch.bfloat16):  # autocast keeps torch's own rules for layer norm
         assert torch.equal(layer_norm(x.bfloat16(), w, b, impl="triton"), F.layer_norm(x.bfloat16(), (8,), w, b))
+    wide = torch.randn(2, 2049, device=DEVICE)  # past the widest tile compiled and checked: the reference
+    ww, bw = torch.randn(2049, device=DEVICE), torch.randn(2049, device=DEVICE)
+    assert torch.equal(layer_norm(wide, ww, bw, impl="triton"), F.layer_norm(wide, (2049,), ww, bw))
     with pytest.raises(ValueError, match=r"weight and bias of shape \(8,\)"):
         layer_norm(x, w[:4], b)
     with pytest.raises(ValueError, match="impl"):
