@@ -206,6 +206,17 @@ def _ptxas_spills(ptx: str, capability: int):
     return _parse_spills(out.stdout + out.stderr)
 
 
+def resource_table(cases, compile_one) -> dict:
+    """label -> KernelResources for `cases` of (label, *args): compile_one(*args), its ptx and cubin dropped (so the
+    table pickles small across `without_interpreter`'s child process)."""
+    out = {}
+    for label, *args in cases:
+        r = compile_one(*args)
+        r.ptx, r.cubin = "", b""
+        out[label] = r
+    return out
+
+
 def without_interpreter(module: str, func: str = "compile_all"):
     """`module.func()` (e.g. a test's label -> KernelResources table, ptx and cubin dropped so it pickles small),
     compiled with the interpreter off: here when TRITON_INTERPRET is unset, else in one child process (Triton reads

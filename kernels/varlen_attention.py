@@ -348,13 +348,23 @@ def varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, causal=False, softmax_
     return o.transpose(1, 2)[seq, pos].to(dtype)  # (T, H, d)
 
 
+def _forward(q, k, v, cu_seqlens, causal, scale, block_m):
+    """Both autograd Functions' forward: (o, lse, lo, hi), the last three kept for the backward."""
+    lo, hi = _seq_bounds(cu_seqlens, q.shape[0])
+    cfg = _fwd_config(q.shape[0], cu_seqlens.numel() - 1, q.shape[2], block_m)
+    o, lse = _fwd(q, k, v, lo, hi, causal, scale, cfg)
+    return o, lse, lo, hi
+
+
+def _unit_stride(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 class VarlenAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, causal, scale, block_m):
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        lo, hi = _seq_bounds(cu_seqlens, q.shape[0])
-        cfg = _fwd_config(q.shape[0], cu_seqlens.numel() - 1, q.shape[2], block_m)
-        o, lse = _fwd(q, k, v, lo, hi, causal, scale, cfg)
+        q, k, v = (_unit_stride(x) for x in (q, k, v))
+        o, lse, lo, hi = _forward(q, k, v, cu_seqlens, causal, scale, block_m)
         ctx.save_for_backward(q, k, v, o, lse, lo, hi)
         ctx.causal, ctx.scale = causal, scale
         return o
@@ -362,9 +372,7 @@ class VarlenAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, lo, hi = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        cfg = _bwd_config(q.shape[2])
-        dq, dk, dv = _bwd(do, q, k, v, o, lse, lo, hi, ctx.causal, ctx.scale, cfg)
+        dq, dk, dv = _bwd(_unit_stride(do), q, k, v, o, lse, lo, hi, ctx.causal, ctx.scale, _bwd_config(q.shape[2]))
         return dq, dk, dv, None, None, None, None
 
 
@@ -375,11 +383,8 @@ class VarlenAttentionQKVFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, cu_seqlens, causal, scale, block_m):
-        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-        q, k, v = qkv.unbind(1)
-        lo, hi = _seq_bounds(cu_seqlens, qkv.shape[0])
-        cfg = _fwd_config(qkv.shape[0], cu_seqlens.numel() - 1, qkv.shape[3], block_m)
-        o, lse = _fwd(q, k, v, lo, hi, causal, scale, cfg)
+        qkv = _unit_stride(qkv)
+        o, lse, lo, hi = _forward(*qkv.unbind(1), cu_seqlens, causal, scale, block_m)
         ctx.save_for_backward(qkv, o, lse, lo, hi)
         ctx.causal, ctx.scale = causal, scale
         return o
@@ -387,11 +392,19 @@ class VarlenAttentionQKVFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         qkv, o, lse, lo, hi = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        _bwd(do, *qkv.unbind(1), o, lse, lo, hi, ctx.causal, ctx.scale, _bwd_config(qkv.shape[3]),
+        _bwd(_unit_stride(do), *qkv.unbind(1), o, lse, lo, hi, ctx.causal, ctx.scale, _bwd_config(qkv.shape[3]),
              out=dqkv.unbind(1))  # fmt: skip
         return dqkv, None, None, None, None
+
+
+def _scale(head_dim: int, softmax_scale) -> float:
+    return head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+
+
+def _check_cu_seqlens(cu_seqlens) -> None:
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32 (flash-attn layout), got {cu_seqlens.dtype}")
 
 
 def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=False, softmax_scale=None, *, impl=None,
@@ -403,10 +416,8 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=False, softma
     if not use_triton(qkv, impl) or qkv.shape[0] == 0:
         return varlen_attention(*qkv.unbind(1), cu_seqlens, max_seqlen, causal, softmax_scale, impl=impl,
                                 _block_m=_block_m)  # fmt: skip
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be int32 (flash-attn layout), got {cu_seqlens.dtype}")
-    scale = qkv.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return VarlenAttentionQKVFn.apply(qkv, cu_seqlens, bool(causal), scale, _block_m)
+    _check_cu_seqlens(cu_seqlens)
+    return VarlenAttentionQKVFn.apply(qkv, cu_seqlens, bool(causal), _scale(qkv.shape[-1], softmax_scale), _block_m)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, softmax_scale=None, *, impl=None, _block_m=None):
@@ -417,14 +428,13 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, softmax_scal
     """
     if not (q.shape == k.shape == v.shape and q.dim() == 3):
         raise ValueError(f"q, k, v must share one (T_total, heads, head_dim) shape: {q.shape}, {k.shape}, {v.shape}")
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = _scale(q.shape[-1], softmax_scale)
     if not use_triton(q, impl):
         # on the CPU, in float32: torch's bf16 SDPA there is up to ~5x slower (see clipfast.model.sdpa)
         upcast = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
             return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, causal, scale, upcast=upcast)
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be int32 (flash-attn layout), got {cu_seqlens.dtype}")
+    _check_cu_seqlens(cu_seqlens)
     if q.shape[0] == 0:
         return q.new_empty(q.shape)
     return VarlenAttentionFn.apply(q, k, v, cu_seqlens, bool(causal), scale, _block_m)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import layer_norm as _public  # noqa: F401 (kernels/__init__ shadows the module name)
-from kernels.aot import compile_sm90_like, nvidia_tool, without_interpreter
+from kernels.aot import compile_sm90_like, nvidia_tool, resource_table, without_interpreter
 
 ln = sys.modules["kernels.layer_norm"]
 
@@ -36,12 +36,7 @@ def _compile(kind, n):
 
 def compile_all() -> dict:
     """label -> KernelResources (without ptx/cubin); needs the interpreter off."""
-    out = {}
-    for label, kind, n in CASES:
-        r = _compile(kind, n)
-        r.ptx, r.cubin = "", b""
-        out[label] = r
-    return out
+    return resource_table(CASES, _compile)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernels import varlen_attention as _public  # noqa: F401 (kernels/__init__ shadows the module name)
-from kernels.aot import compile_sm90_like, nvidia_tool, without_interpreter
+from kernels.aot import compile_sm90_like, nvidia_tool, resource_table, without_interpreter
 
 va = sys.modules["kernels.varlen_attention"]
 
@@ -54,12 +54,7 @@ def _compile(kind, d, block_m, causal):
 
 def compile_all() -> dict:
     """label -> KernelResources (without ptx/cubin); needs the interpreter off."""
-    out = {}
-    for label, kind, d, bm, causal in CASES:
-        r = _compile(kind, d, bm, causal)
-        r.ptx, r.cubin = "", b""
-        out[label] = r
-    return out
+    return resource_table(CASES, _compile)
 
 
 @pytest.fixture(scope="module")
