@@ -36,6 +36,21 @@ def _optimizer(model, precision: str = "fp32", **kw):
 LAYER_NORM = "torch"
 
 
+def _eager_step(opt, device, precision: str, loss_of):
+    """step(batch) -> loss: loss_of(batch) under the precision's autocast, backward, optimizer step; the eager
+    step of both libraries, so the two columns differ only in their models and losses."""
+
+    def step(b):
+        with _autocast(device, precision):
+            loss = loss_of(b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def _clipfast_model(cfg: ModelConfig, device, precision: str) -> CLIP:
     with torch.device(device):
         model = CLIP(cfg).train().set_layer_norm(LAYER_NORM)
@@ -47,17 +62,11 @@ def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, compil
     opt = _optimizer(model, precision)
     grid = cfg.vision.grid
 
-    def step(b):
+    def loss_of(b):
         keep = image_keep_indices("random", batch_size, grid, pt.mask, device=device)  # None when mask == 0
-        with _autocast(device, precision):
-            img, txt, scale = model(b.images, b.text, b.cu_seqlens, b.max_len, keep)
-            loss = clip_loss(img, txt, scale)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return clip_loss(*model(b.images, b.text, b.cu_seqlens, b.max_len, keep))
 
-    return model, opt, step
+    return model, opt, _eager_step(opt, device, precision, loss_of)
 
 
 def clipfast_compiled_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
@@ -157,13 +166,4 @@ def open_clip_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
     opt = _optimizer(model, precision)
     loss_fn = open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True)
 
-    def step(b):
-        with _autocast(device, precision):
-            img, txt, scale = model(b.pixels, b.padded)
-            loss = loss_fn(img, txt, scale)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return model, opt, step
+    return model, opt, _eager_step(opt, device, precision, lambda b: loss_fn(*model(b.pixels, b.padded)))
