@@ -5,7 +5,8 @@ reference otherwise; "triton" forces the kernel (on CPU tensors that needs TRITO
 """
 from kernels.layer_norm import layer_norm, layer_norm_ref
 from kernels.patch_embed import masked_patch_embed, masked_patch_embed_ref
+from kernels.short_attention import short_attention_qkvpacked, short_attention_ref
 from kernels.varlen_attention import varlen_attention, varlen_attention_qkvpacked, varlen_attention_ref
 
-__all__ = ["layer_norm", "layer_norm_ref", "masked_patch_embed", "masked_patch_embed_ref", "varlen_attention",
-           "varlen_attention_qkvpacked", "varlen_attention_ref"]
+__all__ = ["layer_norm", "layer_norm_ref", "masked_patch_embed", "masked_patch_embed_ref", "short_attention_qkvpacked",
+           "short_attention_ref", "varlen_attention", "varlen_attention_qkvpacked", "varlen_attention_ref"]

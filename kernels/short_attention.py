@@ -1,0 +1,347 @@
+"""Dense attention for short sequences of one length (a ViT's 37-99 tokens at CLIPA sizes), q, k, v packed as one
+qkv projection output, forward and backward.
+
+Shapes: qkv (B, N, 3, H, d), a (B, N, 3*H*d) projection output viewed in place (token/slot/head strides free, last
+dim contiguous); output (B, N, H, d) contiguous, so `.reshape(B, N, H*d)` is a view. The backward writes dq, dk, dv
+into one dqkv of qkv's shape, where SDPA's three gradients are stacked into it by autograd (a copy per block). fp16 /
+bf16 (fp32 too, with exact dots, for interpreter tests); head dims up to 128; causal or not; any N >= 1.
+
+Why: at N = 50 (B/16 at 112 px) torch's SDPA on the H200 runs cuDNN tiles of 64 x 128 (forward) and 64 x 64
+(backward) and reaches ~37 TFLOP/s: 8.8 of 85 ms of the B/16 step (bench/results/nvidia-h200-2026-11-26-87ad763-ab/
+profile.md), plus 1.4 ms for stacking dq, dk, dv. Here a tile is sized to the sequence: TILE = next_pow2(N) in [16, 64]
+for N <= 64, so one program per (sequence, head) holds the whole sequence (50 of 64 rows and keys are real: 61% of
+the score tile, where 64 x 128 holds 31%).
+  forward, N <= 64: one program per (sequence, head), one S = q k^T tile, softmax, P v; no loop.
+  backward, N <= 64: one program per (sequence, head): S, P recomputed once from the saved log-sum-exp, then
+      dV = P^T dO, dP = dO V^T, dS = P (dP - delta), dQ = dS K, dK = dS^T Q; delta = rowsum(dO * O) in the same
+      program. Five tile products, no atomics, no second pass.
+  N > 64: 64-row query blocks looping over 64-key blocks (forward); the backward runs per 64-token window, dK, dV
+      over the query blocks, then dQ over the key blocks (recomputing P, as kernels.varlen_attention does), with
+      delta from a small preprocess kernel.
+Registers and spills of each configuration: tests/test_aot_short_attention.py (sm_90, no GPU needed).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._common import use_triton
+from kernels.varlen_attention import _LOG2E, _dot, _dot_consts
+
+TILE_MAX = 64  # N up to this: one program per (sequence, head), forward and backward
+
+
+@triton.jit
+def _short_attn_fwd_kernel(
+    QKV, O, LSE, stride_b, stride_n, stride_s, stride_h, stride_ob, stride_on, stride_oh,
+    N, H, D, qk_scale,
+    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, F32_DOT: tl.constexpr,
+):  # fmt: skip
+    """Program (m, b * H + h): query rows m*BLOCK_M.. of sequence b, head h; LSE (B*H, N) in log2 units."""
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    Q = QKV + b.to(tl.int64) * stride_b + h * stride_h
+    K = Q + stride_s
+    V = K + stride_s
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    d_ok = offs_d[None, :] < D
+    q = tl.load(Q + offs_m[:, None] * stride_n + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+    if IS_CAUSAL:
+        end = tl.minimum(m0 + BLOCK_M, N)
+    else:
+        end = N
+    # m starts finite: a row with no key so far gives exp2(-inf - m) = 0, never inf - inf
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n in range(0, end, BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        ld = (offs_n[:, None] < N) & d_ok
+        k = tl.load(K + offs_n[:, None] * stride_n + offs_d[None, :], mask=ld, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + offs_n[:, None] * stride_n + offs_d[None, :], mask=ld, other=0.0)
+        s = _dot(q, tl.trans(k), PREC, F32_DOT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        keep = offs_n[None, :] < N
+        if IS_CAUSAL:
+            keep &= offs_n[None, :] <= offs_m[:, None]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, F32_DOT)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    O += b.to(tl.int64) * stride_ob + h * stride_oh
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _short_attn_bwd_tile_kernel(
+    QKV, O, DO, DQKV, LSE,
+    stride_b, stride_n, stride_s, stride_h, stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh,
+    stride_gb, stride_gn, stride_gs, stride_gh,
+    N, H, D, qk_scale, sm_scale,
+    IS_CAUSAL: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
+):  # fmt: skip
+    """Program (b * H + h): the whole sequence (N <= TILE) in one tile; see the module docstring."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs = tl.arange(0, TILE)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = offs < N
+    ld = ok[:, None] & (offs_d[None, :] < D)
+    Q = QKV + b.to(tl.int64) * stride_b + h * stride_h
+    rows = offs[:, None] * stride_n + offs_d[None, :]
+    q = tl.load(Q + rows, mask=ld, other=0.0)
+    k = tl.load(Q + stride_s + rows, mask=ld, other=0.0)
+    v = tl.load(Q + 2 * stride_s + rows, mask=ld, other=0.0)
+    o_rows = b.to(tl.int64) * stride_ob + h * stride_oh + offs[:, None] * stride_on + offs_d[None, :]
+    o = tl.load(O + o_rows, mask=ld, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_db + h * stride_dh + offs[:, None] * stride_dn + offs_d[None, :],
+                 mask=ld, other=0.0)  # fmt: skip
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (TILE,)
+    lse = tl.load(LSE + bh * N + offs, mask=ok, other=float("inf"))  # padded rows: p = 0
+    s = _dot(q, tl.trans(k), PREC, F32_DOT) * qk_scale  # (TILE, TILE): rows queries, columns keys
+    keep = ok[None, :]
+    if IS_CAUSAL:
+        keep &= offs[None, :] <= offs[:, None]
+    p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+    dv = _dot(tl.trans(p.to(do.dtype)), do, PREC, F32_DOT)
+    dp = _dot(do, tl.trans(v), PREC, F32_DOT)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dq = _dot(ds, k, PREC, F32_DOT) * sm_scale
+    dk = _dot(tl.trans(ds), q, PREC, F32_DOT) * sm_scale
+    G = DQKV + b.to(tl.int64) * stride_gb + h * stride_gh + offs[:, None] * stride_gn + offs_d[None, :]
+    tl.store(G, dq.to(DQKV.dtype.element_ty), mask=ld)
+    tl.store(G + stride_gs, dk.to(DQKV.dtype.element_ty), mask=ld)
+    tl.store(G + 2 * stride_gs, dv.to(DQKV.dtype.element_ty), mask=ld)
+
+
+@triton.jit
+def _short_attn_bwd_preprocess_kernel(
+    O, DO, DELTA, stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh, N, H, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(dO * O) in fp32, (B*H, N). Grid (cdiv(N, BLOCK_M), B*H)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=ok, other=0.0).to(tl.float32)  # fmt: skip
+    do = tl.load(DO + b.to(tl.int64) * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+                 mask=ok, other=0.0).to(tl.float32)  # fmt: skip
+    tl.store(DELTA + bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+
+
+@triton.jit
+def _short_attn_bwd_kernel(
+    QKV, DO, DQKV, LSE, DELTA,
+    stride_b, stride_n, stride_s, stride_h, stride_db, stride_dn, stride_dh, stride_gb, stride_gn, stride_gs, stride_gh,
+    N, H, D, qk_scale, sm_scale,
+    IS_CAUSAL: tl.constexpr, WIN: tl.constexpr, STEP: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    F32_DOT: tl.constexpr,
+):  # fmt: skip
+    """Program (w, b * H + h): dK, dV for key window w, then dQ for query window w (N > TILE_MAX)."""
+    w0 = tl.program_id(0) * WIN
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    Q = QKV + b.to(tl.int64) * stride_b + h * stride_h
+    K = Q + stride_s
+    V = K + stride_s
+    DO += b.to(tl.int64) * stride_db + h * stride_dh
+    LSE += bh * N
+    DELTA += bh * N
+    offs_w = w0 + tl.arange(0, WIN)
+    w_ok = offs_w < N
+    ld_w = w_ok[:, None] & d_ok
+    rows_w = offs_w[:, None] * stride_n + offs_d[None, :]
+
+    # dK, dV: keys w0.., every query that sees them (causal: from w0)
+    k = tl.load(K + rows_w, mask=ld_w, other=0.0)  # (WIN, BLOCK_D)
+    v = tl.load(V + rows_w, mask=ld_w, other=0.0)
+    dk = tl.zeros([WIN, BLOCK_D], tl.float32)
+    dv = tl.zeros([WIN, BLOCK_D], tl.float32)
+    if IS_CAUSAL:
+        start = w0
+    else:
+        start = 0
+    for m in range(start, N, STEP):
+        offs_m = m + tl.arange(0, STEP)
+        m_ok = offs_m < N
+        q = tl.load(Q + offs_m[:, None] * stride_n + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dn + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))  # padded queries: p = 0
+        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        s_t = _dot(k, tl.trans(q), PREC, F32_DOT) * qk_scale  # (WIN, STEP): rows keys, columns queries
+        if IS_CAUSAL:
+            p_t = tl.where(offs_m[None, :] >= offs_w[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
+        else:
+            p_t = tl.exp2(s_t - lse[None, :])
+        dv += _dot(p_t.to(do.dtype), do, PREC, F32_DOT)
+        dp_t = _dot(v, tl.trans(do), PREC, F32_DOT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, PREC, F32_DOT)
+    G = DQKV + b.to(tl.int64) * stride_gb + h * stride_gh + offs_w[:, None] * stride_gn + offs_d[None, :]
+    tl.store(G + stride_gs, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=ld_w)
+    tl.store(G + 2 * stride_gs, dv.to(DQKV.dtype.element_ty), mask=ld_w)
+
+    # dQ: queries w0.., every key they see (causal: up to the window's last row)
+    q = tl.load(Q + rows_w, mask=ld_w, other=0.0)
+    do = tl.load(DO + offs_w[:, None] * stride_dn + offs_d[None, :], mask=ld_w, other=0.0)
+    lse = tl.load(LSE + offs_w, mask=w_ok, other=float("inf"))
+    delta = tl.load(DELTA + offs_w, mask=w_ok, other=0.0)
+    dq = tl.zeros([WIN, BLOCK_D], tl.float32)
+    if IS_CAUSAL:
+        end = tl.minimum(w0 + WIN, N)
+    else:
+        end = N
+    for n in range(0, end, STEP):
+        offs_n = n + tl.arange(0, STEP)
+        ld = (offs_n[:, None] < N) & d_ok
+        kb = tl.load(K + offs_n[:, None] * stride_n + offs_d[None, :], mask=ld, other=0.0)  # (STEP, BLOCK_D)
+        vb = tl.load(V + offs_n[:, None] * stride_n + offs_d[None, :], mask=ld, other=0.0)
+        s = _dot(q, tl.trans(kb), PREC, F32_DOT) * qk_scale  # (WIN, STEP)
+        keep = offs_n[None, :] < N
+        if IS_CAUSAL:
+            keep &= offs_n[None, :] <= offs_w[:, None]
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(vb), PREC, F32_DOT)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kb.dtype), kb, PREC, F32_DOT)
+    tl.store(G, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=ld_w)
+
+
+def _bd(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _tile(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _fwd_config(n: int, head_dim: int) -> dict:
+    """N <= TILE_MAX: one tile of next_pow2(N) rows and keys; longer: 64 x 64 blocks."""
+    t = min(_tile(n), TILE_MAX)
+    return {"BLOCK_M": t, "BLOCK_N": t, "num_warps": 4 if t == 64 else (2 if t == 32 else 1), "num_stages": 2}
+
+
+def _bwd_config(n: int, head_dim: int) -> dict:
+    """One-tile kernel for N <= TILE_MAX; per-window kernel above it (kernels.varlen_attention's windows)."""
+    if n <= TILE_MAX:
+        t = _tile(n)
+        return {"TILE": t, "num_warps": 8 if t == 64 else (4 if t == 32 else 1), "num_stages": 1}
+    if head_dim <= 64:
+        return {"WIN": 64, "STEP": 16, "num_warps": 4, "num_stages": 2}
+    return {"WIN": 64, "STEP": 32, "num_warps": 8, "num_stages": 2}
+
+
+def _qkv_strides(x):
+    return dict(stride_b=x.stride(0), stride_n=x.stride(1), stride_s=x.stride(2), stride_h=x.stride(3))
+
+
+def _fwd_launch(qkv, o, lse, causal, scale, cfg, interpret):
+    """(grid, runtime args, constexprs, launch options) of the forward kernel; the AOT test compiles the same."""
+    B, N, _, H, d = qkv.shape
+    args = dict(QKV=qkv, O=o, LSE=lse, **_qkv_strides(qkv), stride_ob=o.stride(0), stride_on=o.stride(1),
+                stride_oh=o.stride(2), N=N, H=H, D=d, qk_scale=scale * _LOG2E)  # fmt: skip
+    const = dict(IS_CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_bd(d),
+                 **_dot_consts(qkv, interpret))  # fmt: skip
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    return (triton.cdiv(N, cfg["BLOCK_M"]), B * H), args, const, opts
+
+
+def _bwd_launch(qkv, o, do, dqkv, lse, delta, causal, scale, cfg, interpret):
+    """(kernel, grid, runtime args, constexprs, launch options) of the backward: the one-tile kernel (cfg has TILE;
+    delta is then None, computed inside) or the per-window kernel."""
+    B, N, _, H, d = qkv.shape
+    args = dict(QKV=qkv, **_qkv_strides(qkv), stride_db=do.stride(0), stride_dn=do.stride(1), stride_dh=do.stride(2),
+                stride_gb=dqkv.stride(0), stride_gn=dqkv.stride(1), stride_gs=dqkv.stride(2), stride_gh=dqkv.stride(3),
+                N=N, H=H, D=d, qk_scale=scale * _LOG2E, sm_scale=scale)  # fmt: skip
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    consts = dict(IS_CAUSAL=causal, BLOCK_D=_bd(d), **_dot_consts(qkv, interpret))
+    if "TILE" in cfg:
+        args.update(O=o, DO=do, DQKV=dqkv, LSE=lse, stride_ob=o.stride(0), stride_on=o.stride(1), stride_oh=o.stride(2))
+        return _short_attn_bwd_tile_kernel, (B * H,), args, dict(consts, TILE=cfg["TILE"]), opts
+    args.update(DO=do, DQKV=dqkv, LSE=lse, DELTA=delta)
+    const = dict(consts, WIN=cfg["WIN"], STEP=cfg["STEP"])
+    return _short_attn_bwd_kernel, (triton.cdiv(N, cfg["WIN"]), B * H), args, const, opts
+
+
+def _launch(kernel, grid, args, const, opts):
+    kernel[grid](**args, **const, **opts)
+
+
+class ShortAttentionQKVFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, causal, scale):
+        B, N, _, H, d = qkv.shape
+        o = torch.empty((B, N, H, d), dtype=qkv.dtype, device=qkv.device)
+        lse = torch.empty((B * H, N), dtype=torch.float32, device=qkv.device)
+        grid, args, const, opts = _fwd_launch(qkv, o, lse, causal, scale, _fwd_config(N, d), not qkv.is_cuda)
+        _launch(_short_attn_fwd_kernel, grid, args, const, opts)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        B, N, _, H, d = qkv.shape
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        cfg = _bwd_config(N, d)
+        delta = None
+        if "TILE" not in cfg:
+            delta = torch.empty((B * H, N), dtype=torch.float32, device=qkv.device)
+            _short_attn_bwd_preprocess_kernel[(triton.cdiv(N, 64), B * H)](
+                o, do, delta, *o.stride()[:3], *do.stride()[:3], N, H, d, BLOCK_M=64, BLOCK_D=_bd(d)
+            )
+        _launch(*_bwd_launch(qkv, o, do, dqkv, lse, delta, ctx.causal, ctx.scale, cfg, not qkv.is_cuda))
+        return dqkv, None, None
+
+
+def short_attention_ref(qkv, causal=False, softmax_scale=None, upcast=False):
+    """F.scaled_dot_product_attention of q, k, v = qkv.unbind(2), (B, N, H, d) out in qkv's dtype; upcast=True
+    computes in float32 (the CPU path for bf16: torch's CPU bf16 SDPA is up to ~5x slower)."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, N, d) views
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale)
+    return o.transpose(1, 2).to(qkv.dtype)
+
+
+def short_attention_qkvpacked(qkv, causal=False, softmax_scale=None, *, impl=None):
+    """Attention within each of B equal-length sequences: qkv (B, N, 3, H, d) -> (B, N, H, d), the Triton kernels on
+    CUDA (and under the interpreter with impl="triton"), short_attention_ref elsewhere. See the module docstring."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (batch, tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    if qkv.shape[-1] > 128:
+        raise ValueError(f"head_dim {qkv.shape[-1]} > 128 is not supported by the kernel; use SDPA")
+    scale = qkv.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not use_triton(qkv, impl):
+        upcast = qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+            return short_attention_ref(qkv, causal, scale, upcast=upcast)
+    if qkv.shape[0] * qkv.shape[1] == 0:
+        return qkv.new_empty(qkv.shape[:2] + qkv.shape[3:])
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    return ShortAttentionQKVFn.apply(qkv, bool(causal), scale)

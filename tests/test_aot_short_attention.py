@@ -1,0 +1,62 @@
+"""sm_90 ahead-of-time compile of the short-sequence attention kernels in bf16 (no GPU needed).
+
+The ViT token counts of the CLIPA goal points and around them (N = 37, 50: one 64-token tile; 17: a 32-token tile;
+99: 64 x 64 blocks and the per-window backward), head dims 64 (B/16, L/16), 80 (H/14) and 128, plus causal. Arguments
+come from the launchers (`_fwd_launch`, `_bwd_launch`) on meta tensors of the model's layout (qkv a view of the
+(B, N, 3*H*d) projection), so tiles, warps, stages and specialisation are a real launch's. Asserts no spills and no
+local memory; asserts wgmma where the tile allows it (64 rows on 4+ warps). `pytest -s` prints the resource table.
+"""
+import sys
+
+import pytest
+import torch
+
+from kernels.aot import compile_sm90_like, nvidia_tool, resource_table, without_interpreter
+from kernels.short_attention import short_attention_qkvpacked as _public  # noqa: F401
+
+sa = sys.modules["kernels.short_attention"]
+
+pytestmark = pytest.mark.skipif(nvidia_tool("ptxas") is None or nvidia_tool("cuobjdump") is None,
+                                reason="ptxas/cuobjdump not found (triton/backends/nvidia/bin or PATH)")  # fmt: skip
+
+B_AOT, H_AOT = 512, 12
+CASES = [(f"{kind} N={n} d={d}", kind, n, d, False) for kind in ("fwd", "bwd") for n in (17, 37, 50, 99)
+         for d in (64, 80, 128)]  # fmt: skip
+CASES += [(f"{kind} N={n} d=64 causal", kind, n, 64, True) for kind in ("fwd", "bwd") for n in (50, 99)]
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _compile(kind, n, d, causal):
+    qkv = _meta(B_AOT, n, 3 * H_AOT * d).view(B_AOT, n, 3, H_AOT, d)
+    o, do, dqkv = _meta(B_AOT, n, H_AOT, d), _meta(B_AOT, n, H_AOT, d), _meta(B_AOT, n, 3, H_AOT, d)
+    lse = _meta(B_AOT * H_AOT, n, dtype=torch.float32)
+    if kind == "fwd":
+        _, args, const, opts = sa._fwd_launch(qkv, o, lse, causal, d**-0.5, sa._fwd_config(n, d), interpret=False)
+        return compile_sm90_like(sa._short_attn_fwd_kernel, args, const, **opts)
+    kernel, _, args, const, opts = sa._bwd_launch(qkv, o, do, dqkv, lse, lse, causal, d**-0.5, sa._bwd_config(n, d),
+                                                  interpret=False)  # fmt: skip
+    return compile_sm90_like(kernel, args, const, **opts)
+
+
+def compile_all() -> dict:
+    """label -> KernelResources (without ptx/cubin); needs the interpreter off."""
+    return resource_table(CASES, _compile)
+
+
+@pytest.fixture(scope="module")
+def resources():
+    return without_interpreter("tests.test_aot_short_attention")
+
+
+@pytest.mark.parametrize("label,kind,n,d,causal", CASES, ids=[c[0] for c in CASES])
+def test_sm90_resources(resources, label, kind, n, d, causal):
+    r = resources[label]
+    print("\n" + r.row(f"sm_90 bf16 {label}"))
+    assert r.spills == 0, f"{label}: {r.spills} bytes of register spills"
+    assert r.local == 0, f"{label}: {r.local} bytes of local memory / stack frame"
+    rows = sa._fwd_config(n, d)["BLOCK_M"] if kind == "fwd" else sa._bwd_config(n, d).get("TILE", 64)
+    if rows >= 64 and r.num_warps >= 4:
+        assert r.wgmma, f"{label}: no wgmma in the PTX"
