@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clipfast.presets import ModelConfig, TextConfig, VisionConfig
-from kernels import layer_norm, masked_patch_embed, varlen_attention_qkvpacked
+from kernels import layer_norm, masked_patch_embed, short_attention_qkvpacked, varlen_attention_qkvpacked
 from kernels._common import interpreting
+from kernels.short_attention import TILE_MAX
 
 # OpenAI CLIP's pixel statistics (open_clip's OPENAI_DATASET_MEAN / STD), applied to uint8 images.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -58,8 +59,16 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x)
 
 
+VISION_ATTENTIONS = ("sdpa", "triton")
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with nn.MultiheadAttention's parameter names."""
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names. Dense (B, N, D) input runs SDPA, or with
+    dense_impl "triton" (CLIP.set_vision_attention) `kernels.short_attention_qkvpacked` for N <= 64 tokens on CUDA and
+    under the interpreter (one tile per sequence and head; dq, dk, dv written into one gradient); packed input runs
+    `kernels.varlen_attention_qkvpacked`."""
+
+    dense_impl = "sdpa"
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -79,6 +88,9 @@ class Attention(nn.Module):
         D = qkv.shape[-1] // 3
         if cu_seqlens is None:  # dense (B, N, D)
             B, N, _ = qkv.shape
+            if self.dense_impl == "triton" and N <= TILE_MAX and (qkv.is_cuda or interpreting()):
+                o = short_attention_qkvpacked(qkv.view(B, N, 3, self.heads, D // self.heads), causal, impl="triton")
+                return o.reshape(B, N, D)
             # unbind over the q/k/v axis, then transpose each: backward stacks dq, dk, dv (each laid out (B, N, H, d),
             # as SDPA allocates them) along that axis into qkv's own layout, one contiguous copy. Unbinding a permuted
             # (3, B, H, N, d) view instead stacked into that order and then copied back: two transposing copies per
@@ -282,6 +294,16 @@ class CLIP(nn.Module):
         for m in self.modules():
             if isinstance(m, LayerNorm):
                 m.impl = impl
+        return self
+
+    def set_vision_attention(self, impl: str = "sdpa") -> CLIP:
+        """The image tower's attention: "sdpa" (F.scaled_dot_product_attention) or "triton" (kernels.short_attention
+        for sequences of up to 64 tokens on CUDA, e.g. B/16 at 112 px or less; SDPA for longer ones and on the CPU)."""
+        if impl not in VISION_ATTENTIONS:
+            raise ValueError(f"vision_attention must be one of {VISION_ATTENTIONS}, got {impl!r}")
+        for m in self.visual.modules():
+            if isinstance(m, Attention):
+                m.dense_impl = impl
         return self
 
     def set_grad_checkpointing(self, enable: bool = True):

@@ -108,9 +108,9 @@ def test_cpu_attention_of_bf16_runs_in_float32():
     assert torch.equal(sdpa(x, x, x), F.scaled_dot_product_attention(x, x, x))
 
 
-def _step_grads(model, images, ids, cu, max_len):
+def _step_grads(model, images, ids, cu, max_len, keep=None):
     model.zero_grad(set_to_none=True)
-    img, txt, scale = model(images, ids, cu, max_len)
+    img, txt, scale = model(images, ids, cu, max_len, keep)
     (img @ txt.T * scale).logsumexp(-1).sum().backward()
     return [img, txt] + [p.grad.clone() for p in model.parameters()]
 
@@ -168,3 +168,39 @@ def test_triton_layer_norm_matches_torch_and_keeps_the_state_dict():
         assert err <= 1e-5 * size + 1e-7, f"tensor {i} {tuple(a.shape)}: |diff| {err:.3g}, |torch| {size:.3g}"
     with pytest.raises(ValueError, match=r"one of \('torch', 'triton'\)"):
         model.set_layer_norm("apex")
+
+
+def test_triton_vision_attention_matches_sdpa():
+    """set_vision_attention("triton"): the image tower's attention through kernels.short_attention (under the
+    interpreter on the CPU, natively on a GPU), full and masked (FLIP) token counts: the same features and gradients
+    as SDPA to float32 rounding; the text tower and the state_dict are untouched."""
+    import pytest
+
+    import kernels.short_attention as sa
+    from clipfast.model import Attention
+    from tests.conftest import DEVICE
+
+    model = tiny().train().to(DEVICE)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
+    ids, cu = torch.randint(1, 1000, (11,), device=DEVICE), torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE)
+    keep = torch.tensor([[0, 9], [1, 15], [7, 0]], device=DEVICE)  # 2 of the 16 patches kept per image
+    calls = []
+    real = sa.ShortAttentionQKVFn.apply
+    sa.ShortAttentionQKVFn.apply = lambda *a: calls.append(a[0].shape) or real(*a)
+    try:
+        for k in (None, keep):
+            model.set_vision_attention("sdpa")
+            ref = _step_grads(model, images, ids, cu, 7, keep=k)
+            assert not calls
+            got = _step_grads(model.set_vision_attention("triton"), images, ids, cu, 7, keep=k)
+            assert len(calls) == model.cfg.vision.layers and calls[0][1] == (17 if k is None else 3)
+            calls.clear()
+            for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+                err, size = (b - a).norm().item(), a.norm().item()
+                assert err <= 1e-5 * size + 1e-7, f"tensor {i} {tuple(a.shape)}: |diff| {err:.3g}, |sdpa| {size:.3g}"
+    finally:
+        sa.ShortAttentionQKVFn.apply = real
+    text_attn = [m for m in model.transformer.modules() if isinstance(m, Attention)]
+    assert text_attn and all(m.dense_impl == "sdpa" for m in text_attn)
+    with pytest.raises(ValueError, match=r"one of \('sdpa', 'triton'\)"):
+        model.set_vision_attention("flash")
