@@ -5,22 +5,25 @@
 #     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh
 #
 # 1. kernel and model tests, natively (no interpreter): tests/test_{graph,engine,patch_embed,varlen_attention,
-#    layer_norm,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed or DALI; presets/interop skip
-#    without open_clip)
+#    short_attention,layer_norm,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed or DALI;
+#    presets/interop skip without open_clip)
 # 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
 # 3. the throughput grids: --grid clipa into clipa/; the two goal points with compiled blocks (compile/) and with
-#    the layer-norm kernel (layer_norm/); a step profile; then --grid gpu (clipfast beside open_clip, if present)
+#    the opt-in kernels (kernels/: layer norm, vision attention); a step profile (clipfast with and without the
+#    kernels, open_clip); --grid gpu (clipfast beside open_clip) only if T_GRID is set
 # Everything lands in bench/results/<device>-<date>/ (suite.log, per-part logs, summary.md with device, date,
 # commit); with $OUT set (the device tool), summary.md, throughput.{md,png} and a tarball of the folder are
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
 # Defaults end within ~9.5 minutes (the device tool allows 10 per command; typical parts end sooner): T_TESTS=150
 # (pytest -n 8 where xdist is installed; 120 s cut the H200 run at efae470 short, cold, where a warm rerun took
-# 107 s) T_BENCH=120 (split over the microbenchmark files; three took 60 s there) T_CLIPA=120 (the CLIPA goal
-# points, --grid clipa, into clipa/; 0 skips) T_COMPILE=60 (the two goal points, eager beside compiled blocks,
-# into compile/; 0 skips) T_LN=45 (the same two points with --clipfast-layer-norm triton, into layer_norm/; 0
-# skips) T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024; 0 skips) T_GRID=40 s, plus a
-# few seconds for the wheels and the environment report; GRID_ARGS (default "--grid gpu") and CLIPA_ARGS
-# (default "--grid clipa") replace the grids' arguments; PYTHON (default python3) the interpreter.
+# 107 s) T_BENCH=150 (split over the microbenchmark files, 30 s each; three took 60 s there) T_CLIPA=120 (the
+# CLIPA goal points, --grid clipa, into clipa/; 0 skips) T_COMPILE=60 (the two goal points, eager beside compiled
+# blocks, into compile/; 0 skips) T_KERNELS=50 (the same two points, eager beside --kernels: kernels.layer_norm and
+# kernels.short_attention, into kernels/; 0 skips) T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens,
+# batch 1024, clipfast, clipfast_kernels, open_clip; 0 skips) T_GRID=0 (--grid gpu: 3 points fit in 40 s, and
+# clipa/ carries the comparison; 0 skips), plus a few seconds for the wheels and the environment report; GRID_ARGS
+# (default "--grid gpu") and CLIPA_ARGS (default "--grid clipa") replace the grids' arguments; PYTHON (default
+# python3) the interpreter.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
 # GPU image) travel as wheels in .whl/ (git-ignored; 2.4 MB). Prepare them on a machine with PyPI access with
@@ -34,12 +37,12 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 PY=${PYTHON:-python3}
 T_TESTS=${T_TESTS:-150}
-T_BENCH=${T_BENCH:-120}
+T_BENCH=${T_BENCH:-150}
 T_CLIPA=${T_CLIPA:-120}  # 0: no CLIPA goal grid
 T_COMPILE=${T_COMPILE:-60}  # 0: no compiled-blocks run at the two CLIPA goal points
-T_LN=${T_LN:-45}  # 0: no run with clipfast's layer-norm kernel at the two goal points
+T_KERNELS=${T_KERNELS:-50}  # 0: no run with clipfast's opt-in kernels at the two goal points
 T_PROFILE=${T_PROFILE:-40}  # 0: no step profile
-T_GRID=${T_GRID:-40}
+T_GRID=${T_GRID:-0}  # 0: no --grid gpu
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
 read -r -a CLIPA_ARGS <<<"${CLIPA_ARGS:---grid clipa}"
 SUITE_START=$(date +%s)
@@ -98,8 +101,9 @@ part env 60 bash "$DIR/env.sh"
 
 # tests that import neither DeepSpeed nor DALI (test_train, test_stages, test_data do); on CUDA, tests/conftest.py
 # leaves TRITON_INTERPRET unset, so the kernels compile and run natively
-TESTS=(tests/test_graph.py tests/test_engine.py tests/test_patch_embed.py tests/test_varlen_attention.py tests/test_aot_patch_embed.py
-       tests/test_aot_varlen_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py
+TESTS=(tests/test_graph.py tests/test_engine.py tests/test_patch_embed.py tests/test_varlen_attention.py
+       tests/test_short_attention.py tests/test_aot_patch_embed.py tests/test_aot_varlen_attention.py
+       tests/test_aot_short_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py
        tests/test_presets.py tests/test_interop.py tests/test_layer_norm.py tests/test_aot_layer_norm.py)
 EXISTING=()
 for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done
@@ -139,17 +143,22 @@ if [ "$T_COMPILE" -gt 30 ]; then
     part throughput_compile "$T_COMPILE" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --compile \
         --no-cuda-graph --no-open-clip --out "$DIR/compile" --time-budget $(( T_COMPILE - 30 ))
 fi
-# kernels.layer_norm (dW, dB fused into dx's pass; CLIP.set_layer_norm("triton")) at the two goal points, against
-# the eager column of clipa/ (same machine, minutes apart): torch's layer norms took 12.4 of 85.3 ms at 87ad763
-if [ "$T_LN" -gt 30 ]; then
-    part throughput_layer_norm "$T_LN" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 \
-        --clipfast-layer-norm triton --no-cuda-graph --no-open-clip --out "$DIR/layer_norm" --time-budget $(( T_LN - 30 ))
+# the opt-in kernels (kernels.layer_norm: dW, dB fused into dx's pass; kernels.short_attention: one tile per
+# sequence and head for the image tower) at the two goal points, interleaved with the plain eager step ("kernels /
+# clipfast"); at 87ad763 torch's layer norms took 12.4 and the vision attention 8.8 of 85.3 ms per B/16 step.
+# The microbenchmarks (test_bench_layer_norm, test_bench_short_attention) time each kernel by itself
+if [ "$T_KERNELS" -gt 30 ]; then
+    part throughput_kernels "$T_KERNELS" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --kernels \
+        --no-cuda-graph --no-open-clip --out "$DIR/kernels" --time-budget $(( T_KERNELS - 30 ))
 fi
-# where a CLIPA step's device time goes (kernel groups, busy share), clipfast beside open_clip
+# where a CLIPA step's device time goes (kernel groups, busy share): clipfast without and with the opt-in kernels,
+# open_clip
 if [ "$T_PROFILE" -gt 0 ]; then
-    part profile "$T_PROFILE" "$PY" bench/profile_step.py --out "$DIR"
+    part profile "$T_PROFILE" "$PY" bench/profile_step.py --impls clipfast clipfast_kernels open_clip --out "$DIR"
 fi
-part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget $(( T_GRID - 30 ))
+if [ "$T_GRID" -gt 30 ]; then
+    part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget $(( T_GRID - 30 ))
+fi
 
 {
     echo "# GPU suite: $DEVICE, $DATE, commit $COMMIT"
@@ -165,8 +174,8 @@ part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DI
     [ -f "$DIR/clipa/throughput.md" ] && { echo "## CLIPA goal points"; echo; cat "$DIR/clipa/throughput.md"; echo; }
     [ -f "$DIR/compile/throughput.md" ] && { echo "## Compiled blocks at the goal points"; echo
                                               cat "$DIR/compile/throughput.md"; echo; }
-    [ -f "$DIR/layer_norm/throughput.md" ] && { echo "## clipfast's layer-norm kernel at the goal points"; echo
-                                                 cat "$DIR/layer_norm/throughput.md"; echo; }
+    [ -f "$DIR/kernels/throughput.md" ] && { echo "## clipfast's opt-in kernels at the goal points"; echo
+                                              cat "$DIR/kernels/throughput.md"; echo; }
     [ -f "$DIR/profile.md" ] && { echo "## Step profile"; echo; cat "$DIR/profile.md"; echo; }
     [ -f "$DIR/throughput.md" ] && { echo "## Grid"; echo; cat "$DIR/throughput.md"; }
 } >"$DIR/summary.md"

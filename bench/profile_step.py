@@ -30,6 +30,7 @@ from bench.steps import (  # noqa: E402
     clipfast_compiled_step_fn,
     clipfast_ds_step_fn,
     clipfast_graph_step_fn,
+    clipfast_kernels_step_fn,
     clipfast_step_fn,
     open_clip_step_fn,
 )
@@ -37,7 +38,8 @@ from bench.throughput import Point, make_batch, snap  # noqa: E402
 from clipfast.presets import from_name  # noqa: E402
 
 BUILDERS = {"clipfast": clipfast_step_fn, "clipfast_compiled": clipfast_compiled_step_fn,
-            "clipfast_graph": clipfast_graph_step_fn, "clipfast_ds": clipfast_ds_step_fn,
+            "clipfast_graph": clipfast_graph_step_fn, "clipfast_kernels": clipfast_kernels_step_fn,
+            "clipfast_ds": clipfast_ds_step_fn,
             "open_clip": open_clip_step_fn}
 # first match wins; names of cuBLAS/CUTLASS/Triton/ATen kernels and CPU ops
 GROUPS = [
@@ -132,10 +134,14 @@ def main(argv=None) -> list[dict]:
                     help="mixed: clipfast bf16_master, open_clip amp_bf16 (as throughput.py); auto: mixed on CUDA")
     ap.add_argument("--layer-norm", choices=["torch", "triton"], default="torch",
                     help="clipfast's layer norms (CLIP.set_layer_norm), as throughput.py --clipfast-layer-norm")
+    ap.add_argument("--vision-attention", choices=["sdpa", "triton"], default="sdpa",
+                    help="clipfast's image-tower attention (CLIP.set_vision_attention), as throughput.py "
+                         "--clipfast-vision-attention")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="output folder (default bench/results/<device>-<date>)")
     args = ap.parse_args(argv)
     bench_steps.LAYER_NORM = args.layer_norm
+    bench_steps.VISION_ATTENTION = args.vision_attention
     device = torch.device(args.device)
     args.size = snap(args.size, from_name(args.preset).vision.patch_size)
     name, slug = device_info(device)

@@ -18,7 +18,8 @@ from clipfast.presets import from_name
 
 ROOT = Path(__file__).resolve().parents[1]
 # clipfast_graph: CUDA graphs (clipfast.graph); clipfast_ds: --deepspeed, the trainer's DeepSpeed engine
-IMPLS = ("clipfast", "clipfast_compiled", "clipfast_graph", "clipfast_ds", "open_clip")
+# clipfast_kernels: --kernels, the opt-in kernels (layer norm, vision attention) on
+IMPLS = ("clipfast", "clipfast_compiled", "clipfast_kernels", "clipfast_graph", "clipfast_ds", "open_clip")
 
 
 def add_scaling(rows: list[dict]) -> None:
@@ -43,6 +44,9 @@ def add_scaling(rows: list[dict]) -> None:
         ok = r.get("clipfast_compiled_samples_s") and r.get("open_clip_samples_s")
         r["compiled_vs_open_clip"] = (round(r["clipfast_compiled_samples_s"] / r["open_clip_samples_s"], 3) if ok
                                       else None)
+        ok = r.get("clipfast_kernels_samples_s") and r.get("clipfast_samples_s")
+        r["kernels_vs_clipfast"] = (round(r["clipfast_kernels_samples_s"] / r["clipfast_samples_s"], 3) if ok
+                                    else None)
         ok = r.get("clipfast_ds_samples_s") and r.get("open_clip_samples_s")
         r["ds_vs_open_clip"] = round(r["clipfast_ds_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
 
@@ -67,6 +71,9 @@ def markdown_table(rows: list[dict]) -> str:
             ("open_clip / clipfast FLOPs", "open_clip_exec_flop_ratio", 2),
             ("compiled ms", "clipfast_compiled_ms", 1), ("compiled samples/s", "clipfast_compiled_samples_s", 1),
             ("compiled MFU", "clipfast_compiled_mfu", 3), ("compiled / open_clip", "compiled_vs_open_clip", 2),
+            ("kernels ms", "clipfast_kernels_ms", 1), ("kernels samples/s", "clipfast_kernels_samples_s", 1),
+            ("kernels MFU", "clipfast_kernels_mfu", 3), ("kernels MiB", "clipfast_kernels_peak_mib", 0),
+            ("kernels / clipfast", "kernels_vs_clipfast", 3),
             ("graphs ms", "clipfast_graph_ms", 1), ("graphs samples/s", "clipfast_graph_samples_s", 1),
             ("graphs MFU", "clipfast_graph_mfu", 3), ("graphs scaling eff", "clipfast_graph_scaling_eff", 2),
             ("graphs / open_clip", "graph_vs_open_clip", 2),
@@ -84,16 +91,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _stats(rs, key="vs_open_clip"):
+    xs = [r[key] for r in rs]
+    return f"min {min(xs):.2f}×, median {statistics.median(xs):.2f}×, max {max(xs):.2f}× ({len(xs)} points)"
+
+
 def summary(rows: list[dict]) -> str:
     """The clipfast / open_clip ratio over all points and per kind of point: masked, padded (>= 25% of the text
-    length is padding), neither."""
+    length is padding), neither; the kernels column against plain clipfast."""
+    with_kernels = [r for r in rows if r.get("kernels_vs_clipfast")]
+    kernels = (f" With the opt-in kernels (kernels.layer_norm, kernels.short_attention) / without: "
+               f"{_stats(with_kernels, 'kernels_vs_clipfast')}." if with_kernels else "")
     rated = [r for r in rows if r.get("vs_open_clip")]
     if not rated:
-        return "open_clip column absent: no ratio."
-
-    def stats(rs, key="vs_open_clip"):
-        xs = [r[key] for r in rs]
-        return f"min {min(xs):.2f}×, median {statistics.median(xs):.2f}×, max {max(xs):.2f}× ({len(xs)} points)"
+        return "open_clip column absent: no ratio." + kernels
+    stats = _stats
 
     lo = min(rated, key=lambda r: r["vs_open_clip"])
     out = [f"clipfast / open_clip samples/s: {stats(rated)}; the lowest at {lo['preset']} {lo['image_px']} px, mask "
@@ -114,7 +126,7 @@ def summary(rows: list[dict]) -> str:
     ds = [r for r in rated if r.get("ds_vs_open_clip")]
     if ds:
         out.append(f"Through DeepSpeed's engine (clipfast.train's step) / open_clip: {stats(ds, 'ds_vs_open_clip')}.")
-    return " ".join(out)
+    return " ".join(out) + kernels
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -132,6 +144,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for p in presets:
         for t in lens:
             for impl, ls, alpha in (("clipfast", "-", 1.0), ("clipfast_compiled", (0, (5, 1, 1, 1)), 1.0),
+                                    ("clipfast_kernels", (0, (1, 1)), 1.0),
                                     ("clipfast_graph", ":", 1.0), ("clipfast_ds", "-.", 0.8),
                                     ("open_clip", "--", 0.45)):
                 pts = sorted((r["image_tokens"], r[f"{impl}_samples_s"], r["mask"] > 0) for r in rows
@@ -151,6 +164,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.plot([], [], color="gray", ls="-", label="clipfast")
     if any(r.get("clipfast_compiled_samples_s") for r in rows):
         ax.plot([], [], color="gray", ls=(0, (5, 1, 1, 1)), label="clipfast, compiled blocks")
+    if any(r.get("clipfast_kernels_samples_s") for r in rows):
+        ax.plot([], [], color="gray", ls=(0, (1, 1)), label="clipfast + opt-in kernels")
     if any(r.get("clipfast_graph_samples_s") for r in rows):
         ax.plot([], [], color="gray", ls=":", label="clipfast + CUDA graphs")
     if any(r.get("clipfast_ds_samples_s") for r in rows):
@@ -217,8 +232,9 @@ def write_outputs(rows: list[dict], meta: dict, skipped: list[str], out: Path, t
                 summary=summary(rows))
     loads = [r["load_1min"] for r in rows]
     header = (f"**{meta['device']}**, {meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton "
-              f"{meta['triton']}, {meta['open_clip']}, {meta['precision']}; load (1 min) {min(loads, default=0):.1f}–"
-              f"{max(loads, default=0):.1f}. Captions: {meta['captions']}. Timing: {meta['timing']}.")
+              f"{meta['triton']}, {meta['open_clip'] or 'no open_clip column'}, {meta['precision']}; load (1 min) "
+              f"{min(loads, default=0):.1f}–{max(loads, default=0):.1f}. Captions: {meta['captions']}. "
+              f"Timing: {meta['timing']}.")
     md = header + "\n\n" + markdown_table(rows) + "\n\n" + meta["summary"]
     if skipped:
         md += f"\n\nNot measured: {'; '.join(skipped)}."

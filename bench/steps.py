@@ -34,6 +34,9 @@ def _optimizer(model, precision: str = "fp32", **kw):
 # every clipfast column's layer norms (CLIP.set_layer_norm): "torch" or "triton"; bench/throughput.py's
 # --clipfast-layer-norm sets it for the run
 LAYER_NORM = "torch"
+# every clipfast column's image-tower attention (CLIP.set_vision_attention): "sdpa" or "triton"; set by
+# bench/throughput.py's --clipfast-vision-attention
+VISION_ATTENTION = "sdpa"
 
 
 def _eager_step(opt, device, precision: str, loss_of):
@@ -51,14 +54,18 @@ def _eager_step(opt, device, precision: str, loss_of):
     return step
 
 
-def _clipfast_model(cfg: ModelConfig, device, precision: str) -> CLIP:
+def _clipfast_model(cfg: ModelConfig, device, precision: str, layer_norm: str | None = None,
+                    vision_attention: str | None = None) -> CLIP:
+    """CLIP in the column's precision; layer norms and vision attention as given, else the run's (the globals)."""
     with torch.device(device):
-        model = CLIP(cfg).train().set_layer_norm(LAYER_NORM)
+        model = CLIP(cfg).train().set_layer_norm(layer_norm or LAYER_NORM)
+        model.set_vision_attention(vision_attention or VISION_ATTENTION)
     return model.to(torch.bfloat16) if precision in ("bf16", "bf16_master") else model
 
 
-def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, compile_backend: str | None = None):
-    model = _clipfast_model(cfg, device, precision).compile_blocks(compile_backend)
+def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, compile_backend: str | None = None,
+                     **kernels):
+    model = _clipfast_model(cfg, device, precision, **kernels).compile_blocks(compile_backend)
     opt = _optimizer(model, precision)
     grid = cfg.vision.grid
 
@@ -67,6 +74,13 @@ def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, compil
         return clip_loss(*model(b.images, b.text, b.cu_seqlens, b.max_len, keep))
 
     return model, opt, _eager_step(opt, device, precision, loss_of)
+
+
+def clipfast_kernels_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
+    """clipfast's eager step with both opt-in kernels: kernels.layer_norm for every layer norm and
+    kernels.short_attention for the image tower's attention (set_layer_norm / set_vision_attention("triton")). They
+    run on CUDA; elsewhere the model falls back to torch's ops, so the column equals the eager one."""
+    return clipfast_step_fn(cfg, pt, device, precision, batch_size, layer_norm="triton", vision_attention="triton")
 
 
 def clipfast_compiled_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):

@@ -26,7 +26,9 @@ FLOP ratio and their quotient (scaling efficiency), and clipfast / open_clip.
 On CUDA a third column, "graphs", runs clipfast's step as CUDA graphs (clipfast.graph.GraphedTrainStep: text
 padded to a bucket, the whole step replayed by one launch); --no-cuda-graph leaves it out. --compile adds
 "compiled": the eager step with each transformer block's layer norms, projections, MLP and residuals through
-torch.compile (clipfast.model.CLIP.compile_blocks; compiled in the warm-up). Batch: the GPU grid
+torch.compile (clipfast.model.CLIP.compile_blocks; compiled in the warm-up). --kernels adds "kernels": the eager
+step with the opt-in kernels, kernels.layer_norm and kernels.short_attention (the image tower), beside the plain
+one in the same interleaved run, with their ratio ("kernels / clipfast"). Batch: the GPU grid
 scales each preset's batch up where a point has fewer image tokens than the full one, by the largest power of
 two up to --max-batch-scale (4) that the token ratio allows, as a CLIPA run would (same memory, more samples);
 --batch fixes it. Writes throughput.{md,csv,json,png}
@@ -66,6 +68,7 @@ from bench.steps import (  # noqa: E402
     clipfast_compiled_step_fn,
     clipfast_ds_step_fn,
     clipfast_graph_step_fn,
+    clipfast_kernels_step_fn,
     clipfast_step_fn,
     open_clip_step_fn,
 )
@@ -314,11 +317,13 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     row = dict(preset=pt.preset, image_px=pt.size, mask=pt.mask, image_tokens=k, text_len=pt.text_len,
                batch=bs, load_1min=round(os.getloadavg()[0], 2))
     builders = {"clipfast": clipfast_step_fn, "clipfast_graph": clipfast_graph_step_fn,
-                "clipfast_compiled": clipfast_compiled_step_fn,
+                "clipfast_compiled": clipfast_compiled_step_fn, "clipfast_kernels": clipfast_kernels_step_fn,
                 "clipfast_ds": clipfast_ds_step_fn, "open_clip": open_clip_step_fn}
     impls = ["clipfast"]
     if args.compile and not args.data:
         impls.append("clipfast_compiled")
+    if args.kernels and not args.data:
+        impls.append("clipfast_kernels")
     if args.deepspeed and not args.data:
         impls.append("clipfast_ds")
     if device.type == "cuda" and not args.no_cuda_graph and not args.data:
@@ -422,6 +427,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-cuda-graph", action="store_true", help="leave out the CUDA-graph column (CUDA only)")
     ap.add_argument("--compile", action="store_true",
                     help="add a column: clipfast with its blocks' non-attention part compiled (CLIP.compile_blocks)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="add a column: clipfast with its opt-in kernels (kernels.layer_norm, kernels.short_attention)")
     ap.add_argument("--deepspeed", action="store_true",
                     help="add a column: clipfast through DeepSpeed's engine as clipfast.train runs it (one rank)")
     ap.add_argument("--steps", type=int, help="timed steps per implementation")
@@ -438,6 +445,9 @@ def parse_args(argv=None):
                          "weights and activations, fp32 master weights in the optimizer), else --precision")
     ap.add_argument("--clipfast-layer-norm", choices=["torch", "triton"], default="torch",
                     help="clipfast's layer norms (CLIP.set_layer_norm): torch's, or kernels.layer_norm on CUDA")
+    ap.add_argument("--clipfast-vision-attention", choices=["sdpa", "triton"], default="sdpa",
+                    help="clipfast's image-tower attention (CLIP.set_vision_attention): SDPA, or "
+                         "kernels.short_attention on CUDA for <= 64 tokens")
     ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: clipfast.train.peak_flops)")
     ap.add_argument("--no-open-clip", action="store_true", help="skip the open_clip column")
     ap.add_argument("--data", help="webdataset shards: time clipfast with its DALI loader (open_clip skipped)")
@@ -462,6 +472,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
     bench_steps.LAYER_NORM = args.clipfast_layer_norm
+    bench_steps.VISION_ATTENTION = args.clipfast_vision_attention
     if args.threads:
         torch.set_num_threads(args.threads)
     one_thread = device.type == "cpu" and torch.get_num_threads() == 1
@@ -500,7 +511,9 @@ def main(argv=None) -> list[dict]:
                 python=platform.python_version(), open_clip=note,
                 precision=(args.precision if args.clipfast_precision == args.precision else
                            f"clipfast {args.clipfast_precision}, open_clip {args.precision}")
-                + ("" if args.clipfast_layer_norm == "torch" else f", clipfast layer norm {args.clipfast_layer_norm}"),
+                + ("" if args.clipfast_layer_norm == "torch" else f", clipfast layer norm {args.clipfast_layer_norm}")
+                + ("" if args.clipfast_vision_attention == "sdpa"
+                   else f", clipfast vision attention {args.clipfast_vision_attention}"),
                 threads=torch.get_num_threads(), peak_tflops=args.peak / 1e12 if args.peak else None,
                 load_start=os.getloadavg(), argv=sys.argv[1:] if argv is None else list(argv),
                 captions=f"log-normal lengths, median {CAPTION_MEDIAN}, sigma {CAPTION_SIGMA}, clipped to [2, text "

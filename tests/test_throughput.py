@@ -182,21 +182,54 @@ def test_points_measure_exactly_those_points_then_each_full_point(tmp_path):
     assert masked["clipfast_speedup"] == round(masked["clipfast_samples_s"] / full["clipfast_samples_s"], 3)
 
 
-def test_clipfast_layer_norm_flag_reaches_every_clipfast_model(tmp_path, monkeypatch):
-    """--clipfast-layer-norm triton: the clipfast columns' models run kernels.layer_norm (under the interpreter here),
-    and the run's header says so."""
+def test_kernels_column_runs_the_opt_in_kernels_beside_plain_clipfast(tmp_path, monkeypatch):
+    """--kernels: a second clipfast column whose model runs kernels.layer_norm and kernels.short_attention (under the
+    interpreter here), timed in the same run as the plain column (whose model keeps torch's ops), with their ratio in
+    the row, the table and the summary."""
     import bench.steps as steps
-    from clipfast.model import LayerNorm
+    import kernels.short_attention as sa
+    from clipfast.model import Attention, LayerNorm
+
+    built, calls = [], []
+    real, real_apply = steps._clipfast_model, sa.ShortAttentionQKVFn.apply
+    monkeypatch.setattr(steps, "_clipfast_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    monkeypatch.setattr(sa.ShortAttentionQKVFn, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    rows = tp.main(TINY + ["--points", "demo:16:8", "--no-open-clip", "--kernels", "--out", str(tmp_path)])
+    assert len(built) == 2 * len(rows) and calls  # plain + kernels per point; the kernel ran
+    plain, kern = built[:2]
+    assert {m.impl for m in plain.modules() if isinstance(m, LayerNorm)} == {"torch"}
+    assert {m.impl for m in kern.modules() if isinstance(m, LayerNorm)} == {"triton"}
+    assert {m.dense_impl for m in kern.visual.modules() if isinstance(m, Attention)} == {"triton"}
+    for r in rows:
+        assert r["kernels_vs_clipfast"] == round(r["clipfast_kernels_samples_s"] / r["clipfast_samples_s"], 3)
+    md = (tmp_path / "throughput.md").read_text()
+    assert "kernels / clipfast" in md
+    assert "With the opt-in kernels" in md
+
+
+@pytest.mark.parametrize("flag,value,attr,module,header", [
+    ("--clipfast-layer-norm", "triton", "impl", "LayerNorm", "clipfast layer norm triton"),
+    ("--clipfast-vision-attention", "triton", "dense_impl", "Attention", "clipfast vision attention triton"),
+])  # fmt: skip
+def test_clipfast_kernel_flag_reaches_every_clipfast_model(tmp_path, monkeypatch, flag, value, attr, module, header):
+    """--clipfast-layer-norm / --clipfast-vision-attention triton: the clipfast columns' models run the kernel (under
+    the interpreter here; the vision attention in the image tower only), and the run's header says so."""
+    import bench.steps as steps
+    import clipfast.model as cm
 
     built = []
     real = steps._clipfast_model
-    monkeypatch.setattr(steps, "_clipfast_model", lambda *a: built.append(real(*a)) or built[-1])
-    monkeypatch.setattr(steps, "LAYER_NORM", "torch")  # restored after the test: tp.main sets it for the run
-    rows = tp.main(TINY + ["--points", "demo:16:8", "--no-open-clip", "--clipfast-layer-norm", "triton",
-                           "--out", str(tmp_path)])  # fmt: skip
+    monkeypatch.setattr(steps, "_clipfast_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    for name in ("LAYER_NORM", "VISION_ATTENTION"):  # restored after the test: tp.main sets them for the run
+        monkeypatch.setattr(steps, name, getattr(steps, name))
+    rows = tp.main(TINY + ["--points", "demo:16:8", "--no-open-clip", flag, value, "--out", str(tmp_path)])
     assert rows and built
-    assert all(m.impl == "triton" for model in built for m in model.modules() if isinstance(m, LayerNorm))
+    cls = getattr(cm, module)
+    for model in built:
+        where = model.visual if module == "Attention" else model
+        mods = [m for m in where.modules() if isinstance(m, cls)]
+        assert mods and all(getattr(m, attr) == value for m in mods)
     meta = json.loads((tmp_path / "throughput.json").read_text())["meta"]
-    assert "clipfast layer norm triton" in meta["precision"]
+    assert header in meta["precision"]
     with pytest.raises(SystemExit):
-        tp.parse_args(["--clipfast-layer-norm", "apex"])
+        tp.parse_args([flag, "apex"])
