@@ -31,14 +31,21 @@ MAX_N = 2048
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, stride_x, stride_y, eps,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, stride_x, stride_y, eps, R, S, stride_r, stride_s,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
+    """y = LN(x); HAS_RES: s = x + r rounded to S's dtype (as torch's add), stored, and y = LN(s)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     rmask, cmask = rows < M, cols < N
     mask = rmask[:, None] & cmask[None, :]
     r64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)  # on a GPU round-to-nearest-even, as torch's add (triton 3.8's
+        # interpreter truncates instead: tests/test_layer_norm.py allows it one ulp there)
+        tl.store(S + r64 * stride_s + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
     mean = tl.sum(x, axis=1) / N
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
@@ -52,7 +59,9 @@ def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, stride_x, stride_y, eps
 
 @triton.jit
 def _layer_norm_bwd_kernel(X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART, M, N, stride_x, stride_dy, stride_dx,
-                           rows_per_prog, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                           rows_per_prog, DS, stride_ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           HAS_RES: tl.constexpr):  # fmt: skip
+    """dx, partial dW and dB per program; HAS_RES: dx += ds (the gradient that reached the sum s = x + r directly)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -75,6 +84,8 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART, M, N, str
         c1 = tl.sum(xhat * wdy, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_RES:
+            dx += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
@@ -101,44 +112,52 @@ def _bwd_programs(m: int, block_m: int, device: torch.device) -> tuple[int, int]
     return triton.cdiv(m, rows), rows
 
 
-def _fwd_launch(x2, w, b, y, mean, rstd, eps):
-    """(grid, runtime args, constexprs, launch options) of the forward kernel; the AOT test compiles the same."""
+def _fwd_launch(x2, w, b, y, mean, rstd, eps, r2=None, s=None):
+    """(grid, runtime args, constexprs, launch options) of the forward kernel; the AOT test compiles the same.
+    r2, s: the residual input and the sum's output (add_layer_norm), else None."""
     M, N = x2.shape
     cfg = _config(N)
+    res = r2 is not None
     args = dict(X=x2, W=w, B=b, Y=y, MEAN=mean, RSTD=rstd, M=M, N=N, stride_x=x2.stride(0), stride_y=y.stride(0),
-                eps=eps)  # fmt: skip
-    return (triton.cdiv(M, cfg["BLOCK_M"]),), args, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]), \
-        {"num_warps": cfg["num_warps"]}
+                eps=eps, R=r2 if res else x2, S=s if res else y, stride_r=r2.stride(0) if res else 0,
+                stride_s=s.stride(0) if res else 0)  # fmt: skip
+    const = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RES=res)
+    return (triton.cdiv(M, cfg["BLOCK_M"]),), args, const, {"num_warps": cfg["num_warps"]}
 
 
-def _bwd_launch(x2, w, dy2, dx, mean, rstd, dw_part, db_part, rows):
-    """(grid, runtime args, constexprs, launch options) of the backward kernel (dw_part's rows: the programs)."""
+def _bwd_launch(x2, w, dy2, dx, mean, rstd, dw_part, db_part, rows, ds2=None):
+    """(grid, runtime args, constexprs, launch options) of the backward kernel (dw_part's rows: the programs);
+    ds2: the gradient to add into dx (add_layer_norm), else None."""
     M, N = x2.shape
     cfg = _config(N)
+    res = ds2 is not None
     args = dict(X=x2, W=w, DY=dy2, DX=dx, MEAN=mean, RSTD=rstd, DW_PART=dw_part, DB_PART=db_part, M=M, N=N,
-                stride_x=x2.stride(0), stride_dy=dy2.stride(0), stride_dx=dx.stride(0), rows_per_prog=rows)
+                stride_x=x2.stride(0), stride_dy=dy2.stride(0), stride_dx=dx.stride(0), rows_per_prog=rows,
+                DS=ds2 if res else dy2, stride_ds=ds2.stride(0) if res else 0)  # fmt: skip
     # twice the forward's warps: the two fp32 (BLOCK_M, BLOCK_N) sums stay in registers (4 warps: 186-208 per thread)
-    return (dw_part.shape[0],), args, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]), \
+    return (dw_part.shape[0],), args, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RES=res), \
         {"num_warps": 2 * cfg["num_warps"]}
 
 
-def _fwd(x2, w, b, eps):
+def _fwd(x2, w, b, eps, r2=None):
+    """(y, mean, rstd, s): s = x2 + r2 when r2 is given (y normalises s), else None."""
     M, N = x2.shape
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    s = None if r2 is None else torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     mean = torch.empty(M, dtype=torch.float32, device=x2.device)
     rstd = torch.empty_like(mean)
-    grid, args, const, opts = _fwd_launch(x2, w, b, y, mean, rstd, eps)
+    grid, args, const, opts = _fwd_launch(x2, w, b, y, mean, rstd, eps, r2, s)
     _layer_norm_fwd_kernel[grid](**args, **const, **opts)
-    return y, mean, rstd
+    return y, mean, rstd, s
 
 
-def _bwd(dy2, x2, w, mean, rstd):
+def _bwd(dy2, x2, w, mean, rstd, ds2=None):
     M, N = x2.shape
     progs, rows = _bwd_programs(M, _config(N)["BLOCK_M"], x2.device)
     dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     dw_part = torch.empty((progs, N), dtype=torch.float32, device=x2.device)
     db_part = torch.empty_like(dw_part)
-    grid, args, const, opts = _bwd_launch(x2, w, dy2, dx, mean, rstd, dw_part, db_part, rows)
+    grid, args, const, opts = _bwd_launch(x2, w, dy2, dx, mean, rstd, dw_part, db_part, rows, ds2)
     _layer_norm_bwd_kernel[grid](**args, **const, **opts)
     return dx, dw_part.sum(0).to(w.dtype), db_part.sum(0).to(w.dtype)
 
@@ -153,30 +172,76 @@ def layer_norm_ref(x, weight, bias, eps: float = 1e-5, upcast: bool = False):
 class LayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        y, mean, rstd = _fwd(x2, weight, bias, eps)
+        x2 = _rows(x)
+        y, mean, rstd, _ = _fwd(x2, weight, bias, eps)
         ctx.save_for_backward(x2, weight, mean, rstd)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
-        dx, dw, db = _bwd(dy2, x2, weight, mean, rstd)
+        dx, dw, db = _bwd(_rows(dy), x2, weight, mean, rstd)
         return dx.view(dy.shape), dw, db, None
+
+
+class AddLayerNormFn(torch.autograd.Function):
+    """(s, y) = (x + r, LN(x + r)) in one pass; backward: dx = dr = ds + LN'(dy) in one pass."""
+
+    @staticmethod
+    def forward(ctx, x, r, weight, bias, eps):
+        x2, r2 = (_rows(t) for t in (x, r))
+        y, mean, rstd, s = _fwd(x2, weight, bias, eps, r2)
+        ctx.save_for_backward(s, weight, mean, rstd)
+        return s.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s2, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _bwd(_rows(dy), s2, weight, mean, rstd, _rows(ds))
+        dx = dx.view(dy.shape)
+        return dx, dx, dw, db, None
+
+
+def _rows(t):
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _check(x, weight, bias, op="layer_norm"):
+    N = x.shape[-1]
+    if weight is None or bias is None or weight.shape != (N,) or bias.shape != (N,):
+        raise ValueError(f"{op} needs weight and bias of shape ({N},) for x of shape {tuple(x.shape)}, got "
+                         f"{None if weight is None else tuple(weight.shape)} and "
+                         f"{None if bias is None else tuple(bias.shape)}")  # fmt: skip
+
+
+def _kernel_ok(x, impl) -> bool:
+    # autocast: torch's rules (layer norm runs in fp32 there)
+    return use_triton(x, impl) and x.shape[-1] <= MAX_N and x.numel() > 0 and not torch.is_autocast_enabled(
+        x.device.type)
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5, *, impl=None):
     """LayerNorm of x (..., N) over its last dim with weight and bias (N,) -> x's shape and dtype."""
-    N = x.shape[-1]
-    if weight is None or bias is None or weight.shape != (N,) or bias.shape != (N,):
-        raise ValueError(f"layer_norm needs weight and bias of shape ({N},) for x of shape {tuple(x.shape)}, got "
-                         f"{None if weight is None else tuple(weight.shape)} and "
-                         f"{None if bias is None else tuple(bias.shape)}")  # fmt: skip
-    if not use_triton(x, impl) or N > MAX_N or x.numel() == 0 or torch.is_autocast_enabled(x.device.type):
-        return layer_norm_ref(x, weight, bias, eps)  # autocast: torch's rules (layer norm runs in fp32 there)
+    _check(x, weight, bias)
+    if not _kernel_ok(x, impl):
+        return layer_norm_ref(x, weight, bias, eps)
     return LayerNormFn.apply(x, weight, bias, float(eps))
+
+
+def add_layer_norm_ref(x, r, weight, bias, eps: float = 1e-5):
+    s = x + r
+    return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+
+
+def add_layer_norm(x, r, weight, bias, eps: float = 1e-5, *, impl=None):
+    """(s, LayerNorm(s)) for s = x + r, both (..., N) of one shape and dtype: a pre-norm transformer's residual add and
+    the next norm in one pass over x and r (the kernel writes s and y), and in one backward pass (dx = dr = ds + the
+    norm's gradient, dW and dB as layer_norm's). Same conditions for the kernel as layer_norm."""
+    _check(x, weight, bias, "add_layer_norm")
+    if r.shape != x.shape or r.dtype != x.dtype:
+        raise ValueError(f"add_layer_norm needs x and r of one shape and dtype, got {tuple(x.shape)} {x.dtype} and "
+                         f"{tuple(r.shape)} {r.dtype}")  # fmt: skip
+    if not _kernel_ok(x, impl):
+        return add_layer_norm_ref(x, r, weight, bias, eps)
+    return AddLayerNormFn.apply(x, r, weight, bias, float(eps))

@@ -1,10 +1,11 @@
 """kernels.layer_norm against F.layer_norm: forward and all three gradients under one random dout, over odd shapes
-and dtypes, rows split over several backward programs, strided rows, and the fallbacks."""
+and dtypes, rows split over several backward programs, strided rows, and the fallbacks; kernels.add_layer_norm (the
+residual add fused in) against the add followed by F.layer_norm."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import layer_norm, layer_norm_ref
+from kernels import add_layer_norm, layer_norm, layer_norm_ref
 from tests.conftest import DEVICE
 
 # (x's shape): rows not a multiple of the tile, N not a power of two, a leading batch dim
@@ -75,3 +76,58 @@ def test_default_and_fallbacks_take_the_reference():
         layer_norm(x, w[:4], b)
     with pytest.raises(ValueError, match="impl"):
         layer_norm(x, w, b, impl="cuda")
+
+
+def _add_fwd_bwd(fn, x, r, w, b, ds, dy):
+    x, r, w, b = (t.detach().clone().requires_grad_() for t in (x, r, w, b))
+    s, y = fn(x, r, w, b)
+    torch.autograd.backward((s, y), (ds, dy))
+    return s.detach(), y.detach(), x.grad, r.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_add_layer_norm_matches_add_then_norm(shape, dtype):
+    """s = x + r rounded as torch's add rounds it (bit for bit), y = LN(s); dx = dr = ds + LN's dx, dW, dB: against the
+    fp32 reference of the norm of the kernel's own s, rounded once."""
+    x, w, b, dy = _inputs(shape, dtype, seed=2)
+    r, _, _, ds = _inputs(shape, dtype, seed=3)
+    got = _add_fwd_bwd(lambda *a: add_layer_norm(*a, impl="triton"), x, r, w, b, ds, dy)
+    s = x + r  # in dtype, as the unfused model adds
+    if DEVICE == "cuda" or dtype == torch.float32:
+        assert torch.equal(got[0], s)  # the same rounding as torch's add
+    else:  # triton 3.8's interpreter casts fp32 -> bf16 by truncation (a GPU rounds to nearest even): within one ulp
+        ulp = 2.0 ** (torch.floor(torch.log2(s.float().abs().clamp_min(1e-30))) - 7)
+        assert ((got[0].float() - s.float()).abs() <= ulp).all()
+
+    def ref_fn(x, r, w, b):  # the norm of the kernel's s in fp32 (exactly its value; gradients flow to x and r)
+        s32 = x.float() + r.float()
+        s32 = s32 + (got[0].float() - s32).detach()
+        return s32, layer_norm_ref(s32, w.float(), b.float())
+
+    ref = _add_fwd_bwd(ref_fn, x, r, w, b, ds.float(), dy.float())
+    for name, a, e in zip(("y", "dx", "dr", "dw", "db"), got[1:], ref[1:], strict=True):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        torch.testing.assert_close(a.float(), e.to(dtype).float(), **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
+    assert torch.equal(got[2], got[3])  # one gradient for both addends
+
+
+def test_add_layer_norm_unused_sum_and_fallbacks():
+    """Only y used (autograd hands the backward a zero ds); the reference path off the kernel; bad inputs."""
+    x, w, b, dy = _inputs((9, 40), torch.float32, seed=4)
+    r = torch.randn_like(x)
+    for impl in ("triton", "ref"):
+        xs, rs = x.clone().requires_grad_(), r.clone().requires_grad_()
+        _, y = add_layer_norm(xs, rs, w, b, impl=impl)
+        y.backward(dy)
+        ref_x = x.clone().requires_grad_()
+        layer_norm_ref(ref_x + r, w, b).backward(dy)
+        torch.testing.assert_close(xs.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rs.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
+    if DEVICE == "cpu":
+        s, y = add_layer_norm(x, r, w, b)
+        assert torch.equal(s, x + r) and torch.equal(y, F.layer_norm(x + r, (40,), w, b))
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        add_layer_norm(x, r[:3], w, b)
+    with pytest.raises(ValueError, match=r"add_layer_norm needs weight and bias of shape \(40,\)"):
+        add_layer_norm(x, r, w[:4], b)
