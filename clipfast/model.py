@@ -20,7 +20,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clipfast.presets import ModelConfig, TextConfig, VisionConfig
-from kernels import layer_norm, masked_patch_embed, short_attention_qkvpacked, varlen_attention_qkvpacked
+from kernels import (
+    add_layer_norm,
+    layer_norm,
+    masked_patch_embed,
+    short_attention_qkvpacked,
+    varlen_attention_qkvpacked,
+)
 from kernels._common import interpreting
 from kernels.short_attention import TILE_MAX
 
@@ -53,10 +59,21 @@ class LayerNorm(nn.LayerNorm):
 
     impl = "torch"
 
+    def _kernel(self, x) -> bool:
+        return self.impl == "triton" and (x.is_cuda or interpreting()) and not torch.compiler.is_compiling()
+
     def forward(self, x):
-        if self.impl == "triton" and (x.is_cuda or interpreting()) and not torch.compiler.is_compiling():
+        if self._kernel(x):
             return layer_norm(x, self.weight, self.bias, self.eps, impl="triton")
         return super().forward(x)
+
+    def add_forward(self, x, delta):
+        """(x + delta, this norm of it): a residual add and the norm after it, in one pass of `kernels.add_layer_norm`
+        where forward would run the kernel (and x, delta share a dtype), else the add and then forward."""
+        if self._kernel(x) and x.dtype == delta.dtype:
+            return add_layer_norm(x, delta, self.weight, self.bias, self.eps, impl="triton")
+        s = x + delta
+        return s, super().forward(s)
 
 
 VISION_ATTENTIONS = ("sdpa", "triton")
@@ -115,6 +132,11 @@ def _compiled(backend: str):
 
 
 class ResidualAttentionBlock(nn.Module):
+    """Pre-norm block. forward(x, ..., pending) -> (x, m): the stream x after the attention's residual add, and the
+    MLP's output m, whose residual add is left to the next block (ln_1.add_forward(x, m): one pass with the norm under
+    layer_norm "triton") or to the end of the Transformer. With torch's norms these are the same ops, in the same order,
+    as `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`."""
+
     def __init__(self, width: int, heads: int, mlp_ratio: float):
         super().__init__()
         hidden = int(width * mlp_ratio)
@@ -126,20 +148,28 @@ class ResidualAttentionBlock(nn.Module):
         )
         self.compile_backend = None  # set by CLIP.compile_blocks
 
-    def forward(self, x, causal=False, cu_seqlens=None, max_seqlen=0, impl=None):
+    def forward(self, x, causal=False, cu_seqlens=None, max_seqlen=0, impl=None, pending=None):
         if self.compile_backend:  # the same two compiled functions serve every block (parameters are inputs)
             pre, post = _compiled(self.compile_backend)
-            return post(self, x, self.attn.core(pre(self, x), causal, cu_seqlens, max_seqlen, impl))
-        return self.post(x, self.attn.core(self.pre(x), causal, cu_seqlens, max_seqlen, impl))
+            x, qkv = pre(self, x, pending)
+            return post(self, x, self.attn.core(qkv, causal, cu_seqlens, max_seqlen, impl))
+        x, qkv = self.pre(x, pending)
+        return self.post(x, self.attn.core(qkv, causal, cu_seqlens, max_seqlen, impl))
 
-    def pre(self, x):
-        """Everything before the attention itself: layer norm and the qkv projection."""
-        return F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
+    def pre(self, x, pending=None):
+        """Everything before the attention itself: the previous block's pending residual add, layer norm, the qkv
+        projection. Returns (stream, qkv)."""
+        if pending is None:
+            h = self.ln_1(x)
+        else:
+            x, h = self.ln_1.add_forward(x, pending)
+        return x, F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias)
 
     def post(self, x, o):
-        """Everything after it: output projection, residual, layer norm, MLP, residual."""
-        x = x + self.attn.out_proj(o)
-        return x + self.mlp(self.ln_2(x))
+        """Everything after it: output projection, residual add + layer norm, MLP. Returns (stream, MLP output): the
+        last residual add is pending."""
+        x, h = self.ln_2.add_forward(x, self.attn.out_proj(o))
+        return x, self.mlp(h)
 
 
 class Transformer(nn.Module):
@@ -150,12 +180,13 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
 
     def forward(self, x, causal=False, cu_seqlens=None, max_seqlen=0, impl=None):
+        pending = None  # each block's last residual add is done by the next block's first norm (ResidualAttentionBlock)
         for block in self.resblocks:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, causal, cu_seqlens, max_seqlen, impl, use_reentrant=False)
+                x, pending = checkpoint(block, x, causal, cu_seqlens, max_seqlen, impl, pending, use_reentrant=False)
             else:
-                x = block(x, causal, cu_seqlens, max_seqlen, impl)
-        return x
+                x, pending = block(x, causal, cu_seqlens, max_seqlen, impl, pending)
+        return x if pending is None else x + pending
 
 
 def sincos_2d(width: int, grid: int, cls_token: bool = True) -> torch.Tensor:

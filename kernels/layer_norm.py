@@ -235,13 +235,13 @@ def add_layer_norm_ref(x, r, weight, bias, eps: float = 1e-5):
 
 
 def add_layer_norm(x, r, weight, bias, eps: float = 1e-5, *, impl=None):
-    """(s, LayerNorm(s)) for s = x + r, both (..., N) of one shape and dtype: a pre-norm transformer's residual add and
-    the next norm in one pass over x and r (the kernel writes s and y), and in one backward pass (dx = dr = ds + the
-    norm's gradient, dW and dB as layer_norm's). Same conditions for the kernel as layer_norm."""
+    """(s, LayerNorm(s)) for s = x + r, both (..., N) of one shape: a pre-norm transformer's residual add and the next
+    norm in one pass over x and r (the kernel writes s and y), and in one backward pass (dx = dr = ds + the norm's
+    gradient, dW and dB as layer_norm's). Same conditions for the kernel as layer_norm; dtypes that differ take the
+    reference (torch's type promotion)."""
     _check(x, weight, bias, "add_layer_norm")
-    if r.shape != x.shape or r.dtype != x.dtype:
-        raise ValueError(f"add_layer_norm needs x and r of one shape and dtype, got {tuple(x.shape)} {x.dtype} and "
-                         f"{tuple(r.shape)} {r.dtype}")  # fmt: skip
-    if not _kernel_ok(x, impl):
+    if r.shape != x.shape:
+        raise ValueError(f"add_layer_norm needs x and r of one shape, got {tuple(x.shape)} and {tuple(r.shape)}")
+    if not _kernel_ok(x, impl) or r.dtype != x.dtype:  # mixed dtypes: torch's type promotion, in the reference
         return add_layer_norm_ref(x, r, weight, bias, eps)
     return AddLayerNormFn.apply(x, r, weight, bias, float(eps))

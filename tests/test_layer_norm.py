@@ -127,7 +127,9 @@ def test_add_layer_norm_unused_sum_and_fallbacks():
     if DEVICE == "cpu":
         s, y = add_layer_norm(x, r, w, b)
         assert torch.equal(s, x + r) and torch.equal(y, F.layer_norm(x + r, (40,), w, b))
-    with pytest.raises(ValueError, match="one shape and dtype"):
+    with pytest.raises(ValueError, match="one shape"):
         add_layer_norm(x, r[:3], w, b)
+    s, y = add_layer_norm(x, r.bfloat16(), w, b, impl="triton")  # dtypes differ: torch's promotion, the reference
+    assert s.dtype == torch.float32 and torch.equal(s, x + r.bfloat16())
     with pytest.raises(ValueError, match=r"add_layer_norm needs weight and bias of shape \(40,\)"):
         add_layer_norm(x, r, w[:4], b)

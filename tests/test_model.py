@@ -147,8 +147,9 @@ def test_compiled_blocks_inductor_match_eager():
 
 
 def test_triton_layer_norm_matches_torch_and_keeps_the_state_dict():
-    """set_layer_norm("triton"): every layer norm through kernels.layer_norm (under the interpreter on the CPU, natively
-    on a GPU): the same features and gradients as F.layer_norm to float32 rounding, the same state_dict."""
+    """set_layer_norm("triton"): every layer norm through kernels.layer_norm, or kernels.add_layer_norm with the residual
+    add before it (under the interpreter on the CPU, natively on a GPU): the same features and gradients as the add and
+    F.layer_norm to float32 rounding, the same state_dict."""
     import pytest
 
     from clipfast.model import LayerNorm
@@ -161,7 +162,18 @@ def test_triton_layer_norm_matches_torch_and_keeps_the_state_dict():
     assert len(norms) >= 2 * 2 * 2 + 2 and all(m.impl == "torch" for m in norms)  # 2 per block, ln_post, ln_final
     ref = _step_grads(model, images, ids, cu, 7)
     keys = list(model.state_dict())
-    got = _step_grads(model.set_layer_norm("triton"), images, ids, cu, 7)
+    import sys
+
+    kln = sys.modules["kernels.layer_norm"]  # kernels/__init__ shadows the module's name with the function
+
+    fused, real = [], kln.AddLayerNormFn.apply
+    kln.AddLayerNormFn.apply = lambda *a: fused.append(1) or real(*a)
+    try:
+        got = _step_grads(model.set_layer_norm("triton"), images, ids, cu, 7)
+    finally:
+        kln.AddLayerNormFn.apply = real
+    # every residual add but each tower's last goes through add_layer_norm: 2 per block, less 1 per tower
+    assert len(fused) == 2 * (model.cfg.vision.layers + model.cfg.text.layers) - 2
     assert all(m.impl == "triton" for m in norms) and list(model.state_dict()) == keys
     for i, (a, b) in enumerate(zip(ref, got, strict=True)):
         err, size = (b - a).norm().item(), a.norm().item()
