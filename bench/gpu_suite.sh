@@ -143,7 +143,8 @@ if [ "$T_COMPILE" -gt 30 ]; then
     part throughput_compile "$T_COMPILE" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --compile \
         --no-cuda-graph --no-open-clip --out "$DIR/compile" --time-budget $(( T_COMPILE - 30 ))
 fi
-# the opt-in kernels (kernels.layer_norm: dW, dB fused into dx's pass; kernels.short_attention: one tile per
+# the opt-in kernels (kernels.layer_norm: dW, dB fused into dx's pass, and add_layer_norm with the residual add
+# before each norm; kernels.short_attention: one tile per
 # sequence and head for the image tower) at the two goal points, interleaved with the plain eager step ("kernels /
 # clipfast"); at 87ad763 torch's layer norms took 12.4 and the vision attention 8.8 of 85.3 ms per B/16 step.
 # The microbenchmarks (test_bench_layer_norm, test_bench_short_attention) time each kernel by itself

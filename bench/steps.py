@@ -77,9 +77,10 @@ def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, compil
 
 
 def clipfast_kernels_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
-    """clipfast's eager step with both opt-in kernels: kernels.layer_norm for every layer norm and
-    kernels.short_attention for the image tower's attention (set_layer_norm / set_vision_attention("triton")). They
-    run on CUDA; elsewhere the model falls back to torch's ops, so the column equals the eager one."""
+    """clipfast's eager step with both opt-in kernels: kernels.layer_norm for every layer norm (kernels.add_layer_norm
+    with the residual add before it) and kernels.short_attention for the image tower's attention (set_layer_norm /
+    set_vision_attention("triton")). They run on CUDA; elsewhere the model falls back to torch's ops, so the column
+    equals the eager one."""
     return clipfast_step_fn(cfg, pt, device, precision, batch_size, layer_norm="triton", vision_attention="triton")
 
 

@@ -147,9 +147,9 @@ def test_compiled_blocks_inductor_match_eager():
 
 
 def test_triton_layer_norm_matches_torch_and_keeps_the_state_dict():
-    """set_layer_norm("triton"): every layer norm through kernels.layer_norm, or kernels.add_layer_norm with the residual
-    add before it (under the interpreter on the CPU, natively on a GPU): the same features and gradients as the add and
-    F.layer_norm to float32 rounding, the same state_dict."""
+    """set_layer_norm("triton"): every layer norm through kernels.layer_norm, or kernels.add_layer_norm with the
+    residual add before it (under the interpreter on the CPU, natively on a GPU): the same features and gradients as
+    the add and F.layer_norm to float32 rounding, the same state_dict."""
     import pytest
 
     from clipfast.model import LayerNorm
