@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import use_triton
-from kernels.varlen_attention import _LOG2E, _dot, _dot_consts
+from kernels.varlen_attention import _LOG2E, _dot, _dot_consts, _softmax_finish, _softmax_update
 
 TILE_MAX = 64  # N up to this: one program per (sequence, head), forward and backward
 
@@ -72,18 +72,11 @@ def _short_attn_fwd_kernel(
         keep = offs_n[None, :] < N
         if IS_CAUSAL:
             keep &= offs_n[None, :] <= offs_m[:, None]
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, F32_DOT)
-        m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
+        m_i, l_i, acc = _softmax_update(s, keep, m_i, l_i, acc, v, PREC, F32_DOT)
+    o, lse = _softmax_finish(m_i, l_i, acc)
     O += b.to(tl.int64) * stride_ob + h * stride_oh
     tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
-    tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
+    tl.store(LSE + bh * N + offs_m, lse, mask=row_ok)
 
 
 @triton.jit

@@ -79,6 +79,26 @@ def _dot(a, b, PREC: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _softmax_update(s, keep, m_i, l_i, acc, v, PREC: tl.constexpr, F32_DOT: tl.constexpr):
+    """One key block of the online softmax (both attention kernels' forward): scores s (log2 units), masked by keep,
+    folded into the running row max m_i, row sum l_i and output acc; returns the three."""
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, F32_DOT)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _softmax_finish(m_i, l_i, acc):
+    """(output, log2-sum-exp) of the rows; a row that saw no key gives 0 and m_i (its sum stays 0)."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    return acc / l_safe[:, None], m_i + tl.log2(l_safe)
+
+
+@triton.jit
 def _varlen_attn_fwd_kernel(
     Q, K, V, O, LSE, LO, HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -118,18 +138,11 @@ def _varlen_attn_fwd_kernel(
         keep = (offs_n[None, :] >= lo_m[:, None]) & (offs_n[None, :] < hi_m[:, None])
         if IS_CAUSAL:
             keep &= offs_n[None, :] <= offs_m[:, None]
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, F32_DOT)
-        m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
+        m_i, l_i, acc = _softmax_update(s, keep, m_i, l_i, acc, v, PREC, F32_DOT)
+    o, lse = _softmax_finish(m_i, l_i, acc)
     tl.store(O + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :],
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)  # fmt: skip
-    tl.store(LSE + h * T + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
+    tl.store(LSE + h * T + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
