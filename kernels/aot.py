@@ -217,6 +217,18 @@ def resource_table(cases, compile_one) -> dict:
     return out
 
 
+def check(r: KernelResources, label: str, wgmma: bool = False) -> None:
+    """The AOT tests' verdict on one compile: print its row under `label`, then fail (AssertionError) on register
+    spills, on local memory, and, where `wgmma` is asked for, on a PTX without Hopper warpgroup MMAs."""
+    print("\n" + r.row(label))
+    if r.spills != 0:
+        raise AssertionError(f"{label}: {r.spills} bytes of register spills")
+    if r.local != 0:
+        raise AssertionError(f"{label}: {r.local} bytes of local memory / stack frame")
+    if wgmma and not r.wgmma:
+        raise AssertionError(f"{label}: no wgmma in the PTX (tensor cores not used the Hopper way)")
+
+
 def without_interpreter(module: str, func: str = "compile_all"):
     """`module.func()` (e.g. a test's label -> KernelResources table, ptx and cubin dropped so it pickles small),
     compiled with the interpreter off: here when TRITON_INTERPRET is unset, else in one child process (Triton reads

@@ -30,7 +30,15 @@ import triton
 import triton.language as tl
 
 from kernels._common import use_triton
-from kernels.varlen_attention import _LOG2E, _dot, _dot_consts, _softmax_finish, _softmax_update
+from kernels.varlen_attention import (
+    _LOG2E,
+    _dkdv_block,
+    _dot,
+    _dot_consts,
+    _dq_block,
+    _softmax_finish,
+    _softmax_update,
+)
 
 TILE_MAX = 64  # N up to this: one program per (sequence, head), forward and backward
 
@@ -183,15 +191,12 @@ def _short_attn_bwd_kernel(
         do = tl.load(DO + offs_m[:, None] * stride_dn + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
         lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))  # padded queries: p = 0
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
-        s_t = _dot(k, tl.trans(q), PREC, F32_DOT) * qk_scale  # (WIN, STEP): rows keys, columns queries
+        keep = m_ok[None, :] & w_ok[:, None]  # (WIN, STEP): rows keys, columns queries
         if IS_CAUSAL:
-            p_t = tl.where(offs_m[None, :] >= offs_w[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
-        else:
-            p_t = tl.exp2(s_t - lse[None, :])
-        dv += _dot(p_t.to(do.dtype), do, PREC, F32_DOT)
-        dp_t = _dot(v, tl.trans(do), PREC, F32_DOT)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, PREC, F32_DOT)
+            keep &= offs_m[None, :] >= offs_w[:, None]
+        dk_b, dv_b = _dkdv_block(k, v, q, do, keep, lse, delta, qk_scale, PREC, F32_DOT)
+        dk += dk_b
+        dv += dv_b
     G = DQKV + b.to(tl.int64) * stride_gb + h * stride_gh + offs_w[:, None] * stride_gn + offs_d[None, :]
     tl.store(G + stride_gs, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=ld_w)
     tl.store(G + 2 * stride_gs, dv.to(DQKV.dtype.element_ty), mask=ld_w)
@@ -211,14 +216,10 @@ def _short_attn_bwd_kernel(
         ld = (offs_n[:, None] < N) & d_ok
         kb = tl.load(K + offs_n[:, None] * stride_n + offs_d[None, :], mask=ld, other=0.0)  # (STEP, BLOCK_D)
         vb = tl.load(V + offs_n[:, None] * stride_n + offs_d[None, :], mask=ld, other=0.0)
-        s = _dot(q, tl.trans(kb), PREC, F32_DOT) * qk_scale  # (WIN, STEP)
-        keep = offs_n[None, :] < N
+        keep = offs_n[None, :] < N  # (WIN, STEP)
         if IS_CAUSAL:
             keep &= offs_n[None, :] <= offs_w[:, None]
-        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(vb), PREC, F32_DOT)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kb.dtype), kb, PREC, F32_DOT)
+        dq += _dq_block(q, do, kb, vb, keep, lse, delta, qk_scale, PREC, F32_DOT)
     tl.store(G, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=ld_w)
 
 

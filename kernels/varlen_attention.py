@@ -40,7 +40,7 @@ The backward window does not follow BLOCK_M: it holds k, v, dk, dv for the windo
 sm_90 bf16 compiles of the variants (kernels.aot; tests/test_aot_varlen_attention.py keeps the chosen ones),
 registers x threads / window rows, lower = more rows in flight per SM: d=64: WIN 16 (1 warp) 366,
 WIN 32/STEP 16 (2 warps) 332, WIN 64/STEP 16 (4 warps) 254; d=128: WIN 16 and 32 with 1-2 warps spill
-(272-280 B), WIN 32/STEP 16 (4 warps) 672, WIN 64/STEP 32 (8 warps) 720 with wgmma. Picked: WIN 64 with
+(272-280 B), WIN 32/STEP 16 (4 warps) 672, WIN 64/STEP 32 (8 warps) 760 with wgmma. Picked: WIN 64 with
 STEP 16 / 4 warps for d <= 64, STEP 32 / 8 warps above.
 Backward does ~2.5x the forward FLOPs per score on ~2x the bytes, still below the ridge at 64 + overhang keys.
 """
@@ -96,6 +96,26 @@ def _softmax_finish(m_i, l_i, acc):
     """(output, log2-sum-exp) of the rows; a row that saw no key gives 0 and m_i (its sum stays 0)."""
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     return acc / l_safe[:, None], m_i + tl.log2(l_safe)
+
+
+@triton.jit
+def _dkdv_block(k, v, q, do, keep_t, lse, delta, qk_scale, PREC: tl.constexpr, F32_DOT: tl.constexpr):
+    """(dK, dV) shares of a key window k, v (WIN rows) from one block of queries q, dO (STEP rows), both attention
+    kernels' backward: P^T recomputed from the log-sum-exp, masked by keep_t (WIN, STEP); dK before the softmax
+    scale."""
+    p_t = tl.where(keep_t, tl.exp2(_dot(k, tl.trans(q), PREC, F32_DOT) * qk_scale - lse[None, :]), 0.0)
+    dv = _dot(p_t.to(do.dtype), do, PREC, F32_DOT)
+    ds_t = p_t * (_dot(v, tl.trans(do), PREC, F32_DOT) - delta[None, :])
+    return _dot(ds_t.to(q.dtype), q, PREC, F32_DOT), dv
+
+
+@triton.jit
+def _dq_block(q, do, kb, vb, keep, lse, delta, qk_scale, PREC: tl.constexpr, F32_DOT: tl.constexpr):
+    """dQ's share of a query window q, dO from one block of keys kb, vb (both kernels' backward); before the softmax
+    scale."""
+    p = tl.where(keep, tl.exp2(_dot(q, tl.trans(kb), PREC, F32_DOT) * qk_scale - lse[:, None]), 0.0)
+    ds = p * (_dot(do, tl.trans(vb), PREC, F32_DOT) - delta[:, None])
+    return _dot(ds.to(kb.dtype), kb, PREC, F32_DOT)
 
 
 @triton.jit
@@ -206,15 +226,12 @@ def _varlen_attn_bwd_kernel(
         do = tl.load(DO + rows * stride_dt + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
         lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
-        s_t = _dot(k, tl.trans(q), PREC, F32_DOT) * qk_scale  # (WIN, STEP)
-        keep = (offs_m[None, :] >= lo_w[:, None]) & (offs_m[None, :] < hi_w[:, None])
+        keep = (offs_m[None, :] >= lo_w[:, None]) & (offs_m[None, :] < hi_w[:, None])  # (WIN, STEP)
         if IS_CAUSAL:
             keep &= offs_m[None, :] >= offs_w[:, None]
-        p_t = tl.where(keep, tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += _dot(p_t.to(do.dtype), do, PREC, F32_DOT)
-        dp_t = _dot(v, tl.trans(do), PREC, F32_DOT)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, PREC, F32_DOT)
+        dk_b, dv_b = _dkdv_block(k, v, q, do, keep, lse, delta, qk_scale, PREC, F32_DOT)
+        dk += dk_b
+        dv += dv_b
     g = h * stride_gh + rows_w * stride_gt + offs_d[None, :]
     tl.store(DK + g, (dk * sm_scale).to(DK.dtype.element_ty), mask=ld_w)
     tl.store(DV + g, dv.to(DV.dtype.element_ty), mask=ld_w)
@@ -234,14 +251,10 @@ def _varlen_attn_bwd_kernel(
         ld = (offs_n[:, None] < end) & d_ok
         kb = tl.load(K + rows * stride_kt + offs_d[None, :], mask=ld, other=0.0)  # (STEP, BD)
         vb = tl.load(V + rows * stride_vt + offs_d[None, :], mask=ld, other=0.0)
-        s = _dot(q, tl.trans(kb), PREC, F32_DOT) * qk_scale  # (WIN, STEP)
-        keep = (offs_n[None, :] >= lo_w[:, None]) & (offs_n[None, :] < hi_w[:, None])
+        keep = (offs_n[None, :] >= lo_w[:, None]) & (offs_n[None, :] < hi_w[:, None])  # (WIN, STEP)
         if IS_CAUSAL:
             keep &= offs_n[None, :] <= offs_w[:, None]
-        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(vb), PREC, F32_DOT)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kb.dtype), kb, PREC, F32_DOT)
+        dq += _dq_block(q, do, kb, vb, keep, lse, delta, qk_scale, PREC, F32_DOT)
     tl.store(DQ + h * stride_gh + rows_w * stride_gt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=ld_w)  # fmt: skip
 

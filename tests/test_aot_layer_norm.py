@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels import layer_norm as _public  # noqa: F401 (kernels/__init__ shadows the module name)
-from kernels.aot import compile_sm90_like, nvidia_tool, resource_table, without_interpreter
+from kernels.aot import check, compile_sm90_like, nvidia_tool, resource_table, without_interpreter
 
 ln = sys.modules["kernels.layer_norm"]
 
@@ -48,7 +48,4 @@ def resources():
 
 @pytest.mark.parametrize("label,kind,n", CASES, ids=[c[0] for c in CASES])
 def test_sm90_resources(resources, label, kind, n):
-    r = resources[label]
-    print("\n" + r.row(f"sm_90 bf16 layer norm {label}"))
-    assert r.spills == 0, f"{label}: {r.spills} bytes of register spills"
-    assert r.local == 0, f"{label}: {r.local} bytes of local memory / stack frame"
+    check(resources[label], f"sm_90 bf16 layer norm {label}")

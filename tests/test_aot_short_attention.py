@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from kernels.aot import compile_sm90_like, nvidia_tool, resource_table, without_interpreter
+from kernels.aot import check, compile_sm90_like, nvidia_tool, resource_table, without_interpreter
 from kernels.short_attention import short_attention_qkvpacked as _public  # noqa: F401
 
 sa = sys.modules["kernels.short_attention"]
@@ -54,9 +54,5 @@ def resources():
 @pytest.mark.parametrize("label,kind,n,d,causal", CASES, ids=[c[0] for c in CASES])
 def test_sm90_resources(resources, label, kind, n, d, causal):
     r = resources[label]
-    print("\n" + r.row(f"sm_90 bf16 {label}"))
-    assert r.spills == 0, f"{label}: {r.spills} bytes of register spills"
-    assert r.local == 0, f"{label}: {r.local} bytes of local memory / stack frame"
     rows = sa._fwd_config(n, d)["BLOCK_M"] if kind == "fwd" else sa._bwd_config(n, d).get("TILE", 64)
-    if rows >= 64 and r.num_warps >= 4:
-        assert r.wgmma, f"{label}: no wgmma in the PTX"
+    check(r, f"sm_90 bf16 {label}", wgmma=rows >= 64 and r.num_warps >= 4)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernels import varlen_attention as _public  # noqa: F401 (kernels/__init__ shadows the module name)
-from kernels.aot import compile_sm90_like, nvidia_tool, resource_table, without_interpreter
+from kernels.aot import check, compile_sm90_like, nvidia_tool, resource_table, without_interpreter
 
 va = sys.modules["kernels.varlen_attention"]
 
@@ -64,9 +64,4 @@ def resources():
 
 @pytest.mark.parametrize("label,kind,d,block_m,causal", CASES, ids=[c[0] for c in CASES])
 def test_sm90_resources(resources, label, kind, d, block_m, causal):
-    r = resources[label]
-    print("\n" + r.row(f"sm_90 bf16 {label}"))
-    assert r.spills == 0, f"{label}: {r.spills} bytes of register spills"
-    assert r.local == 0, f"{label}: {r.local} bytes of local memory / stack frame"
-    if kind == "bwd" or (kind == "fwd" and block_m >= 64):
-        assert r.wgmma, f"{label}: no wgmma in the PTX"
+    check(resources[label], f"sm_90 bf16 {label}", wgmma=kind == "bwd" or (kind == "fwd" and block_m >= 64))
