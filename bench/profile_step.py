@@ -26,21 +26,10 @@ import torch  # noqa: E402
 
 import bench.steps as bench_steps  # noqa: E402
 from bench.report import device_info, git_commit  # noqa: E402
-from bench.steps import (  # noqa: E402
-    clipfast_compiled_step_fn,
-    clipfast_ds_step_fn,
-    clipfast_graph_step_fn,
-    clipfast_kernels_step_fn,
-    clipfast_step_fn,
-    open_clip_step_fn,
-)
+from bench.steps import BUILDERS  # noqa: E402
 from bench.throughput import Point, make_batch, snap  # noqa: E402
 from clipfast.presets import from_name  # noqa: E402
 
-BUILDERS = {"clipfast": clipfast_step_fn, "clipfast_compiled": clipfast_compiled_step_fn,
-            "clipfast_graph": clipfast_graph_step_fn, "clipfast_kernels": clipfast_kernels_step_fn,
-            "clipfast_ds": clipfast_ds_step_fn,
-            "open_clip": open_clip_step_fn}
 # first match wins; names of cuBLAS/CUTLASS/Triton/ATen kernels and CPU ops
 GROUPS = [
     ("optimizer", r"adam|foreach|multi_tensor|_fused_adamw"),

@@ -182,3 +182,9 @@ def open_clip_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
     loss_fn = open_clip.loss.ClipLoss(local_loss=True, gather_with_grad=True)
 
     return model, opt, _eager_step(opt, device, precision, lambda b: loss_fn(*model(b.pixels, b.padded)))
+
+
+# every column's step builder, by implementation name: (cfg, point, device, precision, batch) -> (model, opt, step)
+BUILDERS = {"clipfast": clipfast_step_fn, "clipfast_compiled": clipfast_compiled_step_fn,
+            "clipfast_kernels": clipfast_kernels_step_fn, "clipfast_graph": clipfast_graph_step_fn,
+            "clipfast_ds": clipfast_ds_step_fn, "open_clip": open_clip_step_fn}

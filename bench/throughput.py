@@ -64,14 +64,7 @@ from bench.report import (  # noqa: E402
     update_readme,
     write_outputs,
 )
-from bench.steps import (  # noqa: E402
-    clipfast_compiled_step_fn,
-    clipfast_ds_step_fn,
-    clipfast_graph_step_fn,
-    clipfast_kernels_step_fn,
-    clipfast_step_fn,
-    open_clip_step_fn,
-)
+from bench.steps import BUILDERS  # noqa: E402
 from clipfast.data.loader import pack_text  # noqa: E402
 from clipfast.flops import flops_per_sample  # noqa: E402
 from clipfast.model import IMAGE_MEAN, IMAGE_STD  # noqa: E402
@@ -316,9 +309,6 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     text_tokens = statistics.fmean(float(b.lengths.float().mean()) for b in batches)
     row = dict(preset=pt.preset, image_px=pt.size, mask=pt.mask, image_tokens=k, text_len=pt.text_len,
                batch=bs, load_1min=round(os.getloadavg()[0], 2))
-    builders = {"clipfast": clipfast_step_fn, "clipfast_graph": clipfast_graph_step_fn,
-                "clipfast_compiled": clipfast_compiled_step_fn, "clipfast_kernels": clipfast_kernels_step_fn,
-                "clipfast_ds": clipfast_ds_step_fn, "open_clip": open_clip_step_fn}
     impls = ["clipfast"]
     if args.compile and not args.data:
         impls.append("clipfast_compiled")
@@ -337,7 +327,7 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
-        model, opt, step = builders[impl](cfg, pt, device, precision, bs)
+        model, opt, step = BUILDERS[impl](cfg, pt, device, precision, bs)
         if impl == "clipfast_ds":  # DeepSpeed's optimizer keeps fp32 partitions outside .state: count what it allocated
             step(batches[0])
             if device.type == "cuda":

@@ -153,14 +153,16 @@ def test_compile_column_and_a_failing_compile_costs_only_its_column(tmp_path, mo
     assert rows and all(r["clipfast_compiled_ms"] > 0 and r["clipfast_compiled_peak_mib"] > 0 for r in rows)
     assert "compiled ms" in (tmp_path / "throughput.md").read_text()
 
+    import bench.steps as steps
+
     def broken(*a, **kw):
-        model, opt, _ = tp.clipfast_step_fn(*a, **kw)
+        model, opt, _ = steps.clipfast_step_fn(*a, **kw)
 
         def step(b):
             raise RuntimeError("inductor said no")
         return model, opt, step
 
-    monkeypatch.setattr(tp, "clipfast_compiled_step_fn", broken)
+    monkeypatch.setitem(steps.BUILDERS, "clipfast_compiled", broken)
     rows = tp.main(TINY + ["--sizes", "32", "--masks", "--no-open-clip", "--compile", "--out", str(tmp_path / "b")])
     assert rows and all("clipfast_compiled_ms" not in r and "inductor said no" in r["compiled_error"] for r in rows)
     assert all(r["clipfast_ms"] > 0 for r in rows)
