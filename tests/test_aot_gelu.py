@@ -1,0 +1,40 @@
+"""sm_90 ahead-of-time compile of the GELU-backward kernel in bf16 (no GPU needed), at the presets' MLP widths (B text
+2,048, B 3,072, L 4,096, H 5,120), with the launcher's own tile and warps (`_bwd_launch` on meta tensors). Asserts no
+spills and no local memory; `pytest -s` prints the resource table."""
+import sys
+
+import pytest
+import torch
+
+from kernels import linear_gelu as _public  # noqa: F401 (kernels/__init__ exports the op, not the module)
+from kernels.aot import check, compile_sm90_like, nvidia_tool, resource_table, without_interpreter
+
+ge = sys.modules["kernels.gelu"]
+
+pytestmark = pytest.mark.skipif(nvidia_tool("ptxas") is None or nvidia_tool("cuobjdump") is None,
+                                reason="ptxas/cuobjdump not found (triton/backends/nvidia/bin or PATH)")  # fmt: skip
+
+M_AOT = 51203  # B/16's 1024 x 50 tokens, plus an odd tail
+CASES = [(f"gelu bwd N={n}", n) for n in (2048, 3072, 4096, 5120)]
+
+
+def _compile(n):
+    x = torch.empty(M_AOT, n, dtype=torch.bfloat16, device="meta")
+    part = torch.empty(44, n, dtype=torch.float32, device="meta")  # 8 programs per SM on 132 SMs over 24 col blocks
+    _, args, const, opts = ge._bwd_launch(x, x, x, part, 1184)
+    return compile_sm90_like(ge._gelu_bwd_kernel, args, const, **opts)
+
+
+def compile_all() -> dict:
+    """label -> KernelResources (without ptx/cubin); needs the interpreter off."""
+    return resource_table(CASES, _compile)
+
+
+@pytest.fixture(scope="module")
+def resources():
+    return without_interpreter("tests.test_aot_gelu")
+
+
+@pytest.mark.parametrize("label,n", CASES, ids=[c[0] for c in CASES])
+def test_sm90_resources(resources, label, n):
+    check(resources[label], f"sm_90 bf16 {label}")
