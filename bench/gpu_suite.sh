@@ -5,7 +5,7 @@
 #     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh
 #
 # 1. kernel and model tests, natively (no interpreter): tests/test_{graph,engine,patch_embed,varlen_attention,
-#    short_attention,layer_norm,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed or DALI;
+#    short_attention,layer_norm,gelu,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed or DALI;
 #    presets/interop skip without open_clip)
 # 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
 # 3. the throughput grids: --grid clipa into clipa/; the two goal points with compiled blocks (compile/) and with
@@ -14,12 +14,14 @@
 # Everything lands in bench/results/<device>-<date>/ (suite.log, per-part logs, summary.md with device, date,
 # commit); with $OUT set (the device tool), summary.md, throughput.{md,png} and a tarball of the folder are
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
-# Defaults end within ~9.5 minutes (the device tool allows 10 per command; typical parts end sooner): T_TESTS=150
+# The suite ends within SUITE_BUDGET=585 s (the device tool allows 600 per command): each part's timeout is cut to
+# what is left, and parts with under 20 s left are skipped, so summary.md and the tarball are always written. Parts
+# (typical ones end sooner than their timeouts): T_TESTS=150
 # (pytest -n 8 where xdist is installed; 120 s cut the H200 run at efae470 short, cold, where a warm rerun took
-# 107 s) T_BENCH=150 (split over the microbenchmark files, 30 s each; three took 60 s there) T_CLIPA=120 (the
+# 107 s) T_BENCH=180 (split over the microbenchmark files, 30 s each; three took 60 s there) T_CLIPA=120 (the
 # CLIPA goal points, --grid clipa, into clipa/; 0 skips) T_COMPILE=60 (the two goal points, eager beside compiled
-# blocks, into compile/; 0 skips) T_KERNELS=50 (the same two points, eager beside --kernels: kernels.layer_norm and
-# kernels.short_attention, into kernels/; 0 skips) T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens,
+# blocks, into compile/; 0 skips) T_KERNELS=50 (the same two points, eager beside --kernels: the opt-in kernels, into
+# kernels/; 0 skips) T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens,
 # batch 1024, clipfast, clipfast_kernels, open_clip; 0 skips) T_GRID=0 (--grid gpu: 3 points fit in 40 s, and
 # clipa/ carries the comparison; 0 skips), plus a few seconds for the wheels and the environment report; GRID_ARGS
 # (default "--grid gpu") and CLIPA_ARGS (default "--grid clipa") replace the grids' arguments; PYTHON (default
@@ -37,7 +39,7 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 PY=${PYTHON:-python3}
 T_TESTS=${T_TESTS:-150}
-T_BENCH=${T_BENCH:-150}
+T_BENCH=${T_BENCH:-180}
 T_CLIPA=${T_CLIPA:-120}  # 0: no CLIPA goal grid
 T_COMPILE=${T_COMPILE:-60}  # 0: no compiled-blocks run at the two CLIPA goal points
 T_KERNELS=${T_KERNELS:-50}  # 0: no run with clipfast's opt-in kernels at the two goal points
@@ -45,6 +47,7 @@ T_PROFILE=${T_PROFILE:-40}  # 0: no step profile
 T_GRID=${T_GRID:-0}  # 0: no --grid gpu
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
 read -r -a CLIPA_ARGS <<<"${CLIPA_ARGS:---grid clipa}"
+SUITE_BUDGET=${SUITE_BUDGET:-585}  # seconds for the whole suite: the device tool stops a command at 600
 SUITE_START=$(date +%s)
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -73,10 +76,19 @@ STATUS=()
 
 log() { echo "$*" | tee -a "$LOG"; }
 
-# part NAME TIMEOUT_S COMMAND...: runs COMMAND under timeout into $DIR/NAME.log; never stops the suite
+# part NAME TIMEOUT_S COMMAND...: runs COMMAND under timeout into $DIR/NAME.log; never stops the suite. The timeout is
+# cut to what is left of SUITE_BUDGET (less 15 s for the summary and the tarball), and a part with under 20 s left is
+# skipped: a suite killed from outside would lose summary.md and results.tar.gz
 part() {
-    local name=$1 limit=$2 t0 rc
+    local name=$1 limit=$2 t0 rc left
     shift 2
+    left=$(( SUITE_BUDGET - ($(date +%s) - SUITE_START) - 15 ))
+    if [ "$left" -lt 20 ]; then
+        log "=== $name: SKIPPED, ${left}s left of the suite's ${SUITE_BUDGET}s"
+        STATUS+=("| $name | skipped (suite budget) | 0 s |")
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     t0=$(date +%s)
     log "=== $name (timeout ${limit}s): $*"
     timeout -k 10 "$limit" "$@" >"$DIR/$name.log" 2>&1
@@ -104,7 +116,8 @@ part env 60 bash "$DIR/env.sh"
 TESTS=(tests/test_graph.py tests/test_engine.py tests/test_patch_embed.py tests/test_varlen_attention.py
        tests/test_short_attention.py tests/test_aot_patch_embed.py tests/test_aot_varlen_attention.py
        tests/test_aot_short_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py
-       tests/test_presets.py tests/test_interop.py tests/test_layer_norm.py tests/test_aot_layer_norm.py)
+       tests/test_presets.py tests/test_interop.py tests/test_layer_norm.py tests/test_aot_layer_norm.py
+       tests/test_gelu.py tests/test_aot_gelu.py)
 EXISTING=()
 for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done
 # pytest-xdist (in the GPU image): a fresh machine compiles every Triton kernel first, and 8 workers do that in
@@ -144,7 +157,8 @@ if [ "$T_COMPILE" -gt 30 ]; then
         --no-cuda-graph --no-open-clip --out "$DIR/compile" --time-budget $(( T_COMPILE - 30 ))
 fi
 # the opt-in kernels (kernels.layer_norm: dW, dB fused into dx's pass, and add_layer_norm with the residual add
-# before each norm; kernels.short_attention: one tile per
+# before each norm; kernels.linear_gelu: the GELU backward writes the c_fc bias gradient; kernels.short_attention: one
+# tile per
 # sequence and head for the image tower) at the two goal points, interleaved with the plain eager step ("kernels /
 # clipfast"); at 87ad763 torch's layer norms took 12.4 and the vision attention 8.8 of 85.3 ms per B/16 step.
 # The microbenchmarks (test_bench_layer_norm, test_bench_short_attention) time each kernel by itself

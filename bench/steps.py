@@ -55,11 +55,11 @@ def _eager_step(opt, device, precision: str, loss_of):
 
 
 def _clipfast_model(cfg: ModelConfig, device, precision: str, layer_norm: str | None = None,
-                    vision_attention: str | None = None) -> CLIP:
+                    vision_attention: str | None = None, mlp: str = "torch") -> CLIP:
     """CLIP in the column's precision; layer norms and vision attention as given, else the run's (the globals)."""
     with torch.device(device):
         model = CLIP(cfg).train().set_layer_norm(layer_norm or LAYER_NORM)
-        model.set_vision_attention(vision_attention or VISION_ATTENTION)
+        model.set_vision_attention(vision_attention or VISION_ATTENTION).set_mlp(mlp)
     return model.to(torch.bfloat16) if precision in ("bf16", "bf16_master") else model
 
 
@@ -77,11 +77,12 @@ def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, compil
 
 
 def clipfast_kernels_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
-    """clipfast's eager step with both opt-in kernels: kernels.layer_norm for every layer norm (kernels.add_layer_norm
-    with the residual add before it) and kernels.short_attention for the image tower's attention (set_layer_norm /
-    set_vision_attention("triton")). They run on CUDA; elsewhere the model falls back to torch's ops, so the column
-    equals the eager one."""
-    return clipfast_step_fn(cfg, pt, device, precision, batch_size, layer_norm="triton", vision_attention="triton")
+    """clipfast's eager step with every opt-in kernel: kernels.layer_norm for every layer norm (kernels.add_layer_norm
+    with the residual add before it), kernels.short_attention for the image tower's attention and kernels.linear_gelu
+    for every MLP's first layer (set_layer_norm / set_vision_attention / set_mlp("triton")). They run on CUDA;
+    elsewhere the model falls back to torch's ops, so the column equals the eager one."""
+    return clipfast_step_fn(cfg, pt, device, precision, batch_size, layer_norm="triton", vision_attention="triton",
+                            mlp="triton")  # fmt: skip
 
 
 def clipfast_compiled_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):

@@ -55,6 +55,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block's layer norms, projections, MLP (CLIP.compile_blocks)
     layer_norm: str = "torch"  # "torch" or "triton" (kernels.layer_norm on CUDA: dW, dB fused into dx's pass)
     vision_attention: str = "sdpa"  # "sdpa" or "triton" (kernels.short_attention on CUDA for <= 64 image tokens)
+    mlp: str = "torch"  # "torch" or "triton" (kernels.linear_gelu on CUDA: the GELU backward writes the bias gradient)
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     # bookkeeping

@@ -23,6 +23,7 @@ from clipfast.presets import ModelConfig, TextConfig, VisionConfig
 from kernels import (
     add_layer_norm,
     layer_norm,
+    linear_gelu,
     masked_patch_embed,
     short_attention_qkvpacked,
     varlen_attention_qkvpacked,
@@ -77,6 +78,24 @@ class LayerNorm(nn.LayerNorm):
 
 
 VISION_ATTENTIONS = ("sdpa", "triton")
+MLPS = ("torch", "triton")
+
+
+class MLP(nn.Sequential):
+    """c_fc, GELU, c_proj (open_clip's names and state_dict). impl "triton" (CLIP.set_mlp) runs c_fc and the GELU as
+    `kernels.linear_gelu` on CUDA tensors and under the interpreter (the GELU backward writes the bias gradient in the
+    same pass); torch's modules elsewhere and inside torch.compile."""
+
+    impl = "torch"
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__(OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()),
+                                      ("c_proj", nn.Linear(hidden, width))]))  # fmt: skip
+
+    def forward(self, x):
+        if self.impl == "triton" and (x.is_cuda or interpreting()) and not torch.compiler.is_compiling():
+            return self.c_proj(linear_gelu(x, self.c_fc.weight, self.c_fc.bias, impl="triton"))
+        return super().forward(x)
 
 
 class Attention(nn.Module):
@@ -143,9 +162,7 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = LayerNorm(width)
-        self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(hidden, width))])
-        )
+        self.mlp = MLP(width, hidden)
         self.compile_backend = None  # set by CLIP.compile_blocks
 
     def forward(self, x, causal=False, cu_seqlens=None, max_seqlen=0, impl=None, pending=None):
@@ -335,6 +352,15 @@ class CLIP(nn.Module):
         for m in self.visual.modules():
             if isinstance(m, Attention):
                 m.dense_impl = impl
+        return self
+
+    def set_mlp(self, impl: str = "torch") -> CLIP:
+        """Every MLP's first layer and GELU: "torch" (nn.Linear, nn.GELU) or "triton" (kernels.linear_gelu on CUDA)."""
+        if impl not in MLPS:
+            raise ValueError(f"mlp must be one of {MLPS}, got {impl!r}")
+        for m in self.modules():
+            if isinstance(m, MLP):
+                m.impl = impl
         return self
 
     def set_grad_checkpointing(self, enable: bool = True):

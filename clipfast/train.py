@@ -219,6 +219,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         mcfg.vision.image_size = cfg.image_size
     mcfg.grad_checkpointing = cfg.grad_checkpointing
     model = CLIP(mcfg, kernels=cfg.kernels).set_layer_norm(cfg.layer_norm).set_vision_attention(cfg.vision_attention)
+    model.set_mlp(cfg.mlp)
     if cfg.init_from:
         load_weights(model, cfg.init_from)
     if cfg.compile:

@@ -216,3 +216,35 @@ def test_triton_vision_attention_matches_sdpa():
     assert text_attn and all(m.dense_impl == "sdpa" for m in text_attn)
     with pytest.raises(ValueError, match=r"one of \('sdpa', 'triton'\)"):
         model.set_vision_attention("flash")
+
+
+def test_triton_mlp_matches_torch_and_keeps_the_state_dict():
+    """set_mlp("triton"): every MLP's c_fc + GELU through kernels.linear_gelu (under the interpreter on the CPU,
+    natively on a GPU), both towers: the same features and gradients as nn.Linear + nn.GELU to float32 rounding, the
+    same state_dict keys."""
+    import sys
+
+    import pytest
+
+    from clipfast.model import MLP
+    from tests.conftest import DEVICE
+
+    kge = sys.modules["kernels.gelu"]
+    model = tiny().train().to(DEVICE)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
+    ids, cu = torch.randint(1, 1000, (11,), device=DEVICE), torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE)
+    keys = list(model.state_dict())
+    ref = _step_grads(model, images, ids, cu, 7)
+    calls, real = [], kge.LinearGELUFn.apply
+    kge.LinearGELUFn.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        got = _step_grads(model.set_mlp("triton"), images, ids, cu, 7)
+    finally:
+        kge.LinearGELUFn.apply = real
+    assert len(calls) == model.cfg.vision.layers + model.cfg.text.layers
+    assert all(m.impl == "triton" for m in model.modules() if isinstance(m, MLP)) and list(model.state_dict()) == keys
+    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+        err, size = (b - a).norm().item(), a.norm().item()
+        assert err <= 1e-5 * size + 1e-7, f"tensor {i} {tuple(a.shape)}: |diff| {err:.3g}, |torch| {size:.3g}"
+    with pytest.raises(ValueError, match=r"one of \('torch', 'triton'\)"):
+        model.set_mlp("fused")

@@ -185,12 +185,12 @@ def test_points_measure_exactly_those_points_then_each_full_point(tmp_path):
 
 
 def test_kernels_column_runs_the_opt_in_kernels_beside_plain_clipfast(tmp_path, monkeypatch):
-    """--kernels: a second clipfast column whose model runs kernels.layer_norm and kernels.short_attention (under the
-    interpreter here), timed in the same run as the plain column (whose model keeps torch's ops), with their ratio in
-    the row, the table and the summary."""
+    """--kernels: a second clipfast column whose model runs kernels.layer_norm, kernels.short_attention and
+    kernels.linear_gelu (under the interpreter here), timed in the same run as the plain column (whose model keeps
+    torch's ops), with their ratio in the row, the table and the summary."""
     import bench.steps as steps
     import kernels.short_attention as sa
-    from clipfast.model import Attention, LayerNorm
+    from clipfast.model import MLP, Attention, LayerNorm
 
     built, calls = [], []
     real, real_apply = steps._clipfast_model, sa.ShortAttentionQKVFn.apply
@@ -202,6 +202,8 @@ def test_kernels_column_runs_the_opt_in_kernels_beside_plain_clipfast(tmp_path, 
     assert {m.impl for m in plain.modules() if isinstance(m, LayerNorm)} == {"torch"}
     assert {m.impl for m in kern.modules() if isinstance(m, LayerNorm)} == {"triton"}
     assert {m.dense_impl for m in kern.visual.modules() if isinstance(m, Attention)} == {"triton"}
+    assert {m.impl for m in kern.modules() if isinstance(m, MLP)} == {"triton"}
+    assert {m.impl for m in plain.modules() if isinstance(m, MLP)} == {"torch"}
     for r in rows:
         assert r["kernels_vs_clipfast"] == round(r["clipfast_kernels_samples_s"] / r["clipfast_samples_s"], 3)
     md = (tmp_path / "throughput.md").read_text()
