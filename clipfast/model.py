@@ -327,41 +327,36 @@ class CLIP(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width**-0.5)
 
+    def _set_each(self, root: nn.Module, cls: type, attr: str, value) -> CLIP:
+        for m in root.modules():
+            if isinstance(m, cls):
+                setattr(m, attr, value)
+        return self
+
+    @staticmethod
+    def _check_choice(key: str, impl: str, choices: tuple) -> str:
+        if impl not in choices:
+            raise ValueError(f"{key} must be one of {choices}, got {impl!r}")
+        return impl
+
     def compile_blocks(self, backend: str | None = "inductor") -> CLIP:
         """Compile the non-attention part of every transformer block (layer norms, projections, MLP, residuals) with
         torch.compile, fusing its elementwise work; None undoes it. The attention kernels stay as they are."""
-        for m in self.modules():
-            if isinstance(m, ResidualAttentionBlock):
-                m.compile_backend = backend
-        return self
+        return self._set_each(self, ResidualAttentionBlock, "compile_backend", backend)
 
     def set_layer_norm(self, impl: str = "torch") -> CLIP:
         """Every layer norm's implementation: "torch" (F.layer_norm) or "triton" (kernels.layer_norm on CUDA)."""
-        if impl not in LAYER_NORMS:
-            raise ValueError(f"layer_norm must be one of {LAYER_NORMS}, got {impl!r}")
-        for m in self.modules():
-            if isinstance(m, LayerNorm):
-                m.impl = impl
-        return self
+        return self._set_each(self, LayerNorm, "impl", self._check_choice("layer_norm", impl, LAYER_NORMS))
 
     def set_vision_attention(self, impl: str = "sdpa") -> CLIP:
         """The image tower's attention: "sdpa" (F.scaled_dot_product_attention) or "triton" (kernels.short_attention
         for sequences of up to 64 tokens on CUDA, e.g. B/16 at 112 px or less; SDPA for longer ones and on the CPU)."""
-        if impl not in VISION_ATTENTIONS:
-            raise ValueError(f"vision_attention must be one of {VISION_ATTENTIONS}, got {impl!r}")
-        for m in self.visual.modules():
-            if isinstance(m, Attention):
-                m.dense_impl = impl
-        return self
+        impl = self._check_choice("vision_attention", impl, VISION_ATTENTIONS)
+        return self._set_each(self.visual, Attention, "dense_impl", impl)
 
     def set_mlp(self, impl: str = "torch") -> CLIP:
         """Every MLP's first layer and GELU: "torch" (nn.Linear, nn.GELU) or "triton" (kernels.linear_gelu on CUDA)."""
-        if impl not in MLPS:
-            raise ValueError(f"mlp must be one of {MLPS}, got {impl!r}")
-        for m in self.modules():
-            if isinstance(m, MLP):
-                m.impl = impl
-        return self
+        return self._set_each(self, MLP, "impl", self._check_choice("mlp", impl, MLPS))
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.visual.transformer.grad_checkpointing = enable

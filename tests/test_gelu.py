@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from kernels import linear_gelu, linear_gelu_ref
 from tests.conftest import DEVICE
+from tests.test_layer_norm import _fwd_bwd  # (x, weight, bias) -> output and the three gradients
 from tests.test_varlen_attention import _within_rule
 
 # (x's shape, N): N not a multiple of the tile, a leading batch dim, rows over two row groups
@@ -20,13 +21,6 @@ def _inputs(shape, n, dtype, seed=0):
     b = torch.randn(n, generator=g).to(DEVICE, dtype)
     dout = torch.randn(*shape[:-1], n, generator=g).to(DEVICE, dtype)
     return x, w, b, dout
-
-
-def _fwd_bwd(fn, x, w, b, dout):
-    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
-    y = fn(x, w, b)
-    y.backward(dout)
-    return y.detach(), x.grad, w.grad, b.grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

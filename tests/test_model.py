@@ -1,3 +1,7 @@
+import contextlib
+import sys
+
+import pytest
 import torch
 
 from clipfast.data import pack_text
@@ -146,38 +150,52 @@ def test_compiled_blocks_inductor_match_eager():
             assert err <= 1e-5 * size + 1e-9, f"tensor {i} {tuple(a.shape)}: |diff| {err:.3g}, |eager| {size:.3g}"
 
 
-def test_triton_layer_norm_matches_torch_and_keeps_the_state_dict():
-    """set_layer_norm("triton"): every layer norm through kernels.layer_norm, or kernels.add_layer_norm with the
-    residual add before it (under the interpreter on the CPU, natively on a GPU): the same features and gradients as
-    the add and F.layer_norm to float32 rounding, the same state_dict."""
-    import pytest
-
-    from clipfast.model import LayerNorm
+def _kernel_batch():
+    """A tiny model in train mode on the test device and one batch for it: 3 uint8 images, 2 packed captions."""
     from tests.conftest import DEVICE
 
     model = tiny().train().to(DEVICE)
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
     ids, cu = torch.randint(1, 1000, (11,), device=DEVICE), torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE)
+    return model, images, ids, cu
+
+
+@contextlib.contextmanager
+def _counting(fn_cls):
+    """Within the block, every fn_cls.apply (an autograd Function's) appends its first argument's shape to the list
+    yielded."""
+    calls, real = [], fn_cls.apply
+    fn_cls.apply = lambda *a: calls.append(a[0].shape) or real(*a)
+    try:
+        yield calls
+    finally:
+        fn_cls.apply = real
+
+
+def _assert_same_step(ref, got, what="torch"):
+    """Features and gradients of two steps equal to float32 rounding, each tensor compared as a whole."""
+    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+        err, size = (b - a).norm().item(), a.norm().item()
+        assert err <= 1e-5 * size + 1e-7, f"tensor {i} {tuple(a.shape)}: |diff| {err:.3g}, |{what}| {size:.3g}"
+
+
+def test_triton_layer_norm_matches_torch_and_keeps_the_state_dict():
+    """set_layer_norm("triton"): every layer norm through kernels.layer_norm, or kernels.add_layer_norm with the
+    residual add before it (under the interpreter on the CPU, natively on a GPU): the same features and gradients as
+    the add and F.layer_norm to float32 rounding, the same state_dict."""
+    from clipfast.model import LayerNorm
+
+    model, images, ids, cu = _kernel_batch()
     norms = [m for m in model.modules() if isinstance(m, LayerNorm)]
     assert len(norms) >= 2 * 2 * 2 + 2 and all(m.impl == "torch" for m in norms)  # 2 per block, ln_post, ln_final
     ref = _step_grads(model, images, ids, cu, 7)
     keys = list(model.state_dict())
-    import sys
-
-    kln = sys.modules["kernels.layer_norm"]  # kernels/__init__ shadows the module's name with the function
-
-    fused, real = [], kln.AddLayerNormFn.apply
-    kln.AddLayerNormFn.apply = lambda *a: fused.append(1) or real(*a)
-    try:
+    with _counting(sys.modules["kernels.layer_norm"].AddLayerNormFn) as fused:
         got = _step_grads(model.set_layer_norm("triton"), images, ids, cu, 7)
-    finally:
-        kln.AddLayerNormFn.apply = real
     # every residual add but each tower's last goes through add_layer_norm: 2 per block, less 1 per tower
     assert len(fused) == 2 * (model.cfg.vision.layers + model.cfg.text.layers) - 2
     assert all(m.impl == "triton" for m in norms) and list(model.state_dict()) == keys
-    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
-        err, size = (b - a).norm().item(), a.norm().item()
-        assert err <= 1e-5 * size + 1e-7, f"tensor {i} {tuple(a.shape)}: |diff| {err:.3g}, |torch| {size:.3g}"
+    _assert_same_step(ref, got)
     with pytest.raises(ValueError, match=r"one of \('torch', 'triton'\)"):
         model.set_layer_norm("apex")
 
@@ -186,32 +204,18 @@ def test_triton_vision_attention_matches_sdpa():
     """set_vision_attention("triton"): the image tower's attention through kernels.short_attention (under the
     interpreter on the CPU, natively on a GPU), full and masked (FLIP) token counts: the same features and gradients
     as SDPA to float32 rounding; the text tower and the state_dict are untouched."""
-    import pytest
-
     import kernels.short_attention as sa
     from clipfast.model import Attention
-    from tests.conftest import DEVICE
 
-    model = tiny().train().to(DEVICE)
-    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
-    ids, cu = torch.randint(1, 1000, (11,), device=DEVICE), torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE)
-    keep = torch.tensor([[0, 9], [1, 15], [7, 0]], device=DEVICE)  # 2 of the 16 patches kept per image
-    calls = []
-    real = sa.ShortAttentionQKVFn.apply
-    sa.ShortAttentionQKVFn.apply = lambda *a: calls.append(a[0].shape) or real(*a)
-    try:
-        for k in (None, keep):
-            model.set_vision_attention("sdpa")
-            ref = _step_grads(model, images, ids, cu, 7, keep=k)
+    model, images, ids, cu = _kernel_batch()
+    keep = torch.tensor([[0, 9], [1, 15], [7, 0]], device=images.device)  # 2 of the 16 patches kept per image
+    for k in (None, keep):
+        with _counting(sa.ShortAttentionQKVFn) as calls:
+            ref = _step_grads(model.set_vision_attention("sdpa"), images, ids, cu, 7, keep=k)
             assert not calls
             got = _step_grads(model.set_vision_attention("triton"), images, ids, cu, 7, keep=k)
-            assert len(calls) == model.cfg.vision.layers and calls[0][1] == (17 if k is None else 3)
-            calls.clear()
-            for i, (a, b) in enumerate(zip(ref, got, strict=True)):
-                err, size = (b - a).norm().item(), a.norm().item()
-                assert err <= 1e-5 * size + 1e-7, f"tensor {i} {tuple(a.shape)}: |diff| {err:.3g}, |sdpa| {size:.3g}"
-    finally:
-        sa.ShortAttentionQKVFn.apply = real
+        assert len(calls) == model.cfg.vision.layers and calls[0][1] == (17 if k is None else 3)
+        _assert_same_step(ref, got, "sdpa")
     text_attn = [m for m in model.transformer.modules() if isinstance(m, Attention)]
     assert text_attn and all(m.dense_impl == "sdpa" for m in text_attn)
     with pytest.raises(ValueError, match=r"one of \('sdpa', 'triton'\)"):
@@ -222,29 +226,15 @@ def test_triton_mlp_matches_torch_and_keeps_the_state_dict():
     """set_mlp("triton"): every MLP's c_fc + GELU through kernels.linear_gelu (under the interpreter on the CPU,
     natively on a GPU), both towers: the same features and gradients as nn.Linear + nn.GELU to float32 rounding, the
     same state_dict keys."""
-    import sys
-
-    import pytest
-
     from clipfast.model import MLP
-    from tests.conftest import DEVICE
 
-    kge = sys.modules["kernels.gelu"]
-    model = tiny().train().to(DEVICE)
-    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
-    ids, cu = torch.randint(1, 1000, (11,), device=DEVICE), torch.tensor([0, 4, 11], dtype=torch.int32, device=DEVICE)
+    model, images, ids, cu = _kernel_batch()
     keys = list(model.state_dict())
     ref = _step_grads(model, images, ids, cu, 7)
-    calls, real = [], kge.LinearGELUFn.apply
-    kge.LinearGELUFn.apply = lambda *a: calls.append(1) or real(*a)
-    try:
+    with _counting(sys.modules["kernels.gelu"].LinearGELUFn) as calls:
         got = _step_grads(model.set_mlp("triton"), images, ids, cu, 7)
-    finally:
-        kge.LinearGELUFn.apply = real
     assert len(calls) == model.cfg.vision.layers + model.cfg.text.layers
     assert all(m.impl == "triton" for m in model.modules() if isinstance(m, MLP)) and list(model.state_dict()) == keys
-    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
-        err, size = (b - a).norm().item(), a.norm().item()
-        assert err <= 1e-5 * size + 1e-7, f"tensor {i} {tuple(a.shape)}: |diff| {err:.3g}, |torch| {size:.3g}"
+    _assert_same_step(ref, got)
     with pytest.raises(ValueError, match=r"one of \('torch', 'triton'\)"):
         model.set_mlp("fused")
