@@ -298,6 +298,21 @@ def data_step_times(step, loader, n_warm: int, n_steps: int, device) -> tuple[li
 
 # ---- one grid point -------------------------------------------------------------------------------------------
 
+# columns whose first step may fail (what it does, for the message) without costing the point: the failure is
+# printed, kept in the row as <name>_error, and the column left out
+OPTIONAL_COLUMNS = {"clipfast_graph": "CUDA graph capture", "clipfast_compiled": "torch.compile",
+                    "clipfast_kernels": "the opt-in kernels"}
+
+def _warm_up(step, batches, n: int, impl: str, pt: Point) -> None:
+    """Steps 1..n-1 (after the profiled step: its teardown slowed the next step on the CPU); a non-finite loss at the
+    end raises (one sync per model)."""
+    loss = None
+    for i in range(1, n):
+        loss = step(batches[i % len(batches)])
+    if loss is not None and not math.isfinite(loss.item()):
+        raise FloatingPointError(f"{impl}: non-finite loss at {pt.label}")
+
+
 def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     cfg = from_name(pt.preset, **{"vision.image_size": pt.size, "text.context_length": pt.text_len})
     n = cfg.vision.num_patches
@@ -336,29 +351,28 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
             else:  # CPU, fp32, ZeRO-1 on one rank: weights, the fp32 partition, two Adam moments (an estimate)
                 held = 4 * sum(p.numel() * 4 for p in model.parameters())
             mem[impl] = held + step_peak_bytes(step, batches[0], device)
-        elif impl in ("clipfast_graph", "clipfast_compiled"):
+            _warm_up(step, batches, args.warmup, impl, pt)
+        elif impl in OPTIONAL_COLUMNS:
             # the graph's first call is the eager step + capture, so its peak is what the graph holds; the compiled
-            # step's first call compiles. Either failing costs its column, not the point.
+            # step's first call compiles, the kernels step's first call compiles its Triton kernels. A failure here or
+            # in the warm-up below (a non-finite loss too) costs its column, not the point.
             try:
-                if impl == "clipfast_compiled":
+                if impl != "clipfast_graph":
                     step(batches[0])
-                peak = step_peak_bytes(step, batches[0], device)
+                mem[impl] = persistent_bytes(model, opt) + step_peak_bytes(step, batches[0], device)
+                _warm_up(step, batches, args.warmup, impl, pt)
             except Exception as e:
-                what = "CUDA graph capture" if impl == "clipfast_graph" else "torch.compile"
-                print(f"{pt.label}: {what} FAILED, column left out: {type(e).__name__}: {str(e)[:500]}",
-                      file=sys.stderr)
+                print(f"{pt.label}: {OPTIONAL_COLUMNS[impl]} FAILED, column left out: {type(e).__name__}: "
+                      f"{str(e)[:500]}", file=sys.stderr)  # fmt: skip
                 row[impl.replace("clipfast_", "") + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 impls.remove(impl)
+                mem.pop(impl, None)
                 del model, opt, step
                 continue
-            mem[impl] = persistent_bytes(model, opt) + peak
         else:
             step(batches[0])  # allocates the optimizer state, so the memory step below sees only transients
             mem[impl] = persistent_bytes(model, opt) + step_peak_bytes(step, batches[0], device)
-        for i in range(1, args.warmup):  # after the profiled step: its teardown slowed the next step (CPU)
-            loss = step(batches[i % len(batches)])
-        if args.warmup > 1 and not math.isfinite(loss.item()):  # note: a sync point, once per model
-            raise FloatingPointError(f"{impl}: non-finite loss at {pt.label}")
+            _warm_up(step, batches, args.warmup, impl, pt)
         steps[impl] = step
     cpu_times = None
     if args.data:

@@ -168,6 +168,29 @@ def test_compile_column_and_a_failing_compile_costs_only_its_column(tmp_path, mo
     assert all(r["clipfast_ms"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("failure", ["raises", "nan"])
+def test_a_failing_kernels_column_costs_only_its_column(tmp_path, monkeypatch, failure):
+    """The kernels column's step raising on its first call, or its loss turning non-finite in the warm-up: the
+    column is left out with the error in the row; the plain column and the point stay."""
+    import bench.steps as steps
+
+    def broken(*a, **kw):
+        model, opt, real = steps.clipfast_step_fn(*a, **kw)
+
+        def step(b):
+            if failure == "raises":
+                raise RuntimeError("triton said no")
+            return real(b) * float("nan")
+        return model, opt, step
+
+    monkeypatch.setitem(steps.BUILDERS, "clipfast_kernels", broken)
+    rows = tp.main(TINY + ["--sizes", "32", "--masks", "--no-open-clip", "--kernels", "--warmup", "2",
+                           "--out", str(tmp_path)])  # fmt: skip
+    why = "triton said no" if failure == "raises" else "non-finite loss"
+    assert rows and all("clipfast_kernels_ms" not in r and why in r["kernels_error"] for r in rows)
+    assert all(r["clipfast_ms"] > 0 for r in rows)
+
+
 def test_points_measure_exactly_those_points_then_each_full_point(tmp_path):
     groups = tp.parse_points(["B/16:112:16", "L/16:96:8:0.5", "B/16:96:8"])
     assert [(p.size, p.mask, p.text_len) for p in groups["ViT-B-16"]] == [(112, 0.0, 16), (96, 0.0, 8), (224, 0.0, 77)]
