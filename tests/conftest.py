@@ -25,3 +25,22 @@ def device():
 
 
 requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def aot_module(module: str, cases, compile_one):
+    """The sm_90 AOT test modules' shared pieces, as (pytestmark, compile_all, resources):
+    - pytestmark skips the module where ptxas or cuobjdump is missing;
+    - compile_all() is the label -> KernelResources table of `cases` (compile_one(*case[1:]); ptx and cubin dropped);
+    - resources is a module-scoped fixture: `module`.compile_all() run with the interpreter off
+      (kernels.aot.without_interpreter, a child process when TRITON_INTERPRET=1).
+    Use, after CASES and _compile: `pytestmark, compile_all, resources = aot_module(__name__, CASES, _compile)`."""
+    from kernels.aot import nvidia_tool, resource_table, without_interpreter
+
+    mark = pytest.mark.skipif(nvidia_tool("ptxas") is None or nvidia_tool("cuobjdump") is None,
+                              reason="ptxas/cuobjdump not found (triton/backends/nvidia/bin or PATH)")  # fmt: skip
+
+    def compile_all() -> dict:
+        return resource_table(cases, compile_one)
+
+    resources = pytest.fixture(scope="module", name="resources")(lambda: without_interpreter(module))
+    return mark, compile_all, resources

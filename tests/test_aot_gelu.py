@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from kernels import linear_gelu as _public  # noqa: F401 (kernels/__init__ exports the op, not the module)
-from kernels.aot import check, compile_sm90_like, nvidia_tool, resource_table, without_interpreter
+from kernels.aot import check, compile_sm90_like
+from tests.conftest import aot_module
 
 ge = sys.modules["kernels.gelu"]
-
-pytestmark = pytest.mark.skipif(nvidia_tool("ptxas") is None or nvidia_tool("cuobjdump") is None,
-                                reason="ptxas/cuobjdump not found (triton/backends/nvidia/bin or PATH)")  # fmt: skip
 
 M_AOT = 51203  # B/16's 1024 x 50 tokens, plus an odd tail
 CASES = [(f"gelu bwd N={n}", n) for n in (2048, 3072, 4096, 5120)]
@@ -25,14 +23,7 @@ def _compile(n):
     return compile_sm90_like(ge._gelu_bwd_kernel, args, const, **opts)
 
 
-def compile_all() -> dict:
-    """label -> KernelResources (without ptx/cubin); needs the interpreter off."""
-    return resource_table(CASES, _compile)
-
-
-@pytest.fixture(scope="module")
-def resources():
-    return without_interpreter("tests.test_aot_gelu")
+pytestmark, compile_all, resources = aot_module(__name__, CASES, _compile)
 
 
 @pytest.mark.parametrize("label,n", CASES, ids=[c[0] for c in CASES])

@@ -8,12 +8,10 @@ import pytest
 import torch
 
 from kernels import layer_norm as _public  # noqa: F401 (kernels/__init__ shadows the module name)
-from kernels.aot import check, compile_sm90_like, nvidia_tool, resource_table, without_interpreter
+from kernels.aot import check, compile_sm90_like
+from tests.conftest import aot_module
 
 ln = sys.modules["kernels.layer_norm"]
-
-pytestmark = pytest.mark.skipif(nvidia_tool("ptxas") is None or nvidia_tool("cuobjdump") is None,
-                                reason="ptxas/cuobjdump not found (triton/backends/nvidia/bin or PATH)")  # fmt: skip
 
 M_AOT = 51203  # B/16's 1024 x 50 tokens, plus an odd tail
 WIDTHS = [384, 512, 768, 1024, 1280, 1664]
@@ -36,14 +34,7 @@ def _compile(kind, n):
     return compile_sm90_like(ln._layer_norm_bwd_kernel, args, const, **opts)
 
 
-def compile_all() -> dict:
-    """label -> KernelResources (without ptx/cubin); needs the interpreter off."""
-    return resource_table(CASES, _compile)
-
-
-@pytest.fixture(scope="module")
-def resources():
-    return without_interpreter("tests.test_aot_layer_norm")
+pytestmark, compile_all, resources = aot_module(__name__, CASES, _compile)
 
 
 @pytest.mark.parametrize("label,kind,n", CASES, ids=[c[0] for c in CASES])

@@ -11,13 +11,11 @@ import sys
 import pytest
 import torch
 
-from kernels.aot import check, compile_sm90_like, nvidia_tool, resource_table, without_interpreter
+from kernels.aot import check, compile_sm90_like
 from kernels.short_attention import short_attention_qkvpacked as _public  # noqa: F401
+from tests.conftest import aot_module
 
 sa = sys.modules["kernels.short_attention"]
-
-pytestmark = pytest.mark.skipif(nvidia_tool("ptxas") is None or nvidia_tool("cuobjdump") is None,
-                                reason="ptxas/cuobjdump not found (triton/backends/nvidia/bin or PATH)")  # fmt: skip
 
 B_AOT, H_AOT = 512, 12
 CASES = [(f"{kind} N={n} d={d}", kind, n, d, False) for kind in ("fwd", "bwd") for n in (17, 37, 50, 99)
@@ -41,14 +39,7 @@ def _compile(kind, n, d, causal):
     return compile_sm90_like(kernel, args, const, **opts)
 
 
-def compile_all() -> dict:
-    """label -> KernelResources (without ptx/cubin); needs the interpreter off."""
-    return resource_table(CASES, _compile)
-
-
-@pytest.fixture(scope="module")
-def resources():
-    return without_interpreter("tests.test_aot_short_attention")
+pytestmark, compile_all, resources = aot_module(__name__, CASES, _compile)
 
 
 @pytest.mark.parametrize("label,kind,n,d,causal", CASES, ids=[c[0] for c in CASES])

@@ -13,12 +13,10 @@ import pytest
 import torch
 
 from kernels import varlen_attention as _public  # noqa: F401 (kernels/__init__ shadows the module name)
-from kernels.aot import check, compile_sm90_like, nvidia_tool, resource_table, without_interpreter
+from kernels.aot import check, compile_sm90_like
+from tests.conftest import aot_module
 
 va = sys.modules["kernels.varlen_attention"]
-
-pytestmark = pytest.mark.skipif(nvidia_tool("ptxas") is None or nvidia_tool("cuobjdump") is None,
-                                reason="ptxas/cuobjdump not found (triton/backends/nvidia/bin or PATH)")  # fmt: skip
 
 T_AOT, H_AOT, S_AOT = 14003, 8, 1000  # ~1000 captions of ~14 tokens; T not a multiple of 16 (no hint)
 HEAD_DIMS = [32, 64, 80, 96, 128]
@@ -52,14 +50,7 @@ def _compile(kind, d, block_m, causal):
     return compile_sm90_like(va._seq_bounds_kernel, args, dict(BLOCK=64), num_warps=4)
 
 
-def compile_all() -> dict:
-    """label -> KernelResources (without ptx/cubin); needs the interpreter off."""
-    return resource_table(CASES, _compile)
-
-
-@pytest.fixture(scope="module")
-def resources():
-    return without_interpreter("tests.test_aot_varlen_attention")
+pytestmark, compile_all, resources = aot_module(__name__, CASES, _compile)
 
 
 @pytest.mark.parametrize("label,kind,d,block_m,causal", CASES, ids=[c[0] for c in CASES])
