@@ -18,8 +18,9 @@ from clipfast.presets import from_name
 
 ROOT = Path(__file__).resolve().parents[1]
 # clipfast_graph: CUDA graphs (clipfast.graph); clipfast_ds: --deepspeed, the trainer's DeepSpeed engine
-# clipfast_kernels: --kernels, the opt-in kernels (layer norm, vision attention) on
-IMPLS = ("clipfast", "clipfast_compiled", "clipfast_kernels", "clipfast_graph", "clipfast_ds", "open_clip")
+# clipfast_kernels: --kernels, the opt-in kernels (layer norm, vision attention, MLP); clipfast_graph_kernels: both
+IMPLS = ("clipfast", "clipfast_compiled", "clipfast_kernels", "clipfast_graph", "clipfast_graph_kernels", "clipfast_ds",
+         "open_clip")
 
 
 def add_scaling(rows: list[dict]) -> None:
@@ -41,6 +42,12 @@ def add_scaling(rows: list[dict]) -> None:
         r["vs_open_clip"] = round(r["clipfast_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
         ok = r.get("clipfast_graph_samples_s") and r.get("open_clip_samples_s")
         r["graph_vs_open_clip"] = round(r["clipfast_graph_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
+        ok = r.get("clipfast_graph_kernels_samples_s") and r.get("open_clip_samples_s")
+        r["graph_kernels_vs_open_clip"] = (round(r["clipfast_graph_kernels_samples_s"] / r["open_clip_samples_s"], 3)
+                                           if ok else None)
+        ok = r.get("clipfast_graph_kernels_samples_s") and r.get("clipfast_graph_samples_s")
+        r["graph_kernels_vs_graph"] = (round(r["clipfast_graph_kernels_samples_s"] / r["clipfast_graph_samples_s"], 3)
+                                       if ok else None)
         ok = r.get("clipfast_compiled_samples_s") and r.get("open_clip_samples_s")
         r["compiled_vs_open_clip"] = (round(r["clipfast_compiled_samples_s"] / r["open_clip_samples_s"], 3) if ok
                                       else None)
@@ -57,6 +64,9 @@ def _fmt(x, nd) -> str:
     if x is None:
         return "–"
     return str(x) if nd is None else f"{x:g}" if nd == "g" else f"{x:.{nd}f}"
+
+
+BOLD = ("vs_open_clip", "compiled_vs_open_clip", "graph_vs_open_clip", "graph_kernels_vs_open_clip", "ds_vs_open_clip")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -77,6 +87,12 @@ def markdown_table(rows: list[dict]) -> str:
             ("graphs ms", "clipfast_graph_ms", 1), ("graphs samples/s", "clipfast_graph_samples_s", 1),
             ("graphs MFU", "clipfast_graph_mfu", 3), ("graphs scaling eff", "clipfast_graph_scaling_eff", 2),
             ("graphs / open_clip", "graph_vs_open_clip", 2),
+            ("graphs+kernels ms", "clipfast_graph_kernels_ms", 1),
+            ("graphs+kernels samples/s", "clipfast_graph_kernels_samples_s", 1),
+            ("graphs+kernels MFU", "clipfast_graph_kernels_mfu", 3),
+            ("graphs+kernels MiB", "clipfast_graph_kernels_peak_mib", 0),
+            ("graphs+kernels / graphs", "graph_kernels_vs_graph", 3),
+            ("graphs+kernels / open_clip", "graph_kernels_vs_open_clip", 2),
             ("DeepSpeed ms", "clipfast_ds_ms", 1), ("DeepSpeed samples/s", "clipfast_ds_samples_s", 1),
             ("DeepSpeed MiB", "clipfast_ds_peak_mib", 0), ("DeepSpeed / open_clip", "ds_vs_open_clip", 2),
             ("clipfast / open_clip", "vs_open_clip", 2)]
@@ -85,7 +101,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         cells = [_fmt(r.get(key), nd) for _, key, nd in cols]
         for i, (_, key, _) in enumerate(cols):
-            if key in ("vs_open_clip", "compiled_vs_open_clip", "graph_vs_open_clip", "ds_vs_open_clip") and r.get(key):
+            if key in BOLD and r.get(key):
                 cells[i] = f"**{r[key]:.2f}×**"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -100,8 +116,11 @@ def summary(rows: list[dict]) -> str:
     """The clipfast / open_clip ratio over all points and per kind of point: masked, padded (>= 25% of the text
     length is padding), neither; the kernels column against plain clipfast."""
     with_kernels = [r for r in rows if r.get("kernels_vs_clipfast")]
-    kernels = (f" With the opt-in kernels (kernels.layer_norm, kernels.short_attention) / without: "
-               f"{_stats(with_kernels, 'kernels_vs_clipfast')}." if with_kernels else "")
+    kernels = (f" With the opt-in kernels (kernels.layer_norm, kernels.short_attention, kernels.linear_gelu) / "
+               f"without: {_stats(with_kernels, 'kernels_vs_clipfast')}." if with_kernels else "")
+    graph_kernels = [r for r in rows if r.get("graph_kernels_vs_graph")]
+    if graph_kernels:
+        kernels += (f" As CUDA graphs, with the kernels / without: {_stats(graph_kernels, 'graph_kernels_vs_graph')}.")
     rated = [r for r in rows if r.get("vs_open_clip")]
     if not rated:
         return "open_clip column absent: no ratio." + kernels
@@ -123,6 +142,10 @@ def summary(rows: list[dict]) -> str:
     graphed = [r for r in rated if r.get("graph_vs_open_clip")]
     if graphed:
         out.append(f"With CUDA graphs (clipfast.graph) / open_clip: {stats(graphed, 'graph_vs_open_clip')}.")
+    graphed_k = [r for r in rated if r.get("graph_kernels_vs_open_clip")]
+    if graphed_k:
+        out.append(f"CUDA graphs with the opt-in kernels / open_clip: "
+                   f"{stats(graphed_k, 'graph_kernels_vs_open_clip')}.")
     ds = [r for r in rated if r.get("ds_vs_open_clip")]
     if ds:
         out.append(f"Through DeepSpeed's engine (clipfast.train's step) / open_clip: {stats(ds, 'ds_vs_open_clip')}.")
@@ -145,7 +168,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         for t in lens:
             for impl, ls, alpha in (("clipfast", "-", 1.0), ("clipfast_compiled", (0, (5, 1, 1, 1)), 1.0),
                                     ("clipfast_kernels", (0, (1, 1)), 1.0),
-                                    ("clipfast_graph", ":", 1.0), ("clipfast_ds", "-.", 0.8),
+                                    ("clipfast_graph", ":", 1.0), ("clipfast_graph_kernels", (0, (3, 1)), 1.0),
+                                    ("clipfast_ds", "-.", 0.8),
                                     ("open_clip", "--", 0.45)):
                 pts = sorted((r["image_tokens"], r[f"{impl}_samples_s"], r["mask"] > 0) for r in rows
                              if r["preset"] == p and r["text_len"] == t and r.get(f"{impl}_samples_s"))
@@ -168,6 +192,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.plot([], [], color="gray", ls=(0, (1, 1)), label="clipfast + opt-in kernels")
     if any(r.get("clipfast_graph_samples_s") for r in rows):
         ax.plot([], [], color="gray", ls=":", label="clipfast + CUDA graphs")
+    if any(r.get("clipfast_graph_kernels_samples_s") for r in rows):
+        ax.plot([], [], color="gray", ls=(0, (3, 1)), label="clipfast + CUDA graphs + opt-in kernels")
     if any(r.get("clipfast_ds_samples_s") for r in rows):
         ax.plot([], [], color="gray", ls="-.", label="clipfast via DeepSpeed")
     ax.plot([], [], color="gray", ls="--", alpha=0.45, label="open_clip")

@@ -1,7 +1,7 @@
-"""The training steps bench/throughput.py times: clipfast eager, clipfast with compiled blocks, clipfast as CUDA
-graphs, clipfast through the trainer's DeepSpeed engine, and open_clip 3.3.0. Each builder takes (model config,
-grid point, device, precision, batch size) and returns (model, optimizer, step) with step(batch) -> loss: forward,
-loss, backward, optimizer.
+"""The training steps bench/throughput.py times: clipfast eager, clipfast with compiled blocks, clipfast with its
+opt-in kernels, clipfast as CUDA graphs (with or without the kernels), clipfast through the trainer's DeepSpeed
+engine, and open_clip 3.3.0. Each builder takes (model config, grid point, device, precision, batch size) and returns
+(model, optimizer, step) with step(batch) -> loss: forward, loss, backward, optimizer.
 """
 from __future__ import annotations
 
@@ -76,13 +76,16 @@ def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, compil
     return model, opt, _eager_step(opt, device, precision, loss_of)
 
 
+# every opt-in kernel on (the kernels columns)
+KERNELS = {"layer_norm": "triton", "vision_attention": "triton", "mlp": "triton"}
+
+
 def clipfast_kernels_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
     """clipfast's eager step with every opt-in kernel: kernels.layer_norm for every layer norm (kernels.add_layer_norm
     with the residual add before it), kernels.short_attention for the image tower's attention and kernels.linear_gelu
     for every MLP's first layer (set_layer_norm / set_vision_attention / set_mlp("triton")). They run on CUDA;
     elsewhere the model falls back to torch's ops, so the column equals the eager one."""
-    return clipfast_step_fn(cfg, pt, device, precision, batch_size, layer_norm="triton", vision_attention="triton",
-                            mlp="triton")  # fmt: skip
+    return clipfast_step_fn(cfg, pt, device, precision, batch_size, **KERNELS)
 
 
 def clipfast_compiled_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
@@ -96,9 +99,9 @@ def clipfast_compiled_step_fn(cfg: ModelConfig, pt, device, precision, batch_siz
     return clipfast_step_fn(cfg, pt, device, precision, batch_size, compile_backend="inductor")
 
 
-def clipfast_graph_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
+def clipfast_graph_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, **kernels):
     """clipfast's step as CUDA graphs: the same model, loss and fused AdamW (capturable), replayed per text bucket."""
-    model = _clipfast_model(cfg, device, precision)
+    model = _clipfast_model(cfg, device, precision, **kernels)
     opt = _optimizer(model, precision, capturable=True)
     graphed = GraphedTrainStep(model, opt, autocast_dtype=torch.bfloat16 if precision == "amp_bf16" else None,
                                text_bucket=default_text_bucket(batch_size, cfg.text.context_length))
@@ -109,6 +112,12 @@ def clipfast_graph_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
         return graphed(b.images, b.text, b.cu_seqlens, keep)
 
     return model, opt, step
+
+
+def clipfast_graph_kernels_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
+    """clipfast's CUDA-graph step with every opt-in kernel (as clipfast_kernels_step_fn): the kernels' device time
+    without their Python launch cost, which the eager step pays per call."""
+    return clipfast_graph_step_fn(cfg, pt, device, precision, batch_size, **KERNELS)
 
 
 def _single_process_dist(device) -> None:
@@ -188,4 +197,5 @@ def open_clip_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
 # every column's step builder, by implementation name: (cfg, point, device, precision, batch) -> (model, opt, step)
 BUILDERS = {"clipfast": clipfast_step_fn, "clipfast_compiled": clipfast_compiled_step_fn,
             "clipfast_kernels": clipfast_kernels_step_fn, "clipfast_graph": clipfast_graph_step_fn,
+            "clipfast_graph_kernels": clipfast_graph_kernels_step_fn,
             "clipfast_ds": clipfast_ds_step_fn, "open_clip": open_clip_step_fn}

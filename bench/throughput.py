@@ -27,8 +27,11 @@ On CUDA a third column, "graphs", runs clipfast's step as CUDA graphs (clipfast.
 padded to a bucket, the whole step replayed by one launch); --no-cuda-graph leaves it out. --compile adds
 "compiled": the eager step with each transformer block's layer norms, projections, MLP and residuals through
 torch.compile (clipfast.model.CLIP.compile_blocks; compiled in the warm-up). --kernels adds "kernels": the eager
-step with the opt-in kernels, kernels.layer_norm and kernels.short_attention (the image tower), beside the plain
-one in the same interleaved run, with their ratio ("kernels / clipfast"). Batch: the GPU grid
+step with the opt-in kernels, kernels.layer_norm (with the residual adds), kernels.short_attention (the image tower)
+and kernels.linear_gelu, beside the plain one in the same interleaved run, with their ratio ("kernels / clipfast");
+with the graphs column also "graphs+kernels", the CUDA-graph step with the same kernels, with its ratios to open_clip
+and to the plain graphs ("graphs+kernels / graphs": the kernels' device time, without the launch cost the eager
+step pays for each Triton call). Batch: the GPU grid
 scales each preset's batch up where a point has fewer image tokens than the full one, by the largest power of
 two up to --max-batch-scale (4) that the token ratio allows, as a CLIPA run would (same memory, more samples);
 --batch fixes it. Writes throughput.{md,csv,json,png}
@@ -301,7 +304,8 @@ def data_step_times(step, loader, n_warm: int, n_steps: int, device) -> tuple[li
 # columns whose first step may fail (what it does, for the message) without costing the point: the failure is
 # printed, kept in the row as <name>_error, and the column left out
 OPTIONAL_COLUMNS = {"clipfast_graph": "CUDA graph capture", "clipfast_compiled": "torch.compile",
-                    "clipfast_kernels": "the opt-in kernels"}
+                    "clipfast_kernels": "the opt-in kernels",
+                    "clipfast_graph_kernels": "CUDA graph capture with the opt-in kernels"}
 
 def _warm_up(step, batches, n: int, impl: str, pt: Point) -> None:
     """Steps 1..n-1 (after the profiled step: its teardown slowed the next step on the CPU); a non-finite loss at the
@@ -333,6 +337,8 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
         impls.append("clipfast_ds")
     if device.type == "cuda" and not args.no_cuda_graph and not args.data:
         impls.append("clipfast_graph")
+        if args.kernels:
+            impls.append("clipfast_graph_kernels")
     if have_open_clip and not args.data:
         impls.append("open_clip")
     steps, mem = {}, {}
@@ -357,7 +363,7 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
             # step's first call compiles, the kernels step's first call compiles its Triton kernels. A failure here or
             # in the warm-up below (a non-finite loss too) costs its column, not the point.
             try:
-                if impl != "clipfast_graph":
+                if not impl.startswith("clipfast_graph"):
                     step(batches[0])
                 mem[impl] = persistent_bytes(model, opt) + step_peak_bytes(step, batches[0], device)
                 _warm_up(step, batches, args.warmup, impl, pt)
@@ -432,7 +438,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="add a column: clipfast with its blocks' non-attention part compiled (CLIP.compile_blocks)")
     ap.add_argument("--kernels", action="store_true",
-                    help="add a column: clipfast with its opt-in kernels (kernels.layer_norm, kernels.short_attention)")
+                    help="add a column: clipfast with its opt-in kernels (layer norm, vision attention, MLP); on "
+                         "CUDA with graphs, also graphs+kernels")
     ap.add_argument("--deepspeed", action="store_true",
                     help="add a column: clipfast through DeepSpeed's engine as clipfast.train runs it (one rank)")
     ap.add_argument("--steps", type=int, help="timed steps per implementation")

@@ -260,3 +260,38 @@ def test_clipfast_kernel_flag_reaches_every_clipfast_model(tmp_path, monkeypatch
     assert header in meta["precision"]
     with pytest.raises(SystemExit):
         tp.parse_args([flag, "apex"])
+
+
+def test_graph_kernels_column_builds_the_graphed_step_with_every_kernel_and_reports_both_ratios(monkeypatch):
+    """graphs+kernels (CUDA only, so its builder is checked here with a stand-in for GraphedTrainStep): the graphed
+    model runs every opt-in kernel while the plain graphs column's keeps torch's ops; the report gives graphs+kernels
+    against open_clip (bold) and against the plain graphs, in the table and the summary."""
+    from clipfast.model import MLP, Attention, LayerNorm
+    from clipfast.presets import from_name
+
+    graphed = []
+
+    class FakeGraphed:
+        def __init__(self, model, opt, **kw):
+            graphed.append(model)
+
+    monkeypatch.setattr(steps, "GraphedTrainStep", FakeGraphed)
+    cfg, pt = from_name("demo"), tp.Point("demo", 16, 0.0, 8)
+    steps.BUILDERS["clipfast_graph"](cfg, pt, torch.device("cpu"), "fp32", 4)
+    steps.BUILDERS["clipfast_graph_kernels"](cfg, pt, torch.device("cpu"), "fp32", 4)
+    plain, kern = graphed
+    assert {m.impl for m in plain.modules() if isinstance(m, (LayerNorm, MLP))} == {"torch"}
+    assert {m.impl for m in kern.modules() if isinstance(m, (LayerNorm, MLP))} == {"triton"}
+    assert {m.dense_impl for m in kern.visual.modules() if isinstance(m, Attention)} == {"triton"}
+
+    row = dict(preset="demo", image_px=16, mask=0.0, image_tokens=1, text_len=8, text_tokens=6.0, pad_frac=0.25,
+               batch=4, gflop_per_sample=1.0, clipfast_ms=10.0, clipfast_wall_ms=10.0, clipfast_samples_s=400.0,
+               clipfast_graph_samples_s=500.0, clipfast_graph_kernels_samples_s=600.0,
+               clipfast_graph_kernels_ms=6.7, open_clip_samples_s=250.0)
+    report.add_scaling([row])
+    assert row["graph_kernels_vs_open_clip"] == 2.4 and row["graph_kernels_vs_graph"] == 1.2
+    md = report.markdown_table([row])
+    assert "graphs+kernels / graphs" in md and "**2.40×**" in md
+    text = report.summary([row])
+    assert "CUDA graphs with the opt-in kernels / open_clip: min 2.40×" in text
+    assert "As CUDA graphs, with the kernels / without: min 1.20×" in text
