@@ -1,0 +1,323 @@
+"""Launch-config sweep of clipfast's opt-in kernels at the CLIPA goal shapes, beside torch's ops: device time per call.
+
+    python bench/sweep_kernels.py --out bench/results/<dir>        # CUDA; ~60 s on an H100 (about 45 compiles)
+    TRITON_INTERPRET=1 python bench/sweep_kernels.py --smoke       # CPU: tiny shapes, two configs each, no timing
+
+Why: the kernels' tiles and program counts were chosen from sm_90 compiles (registers, spills) without a GPU. The H100
+suite at 5cc21e3 (bench/results/nvidia-h100-80gb-hbm3-2026-11-26-5cc21e3/profile.md) timed them inside a B/16 step:
+the layer-norm backward at 5.4 ms for 51 calls and the GELU backward at 5.4 ms for 24, each ~1.5x what its bytes
+need at HBM speed. This measures each candidate config directly, with CUDA events (triton.testing.do_bench, median),
+and checks every config's outputs against the current default's before it is timed: a config that is fast but wrong
+is reported as wrong, never as a winner.
+
+Kernels and shapes (bf16, the vision tower at the goal points: B/16 112 px batch 1024 = 51,200 rows x 768, MLP
+3,072; L/16 96 px batch 512 = 18,944 rows x 1,024, MLP 4,096):
+- add_layer_norm backward (HAS_RES: the pre-norm blocks' path): BLOCK_M x num_warps x programs per SM; timed with its
+  partial-sum finish (torch sums of the programs' rows), as the model runs it; torch: F.layer_norm backward + the add
+- add_layer_norm forward: BLOCK_M x num_warps; torch: add + F.layer_norm
+- GELU backward with the bias gradient: BLOCK_M x BLOCK_N x num_warps x programs per SM, with its finish; torch:
+  GeluBackward + the bias-gradient sum
+- short attention (N = 50 and 37, d = 64, one tile per sequence and head): forward and backward num_warps x
+  num_stages; torch: SDPA forward, and forward + backward less forward
+Writes sweep.md (one table per kernel and shape, fastest first, the default and torch marked) and sweep.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+import kernels.gelu  # noqa: E402,F401
+import kernels.layer_norm  # noqa: E402,F401
+import kernels.short_attention  # noqa: E402,F401
+
+# kernels/__init__ re-exports functions under the modules' names: take the modules themselves
+ln = sys.modules["kernels.layer_norm"]
+ge = sys.modules["kernels.gelu"]
+sa = sys.modules["kernels.short_attention"]
+
+SHAPES = {"B/16 112px": dict(rows=51200, width=768, mlp=3072, batch=1024, tokens=50, heads=12),
+          "L/16 96px": dict(rows=18944, width=1024, mlp=4096, batch=512, tokens=37, heads=16)}
+SMOKE = {"smoke": dict(rows=40, width=48, mlp=96, batch=2, tokens=5, heads=2)}
+
+
+def _sms(device) -> int:
+    return ln._sm_count(device.index or 0) if device.type == "cuda" else 1
+
+
+def _timer(device, rep_ms: int):
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=5, rep=rep_ms, return_mode="median")
+
+    def cpu(fn):  # --smoke: runs the function once; the numbers mean nothing
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return cpu
+
+
+def _close(a, b, what) -> str | None:
+    """None when a matches b (bf16 outputs: within 2 ulp-ish, fp32 partial sums: relative 1e-3), else why not."""
+    a, b = a.float(), b.float()
+    tol = 2e-2 * b.abs().max().clamp_min(1e-6) if a.numel() else 0
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    return None if err <= tol else f"{what}: max |diff| {err:.3g} > {float(tol):.3g}"
+
+
+# ---- add_layer_norm -------------------------------------------------------------------------------------------
+
+def sweep_add_ln(s, device, dtype, timer, smoke):
+    M, N = s["rows"], s["width"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(M, N, generator=g).to(device, dtype)
+    r = torch.randn(M, N, generator=g).to(device, dtype)
+    w = (1 + 0.1 * torch.randn(N, generator=g)).to(device, dtype)
+    b = (0.1 * torch.randn(N, generator=g)).to(device, dtype)
+    dy = torch.randn(M, N, generator=g).to(device, dtype)
+    ds = torch.randn(M, N, generator=g).to(device, dtype)
+    y0, mean, rstd, s0 = ln._fwd(x, w, b, 1e-5, r)
+
+    def fwd(bm, nw):
+        y = torch.empty_like(x)
+        s_ = torch.empty_like(x)
+        mu, rs = torch.empty(M, device=device), torch.empty(M, device=device)
+        grid, args, const, opts = ln._fwd_launch(x, w, b, y, mu, rs, 1e-5, r, s_)
+        const["BLOCK_M"], opts["num_warps"] = bm, nw
+
+        def run():
+            ln._layer_norm_fwd_kernel[(triton.cdiv(M, bm),)](**args, **const, **opts)
+
+        return run, lambda: _close(y, y0, "y") or _close(s_, s0, "s")
+
+    default = ln._config(N)
+    fwd_rows = []
+    for bm, nw in _with(itertools.product((1, 2, 4, 8), (2, 4, 8)) if not smoke else [(1, 1)],
+                        (default["BLOCK_M"], default["num_warps"])):
+        fwd_rows.append(_measure(f"BLOCK_M={bm} warps={nw}", fwd(bm, nw), timer,
+                                 (bm, nw) == (default["BLOCK_M"], default["num_warps"])))
+
+    def torch_fwd():
+        s_ = x + r
+        F.layer_norm(s_, (N,), w, b, 1e-5)
+
+    fwd_rows.append(dict(config="torch: add + F.layer_norm", ms=timer(torch_fwd), torch=True))
+
+    dx0, dw0, db0 = ln._bwd(dy, s0, w, mean, rstd, ds)
+
+    def bwd(bm, nw, per_sm):
+        progs = triton.cdiv(M, triton.cdiv(triton.cdiv(M, per_sm * _sms(device)), bm) * bm)
+        rows = triton.cdiv(triton.cdiv(M, progs), bm) * bm
+        progs = triton.cdiv(M, rows)
+        dx = torch.empty_like(x)
+        dw_part = torch.empty(progs, N, device=device)
+        db_part = torch.empty_like(dw_part)
+        grid, args, const, opts = ln._bwd_launch(s0, w, dy, dx, mean, rstd, dw_part, db_part, rows, ds)
+        const["BLOCK_M"], opts["num_warps"] = bm, nw
+        out = {}
+
+        def run():
+            ln._layer_norm_bwd_kernel[grid](**args, **const, **opts)
+            out["dw"], out["db"] = dw_part.sum(0).to(w.dtype), db_part.sum(0).to(w.dtype)
+
+        return run, lambda: _close(dx, dx0, "dx") or _close(out["dw"], dw0, "dw") or _close(out["db"], db0, "db")
+
+    bwd_rows = []
+    grid = itertools.product((2, 4, 8), (4, 8, 16), (2, 4, 8, 16)) if not smoke else [(1, 1, 4)]
+    for bm, nw, per_sm in _with(grid, (default["BLOCK_M"], 2 * default["num_warps"], 8)):
+        bwd_rows.append(_measure(f"BLOCK_M={bm} warps={nw} programs/SM={per_sm}", bwd(bm, nw, per_sm), timer,
+                                 (bm, nw, per_sm) == (default["BLOCK_M"], 2 * default["num_warps"], 8)))
+    s_t = s0.detach().clone().requires_grad_()
+    w_t, b_t = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    y_t = F.layer_norm(s_t, (N,), w_t, b_t, 1e-5)
+
+    def torch_bwd():
+        gs, _, _ = torch.autograd.grad(y_t, (s_t, w_t, b_t), dy, retain_graph=True)
+        gs + ds  # the residual's gradient joins the norm's (autograd's add)
+
+    bwd_rows.append(dict(config="torch: F.layer_norm backward + add", ms=timer(torch_bwd), torch=True))
+    return {"add_layer_norm forward": fwd_rows, "add_layer_norm backward": bwd_rows}
+
+
+# ---- GELU backward --------------------------------------------------------------------------------------------
+
+def sweep_gelu(s, device, dtype, timer, smoke):
+    M, N = s["rows"], s["mlp"]
+    g = torch.Generator(device="cpu").manual_seed(1)
+    da = torch.randn(M, N, generator=g).to(device, dtype)
+    h = torch.randn(M, N, generator=g).to(device, dtype)
+    dh0, db0 = ge.gelu_bwd(da, h)
+    default = ge._config()
+
+    def bwd(bm, bn, nw, per_sm):
+        col_blocks = triton.cdiv(N, bn)
+        want = max(1, per_sm * _sms(device) // col_blocks)
+        rows = triton.cdiv(triton.cdiv(M, want), bm) * bm
+        groups = triton.cdiv(M, rows)
+        dh = torch.empty_like(h)
+        db_part = torch.empty(groups, N, device=device)
+        grid, args, const, opts = ge._bwd_launch(da, h, dh, db_part, rows)
+        const.update(BLOCK_M=bm, BLOCK_N=bn)
+        opts["num_warps"] = nw
+        out = {}
+
+        def run():
+            ge._gelu_bwd_kernel[(col_blocks, groups)](**args, **const, **opts)
+            out["db"] = db_part.sum(0)
+
+        return run, lambda: _close(dh, dh0, "dh") or _close(out["db"], db0, "db")
+
+    rows_out = []
+    grid = itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (4, 8, 16)) if not smoke else [(8, 16, 1, 4)]
+    for bm, bn, nw, per_sm in _with(grid, (default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], 8)):
+        if bm * bn > 16384 or bm * bn < 32 * nw:  # tiles too big for registers, or too small for the warps
+            continue
+        rows_out.append(_measure(f"BLOCK_M={bm} BLOCK_N={bn} warps={nw} programs/SM={per_sm}",
+                                 bwd(bm, bn, nw, per_sm), timer,
+                                 (bm, bn, nw, per_sm) == (default["BLOCK_M"], default["BLOCK_N"],
+                                                          default["num_warps"], 8)))
+
+    def torch_bwd():
+        torch.ops.aten.gelu_backward(da, h).sum(0)
+
+    rows_out.append(dict(config="torch: GeluBackward + bias sum", ms=timer(torch_bwd), torch=True))
+    return {"GELU backward + bias grad": rows_out}
+
+
+# ---- short attention ------------------------------------------------------------------------------------------
+
+def sweep_attention(s, device, dtype, timer, smoke):
+    B, N, H, d = s["batch"], s["tokens"], s["heads"], 64 if not smoke else 16
+    g = torch.Generator(device="cpu").manual_seed(2)
+    qkv = torch.randn(B, N, 3, H, d, generator=g).to(device, dtype)
+    do = torch.randn(B, N, H, d, generator=g).to(device, dtype)
+    scale = d**-0.5
+    interp = not qkv.is_cuda
+    fcfg, bcfg = sa._fwd_config(N, d), sa._bwd_config(N, d)
+    o0 = torch.empty(B, N, H, d, device=device, dtype=dtype)
+    lse0 = torch.empty(B * H, N, device=device)
+    sa._launch(sa._short_attn_fwd_kernel, *sa._fwd_launch(qkv, o0, lse0, False, scale, fcfg, interp))
+    dqkv0 = torch.empty_like(qkv)
+    sa._launch(*sa._bwd_launch(qkv, o0, do, dqkv0, lse0, None, False, scale, bcfg, interp))
+
+    def fwd(nw, ns):
+        o, lse = torch.empty_like(o0), torch.empty_like(lse0)
+        grid, args, const, opts = sa._fwd_launch(qkv, o, lse, False, scale, dict(fcfg, num_warps=nw, num_stages=ns),
+                                                 interp)  # fmt: skip
+        return (lambda: sa._short_attn_fwd_kernel[grid](**args, **const, **opts)), lambda: _close(o, o0, "o")
+
+    def bwd(nw, ns):
+        dqkv = torch.empty_like(qkv)
+        kernel, grid, args, const, opts = sa._bwd_launch(qkv, o0, do, dqkv, lse0, None, False, scale,
+                                                         dict(bcfg, num_warps=nw, num_stages=ns), interp)
+        return (lambda: kernel[grid](**args, **const, **opts)), lambda: _close(dqkv, dqkv0, "dqkv")
+
+    cand = list(itertools.product((4, 8), (1, 2, 3))) if not smoke else [(2, 1)]
+    fdef, bdef = (fcfg["num_warps"], fcfg["num_stages"]), (bcfg["num_warps"], bcfg["num_stages"])
+    fwd_rows = [_measure(f"warps={nw} stages={ns}", fwd(nw, ns), timer, (nw, ns) == fdef)
+                for nw, ns in _with(cand, fdef)]
+    bwd_rows = [_measure(f"warps={nw} stages={ns}", bwd(nw, ns), timer, (nw, ns) == bdef)
+                for nw, ns in _with(cand, bdef)]
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    fwd_rows.append(dict(config="torch: SDPA forward", ms=timer(lambda: F.scaled_dot_product_attention(q, k, v)),
+                         torch=True))
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    og = F.scaled_dot_product_attention(qg, kg, vg)
+    dog = do.transpose(1, 2)
+    bwd_rows.append(dict(config="torch: SDPA backward (+ the stack into dqkv)",
+                         ms=timer(lambda: torch.stack(torch.autograd.grad(og, (qg, kg, vg), dog, retain_graph=True),
+                                                      dim=2)), torch=True))  # fmt: skip
+    return {f"short attention forward (N={N})": fwd_rows, f"short attention backward (N={N})": bwd_rows}
+
+
+# ---- driver ---------------------------------------------------------------------------------------------------
+
+def _with(grid, default) -> list:
+    """The candidate configs with the default among them (first, when the grid lacks it)."""
+    grid = list(grid)
+    return grid if default in grid else [default, *grid]
+
+
+def _measure(config, run_check, timer, default) -> dict:
+    run, check = run_check
+    try:
+        run()
+        wrong = check()
+    except Exception as e:  # a config that fails to compile (registers, shared memory) is reported, not fatal
+        return dict(config=config, ms=None, error=f"{type(e).__name__}: {str(e)[:120]}", default=default)
+    if wrong:
+        return dict(config=config, ms=None, error=f"WRONG {wrong}", default=default)
+    return dict(config=config, ms=timer(run), default=default)
+
+
+def markdown(results: dict, meta: dict) -> str:
+    out = [f"# Kernel launch-config sweep: {meta['device']}, {meta['date']}, commit `{meta['commit']}`", "",
+           f"torch {meta['torch']}, triton {meta['triton']}; median device time per call "
+           f"(triton.testing.do_bench, CUDA events); each config's outputs checked against the default's first. "
+           f"Command: `{meta['command']}`", ""]
+    for shape, per_kernel in results.items():
+        for kernel, rows in per_kernel.items():
+            ok = sorted((r for r in rows if r.get("ms") is not None), key=lambda r: r["ms"])
+            bad = [r for r in rows if r.get("ms") is None]
+            base = next((r["ms"] for r in rows if r.get("default") and r.get("ms")), None)
+            out += [f"## {kernel}, {shape}", "", "| config | ms | vs default |", "|---|---|---|"]
+            for r in ok:
+                tag = " (default)" if r.get("default") else ""
+                rel = f"{base / r['ms']:.2f}×" if base else "–"
+                out.append(f"| {'**' + r['config'] + '**' if r.get('torch') else r['config'] + tag} | "
+                           f"{r['ms']:.4f} | {rel} |")
+            out += [f"| {r['config']} | – | {r['error']} |" for r in bad]
+            out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="folder for sweep.md and sweep.json (default: print only)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, two configs per kernel (CPU interpreter)")
+    ap.add_argument("--rep-ms", type=int, default=25, help="do_bench's measuring time per config, ms")
+    ap.add_argument("--kernels", nargs="+", default=["add_ln", "gelu", "attention"],
+                    choices=["add_ln", "gelu", "attention"])
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("sweep_kernels.py times CUDA kernels: run it on a GPU, or with --smoke under "
+                         "TRITON_INTERPRET=1 to check the harness")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    timer = _timer(device, args.rep_ms)
+    fns = {"add_ln": sweep_add_ln, "gelu": sweep_gelu, "attention": sweep_attention}
+    from bench.report import device_info, git_commit
+
+    meta = dict(device=device_info(device)[0], date=time.strftime("%Y-%m-%d"), commit=git_commit(),
+                torch=torch.__version__, triton=triton.__version__,
+                command="python bench/sweep_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    results = {}
+    t0 = time.time()
+    for shape, s in (SMOKE if args.smoke else SHAPES).items():
+        results[shape] = {}
+        for name in args.kernels:
+            results[shape].update(fns[name](s, device, dtype, timer, args.smoke))
+            print(f"[{time.time() - t0:.0f} s] {shape}: {name} done", flush=True)
+            if args.out:  # after each kernel: a run cut short keeps what it measured
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "sweep.md").write_text(markdown(results, meta) + "\n")
+                (args.out / "sweep.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
+    print(markdown(results, meta))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""bench/sweep_kernels.py: the launch-config sweep's harness, run on tiny shapes under the interpreter."""
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+
+def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_path):
+    from bench import sweep_kernels as sk
+
+    results = sk.main(["--smoke", "--out", str(tmp_path)])
+    kernels = results["smoke"]
+    assert len(kernels) == 5  # add+LN forward and backward, GELU backward, attention forward and backward
+    for name, rows in kernels.items():
+        assert sum(bool(r.get("default")) for r in rows) == 1, name  # the default is always among the candidates
+        assert sum(bool(r.get("torch")) for r in rows) == 1, name
+        assert all(r["ms"] is not None and "error" not in r for r in rows), (name, rows)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "(default)" in md and "**torch: add + F.layer_norm**" in md
+    assert (tmp_path / "sweep.json").exists()
+
+
+def test_a_config_whose_outputs_differ_is_reported_wrong_not_timed():
+    from bench import sweep_kernels as sk
+
+    timed = []
+    row = sk._measure("x", (lambda: None, lambda: "dx: max |diff| 1 > 0.1"), lambda fn: timed.append(fn) or 1.0,
+                      False)  # fmt: skip
+    assert row["ms"] is None and row["error"].startswith("WRONG dx") and not timed
+    import torch
+
+    assert sk._close(torch.ones(4), torch.ones(4), "y") is None
+    assert "y: max |diff|" in sk._close(torch.ones(4) * 1.1, torch.ones(4), "y")
