@@ -12,8 +12,8 @@ in the weight's. Statistics and every sum in fp32. N up to 2,048, the widest til
 spills (one row's tile is held whole; the presets' widths are 384-1,664); wider rows, CPU tensors and autocast
 regions take the reference. `layer_norm_ref` is F.layer_norm (upcast: in fp32).
 
-Tiles: BLOCK_N = next_pow2(N), BLOCK_M rows per tile so a tile holds ~4K elements (B/16's 768: 4 rows; 4 warps forward,
-8 backward).
+Tiles: BLOCK_N = next_pow2(N), BLOCK_M rows per tile so a tile holds ~4K elements forward (B/16's 768: 4 rows) and ~2K
+backward (2 rows), 4 warps each; chosen by an H100 sweep (bench/sweep_kernels.py, see _bwd_config).
 Backward programs: 8 per SM on CUDA (rows split evenly, whole tiles each).
 """
 from __future__ import annotations
@@ -99,6 +99,15 @@ def _config(n: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4 if block_m * block_n <= 4096 else 8}
 
 
+def _bwd_config(n: int) -> dict:
+    """Half the forward's rows per tile (~2K elements), the same warps. Measured on an H100 (bench/sweep_kernels.py,
+    bench/results/nvidia-h100-80gb-hbm3-2026-11-26-dab88c7/sweep.md, add+LN backward with its finish): at B/16's
+    51,200 x 768 0.166 ms against 0.248 ms for the earlier 4 rows and 8 warps (torch: 0.397 ms), at L/16's
+    18,944 x 1,024 0.093 against 0.150 ms (torch: 0.178 ms); programs per SM 2-16 moved it by under 10%."""
+    cfg = _config(n)
+    return dict(cfg, BLOCK_M=max(1, cfg["BLOCK_M"] // 2))
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -129,14 +138,13 @@ def _bwd_launch(x2, w, dy2, dx, mean, rstd, dw_part, db_part, rows, ds2=None):
     """(grid, runtime args, constexprs, launch options) of the backward kernel (dw_part's rows: the programs);
     ds2: the gradient to add into dx (add_layer_norm), else None."""
     M, N = x2.shape
-    cfg = _config(N)
+    cfg = _bwd_config(N)
     res = ds2 is not None
     args = dict(X=x2, W=w, DY=dy2, DX=dx, MEAN=mean, RSTD=rstd, DW_PART=dw_part, DB_PART=db_part, M=M, N=N,
                 stride_x=x2.stride(0), stride_dy=dy2.stride(0), stride_dx=dx.stride(0), rows_per_prog=rows,
                 DS=ds2 if res else dy2, stride_ds=ds2.stride(0) if res else 0)  # fmt: skip
-    # twice the forward's warps: the two fp32 (BLOCK_M, BLOCK_N) sums stay in registers (4 warps: 186-208 per thread)
     return (dw_part.shape[0],), args, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RES=res), \
-        {"num_warps": 2 * cfg["num_warps"]}
+        {"num_warps": cfg["num_warps"]}
 
 
 def _fwd(x2, w, b, eps, r2=None):
@@ -153,7 +161,7 @@ def _fwd(x2, w, b, eps, r2=None):
 
 def _bwd(dy2, x2, w, mean, rstd, ds2=None):
     M, N = x2.shape
-    progs, rows = _bwd_programs(M, _config(N)["BLOCK_M"], x2.device)
+    progs, rows = _bwd_programs(M, _bwd_config(N)["BLOCK_M"], x2.device)
     dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     dw_part = torch.empty((progs, N), dtype=torch.float32, device=x2.device)
     db_part = torch.empty_like(dw_part)

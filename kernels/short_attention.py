@@ -241,7 +241,11 @@ def _bwd_config(n: int, head_dim: int) -> dict:
     """One-tile kernel for N <= TILE_MAX; per-window kernel above it (kernels.varlen_attention's windows)."""
     if n <= TILE_MAX:
         t = _tile(n)
-        return {"TILE": t, "num_warps": 8 if t == 64 else (4 if t == 32 else 1), "num_stages": 1}
+        # 4 warps at 64: on an H100 (bench/sweep_kernels.py, bench/results/nvidia-h100-80gb-hbm3-2026-11-26-dab88c7/
+        # sweep.md) 0.231 ms at B/16 112 px (N = 50) against 0.344 ms with 8 warps (SDPA's backward + stack: 1.14 ms)
+        # (d <= 64; d = 128 keeps 8 warps: three 64 x 128 fp32 accumulators would not fit 4 warps' registers)
+        return {"TILE": t, "num_warps": (4 if head_dim <= 64 else 8) if t == 64 else (4 if t == 32 else 1),
+                "num_stages": 1}
     if head_dim <= 64:
         return {"WIN": 64, "STEP": 16, "num_warps": 4, "num_stages": 2}
     return {"WIN": 64, "STEP": 32, "num_warps": 8, "num_stages": 2}
