@@ -328,19 +328,23 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
     text_tokens = statistics.fmean(float(b.lengths.float().mean()) for b in batches)
     row = dict(preset=pt.preset, image_px=pt.size, mask=pt.mask, image_tokens=k, text_len=pt.text_len,
                batch=bs, load_1min=round(os.getloadavg()[0], 2))
+    # the required columns first, then the optional ones, the --kernels headline (graphs+kernels) first among them:
+    # every column's model stays alive for the interleaved timing, so where the device runs out of memory (five L/16
+    # columns of ~23 GB on an 80 GB H100) the columns built last are the ones left out
     impls = ["clipfast"]
-    if args.compile and not args.data:
-        impls.append("clipfast_compiled")
-    if args.kernels and not args.data:
-        impls.append("clipfast_kernels")
     if args.deepspeed and not args.data:
         impls.append("clipfast_ds")
-    if device.type == "cuda" and not args.no_cuda_graph and not args.data:
-        impls.append("clipfast_graph")
-        if args.kernels:
-            impls.append("clipfast_graph_kernels")
     if have_open_clip and not args.data:
         impls.append("open_clip")
+    graphs = device.type == "cuda" and not args.no_cuda_graph and not args.data
+    if graphs and args.kernels:
+        impls.append("clipfast_graph_kernels")
+    if graphs:
+        impls.append("clipfast_graph")
+    if args.kernels and not args.data:
+        impls.append("clipfast_kernels")
+    if args.compile and not args.data:
+        impls.append("clipfast_compiled")
     steps, mem = {}, {}
     for impl in list(impls):
         torch.manual_seed(args.seed)
@@ -348,7 +352,9 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
-        model, opt, step = BUILDERS[impl](cfg, pt, device, precision, bs)
+        model = opt = step = None
+        if impl not in OPTIONAL_COLUMNS:
+            model, opt, step = BUILDERS[impl](cfg, pt, device, precision, bs)
         if impl == "clipfast_ds":  # DeepSpeed's optimizer keeps fp32 partitions outside .state: count what it allocated
             step(batches[0])
             if device.type == "cuda":
@@ -363,6 +369,7 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
             # step's first call compiles, the kernels step's first call compiles its Triton kernels. A failure here or
             # in the warm-up below (a non-finite loss too) costs its column, not the point.
             try:
+                model, opt, step = BUILDERS[impl](cfg, pt, device, precision, bs)  # may run out of memory too
                 if not impl.startswith("clipfast_graph"):
                     step(batches[0])
                 mem[impl] = persistent_bytes(model, opt) + step_peak_bytes(step, batches[0], device)
@@ -373,7 +380,10 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
                 row[impl.replace("clipfast_", "") + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 impls.remove(impl)
                 mem.pop(impl, None)
-                del model, opt, step
+                del model, opt, step, e  # the exception's traceback holds the step's tensors
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # what the failed column held goes back to the next one
                 continue
         else:
             step(batches[0])  # allocates the optimizer state, so the memory step below sees only transients

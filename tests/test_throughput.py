@@ -168,13 +168,16 @@ def test_compile_column_and_a_failing_compile_costs_only_its_column(tmp_path, mo
     assert all(r["clipfast_ms"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("failure", ["raises", "nan"])
+@pytest.mark.parametrize("failure", ["raises", "nan", "build"])
 def test_a_failing_kernels_column_costs_only_its_column(tmp_path, monkeypatch, failure):
-    """The kernels column's step raising on its first call, or its loss turning non-finite in the warm-up: the
-    column is left out with the error in the row; the plain column and the point stay."""
+    """The kernels column's builder raising (as out of memory would, with the other columns' models held), its step
+    raising on its first call, or its loss turning non-finite in the warm-up: the column is left out with the error
+    in the row; the plain column and the point stay."""
     import bench.steps as steps
 
     def broken(*a, **kw):
+        if failure == "build":
+            raise torch.OutOfMemoryError("triton said no: out of memory")
         model, opt, real = steps.clipfast_step_fn(*a, **kw)
 
         def step(b):
@@ -186,7 +189,7 @@ def test_a_failing_kernels_column_costs_only_its_column(tmp_path, monkeypatch, f
     monkeypatch.setitem(steps.BUILDERS, "clipfast_kernels", broken)
     rows = tp.main(TINY + ["--sizes", "32", "--masks", "--no-open-clip", "--kernels", "--warmup", "2",
                            "--out", str(tmp_path)])  # fmt: skip
-    why = "triton said no" if failure == "raises" else "non-finite loss"
+    why = "non-finite loss" if failure == "nan" else "triton said no"
     assert rows and all("clipfast_kernels_ms" not in r and why in r["kernels_error"] for r in rows)
     assert all(r["clipfast_ms"] > 0 for r in rows)
 
