@@ -53,9 +53,11 @@ class TrainConfig:
     engine: str = "deepspeed"  # "deepspeed", or "torch" (one rank, no DeepSpeed: clipfast.engine)
     cuda_graph: bool = False  # engine=torch on CUDA: the whole step replayed as CUDA graphs (clipfast.graph)
     compile: bool = False  # torch.compile each transformer block's layer norms, projections, MLP (CLIP.compile_blocks)
-    layer_norm: str = "torch"  # "torch" or "triton" (kernels.layer_norm on CUDA: dW, dB fused into dx's pass)
-    vision_attention: str = "sdpa"  # "sdpa" or "triton" (kernels.short_attention on CUDA for <= 64 image tokens)
-    mlp: str = "torch"  # "torch" or "triton" (kernels.linear_gelu on CUDA: the GELU backward writes the bias gradient)
+    # the opt-in kernels; "auto": the kernel when the step runs as CUDA graphs on CUDA, else the plain op
+    # (clipfast.engine.resolve_kernels: measured faster graphed, not eager)
+    layer_norm: str = "auto"  # "auto", "torch" or "triton" (kernels.layer_norm on CUDA: dW, dB fused into dx's pass)
+    vision_attention: str = "auto"  # "auto", "sdpa" or "triton" (kernels.short_attention on CUDA, <= 64 image tokens)
+    mlp: str = "auto"  # "auto", "torch" or "triton" (kernels.linear_gelu on CUDA: GELU backward writes the bias grad)
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     # bookkeeping

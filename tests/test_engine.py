@@ -98,3 +98,22 @@ def test_cuda_graph_engine_follows_the_eager_engine(bf16):
     assert graphed.scheduler.last_epoch == eager.scheduler.last_epoch == 5
     lr_g = graphed.optimizer.param_groups[0]["lr"]
     assert torch.is_tensor(lr_g) and abs(float(lr_g) - eager.scheduler.get_last_lr()[0]) < 1e-9
+
+
+def test_auto_kernels_only_where_the_step_is_a_cuda_graph():
+    """layer_norm / vision_attention / mlp = "auto" (the default): the Triton kernels on CUDA with cuda_graph=true, the
+    plain ops eager or on the CPU; an explicit choice passes through; a bad one is an error that lists the choices."""
+    from clipfast.engine import resolve_kernels
+
+    plain = {"layer_norm": "torch", "vision_attention": "sdpa", "mlp": "torch"}
+    kernels = {"layer_norm": "triton", "vision_attention": "triton", "mlp": "triton"}
+    assert TrainConfig().layer_norm == TrainConfig().vision_attention == TrainConfig().mlp == "auto"
+    assert resolve_kernels(TrainConfig(engine="torch", cuda_graph=True), "cuda") == kernels
+    assert resolve_kernels(TrainConfig(engine="torch", cuda_graph=True), "cpu") == plain
+    assert resolve_kernels(TrainConfig(engine="torch"), "cuda") == plain
+    assert resolve_kernels(TrainConfig(), torch.device("cuda", 0)) == plain
+    assert resolve_kernels(TrainConfig(layer_norm="triton"), "cpu") == dict(plain, layer_norm="triton")
+    graphed_torch_mlp = TrainConfig(engine="torch", cuda_graph=True, mlp="torch")
+    assert resolve_kernels(graphed_torch_mlp, "cuda") == dict(kernels, mlp="torch")
+    with pytest.raises(ValueError, match=r"vision_attention must be one of \('auto', 'sdpa', 'triton'\), got 'flash'"):
+        resolve_kernels(TrainConfig(vision_attention="flash"), "cpu")
