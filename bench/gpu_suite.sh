@@ -8,9 +8,10 @@
 #    short_attention,layer_norm,gelu,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed or DALI;
 #    presets/interop skip without open_clip)
 # 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
-# 3. the throughput grids: --grid clipa into clipa/; the two goal points with compiled blocks (compile/) and with
-#    the opt-in kernels (kernels/: layer norm, vision attention); a step profile (clipfast with and without the
-#    kernels, open_clip); --grid gpu (clipfast beside open_clip) only if T_GRID is set
+# 3. the throughput grids: --grid clipa into clipa/; the two goal points with the opt-in kernels (kernels/: clipfast,
+#    open_clip, CUDA graphs with and without the kernels, the eager kernels); a step profile (clipfast with and
+#    without the kernels, open_clip); compiled blocks (compile/), a launch-config sweep of the kernels (sweep/) and
+#    --grid gpu only if T_COMPILE, T_SWEEP, T_GRID are set
 # Everything lands in bench/results/<device>-<date>/ (suite.log, per-part logs, summary.md with device, date,
 # commit); with $OUT set (the device tool), summary.md, throughput.{md,png} and a tarball of the folder are
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
@@ -18,12 +19,13 @@
 # what is left, and parts with under 20 s left are skipped, so summary.md and the tarball are always written. Parts
 # (typical ones end sooner than their timeouts): T_TESTS=150
 # (pytest -n 8 where xdist is installed; 120 s cut the H200 run at efae470 short, cold, where a warm rerun took
-# 107 s) T_BENCH=180 (split over the microbenchmark files, 30 s each; three took 60 s there) T_CLIPA=120 (the
-# CLIPA goal points, --grid clipa, into clipa/; 0 skips) T_COMPILE=60 (the two goal points, eager beside compiled
-# blocks, into compile/; 0 skips) T_KERNELS=50 (the same two points, eager beside --kernels: the opt-in kernels, into
-# kernels/; 0 skips) T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens,
-# batch 1024, clipfast, clipfast_kernels, open_clip; 0 skips) T_GRID=0 (--grid gpu: 3 points fit in 40 s, and
-# clipa/ carries the comparison; 0 skips), plus a few seconds for the wheels and the environment report; GRID_ARGS
+# 107 s; 150 s cut the H100 run at 5cc21e3 at ~88%, no failure by then) T_BENCH=180 (split over the microbenchmark
+# files, 30 s each) T_CLIPA=100 (the CLIPA goal points, --grid clipa, into clipa/; 111 s at 5cc21e3; 0 skips)
+# T_KERNELS=100 (the two goal points with --kernels, into kernels/; 0 skips) T_PROFILE=40 (bench/profile_step.py:
+# B/16 112 px / 16 tokens, batch 1024, clipfast, clipfast_kernels, open_clip; 0 skips) T_COMPILE=0 (>30: the two
+# goal points, eager beside compiled blocks, into compile/; compiled was slower, 105.0 vs 93.5 ms, at 5cc21e3)
+# T_SWEEP=0 (>0: bench/sweep_kernels.py into sweep/, ~50 s) T_GRID=0 (--grid gpu: 3 points fit in 40 s, and
+# clipa/ carries the comparison), plus a few seconds for the wheels and the environment report; GRID_ARGS
 # (default "--grid gpu") and CLIPA_ARGS (default "--grid clipa") replace the grids' arguments; PYTHON (default
 # python3) the interpreter.
 #
@@ -40,9 +42,10 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 T_TESTS=${T_TESTS:-150}
 T_BENCH=${T_BENCH:-180}
-T_CLIPA=${T_CLIPA:-120}  # 0: no CLIPA goal grid
-T_COMPILE=${T_COMPILE:-60}  # 0: no compiled-blocks run at the two CLIPA goal points
-T_KERNELS=${T_KERNELS:-50}  # 0: no run with clipfast's opt-in kernels at the two goal points
+T_CLIPA=${T_CLIPA:-100}  # 0: no CLIPA goal grid
+T_COMPILE=${T_COMPILE:-0}  # >30: compiled blocks at the two CLIPA goal points (slower than eager at 5cc21e3)
+T_KERNELS=${T_KERNELS:-100}  # 0: no run with clipfast's opt-in kernels at the two goal points
+T_SWEEP=${T_SWEEP:-0}  # >0: bench/sweep_kernels.py, the kernels' launch configs (about 50 s on an H100)
 T_PROFILE=${T_PROFILE:-40}  # 0: no step profile
 T_GRID=${T_GRID:-0}  # 0: no --grid gpu
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
@@ -162,9 +165,15 @@ fi
 # sequence and head for the image tower) at the two goal points, interleaved with the plain eager step ("kernels /
 # clipfast"); at 87ad763 torch's layer norms took 12.4 and the vision attention 8.8 of 85.3 ms per B/16 step.
 # The microbenchmarks (test_bench_layer_norm, test_bench_short_attention) time each kernel by itself
+# Columns: clipfast, open_clip, graphs+kernels (the goal's number), graphs, eager kernels; on an 80 GB H100 the L/16
+# points cannot hold all five (about 23 GB each), and the last built are left out (dab88c7: both L/16 points were lost)
 if [ "$T_KERNELS" -gt 30 ]; then
     part throughput_kernels "$T_KERNELS" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --kernels \
-        --no-cuda-graph --no-open-clip --out "$DIR/kernels" --time-budget $(( T_KERNELS - 30 ))
+        --out "$DIR/kernels" --time-budget $(( T_KERNELS - 30 ))
+fi
+# launch-config sweep of the opt-in kernels (each config checked against the default, then timed; torch beside)
+if [ "$T_SWEEP" -gt 0 ]; then
+    part sweep "$T_SWEEP" "$PY" bench/sweep_kernels.py --out "$DIR/sweep"
 fi
 # where a CLIPA step's device time goes (kernel groups, busy share): clipfast without and with the opt-in kernels,
 # open_clip
@@ -192,6 +201,7 @@ fi
     [ -f "$DIR/kernels/throughput.md" ] && { echo "## clipfast's opt-in kernels at the goal points"; echo
                                               cat "$DIR/kernels/throughput.md"; echo; }
     [ -f "$DIR/profile.md" ] && { echo "## Step profile"; echo; cat "$DIR/profile.md"; echo; }
+    [ -f "$DIR/sweep/sweep.md" ] && { echo "## Kernel launch configs"; echo; cat "$DIR/sweep/sweep.md"; echo; }
     [ -f "$DIR/throughput.md" ] && { echo "## Grid"; echo; cat "$DIR/throughput.md"; }
 } >"$DIR/summary.md"
 log "wrote $DIR (total $(( $(date +%s) - SUITE_START )) s)"
