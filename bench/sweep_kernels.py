@@ -137,9 +137,11 @@ def sweep_add_ln(s, device, dtype, timer, smoke):
 
     bwd_rows = []
     grid = itertools.product((2, 4, 8), (4, 8, 16), (2, 4, 8, 16)) if not smoke else [(1, 1, 4)]
-    for bm, nw, per_sm in _with(grid, (default["BLOCK_M"], 2 * default["num_warps"], 8)):
+    bdef = ln._bwd_config(N)
+    bdef = (bdef["BLOCK_M"], bdef["num_warps"], 8)  # 8 programs per SM: ln._bwd_programs
+    for bm, nw, per_sm in _with(grid, bdef):
         bwd_rows.append(_measure(f"BLOCK_M={bm} warps={nw} programs/SM={per_sm}", bwd(bm, nw, per_sm), timer,
-                                 (bm, nw, per_sm) == (default["BLOCK_M"], 2 * default["num_warps"], 8)))
+                                 (bm, nw, per_sm) == bdef))
     s_t = s0.detach().clone().requires_grad_()
     w_t, b_t = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     y_t = F.layer_norm(s_t, (N,), w_t, b_t, 1e-5)

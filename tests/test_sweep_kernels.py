@@ -16,6 +16,15 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
         assert sum(bool(r.get("default")) for r in rows) == 1, name  # the default is always among the candidates
         assert sum(bool(r.get("torch")) for r in rows) == 1, name
         assert all(r["ms"] is not None and "error" not in r for r in rows), (name, rows)
+    import sys
+
+    ln, ge = sys.modules["kernels.layer_norm"], sys.modules["kernels.gelu"]
+    marked = {name: next(r["config"] for r in rows if r.get("default")) for name, rows in kernels.items()}
+    bwd, gelu = ln._bwd_config(sk.SMOKE["smoke"]["width"]), ge._config()
+    # "default" is what the kernel runs today: the launchers' own configs, 8 programs per SM
+    assert marked["add_layer_norm backward"] == f"BLOCK_M={bwd['BLOCK_M']} warps={bwd['num_warps']} programs/SM=8"
+    assert marked["GELU backward + bias grad"] == (f"BLOCK_M={gelu['BLOCK_M']} BLOCK_N={gelu['BLOCK_N']} "
+                                                   f"warps={gelu['num_warps']} programs/SM=8")
     md = (tmp_path / "sweep.md").read_text()
     assert "(default)" in md and "**torch: add + F.layer_norm**" in md
     assert (tmp_path / "sweep.json").exists()
