@@ -52,10 +52,6 @@ SHAPES = {"B/16 112px": dict(rows=51200, width=768, mlp=3072, batch=1024, tokens
 SMOKE = {"smoke": dict(rows=40, width=48, mlp=96, batch=2, tokens=5, heads=2)}
 
 
-def _sms(device) -> int:
-    return ln._sm_count(device.index or 0) if device.type == "cuda" else 1
-
-
 def _timer(device, rep_ms: int):
     if device.type == "cuda":
         from triton.testing import do_bench
@@ -119,9 +115,7 @@ def sweep_add_ln(s, device, dtype, timer, smoke):
     dx0, dw0, db0 = ln._bwd(dy, s0, w, mean, rstd, ds)
 
     def bwd(bm, nw, per_sm):
-        progs = triton.cdiv(M, triton.cdiv(triton.cdiv(M, per_sm * _sms(device)), bm) * bm)
-        rows = triton.cdiv(triton.cdiv(M, progs), bm) * bm
-        progs = triton.cdiv(M, rows)
+        progs, rows = ln._bwd_programs(M, bm, device, per_sm)
         dx = torch.empty_like(x)
         dw_part = torch.empty(progs, N, device=device)
         db_part = torch.empty_like(dw_part)
@@ -138,7 +132,7 @@ def sweep_add_ln(s, device, dtype, timer, smoke):
     bwd_rows = []
     grid = itertools.product((2, 4, 8), (4, 8, 16), (2, 4, 8, 16)) if not smoke else [(1, 1, 4)]
     bdef = ln._bwd_config(N)
-    bdef = (bdef["BLOCK_M"], bdef["num_warps"], 8)  # 8 programs per SM: ln._bwd_programs
+    bdef = (bdef["BLOCK_M"], bdef["num_warps"], ln.PROGRAMS_PER_SM)
     for bm, nw, per_sm in _with(grid, bdef):
         bwd_rows.append(_measure(f"BLOCK_M={bm} warps={nw} programs/SM={per_sm}", bwd(bm, nw, per_sm), timer,
                                  (bm, nw, per_sm) == bdef))
@@ -166,9 +160,7 @@ def sweep_gelu(s, device, dtype, timer, smoke):
 
     def bwd(bm, bn, nw, per_sm):
         col_blocks = triton.cdiv(N, bn)
-        want = max(1, per_sm * _sms(device) // col_blocks)
-        rows = triton.cdiv(triton.cdiv(M, want), bm) * bm
-        groups = triton.cdiv(M, rows)
+        groups, rows = ge._row_groups(M, N, bm, bn, device, per_sm)
         dh = torch.empty_like(h)
         db_part = torch.empty(groups, N, device=device)
         grid, args, const, opts = ge._bwd_launch(da, h, dh, db_part, rows)
@@ -184,13 +176,13 @@ def sweep_gelu(s, device, dtype, timer, smoke):
 
     rows_out = []
     grid = itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (4, 8, 16)) if not smoke else [(8, 16, 1, 4)]
-    for bm, bn, nw, per_sm in _with(grid, (default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], 8)):
+    gdef = (default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], ln.PROGRAMS_PER_SM)
+    for bm, bn, nw, per_sm in _with(grid, gdef):
         if bm * bn > 16384 or bm * bn < 32 * nw:  # tiles too big for registers, or too small for the warps
             continue
         rows_out.append(_measure(f"BLOCK_M={bm} BLOCK_N={bn} warps={nw} programs/SM={per_sm}",
                                  bwd(bm, bn, nw, per_sm), timer,
-                                 (bm, bn, nw, per_sm) == (default["BLOCK_M"], default["BLOCK_N"],
-                                                          default["num_warps"], 8)))
+                                 (bm, bn, nw, per_sm) == gdef))
 
     def torch_bwd():
         torch.ops.aten.gelu_backward(da, h).sum(0)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import use_triton
-from kernels.layer_norm import _rows, _sm_count
+from kernels.layer_norm import PROGRAMS_PER_SM, _rows, _sm_count
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # globals a @triton.jit reads must be constexpr
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -56,17 +56,19 @@ def _gelu_bwd_kernel(DA, H, DH, DB_PART, M, N, stride_da, stride_h, stride_dh, r
 
 
 def _config() -> dict:
-    """16 x 64 tiles, 8 warps: on an H100 (bench/sweep_kernels.py, bench/results/nvidia-h100-80gb-hbm3-2026-11-26-dab88c7/
-    sweep.md) 0.367 ms at B/16's 51,200 x 3,072 against 0.398 ms for the earlier 32 x 128 (torch's GeluBackward and
-    bias sum: 0.437 ms), and 0.189 against 0.204 ms at L/16's 18,944 x 4,096 (torch: 0.231 ms)."""
+    """16 x 64 tiles, 8 warps: on an H100 (bench/sweep_kernels.py,
+    bench/results/nvidia-h100-80gb-hbm3-2026-11-26-dab88c7/sweep.md) 0.367 ms at B/16's 51,200 x 3,072 against
+    0.398 ms for the earlier 32 x 128 (torch's GeluBackward and bias sum: 0.437 ms), and 0.189 against 0.204 ms at
+    L/16's 18,944 x 4,096 (torch: 0.231 ms)."""
     return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8}
 
 
-def _row_groups(m: int, n: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(row groups, rows per group): ~8 programs per SM in all on CUDA (4 row groups under the interpreter)."""
+def _row_groups(m: int, n: int, block_m: int, block_n: int, device: torch.device,
+                per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int]:
+    """(row groups, rows per group): ~per_sm programs per SM in all on CUDA (4 row groups under the interpreter)."""
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        want = max(1, 8 * sms // triton.cdiv(n, block_n))
+        want = max(1, per_sm * sms // triton.cdiv(n, block_n))
     else:
         want = 4
     rows = triton.cdiv(triton.cdiv(m, want), block_m) * block_m

@@ -113,9 +113,12 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _bwd_programs(m: int, block_m: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rows per program): 8 programs per SM on CUDA (4 under the interpreter), whole tiles each."""
-    want = 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+PROGRAMS_PER_SM = 8  # the backward kernels' programs on CUDA (here and kernels.gelu); bench/sweep_kernels.py varies it
+
+
+def _bwd_programs(m: int, block_m: int, device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int]:
+    """(programs, rows per program): per_sm programs per SM on CUDA (4 under the interpreter), whole tiles each."""
+    want = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
     rows = triton.cdiv(triton.cdiv(m, want), block_m) * block_m
     return triton.cdiv(m, rows), rows
