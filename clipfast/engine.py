@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
+from clipfast.model import LAYER_NORMS, MLPS, VISION_ATTENTIONS
 from clipfast.optim import MasterAdamW, clipped_step
 
 
@@ -108,8 +109,8 @@ def check_engine(cfg, world: int) -> None:
 
 
 
-# the opt-in kernels' config keys: (plain choice, kernel choice)
-KERNEL_KEYS = {"layer_norm": ("torch", "triton"), "vision_attention": ("sdpa", "triton"), "mlp": ("torch", "triton")}
+# the opt-in kernels' config keys: the model's (plain choice, kernel choice)
+KERNEL_KEYS = {"layer_norm": LAYER_NORMS, "vision_attention": VISION_ATTENTIONS, "mlp": MLPS}
 
 
 def resolve_kernels(cfg, device) -> dict:
