@@ -23,6 +23,15 @@ IMPLS = ("clipfast", "clipfast_compiled", "clipfast_kernels", "clipfast_graph", 
          "open_clip")
 
 
+# ratio key -> (implementation, baseline): samples/s over samples/s, in every row (None where either is missing)
+RATIOS = {"vs_open_clip": ("clipfast", "open_clip"), "graph_vs_open_clip": ("clipfast_graph", "open_clip"),
+          "graph_kernels_vs_open_clip": ("clipfast_graph_kernels", "open_clip"),
+          "graph_kernels_vs_graph": ("clipfast_graph_kernels", "clipfast_graph"),
+          "compiled_vs_open_clip": ("clipfast_compiled", "open_clip"),
+          "kernels_vs_clipfast": ("clipfast_kernels", "clipfast"),
+          "ds_vs_open_clip": ("clipfast_ds", "open_clip")}
+
+
 def add_scaling(rows: list[dict]) -> None:
     """Speed-up over the same preset's full-token point, the FLOP ratio, their quotient; clipfast / open_clip."""
     full = {}
@@ -38,25 +47,9 @@ def add_scaling(rows: list[dict]) -> None:
             ok = f is not None and r.get(key) and f.get(key)
             r[f"{impl}_speedup"] = round(r[key] / f[key], 3) if ok else None
             r[f"{impl}_scaling_eff"] = round(r[f"{impl}_speedup"] / r["flop_ratio"], 3) if ok else None
-        ok = r.get("clipfast_samples_s") and r.get("open_clip_samples_s")
-        r["vs_open_clip"] = round(r["clipfast_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
-        ok = r.get("clipfast_graph_samples_s") and r.get("open_clip_samples_s")
-        r["graph_vs_open_clip"] = round(r["clipfast_graph_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
-        ok = r.get("clipfast_graph_kernels_samples_s") and r.get("open_clip_samples_s")
-        r["graph_kernels_vs_open_clip"] = (round(r["clipfast_graph_kernels_samples_s"] / r["open_clip_samples_s"], 3)
-                                           if ok else None)
-        ok = r.get("clipfast_graph_kernels_samples_s") and r.get("clipfast_graph_samples_s")
-        r["graph_kernels_vs_graph"] = (round(r["clipfast_graph_kernels_samples_s"] / r["clipfast_graph_samples_s"], 3)
-                                       if ok else None)
-        ok = r.get("clipfast_compiled_samples_s") and r.get("open_clip_samples_s")
-        r["compiled_vs_open_clip"] = (round(r["clipfast_compiled_samples_s"] / r["open_clip_samples_s"], 3) if ok
-                                      else None)
-        ok = r.get("clipfast_kernels_samples_s") and r.get("clipfast_samples_s")
-        r["kernels_vs_clipfast"] = (round(r["clipfast_kernels_samples_s"] / r["clipfast_samples_s"], 3) if ok
-                                    else None)
-        ok = r.get("clipfast_ds_samples_s") and r.get("open_clip_samples_s")
-        r["ds_vs_open_clip"] = round(r["clipfast_ds_samples_s"] / r["open_clip_samples_s"], 3) if ok else None
-
+        for key, (num, den) in RATIOS.items():
+            ok = r.get(f"{num}_samples_s") and r.get(f"{den}_samples_s")
+            r[key] = round(r[f"{num}_samples_s"] / r[f"{den}_samples_s"], 3) if ok else None
 
 # ---- output ---------------------------------------------------------------------------------------------------
 
@@ -66,7 +59,7 @@ def _fmt(x, nd) -> str:
     return str(x) if nd is None else f"{x:g}" if nd == "g" else f"{x:.{nd}f}"
 
 
-BOLD = ("vs_open_clip", "compiled_vs_open_clip", "graph_vs_open_clip", "graph_kernels_vs_open_clip", "ds_vs_open_clip")
+BOLD = tuple(key for key, (_, base) in RATIOS.items() if base == "open_clip")  # the ratios to open_clip, in bold
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -124,31 +117,30 @@ def summary(rows: list[dict]) -> str:
     rated = [r for r in rows if r.get("vs_open_clip")]
     if not rated:
         return "open_clip column absent: no ratio." + kernels
-    stats = _stats
 
     lo = min(rated, key=lambda r: r["vs_open_clip"])
-    out = [f"clipfast / open_clip samples/s: {stats(rated)}; the lowest at {lo['preset']} {lo['image_px']} px, mask "
+    out = [f"clipfast / open_clip samples/s: {_stats(rated)}; the lowest at {lo['preset']} {lo['image_px']} px, mask "
            f"{lo['mask']:g}, text {lo['text_len']}."]
     kinds = {"masked": [r for r in rated if r["mask"] > 0],
              "padded, unmasked": [r for r in rated if r["mask"] == 0 and r["pad_frac"] >= 0.25],
              "neither": [r for r in rated if r["mask"] == 0 and r["pad_frac"] < 0.25]}
-    out += [f"{kind.capitalize()}: {stats(rs)}." for kind, rs in kinds.items() if rs]
+    out += [f"{kind.capitalize()}: {_stats(rs)}." for kind, rs in kinds.items() if rs]
     if any(r["clipfast_ms"] != r["clipfast_wall_ms"] for r in rated):
-        out.append(f"By wall clock (loaded machine): {stats(rated, 'vs_open_clip_wall')}.")
+        out.append(f"By wall clock (loaded machine): {_stats(rated, 'vs_open_clip_wall')}.")
     compiled = [r for r in rated if r.get("compiled_vs_open_clip")]
     if compiled:
         out.append(f"With compiled blocks (CLIP.compile_blocks) / open_clip: "
-                   f"{stats(compiled, 'compiled_vs_open_clip')}.")
+                   f"{_stats(compiled, 'compiled_vs_open_clip')}.")
     graphed = [r for r in rated if r.get("graph_vs_open_clip")]
     if graphed:
-        out.append(f"With CUDA graphs (clipfast.graph) / open_clip: {stats(graphed, 'graph_vs_open_clip')}.")
+        out.append(f"With CUDA graphs (clipfast.graph) / open_clip: {_stats(graphed, 'graph_vs_open_clip')}.")
     graphed_k = [r for r in rated if r.get("graph_kernels_vs_open_clip")]
     if graphed_k:
         out.append(f"CUDA graphs with the opt-in kernels / open_clip: "
-                   f"{stats(graphed_k, 'graph_kernels_vs_open_clip')}.")
+                   f"{_stats(graphed_k, 'graph_kernels_vs_open_clip')}.")
     ds = [r for r in rated if r.get("ds_vs_open_clip")]
     if ds:
-        out.append(f"Through DeepSpeed's engine (clipfast.train's step) / open_clip: {stats(ds, 'ds_vs_open_clip')}.")
+        out.append(f"Through DeepSpeed's engine (clipfast.train's step) / open_clip: {_stats(ds, 'ds_vs_open_clip')}.")
     return " ".join(out) + kernels
 
 
