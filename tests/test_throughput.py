@@ -194,6 +194,33 @@ def test_a_failing_kernels_column_costs_only_its_column(tmp_path, monkeypatch, f
     assert all(r["clipfast_ms"] > 0 for r in rows)
 
 
+def test_out_of_memory_while_timing_drops_the_last_optional_column(tmp_path, monkeypatch):
+    """Every column built, then the interleaved timing runs out of memory (dab88c7: five L/16 columns on an 80 GB
+    H100): the optional column built last is left out with the error in the row and the point is timed without it;
+    with only required columns left, the error fails the point."""
+    real, calls = tp.time_interleaved, []
+
+    def oom_while_compiled(steps, *a, **kw):
+        calls.append(sorted(steps))
+        if "clipfast_compiled" in steps:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 148.00 MiB")
+        return real(steps, *a, **kw)
+
+    monkeypatch.setattr(tp, "time_interleaved", oom_while_compiled)
+    rows = tp.main(TINY + ["--sizes", "32", "--masks", "--no-open-clip", "--kernels", "--compile",
+                           "--out", str(tmp_path)])  # fmt: skip
+    assert rows and all("clipfast_compiled_ms" not in r and "while timing" in r["compiled_error"] for r in rows)
+    assert all(r["clipfast_ms"] > 0 and r["clipfast_kernels_ms"] > 0 and "kernels_error" not in r for r in rows)
+    assert calls[:2] == [["clipfast", "clipfast_compiled", "clipfast_kernels"], ["clipfast", "clipfast_kernels"]]
+
+    def always_oom(steps, *a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(tp, "time_interleaved", always_oom)
+    rows = tp.main(TINY + ["--sizes", "32", "--masks", "--no-open-clip", "--out", str(tmp_path / "b")])
+    assert not rows
+
+
 def test_points_measure_exactly_those_points_then_each_full_point(tmp_path):
     groups = tp.parse_points(["B/16:112:16", "L/16:96:8:0.5", "B/16:96:8"])
     assert [(p.size, p.mask, p.text_len) for p in groups["ViT-B-16"]] == [(112, 0.0, 16), (96, 0.0, 8), (224, 0.0, 77)]
