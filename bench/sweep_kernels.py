@@ -12,9 +12,10 @@ is reported as wrong, never as a winner.
 
 Kernels and shapes (bf16, the vision tower at the goal points: B/16 112 px batch 1024 = 51,200 rows x 768, MLP
 3,072; L/16 96 px batch 512 = 18,944 rows x 1,024, MLP 4,096):
-- add_layer_norm backward (HAS_RES: the pre-norm blocks' path): BLOCK_M x num_warps x programs per SM; timed with its
-  partial-sum finish (torch sums of the programs' rows), as the model runs it; torch: F.layer_norm backward + the add
-- add_layer_norm forward: BLOCK_M x num_warps; torch: add + F.layer_norm
+- add_layer_norm backward (HAS_RES, HAS_RB: the pre-norm blocks' path, the residual's bias gradient too): BLOCK_M x
+  num_warps x programs per SM; timed with its partial-sum finish (one torch sum of the programs' rows), as the model
+  runs it; torch: F.layer_norm backward + the add + the bias gradient's sum
+- add_layer_norm forward (with the residual's bias): BLOCK_M x num_warps; torch: the adds + F.layer_norm
 - GELU backward with the bias gradient: BLOCK_M x BLOCK_N x num_warps x programs per SM, with its finish; torch:
   GeluBackward + the bias-gradient sum
 - short attention (N = 50 and 37, d = 64, one tile per sequence and head): forward and backward num_warps x
@@ -85,13 +86,13 @@ def sweep_add_ln(s, device, dtype, timer, smoke):
     b = (0.1 * torch.randn(N, generator=g)).to(device, dtype)
     dy = torch.randn(M, N, generator=g).to(device, dtype)
     ds = torch.randn(M, N, generator=g).to(device, dtype)
-    y0, mean, rstd, s0 = ln._fwd(x, w, b, 1e-5, r)
+    y0, mean, rstd, s0 = ln._fwd(x, w, b, 1e-5, r, b)  # b doubles as the residual's bias (rb), as in the blocks
 
     def fwd(bm, nw):
         y = torch.empty_like(x)
         s_ = torch.empty_like(x)
         mu, rs = torch.empty(M, device=device), torch.empty(M, device=device)
-        grid, args, const, opts = ln._fwd_launch(x, w, b, y, mu, rs, 1e-5, r, s_)
+        grid, args, const, opts = ln._fwd_launch(x, w, b, y, mu, rs, 1e-5, r, s_, b)
         const["BLOCK_M"], opts["num_warps"] = bm, nw
 
         def run():
@@ -107,27 +108,29 @@ def sweep_add_ln(s, device, dtype, timer, smoke):
                                  (bm, nw) == (default["BLOCK_M"], default["num_warps"])))
 
     def torch_fwd():
-        s_ = x + r
+        s_ = x + (r + b)
         F.layer_norm(s_, (N,), w, b, 1e-5)
 
     fwd_rows.append(dict(config="torch: add + F.layer_norm", ms=timer(torch_fwd), torch=True))
 
-    dx0, dw0, db0 = ln._bwd(dy, s0, w, mean, rstd, ds)
+    dx0, dw0, db0, drb0 = ln._bwd(dy, s0, w, mean, rstd, ds, b)  # with the residual bias's gradient, as the blocks
 
     def bwd(bm, nw, per_sm):
         progs, rows = ln._bwd_programs(M, bm, device, per_sm)
         dx = torch.empty_like(x)
-        dw_part = torch.empty(progs, N, device=device)
-        db_part = torch.empty_like(dw_part)
-        grid, args, const, opts = ln._bwd_launch(s0, w, dy, dx, mean, rstd, dw_part, db_part, rows, ds)
+        part = torch.empty(progs, 3, N, device=device)
+        grid, args, const, opts = ln._bwd_launch(s0, w, dy, dx, mean, rstd, part, rows, ds)
         const["BLOCK_M"], opts["num_warps"] = bm, nw
         out = {}
 
         def run():
             ln._layer_norm_bwd_kernel[grid](**args, **const, **opts)
-            out["dw"], out["db"] = dw_part.sum(0).to(w.dtype), db_part.sum(0).to(w.dtype)
+            sums = part.sum(0)
+            out["dw"], out["db"] = sums[:2].to(w.dtype)
+            out["drb"] = sums[2].to(b.dtype)
 
-        return run, lambda: _close(dx, dx0, "dx") or _close(out["dw"], dw0, "dw") or _close(out["db"], db0, "db")
+        return run, lambda: (_close(dx, dx0, "dx") or _close(out["dw"], dw0, "dw") or _close(out["db"], db0, "db")
+                             or _close(out["drb"], drb0, "drb"))
 
     bwd_rows = []
     grid = itertools.product((2, 4, 8), (4, 8, 16), (2, 4, 8, 16)) if not smoke else [(1, 1, 4)]
@@ -142,9 +145,9 @@ def sweep_add_ln(s, device, dtype, timer, smoke):
 
     def torch_bwd():
         gs, _, _ = torch.autograd.grad(y_t, (s_t, w_t, b_t), dy, retain_graph=True)
-        gs + ds  # the residual's gradient joins the norm's (autograd's add)
+        (gs + ds).sum(0)  # the residual's gradient joins the norm's (autograd's add); the residual bias's gradient
 
-    bwd_rows.append(dict(config="torch: F.layer_norm backward + add", ms=timer(torch_bwd), torch=True))
+    bwd_rows.append(dict(config="torch: F.layer_norm backward + add + bias sum", ms=timer(torch_bwd), torch=True))
     return {"add_layer_norm forward": fwd_rows, "add_layer_norm backward": bwd_rows}
 
 

@@ -29,6 +29,7 @@ from kernels import (
     varlen_attention_qkvpacked,
 )
 from kernels._common import interpreting
+from kernels.layer_norm import fuses_add
 from kernels.short_attention import TILE_MAX
 
 # OpenAI CLIP's pixel statistics (open_clip's OPENAI_DATASET_MEAN / STD), applied to uint8 images.
@@ -68,12 +69,17 @@ class LayerNorm(nn.LayerNorm):
             return layer_norm(x, self.weight, self.bias, self.eps, impl="triton")
         return super().forward(x)
 
-    def add_forward(self, x, delta):
-        """(x + delta, this norm of it): a residual add and the norm after it, in one pass of `kernels.add_layer_norm`
-        where forward would run the kernel (and x, delta share a dtype), else the add and then forward."""
-        if self._kernel(x) and x.dtype == delta.dtype:
-            return add_layer_norm(x, delta, self.weight, self.bias, self.eps, impl="triton")
-        s = x + delta
+    def fuses_add(self, x, dtype) -> bool:
+        """Whether add_forward(x, delta) with a delta of dtype runs `kernels.add_layer_norm`, which adds a linear
+        layer's bias too: the layer making delta can then leave its bias out (and the separate sum for its gradient)."""
+        return self._kernel(x) and fuses_add(x, dtype, "triton")
+
+    def add_forward(self, x, delta, delta_bias=None):
+        """(x + delta (+ delta_bias), this norm of it): a residual add and the norm after it, in one pass of
+        `kernels.add_layer_norm` where fuses_add, else the add and then forward."""
+        if self.fuses_add(x, delta.dtype):
+            return add_layer_norm(x, delta, self.weight, self.bias, self.eps, rb=delta_bias, impl="triton")
+        s = x + (delta if delta_bias is None else delta + delta_bias)
         return s, super().forward(s)
 
 
@@ -92,10 +98,13 @@ class MLP(nn.Sequential):
         super().__init__(OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()),
                                       ("c_proj", nn.Linear(hidden, width))]))  # fmt: skip
 
-    def forward(self, x):
+    def forward(self, x, proj_bias: bool = True):
+        """proj_bias=False: c_proj without its bias (the caller adds it: kernels.add_layer_norm's rb)."""
         if self.impl == "triton" and (x.is_cuda or interpreting()) and not torch.compiler.is_compiling():
-            return self.c_proj(linear_gelu(x, self.c_fc.weight, self.c_fc.bias, impl="triton"))
-        return super().forward(x)
+            h = linear_gelu(x, self.c_fc.weight, self.c_fc.bias, impl="triton")
+        else:
+            h = self.gelu(self.c_fc(x))
+        return F.linear(h, self.c_proj.weight, self.c_proj.bias if proj_bias else None)
 
 
 class Attention(nn.Module):
@@ -151,10 +160,14 @@ def _compiled(backend: str):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-norm block. forward(x, ..., pending) -> (x, m): the stream x after the attention's residual add, and the
-    MLP's output m, whose residual add is left to the next block (ln_1.add_forward(x, m): one pass with the norm under
-    layer_norm "triton") or to the end of the Transformer. With torch's norms these are the same ops, in the same order,
-    as `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`."""
+    """Pre-norm block. forward(x, ..., pending, pending_bias) -> (x, m, m_bias): the stream x after the attention's
+    residual add, and the MLP's output m, whose residual add is left to the next block (ln_1.add_forward(x, m, m_bias):
+    one pass with the norm under layer_norm "triton") or to the end of the Transformer. m_bias is None, or c_proj's
+    bias where the norms add it in their pass (ln_2.fuses_add; the same for out_proj's bias before ln_2): then no
+    linear layer here adds a bias to the stream, and no separate sum makes the bias's gradient (48 of the 73
+    bias-gradient sums that took 3.8 of 76.2 ms of device time per B/16 step with the kernels, H100 profile at
+    49ad34c). With
+    torch's norms these are the same ops, in the same order, as `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -165,28 +178,31 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = MLP(width, hidden)
         self.compile_backend = None  # set by CLIP.compile_blocks
 
-    def forward(self, x, causal=False, cu_seqlens=None, max_seqlen=0, impl=None, pending=None):
+    def forward(self, x, causal=False, cu_seqlens=None, max_seqlen=0, impl=None, pending=None, pending_bias=None):
         if self.compile_backend:  # the same two compiled functions serve every block (parameters are inputs)
             pre, post = _compiled(self.compile_backend)
-            x, qkv = pre(self, x, pending)
+            x, qkv = pre(self, x, pending, pending_bias)
             return post(self, x, self.attn.core(qkv, causal, cu_seqlens, max_seqlen, impl))
-        x, qkv = self.pre(x, pending)
+        x, qkv = self.pre(x, pending, pending_bias)
         return self.post(x, self.attn.core(qkv, causal, cu_seqlens, max_seqlen, impl))
 
-    def pre(self, x, pending=None):
+    def pre(self, x, pending=None, pending_bias=None):
         """Everything before the attention itself: the previous block's pending residual add, layer norm, the qkv
         projection. Returns (stream, qkv)."""
         if pending is None:
             h = self.ln_1(x)
         else:
-            x, h = self.ln_1.add_forward(x, pending)
+            x, h = self.ln_1.add_forward(x, pending, pending_bias)
         return x, F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias)
 
     def post(self, x, o):
-        """Everything after it: output projection, residual add + layer norm, MLP. Returns (stream, MLP output): the
-        last residual add is pending."""
-        x, h = self.ln_2.add_forward(x, self.attn.out_proj(o))
-        return x, self.mlp(h)
+        """Everything after it: output projection, residual add + layer norm, MLP. Returns (stream, MLP output, its
+        bias or None): the last residual add is pending."""
+        out_proj, c_proj = self.attn.out_proj, self.mlp.c_proj
+        fused = self.ln_2.fuses_add(x, out_proj.weight.dtype)  # then ln_2 adds out_proj's bias, ln_1 c_proj's next
+        x, h = self.ln_2.add_forward(x, F.linear(o, out_proj.weight, None if fused else out_proj.bias),
+                                     out_proj.bias if fused else None)  # fmt: skip
+        return x, self.mlp(h, proj_bias=not fused), c_proj.bias if fused else None
 
 
 class Transformer(nn.Module):
@@ -197,13 +213,16 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
 
     def forward(self, x, causal=False, cu_seqlens=None, max_seqlen=0, impl=None):
-        pending = None  # each block's last residual add is done by the next block's first norm (ResidualAttentionBlock)
-        for block in self.resblocks:
+        pending = bias = None  # each block's last residual add is done by the next block's first norm
+        for block in self.resblocks:  # (ResidualAttentionBlock), with the MLP's bias where the norms add it
             if self.grad_checkpointing and self.training:
-                x, pending = checkpoint(block, x, causal, cu_seqlens, max_seqlen, impl, pending, use_reentrant=False)
+                x, pending, bias = checkpoint(block, x, causal, cu_seqlens, max_seqlen, impl, pending, bias,
+                                              use_reentrant=False)
             else:
-                x, pending = block(x, causal, cu_seqlens, max_seqlen, impl, pending)
-        return x if pending is None else x + pending
+                x, pending, bias = block(x, causal, cu_seqlens, max_seqlen, impl, pending, bias)
+        if pending is None:
+            return x
+        return x + (pending if bias is None else pending + bias)
 
 
 def sincos_2d(width: int, grid: int, cls_token: bool = True) -> torch.Tensor:

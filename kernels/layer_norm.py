@@ -6,6 +6,11 @@ gradients, a second pass over x and dy, at ~0.2 ms per 51,200 x 768 bf16 call wh
 Here the backward reads x and dy once: each program takes a contiguous run of rows, writes their dx and keeps
 running fp32 sums of dy * x_hat and dy, then one row of partial dW / dB per program; a torch sum over the programs'
 rows (a few MB at most) finishes them. No atomics: the result is the same on every run.
+add_layer_norm (a pre-norm block's residual add and the norm after it) also takes the bias of the linear layer that
+made the residual (rb): added in the forward pass, its gradient one more partial sum in the backward pass, so that
+layer needs neither its bias epilogue nor torch's separate bias-gradient reduction (out_proj's and c_proj's: 48 of
+the 73 bias-gradient sums that took 3.8 of 76.2 ms of device time per B/16 112 px step with the kernels on an H100,
+bench/results/...-49ad34c/profile.md; the other 24 are the qkv projections').
 
 Shapes: x (..., N) with a unit last stride, any float dtype; weight and bias (N,). y and dx come in x's dtype, dW and dB
 in the weight's. Statistics and every sum in fp32. N up to 2,048, the widest tile the sm_90 compile test checks for
@@ -31,9 +36,11 @@ MAX_N = 2048
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, stride_x, stride_y, eps, R, S, stride_r, stride_s,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
-    """y = LN(x); HAS_RES: s = x + r rounded to S's dtype (as torch's add), stored, and y = LN(s)."""
+def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, stride_x, stride_y, eps, R, S, stride_r, stride_s, RB,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr,
+                           HAS_RB: tl.constexpr):  # fmt: skip
+    """y = LN(x); HAS_RES: s = x + r rounded to S's dtype (as torch's add), stored, and y = LN(s); HAS_RB: s = x + r +
+    rb (rb (N,), the bias of the linear layer that produced r), summed in fp32 and rounded once."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     rmask, cmask = rows < M, cols < N
@@ -42,7 +49,10 @@ def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, stride_x, stride_y, eps
     x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = (x + r).to(S.dtype.element_ty)  # on a GPU round-to-nearest-even, as torch's add (triton 3.8's
+        x = x + r
+        if HAS_RB:
+            x += tl.load(RB + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        s = x.to(S.dtype.element_ty)  # on a GPU round-to-nearest-even, as torch's add (triton 3.8's
         # interpreter truncates instead: tests/test_layer_norm.py allows it one ulp there)
         tl.store(S + r64 * stride_s + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
@@ -58,16 +68,19 @@ def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, stride_x, stride_y, eps
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART, M, N, stride_x, stride_dy, stride_dx,
+def _layer_norm_bwd_kernel(X, W, DY, DX, MEAN, RSTD, PART, M, N, stride_x, stride_dy, stride_dx, stride_part,
                            rows_per_prog, DS, stride_ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           HAS_RES: tl.constexpr):  # fmt: skip
-    """dx, partial dW and dB per program; HAS_RES: dx += ds (the gradient that reached the sum s = x + r directly)."""
+                           HAS_RES: tl.constexpr, HAS_RB: tl.constexpr):  # fmt: skip
+    """dx and one row of partial sums per program in PART (programs, 2 or 3, N): dW, dB and, HAS_RB, d rb (the sum of
+    dx over the rows, in fp32 before dx's rounding); HAS_RES: dx += ds (the gradient that reached s = x + r directly).
+    """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    drb = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, M)
     for r0 in range(start, end, BLOCK_M):
@@ -89,8 +102,13 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART, M, N, str
         tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
-    tl.store(DW_PART + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
-    tl.store(DB_PART + pid * N + cols, tl.sum(db, axis=0), mask=cmask)
+        if HAS_RB:
+            drb += dx  # rows past the end add 0; the masked columns are not stored
+    part = PART + pid * stride_part + cols
+    tl.store(part, tl.sum(dw, axis=0), mask=cmask)
+    tl.store(part + N, tl.sum(db, axis=0), mask=cmask)
+    if HAS_RB:
+        tl.store(part + 2 * N, tl.sum(drb, axis=0), mask=cmask)
 
 
 def _config(n: int) -> dict:
@@ -124,53 +142,56 @@ def _bwd_programs(m: int, block_m: int, device: torch.device, per_sm: int = PROG
     return triton.cdiv(m, rows), rows
 
 
-def _fwd_launch(x2, w, b, y, mean, rstd, eps, r2=None, s=None):
+def _fwd_launch(x2, w, b, y, mean, rstd, eps, r2=None, s=None, rb=None):
     """(grid, runtime args, constexprs, launch options) of the forward kernel; the AOT test compiles the same.
-    r2, s: the residual input and the sum's output (add_layer_norm), else None."""
+    r2, s: the residual input and the sum's output (add_layer_norm), else None; rb: r's bias, or None."""
     M, N = x2.shape
     cfg = _config(N)
     res = r2 is not None
     args = dict(X=x2, W=w, B=b, Y=y, MEAN=mean, RSTD=rstd, M=M, N=N, stride_x=x2.stride(0), stride_y=y.stride(0),
                 eps=eps, R=r2 if res else x2, S=s if res else y, stride_r=r2.stride(0) if res else 0,
-                stride_s=s.stride(0) if res else 0)  # fmt: skip
-    const = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RES=res)
+                stride_s=s.stride(0) if res else 0, RB=rb if rb is not None else w)  # fmt: skip
+    const = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RES=res, HAS_RB=rb is not None)
     return (triton.cdiv(M, cfg["BLOCK_M"]),), args, const, {"num_warps": cfg["num_warps"]}
 
 
-def _bwd_launch(x2, w, dy2, dx, mean, rstd, dw_part, db_part, rows, ds2=None):
-    """(grid, runtime args, constexprs, launch options) of the backward kernel (dw_part's rows: the programs);
-    ds2: the gradient to add into dx (add_layer_norm), else None."""
+def _bwd_launch(x2, w, dy2, dx, mean, rstd, part, rows, ds2=None):
+    """(grid, runtime args, constexprs, launch options) of the backward kernel. part (programs, 2 or 3, N) fp32: the
+    partial dW, dB and, with 3, the residual bias's gradient; ds2: the gradient to add into dx (add_layer_norm), else
+    None."""
     M, N = x2.shape
     cfg = _bwd_config(N)
     res = ds2 is not None
-    args = dict(X=x2, W=w, DY=dy2, DX=dx, MEAN=mean, RSTD=rstd, DW_PART=dw_part, DB_PART=db_part, M=M, N=N,
-                stride_x=x2.stride(0), stride_dy=dy2.stride(0), stride_dx=dx.stride(0), rows_per_prog=rows,
+    args = dict(X=x2, W=w, DY=dy2, DX=dx, MEAN=mean, RSTD=rstd, PART=part, M=M, N=N, stride_x=x2.stride(0),
+                stride_dy=dy2.stride(0), stride_dx=dx.stride(0), stride_part=part.stride(0), rows_per_prog=rows,
                 DS=ds2 if res else dy2, stride_ds=ds2.stride(0) if res else 0)  # fmt: skip
-    return (dw_part.shape[0],), args, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RES=res), \
-        {"num_warps": cfg["num_warps"]}
+    const = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RES=res, HAS_RB=part.shape[1] == 3)
+    return (part.shape[0],), args, const, {"num_warps": cfg["num_warps"]}
 
 
-def _fwd(x2, w, b, eps, r2=None):
-    """(y, mean, rstd, s): s = x2 + r2 when r2 is given (y normalises s), else None."""
+def _fwd(x2, w, b, eps, r2=None, rb=None):
+    """(y, mean, rstd, s): s = x2 + r2 (+ rb) when r2 is given (y normalises s), else None."""
     M, N = x2.shape
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     s = None if r2 is None else torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     mean = torch.empty(M, dtype=torch.float32, device=x2.device)
     rstd = torch.empty_like(mean)
-    grid, args, const, opts = _fwd_launch(x2, w, b, y, mean, rstd, eps, r2, s)
+    grid, args, const, opts = _fwd_launch(x2, w, b, y, mean, rstd, eps, r2, s, rb)
     _layer_norm_fwd_kernel[grid](**args, **const, **opts)
     return y, mean, rstd, s
 
 
-def _bwd(dy2, x2, w, mean, rstd, ds2=None):
+def _bwd(dy2, x2, w, mean, rstd, ds2=None, rb=None):
+    """(dx, dW, dB, d rb or None); the partial sums finish in one torch sum and one cast."""
     M, N = x2.shape
     progs, rows = _bwd_programs(M, _bwd_config(N)["BLOCK_M"], x2.device)
     dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    dw_part = torch.empty((progs, N), dtype=torch.float32, device=x2.device)
-    db_part = torch.empty_like(dw_part)
-    grid, args, const, opts = _bwd_launch(x2, w, dy2, dx, mean, rstd, dw_part, db_part, rows, ds2)
+    part = torch.empty((progs, 2 if rb is None else 3, N), dtype=torch.float32, device=x2.device)
+    grid, args, const, opts = _bwd_launch(x2, w, dy2, dx, mean, rstd, part, rows, ds2)
     _layer_norm_bwd_kernel[grid](**args, **const, **opts)
-    return dx, dw_part.sum(0).to(w.dtype), db_part.sum(0).to(w.dtype)
+    sums = part.sum(0)
+    dw, db = sums[:2].to(w.dtype)
+    return dx, dw, db, None if rb is None else sums[2].to(rb.dtype)
 
 
 def layer_norm_ref(x, weight, bias, eps: float = 1e-5, upcast: bool = False):
@@ -191,26 +212,27 @@ class LayerNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _bwd(_rows(dy), x2, weight, mean, rstd)
+        dx, dw, db, _ = _bwd(_rows(dy), x2, weight, mean, rstd)
         return dx.view(dy.shape), dw, db, None
 
 
 class AddLayerNormFn(torch.autograd.Function):
-    """(s, y) = (x + r, LN(x + r)) in one pass; backward: dx = dr = ds + LN'(dy) in one pass."""
+    """(s, y) = (x + r (+ rb), LN(s)) in one pass; backward: dx = dr = ds + LN'(dy), and d rb = its sum over the rows,
+    in one pass."""
 
     @staticmethod
-    def forward(ctx, x, r, weight, bias, eps):
+    def forward(ctx, x, r, weight, bias, eps, rb):
         x2, r2 = (_rows(t) for t in (x, r))
-        y, mean, rstd, s = _fwd(x2, weight, bias, eps, r2)
-        ctx.save_for_backward(s, weight, mean, rstd)
+        y, mean, rstd, s = _fwd(x2, weight, bias, eps, r2, rb)
+        ctx.save_for_backward(s, weight, mean, rstd, rb)
         return s.view(x.shape), y.view(x.shape)
 
     @staticmethod
     def backward(ctx, ds, dy):
-        s2, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _bwd(_rows(dy), s2, weight, mean, rstd, _rows(ds))
+        s2, weight, mean, rstd, rb = ctx.saved_tensors
+        dx, dw, db, drb = _bwd(_rows(dy), s2, weight, mean, rstd, _rows(ds), rb)
         dx = dx.view(dy.shape)
-        return dx, dx, dw, db, None
+        return dx, dx, dw, db, None, drb
 
 
 def _rows(t):
@@ -240,19 +262,29 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, impl=None):
     return LayerNormFn.apply(x, weight, bias, float(eps))
 
 
-def add_layer_norm_ref(x, r, weight, bias, eps: float = 1e-5):
-    s = x + r
+def add_layer_norm_ref(x, r, weight, bias, eps: float = 1e-5, rb=None):
+    s = x + (r if rb is None else r + rb)
     return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)
 
 
-def add_layer_norm(x, r, weight, bias, eps: float = 1e-5, *, impl=None):
+def fuses_add(x, r_dtype, impl=None) -> bool:
+    """Whether add_layer_norm(x, r, ...) with an r of r_dtype runs the kernel (and so adds a residual bias rb in its
+    pass: a caller can then leave the bias out of the linear layer that makes r, and its gradient's separate sum)."""
+    return _kernel_ok(x, impl) and r_dtype == x.dtype
+
+
+def add_layer_norm(x, r, weight, bias, eps: float = 1e-5, *, rb=None, impl=None):
     """(s, LayerNorm(s)) for s = x + r, both (..., N) of one shape: a pre-norm transformer's residual add and the next
     norm in one pass over x and r (the kernel writes s and y), and in one backward pass (dx = dr = ds + the norm's
-    gradient, dW and dB as layer_norm's). Same conditions for the kernel as layer_norm; dtypes that differ take the
-    reference (torch's type promotion)."""
+    gradient, dW and dB as layer_norm's). rb (N,): s = x + r + rb, the bias of the linear layer that made r added
+    here (in fp32, one rounding) and its gradient (the sum of dr over the rows) from the same backward pass. Same
+    conditions for the kernel as layer_norm; dtypes of x and r that differ take the reference (torch's type
+    promotion)."""
     _check(x, weight, bias, "add_layer_norm")
     if r.shape != x.shape:
         raise ValueError(f"add_layer_norm needs x and r of one shape, got {tuple(x.shape)} and {tuple(r.shape)}")
-    if not _kernel_ok(x, impl) or r.dtype != x.dtype:  # mixed dtypes: torch's type promotion, in the reference
-        return add_layer_norm_ref(x, r, weight, bias, eps)
-    return AddLayerNormFn.apply(x, r, weight, bias, float(eps))
+    if rb is not None and rb.shape != (x.shape[-1],):
+        raise ValueError(f"add_layer_norm needs rb of shape ({x.shape[-1]},), got {tuple(rb.shape)}")
+    if not fuses_add(x, r.dtype, impl):  # mixed dtypes: torch's type promotion, in the reference
+        return add_layer_norm_ref(x, r, weight, bias, eps, rb)
+    return AddLayerNormFn.apply(x, r, weight, bias, float(eps), rb)

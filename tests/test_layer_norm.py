@@ -112,6 +112,48 @@ def test_add_layer_norm_matches_add_then_norm(shape, dtype):
     assert torch.equal(got[2], got[3])  # one gradient for both addends
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 96), (2, 19, 130)])
+def test_add_layer_norm_with_the_residual_bias(shape, dtype):
+    """rb, the bias of the linear layer that made r: s = x + r + rb summed in fp32 and rounded once; its gradient the
+    sum over the rows of dr (rows split over several backward programs), against the fp32 reference; the reference
+    path (impl "ref") gives the same as the kernel in fp32."""
+    x, w, b, dy = _inputs(shape, dtype, seed=5)
+    r, _, rb, ds = _inputs(shape, dtype, seed=6)
+
+    def run(fn):
+        t = [v.detach().clone().requires_grad_() for v in (x, r, w, b, rb)]
+        s, y = fn(*t)
+        torch.autograd.backward((s, y), (ds, dy))
+        return s.detach(), y.detach(), *(v.grad for v in t)
+
+    got = run(lambda x, r, w, b, rb: add_layer_norm(x, r, w, b, rb=rb, impl="triton"))
+    s32 = (x.float() + r.float()) + rb.float()  # the kernel's order, in fp32
+    if DEVICE == "cuda" or dtype == torch.float32:
+        assert torch.equal(got[0], s32.to(dtype))
+    else:  # the interpreter's truncating cast: within one ulp
+        ulp = 2.0 ** (torch.floor(torch.log2(s32.abs().clamp_min(1e-30))) - 7)
+        assert ((got[0].float() - s32).abs() <= ulp).all()
+
+    def ref_fn(x, r, w, b, rb):  # the norm of the kernel's s, in fp32; gradients flow to x, r and rb
+        s = x.float() + r.float() + rb.float()
+        s = s + (got[0].float() - s).detach()
+        return s, layer_norm_ref(s, w.float(), b.float())
+
+    ref = run(ref_fn)
+    for name, a, e in zip(("y", "dx", "dr", "dw", "db", "drb"), got[1:], ref[1:], strict=True):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        torch.testing.assert_close(a.float(), e.to(dtype).float(), **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
+    if dtype == torch.float32:  # in bf16 drb sums the unrounded dr, so rounding each of the rows' dr first differs
+        torch.testing.assert_close(got[6], got[3].reshape(-1, shape[-1]).sum(0), rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:  # the reference path: the same sums (in bf16 it rounds r + rb first, then + x)
+        plain = run(lambda x, r, w, b, rb: add_layer_norm(x, r, w, b, rb=rb, impl="ref"))
+        for name, a, e in zip(("s", "y", "dx", "dr", "dw", "db", "drb"), got, plain, strict=True):
+            torch.testing.assert_close(a, e, **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
+    with pytest.raises(ValueError, match=r"rb of shape \(%d,\)" % shape[-1]):
+        add_layer_norm(x, r, w, b, rb=rb[:3], impl="triton")
+
+
 def test_add_layer_norm_unused_sum_and_fallbacks():
     """Only y used (autograd hands the backward a zero ds); the reference path off the kernel; bad inputs."""
     x, w, b, dy = _inputs((9, 40), torch.float32, seed=4)

@@ -190,10 +190,21 @@ def test_triton_layer_norm_matches_torch_and_keeps_the_state_dict():
     assert len(norms) >= 2 * 2 * 2 + 2 and all(m.impl == "torch" for m in norms)  # 2 per block, ln_post, ln_final
     ref = _step_grads(model, images, ids, cu, 7)
     keys = list(model.state_dict())
-    with _counting(sys.modules["kernels.layer_norm"].AddLayerNormFn) as fused:
-        got = _step_grads(model.set_layer_norm("triton"), images, ids, cu, 7)
-    # every residual add but each tower's last goes through add_layer_norm: 2 per block, less 1 per tower
+    fn = sys.modules["kernels.layer_norm"].AddLayerNormFn
+    real, biases = fn.apply, []
+    fn.apply = lambda *a: biases.append(a[-1]) or real(*a)
+    try:
+        with _counting(fn) as fused:
+            got = _step_grads(model.set_layer_norm("triton"), images, ids, cu, 7)
+    finally:
+        fn.apply = real
+    # every residual add but each tower's last goes through add_layer_norm: 2 per block, less 1 per tower, each with
+    # the bias of the linear layer before it (out_proj's, c_proj's), which that layer then leaves out
     assert len(fused) == 2 * (model.cfg.vision.layers + model.cfg.text.layers) - 2
+    blocks = [b for t in (model.visual.transformer, model.transformer) for b in t.resblocks]
+    want = [p for b in blocks for p in (b.attn.out_proj.bias, b.mlp.c_proj.bias)]
+    assert sorted(map(id, biases)) == sorted(id(p) for p in want if p is not blocks[-1].mlp.c_proj.bias
+                                             and p is not model.visual.transformer.resblocks[-1].mlp.c_proj.bias)
     assert all(m.impl == "triton" for m in norms) and list(model.state_dict()) == keys
     _assert_same_step(ref, got)
     with pytest.raises(ValueError, match=r"one of \('torch', 'triton'\)"):
