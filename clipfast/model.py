@@ -30,7 +30,7 @@ from kernels import (
 )
 from kernels._common import interpreting
 from kernels.layer_norm import fuses_add
-from kernels.short_attention import TILE_MAX
+from kernels.short_attention import TILE_MAX, fuses_bias
 
 # OpenAI CLIP's pixel statistics (open_clip's OPENAI_DATASET_MEAN / STD), applied to uint8 images.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -128,20 +128,33 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         return self.out_proj(self.core(qkv, causal, cu_seqlens, max_seqlen, impl))
 
-    def core(self, qkv, causal: bool = False, cu_seqlens=None, max_seqlen: int = 0, impl=None):
-        """Attention of the projected qkv, (B, N, 3D) dense or (T, 3D) packed, before the output projection."""
+    def fuses_qkv_bias(self, x, cu_seqlens=None) -> bool:
+        """Whether core() on the projection of x (the block's stream, (B, N, D) dense) runs kernels.short_attention,
+        which adds in_proj_bias inside the kernel (and sums its gradient in the backward kernel): the projection can
+        then leave the bias out."""
+        return (cu_seqlens is None and self.dense_impl == "triton" and x.dim() == 3 and (x.is_cuda or interpreting())
+                and fuses_bias(x, x.shape[1], self.in_proj_bias.dtype, "triton"))
+
+    def core(self, qkv, causal: bool = False, cu_seqlens=None, max_seqlen: int = 0, impl=None, bias=None):
+        """Attention of the projected qkv, (B, N, 3D) dense or (T, 3D) packed, before the output projection. bias:
+        the projection's, not yet added (where fuses_qkv_bias), else None."""
         D = qkv.shape[-1] // 3
         if cu_seqlens is None:  # dense (B, N, D)
             B, N, _ = qkv.shape
             if self.dense_impl == "triton" and N <= TILE_MAX and (qkv.is_cuda or interpreting()):
-                o = short_attention_qkvpacked(qkv.view(B, N, 3, self.heads, D // self.heads), causal, impl="triton")
+                o = short_attention_qkvpacked(qkv.view(B, N, 3, self.heads, D // self.heads), causal, bias=bias,
+                                              impl="triton")  # fmt: skip
                 return o.reshape(B, N, D)
+            if bias is not None:
+                qkv = qkv + bias
             # unbind over the q/k/v axis, then transpose each: backward stacks dq, dk, dv (each laid out (B, N, H, d),
             # as SDPA allocates them) along that axis into qkv's own layout, one contiguous copy. Unbinding a permuted
             # (3, B, H, N, d) view instead stacked into that order and then copied back: two transposing copies per
             # block (the H200 profile at efae470: 9.8 of 93.5 ms per B/16 step)
             q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3, self.heads, D // self.heads).unbind(2))
             return sdpa(q, k, v, causal).transpose(1, 2).reshape(B, N, D)
+        if bias is not None:
+            qkv = qkv + bias
         T = qkv.shape[0]  # packed (T, 3D): the kernel's backward writes dq, dk, dv into one (T, 3, H, d) gradient
         qkv = qkv.view(T, 3, self.heads, D // self.heads)
         return varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=causal, impl=impl).reshape(T, D)
@@ -179,21 +192,23 @@ class ResidualAttentionBlock(nn.Module):
         self.compile_backend = None  # set by CLIP.compile_blocks
 
     def forward(self, x, causal=False, cu_seqlens=None, max_seqlen=0, impl=None, pending=None, pending_bias=None):
+        fused = self.attn.fuses_qkv_bias(x, cu_seqlens)  # the attention kernel adds the qkv bias
+        qkv_bias = self.attn.in_proj_bias if fused else None
         if self.compile_backend:  # the same two compiled functions serve every block (parameters are inputs)
             pre, post = _compiled(self.compile_backend)
-            x, qkv = pre(self, x, pending, pending_bias)
-            return post(self, x, self.attn.core(qkv, causal, cu_seqlens, max_seqlen, impl))
-        x, qkv = self.pre(x, pending, pending_bias)
-        return self.post(x, self.attn.core(qkv, causal, cu_seqlens, max_seqlen, impl))
+            x, qkv = pre(self, x, pending, pending_bias, not fused)
+            return post(self, x, self.attn.core(qkv, causal, cu_seqlens, max_seqlen, impl, qkv_bias))
+        x, qkv = self.pre(x, pending, pending_bias, not fused)
+        return self.post(x, self.attn.core(qkv, causal, cu_seqlens, max_seqlen, impl, qkv_bias))
 
-    def pre(self, x, pending=None, pending_bias=None):
+    def pre(self, x, pending=None, pending_bias=None, qkv_bias: bool = True):
         """Everything before the attention itself: the previous block's pending residual add, layer norm, the qkv
-        projection. Returns (stream, qkv)."""
+        projection (without its bias where the attention adds it). Returns (stream, qkv)."""
         if pending is None:
             h = self.ln_1(x)
         else:
             x, h = self.ln_1.add_forward(x, pending, pending_bias)
-        return x, F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias)
+        return x, F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias if qkv_bias else None)
 
     def post(self, x, o):
         """Everything after it: output projection, residual add + layer norm, MLP. Returns (stream, MLP output, its

@@ -18,6 +18,10 @@ the score tile, where 64 x 128 holds 31%).
   N > 64: 64-row query blocks looping over 64-key blocks (forward); the backward runs per 64-token window, dK, dV
       over the query blocks, then dQ over the key blocks (recomputing P, as kernels.varlen_attention does), with
       delta from a small preprocess kernel.
+bias= (N <= 64): the qkv projection's bias, left out of the projection, is added to q, k, v as the tiles load, and the
+one-tile backward writes each sequence's column sums of dq, dk, dv (B, 3, H, d, fp32), one torch sum from the bias's
+gradient: no separate reduction over the (B, N, 3*H*d) gradient (torch's bias-gradient sums took 3.8 of 76.2 ms of
+device time per B/16 112 px step with the kernels on an H100, 49ad34c; the vision qkv ones read the widest rows).
 Registers and spills of each configuration: tests/test_aot_short_attention.py (sm_90, no GPU needed).
 """
 from __future__ import annotations
@@ -46,11 +50,12 @@ TILE_MAX = 64  # N up to this: one program per (sequence, head), forward and bac
 @triton.jit
 def _short_attn_fwd_kernel(
     QKV, O, LSE, stride_b, stride_n, stride_s, stride_h, stride_ob, stride_on, stride_oh,
-    N, H, D, qk_scale,
+    N, H, D, qk_scale, BIAS,
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, F32_DOT: tl.constexpr,
+    PREC: tl.constexpr, F32_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """Program (m, b * H + h): query rows m*BLOCK_M.. of sequence b, head h; LSE (B*H, N) in log2 units."""
+    """Program (m, b * H + h): query rows m*BLOCK_M.. of sequence b, head h; LSE (B*H, N) in log2 units. HAS_BIAS:
+    q, k, v are the loaded rows plus the projection's bias BIAS (3, H, D) contiguous, rounded to qkv's dtype."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
@@ -63,6 +68,9 @@ def _short_attn_fwd_kernel(
     row_ok = offs_m < N
     d_ok = offs_d[None, :] < D
     q = tl.load(Q + offs_m[:, None] * stride_n + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+    if HAS_BIAS:
+        bq, bk, bv = _bias3(BIAS, h, H, D, offs_d)
+        q = (q.to(tl.float32) + bq[None, :]).to(q.dtype)
     if IS_CAUSAL:
         end = tl.minimum(m0 + BLOCK_M, N)
     else:
@@ -76,6 +84,9 @@ def _short_attn_fwd_kernel(
         ld = (offs_n[:, None] < N) & d_ok
         k = tl.load(K + offs_n[:, None] * stride_n + offs_d[None, :], mask=ld, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(V + offs_n[:, None] * stride_n + offs_d[None, :], mask=ld, other=0.0)
+        if HAS_BIAS:  # padded key rows get the bias too: masked out of the scores, and p = 0 multiplies their v
+            k = (k.to(tl.float32) + bk[None, :]).to(q.dtype)
+            v = (v.to(tl.float32) + bv[None, :]).to(q.dtype)
         s = _dot(q, tl.trans(k), PREC, F32_DOT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         keep = offs_n[None, :] < N
         if IS_CAUSAL:
@@ -92,10 +103,13 @@ def _short_attn_bwd_tile_kernel(
     QKV, O, DO, DQKV, LSE,
     stride_b, stride_n, stride_s, stride_h, stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh,
     stride_gb, stride_gn, stride_gs, stride_gh,
-    N, H, D, qk_scale, sm_scale,
+    N, H, D, qk_scale, sm_scale, BIAS, DBIAS_PART,
     IS_CAUSAL: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """Program (b * H + h): the whole sequence (N <= TILE) in one tile; see the module docstring."""
+    """Program (b * H + h): the whole sequence (N <= TILE) in one tile; see the module docstring. HAS_BIAS: the
+    forward's bias added to q, k, v again, and the column sums of dq, dk, dv (fp32, before rounding) into
+    DBIAS_PART (B, 3, H, D): the bias's gradient once summed over the sequences."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -108,6 +122,11 @@ def _short_attn_bwd_tile_kernel(
     q = tl.load(Q + rows, mask=ld, other=0.0)
     k = tl.load(Q + stride_s + rows, mask=ld, other=0.0)
     v = tl.load(Q + 2 * stride_s + rows, mask=ld, other=0.0)
+    if HAS_BIAS:
+        bq, bk, bv = _bias3(BIAS, h, H, D, offs_d)
+        q = (q.to(tl.float32) + bq[None, :]).to(v.dtype)
+        k = (k.to(tl.float32) + bk[None, :]).to(v.dtype)
+        v = (v.to(tl.float32) + bv[None, :]).to(k.dtype)
     o_rows = b.to(tl.int64) * stride_ob + h * stride_oh + offs[:, None] * stride_on + offs_d[None, :]
     o = tl.load(O + o_rows, mask=ld, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * stride_db + h * stride_dh + offs[:, None] * stride_dn + offs_d[None, :],
@@ -128,6 +147,23 @@ def _short_attn_bwd_tile_kernel(
     tl.store(G, dq.to(DQKV.dtype.element_ty), mask=ld)
     tl.store(G + stride_gs, dk.to(DQKV.dtype.element_ty), mask=ld)
     tl.store(G + 2 * stride_gs, dv.to(DQKV.dtype.element_ty), mask=ld)
+    if HAS_BIAS:  # padded rows: ds and p are 0 there, so dq, dk, dv rows are 0
+        part = DBIAS_PART + b.to(tl.int64) * 3 * H * D + h * D + offs_d
+        d_in = offs_d < D
+        tl.store(part, tl.sum(dq, 0), mask=d_in)
+        tl.store(part + H * D, tl.sum(dk, 0), mask=d_in)
+        tl.store(part + 2 * H * D, tl.sum(dv, 0), mask=d_in)
+
+
+@triton.jit
+def _bias3(BIAS, h, H, D, offs_d):
+    """The q, k and v bias of head h, fp32 (BLOCK_D,) each, from BIAS (3, H, D) contiguous."""
+    B0 = BIAS + h * D + offs_d
+    d_in = offs_d < D
+    bq = tl.load(B0, mask=d_in, other=0.0).to(tl.float32)
+    bk = tl.load(B0 + H * D, mask=d_in, other=0.0).to(tl.float32)
+    bv = tl.load(B0 + 2 * H * D, mask=d_in, other=0.0).to(tl.float32)
+    return bq, bk, bv
 
 
 @triton.jit
@@ -255,20 +291,23 @@ def _qkv_strides(x):
     return dict(stride_b=x.stride(0), stride_n=x.stride(1), stride_s=x.stride(2), stride_h=x.stride(3))
 
 
-def _fwd_launch(qkv, o, lse, causal, scale, cfg, interpret):
-    """(grid, runtime args, constexprs, launch options) of the forward kernel; the AOT test compiles the same."""
+def _fwd_launch(qkv, o, lse, causal, scale, cfg, interpret, bias=None):
+    """(grid, runtime args, constexprs, launch options) of the forward kernel; the AOT test compiles the same.
+    bias: the projection's (3, H, d) contiguous, added to q, k, v in the kernel; None: none."""
     B, N, _, H, d = qkv.shape
     args = dict(QKV=qkv, O=o, LSE=lse, **_qkv_strides(qkv), stride_ob=o.stride(0), stride_on=o.stride(1),
-                stride_oh=o.stride(2), N=N, H=H, D=d, qk_scale=scale * _LOG2E)  # fmt: skip
+                stride_oh=o.stride(2), N=N, H=H, D=d, qk_scale=scale * _LOG2E,
+                BIAS=qkv if bias is None else bias)  # fmt: skip
     const = dict(IS_CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_bd(d),
-                 **_dot_consts(qkv, interpret))  # fmt: skip
+                 HAS_BIAS=bias is not None, **_dot_consts(qkv, interpret))  # fmt: skip
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     return (triton.cdiv(N, cfg["BLOCK_M"]), B * H), args, const, opts
 
 
-def _bwd_launch(qkv, o, do, dqkv, lse, delta, causal, scale, cfg, interpret):
+def _bwd_launch(qkv, o, do, dqkv, lse, delta, causal, scale, cfg, interpret, bias=None, dbias_part=None):
     """(kernel, grid, runtime args, constexprs, launch options) of the backward: the one-tile kernel (cfg has TILE;
-    delta is then None, computed inside) or the per-window kernel."""
+    delta is then None, computed inside; bias as the forward's, its gradient's partial sums into dbias_part
+    (B, 3, H, d) fp32) or the per-window kernel (no bias)."""
     B, N, _, H, d = qkv.shape
     args = dict(QKV=qkv, **_qkv_strides(qkv), stride_db=do.stride(0), stride_dn=do.stride(1), stride_dh=do.stride(2),
                 stride_gb=dqkv.stride(0), stride_gn=dqkv.stride(1), stride_gs=dqkv.stride(2), stride_gh=dqkv.stride(3),
@@ -276,8 +315,12 @@ def _bwd_launch(qkv, o, do, dqkv, lse, delta, causal, scale, cfg, interpret):
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     consts = dict(IS_CAUSAL=causal, BLOCK_D=_bd(d), **_dot_consts(qkv, interpret))
     if "TILE" in cfg:
-        args.update(O=o, DO=do, DQKV=dqkv, LSE=lse, stride_ob=o.stride(0), stride_on=o.stride(1), stride_oh=o.stride(2))
-        return _short_attn_bwd_tile_kernel, (B * H,), args, dict(consts, TILE=cfg["TILE"]), opts
+        args.update(O=o, DO=do, DQKV=dqkv, LSE=lse, stride_ob=o.stride(0), stride_on=o.stride(1), stride_oh=o.stride(2),
+                    BIAS=qkv if bias is None else bias, DBIAS_PART=lse if dbias_part is None else dbias_part)
+        return _short_attn_bwd_tile_kernel, (B * H,), args, dict(consts, TILE=cfg["TILE"], HAS_BIAS=bias is not None), \
+            opts
+    if bias is not None:
+        raise ValueError(f"the per-window backward (N = {N} > {TILE_MAX}) takes no bias")
     args.update(DO=do, DQKV=dqkv, LSE=lse, DELTA=delta)
     const = dict(consts, WIN=cfg["WIN"], STEP=cfg["STEP"])
     return _short_attn_bwd_kernel, (triton.cdiv(N, cfg["WIN"]), B * H), args, const, opts
@@ -288,24 +331,33 @@ def _launch(kernel, grid, args, const, opts):
 
 
 class ShortAttentionQKVFn(torch.autograd.Function):
+    """bias: None, or the qkv projection's (3*H*d,) bias (N <= TILE_MAX): added to q, k, v in the kernels, its
+    gradient from the backward kernel's per-sequence column sums (one small torch sum over the sequences)."""
+
     @staticmethod
-    def forward(ctx, qkv, causal, scale):
+    def forward(ctx, qkv, causal, scale, bias):
         B, N, _, H, d = qkv.shape
         o = torch.empty((B, N, H, d), dtype=qkv.dtype, device=qkv.device)
         lse = torch.empty((B * H, N), dtype=torch.float32, device=qkv.device)
-        grid, args, const, opts = _fwd_launch(qkv, o, lse, causal, scale, _fwd_config(N, d), not qkv.is_cuda)
+        b3 = None if bias is None else bias.view(3, H, d)
+        grid, args, const, opts = _fwd_launch(qkv, o, lse, causal, scale, _fwd_config(N, d), not qkv.is_cuda, b3)
         _launch(_short_attn_fwd_kernel, grid, args, const, opts)
-        ctx.save_for_backward(qkv, o, lse)
+        ctx.save_for_backward(qkv, o, lse, bias)
         ctx.causal, ctx.scale = causal, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qkv, o, lse = ctx.saved_tensors
+        qkv, o, lse, bias = ctx.saved_tensors
         B, N, _, H, d = qkv.shape
         do = do if do.stride(-1) == 1 else do.contiguous()
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
         cfg = _bwd_config(N, d)
+        if bias is not None:
+            part = torch.empty((B, 3, H, d), dtype=torch.float32, device=qkv.device)
+            _launch(*_bwd_launch(qkv, o, do, dqkv, lse, None, ctx.causal, ctx.scale, cfg, not qkv.is_cuda,
+                                 bias.view(3, H, d), part))  # fmt: skip
+            return dqkv, None, None, part.sum(0).view(-1).to(bias.dtype)
         delta = None
         if "TILE" not in cfg:
             delta = torch.empty((B * H, N), dtype=torch.float32, device=qkv.device)
@@ -313,7 +365,7 @@ class ShortAttentionQKVFn(torch.autograd.Function):
                 o, do, delta, *o.stride()[:3], *do.stride()[:3], N, H, d, BLOCK_M=64, BLOCK_D=_bd(d)
             )
         _launch(*_bwd_launch(qkv, o, do, dqkv, lse, delta, ctx.causal, ctx.scale, cfg, not qkv.is_cuda))
-        return dqkv, None, None
+        return dqkv, None, None, None
 
 
 def short_attention_ref(qkv, causal=False, softmax_scale=None, upcast=False):
@@ -326,14 +378,29 @@ def short_attention_ref(qkv, causal=False, softmax_scale=None, upcast=False):
     return o.transpose(1, 2).to(qkv.dtype)
 
 
-def short_attention_qkvpacked(qkv, causal=False, softmax_scale=None, *, impl=None):
+def fuses_bias(x, n_tokens: int, bias_dtype, impl=None) -> bool:
+    """Whether short_attention_qkvpacked(qkv, bias=b) with n_tokens per sequence adds b inside the kernels: the kernel
+    path for x (qkv, or its projection's input: same device and dtype), n_tokens <= TILE_MAX, b in x's dtype, no
+    autocast. A caller can then leave the bias out of its projection (and torch's separate sum for its gradient)."""
+    return (use_triton(x, impl) and n_tokens <= TILE_MAX and bias_dtype == x.dtype
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def short_attention_qkvpacked(qkv, causal=False, softmax_scale=None, *, bias=None, impl=None):
     """Attention within each of B equal-length sequences: qkv (B, N, 3, H, d) -> (B, N, H, d), the Triton kernels on
-    CUDA (and under the interpreter with impl="triton"), short_attention_ref elsewhere. See the module docstring."""
+    CUDA (and under the interpreter with impl="triton"), short_attention_ref elsewhere. bias (3*H*d,): the qkv
+    projection's bias, not yet added to qkv (q, k, v = qkv + bias): in the kernels where fuses_bias, else added
+    first. See the module docstring."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be (batch, tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
     if qkv.shape[-1] > 128:
         raise ValueError(f"head_dim {qkv.shape[-1]} > 128 is not supported by the kernel; use SDPA")
+    if bias is not None and bias.shape != (qkv[0, 0].numel(),):
+        raise ValueError(f"bias must be ({qkv[0, 0].numel()},) for qkv of shape {tuple(qkv.shape)}, got "
+                         f"{tuple(bias.shape)}")  # fmt: skip
     scale = qkv.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if bias is not None and not fuses_bias(qkv, qkv.shape[1], bias.dtype, impl):
+        qkv, bias = qkv + bias.view(qkv.shape[2:]), None
     if not use_triton(qkv, impl):
         upcast = qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16)
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
@@ -342,4 +409,4 @@ def short_attention_qkvpacked(qkv, causal=False, softmax_scale=None, *, impl=Non
         return qkv.new_empty(qkv.shape[:2] + qkv.shape[3:])
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    return ShortAttentionQKVFn.apply(qkv, bool(causal), scale)
+    return ShortAttentionQKVFn.apply(qkv, bool(causal), scale, bias)

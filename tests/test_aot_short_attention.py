@@ -1,7 +1,8 @@
 """sm_90 ahead-of-time compile of the short-sequence attention kernels in bf16 (no GPU needed).
 
 The ViT token counts of the CLIPA goal points and around them (N = 37, 50: one 64-token tile; 17: a 32-token tile;
-99: 64 x 64 blocks and the per-window backward), head dims 64 (B/16, L/16), 80 (H/14) and 128, plus causal. Arguments
+99: 64 x 64 blocks and the per-window backward), head dims 64 (B/16, L/16), 80 (H/14) and 128, plus causal, plus the
+projection's bias added in the kernels (the model's path). Arguments
 come from the launchers (`_fwd_launch`, `_bwd_launch`) on meta tensors of the model's layout (qkv a view of the
 (B, N, 3*H*d) projection), so tiles, warps, stages and specialisation are a real launch's. Asserts no spills and no
 local memory; asserts wgmma where the tile allows it (64 rows on 4+ warps). `pytest -s` prints the resource table.
@@ -21,6 +22,10 @@ B_AOT, H_AOT = 512, 12
 CASES = [(f"{kind} N={n} d={d}", kind, n, d, False) for kind in ("fwd", "bwd") for n in (17, 37, 50, 99)
          for d in (64, 80, 128)]  # fmt: skip
 CASES += [(f"{kind} N={n} d=64 causal", kind, n, 64, True) for kind in ("fwd", "bwd") for n in (50, 99)]
+# the model's path (clipfast.model.Attention.fuses_qkv_bias): the projection's bias added in the kernels, its gradient
+# summed in the one-tile backward
+CASES += [(f"{kind} N={n} d={d} bias", kind, n, d, "bias") for kind in ("fwd", "bwd") for n in (37, 50)
+          for d in (64, 128)]  # fmt: skip
 
 
 def _meta(*shape, dtype=torch.bfloat16):
@@ -28,14 +33,17 @@ def _meta(*shape, dtype=torch.bfloat16):
 
 
 def _compile(kind, n, d, causal):
+    bias, causal = (_meta(3, H_AOT, d), False) if causal == "bias" else (None, causal)
+    part = None if bias is None else _meta(B_AOT, 3, H_AOT, d, dtype=torch.float32)
     qkv = _meta(B_AOT, n, 3 * H_AOT * d).view(B_AOT, n, 3, H_AOT, d)
     o, do, dqkv = _meta(B_AOT, n, H_AOT, d), _meta(B_AOT, n, H_AOT, d), _meta(B_AOT, n, 3, H_AOT, d)
     lse = _meta(B_AOT * H_AOT, n, dtype=torch.float32)
     if kind == "fwd":
-        _, args, const, opts = sa._fwd_launch(qkv, o, lse, causal, d**-0.5, sa._fwd_config(n, d), interpret=False)
+        _, args, const, opts = sa._fwd_launch(qkv, o, lse, causal, d**-0.5, sa._fwd_config(n, d), interpret=False,
+                                              bias=bias)  # fmt: skip
         return compile_sm90_like(sa._short_attn_fwd_kernel, args, const, **opts)
     kernel, _, args, const, opts = sa._bwd_launch(qkv, o, do, dqkv, lse, lse, causal, d**-0.5, sa._bwd_config(n, d),
-                                                  interpret=False)  # fmt: skip
+                                                  interpret=False, bias=bias, dbias_part=part)  # fmt: skip
     return compile_sm90_like(kernel, args, const, **opts)
 
 

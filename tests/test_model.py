@@ -213,8 +213,9 @@ def test_triton_layer_norm_matches_torch_and_keeps_the_state_dict():
 
 def test_triton_vision_attention_matches_sdpa():
     """set_vision_attention("triton"): the image tower's attention through kernels.short_attention (under the
-    interpreter on the CPU, natively on a GPU), full and masked (FLIP) token counts: the same features and gradients
-    as SDPA to float32 rounding; the text tower and the state_dict are untouched."""
+    interpreter on the CPU, natively on a GPU) with the qkv projection's bias added in the kernel, full and masked
+    (FLIP) token counts: the same features and gradients as SDPA to float32 rounding; the text tower and the
+    state_dict are untouched."""
     import kernels.short_attention as sa
     from clipfast.model import Attention
 
@@ -227,6 +228,14 @@ def test_triton_vision_attention_matches_sdpa():
             got = _step_grads(model.set_vision_attention("triton"), images, ids, cu, 7, keep=k)
         assert len(calls) == model.cfg.vision.layers and calls[0][1] == (17 if k is None else 3)
         _assert_same_step(ref, got, "sdpa")
+    # the qkv projections leave their bias to the kernel, which adds it to q, k, v and sums its gradient
+    real, biases = sa.ShortAttentionQKVFn.apply, []
+    sa.ShortAttentionQKVFn.apply = lambda *a: biases.append(a[-1]) or real(*a)
+    try:
+        _step_grads(model, images, ids, cu, 7)
+    finally:
+        sa.ShortAttentionQKVFn.apply = real
+    assert [id(b) for b in biases] == [id(b.attn.in_proj_bias) for b in model.visual.transformer.resblocks]
     text_attn = [m for m in model.transformer.modules() if isinstance(m, Attention)]
     assert text_attn and all(m.dense_impl == "sdpa" for m in text_attn)
     with pytest.raises(ValueError, match=r"one of \('sdpa', 'triton'\)"):

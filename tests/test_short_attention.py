@@ -72,6 +72,36 @@ def test_projection_view_and_scale():
     assert o.is_contiguous() and o.shape == (3, 21, 2, 48)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal,n", [(False, 50), (True, 17), (False, 70)])
+def test_projection_bias_in_the_kernel(n, causal, dtype):
+    """bias=: the qkv projection's bias added to q, k, v inside the kernels and its gradient from the backward
+    kernel's column sums (N <= 64), or added first (N > 64, the per-window backward): output, dqkv and dbias against
+    float64 attention of qkv + bias, by the tolerance rule."""
+    torch.manual_seed(n)
+    B, H, d = 3, 2, 32
+    qkv = torch.randn(B, n, 3, H, d, dtype=dtype, device=DEVICE)
+    bias = torch.randn(3 * H * d, dtype=dtype, device=DEVICE)
+    dout = torch.randn(B, n, H, d, dtype=dtype, device=DEVICE)
+    got = _run(lambda x, b: short_attention_qkvpacked(x, causal, bias=b, impl="triton"), [qkv, bias], dout)
+
+    def dense(x, b):
+        return attention_dense(x + b.view(3, H, d), causal)
+
+    same = _run(dense, [qkv, bias], dout)
+    ref = _run(dense, [qkv.double(), bias.double()], dout.double())
+    for name, g, sm, r in zip(("out", "dqkv", "dbias"), got, same, ref, strict=True):
+        assert g.dtype == dtype and g.shape == r.shape, name
+        ok, msg = _within_rule(g, sm, r, dtype)
+        assert ok, f"{name}: {msg}"
+    if n <= TILE_MAX:  # the bias went into the kernel (not a torch add before it)
+        x = qkv.clone().requires_grad_()
+        o = short_attention_qkvpacked(x, causal, bias=bias, impl="triton")
+        assert type(o.grad_fn).__name__ == "ShortAttentionQKVFnBackward"
+    with pytest.raises(ValueError, match=r"bias must be \(192,\)"):
+        short_attention_qkvpacked(qkv, causal, bias=bias[:5], impl="triton")
+
+
 def test_rule_rejects_wrong_answer():
     """The tolerance can fail: the non-causal kernel output is not accepted as the causal answer."""
     torch.manual_seed(5)
