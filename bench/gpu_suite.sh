@@ -22,12 +22,14 @@
 # 107 s; 150 s cut the H100 run at 5cc21e3 at ~88%, no failure by then) T_BENCH=180 (split over the microbenchmark
 # files, 30 s each) T_CLIPA=100 (the CLIPA goal points, --grid clipa, into clipa/; 111 s at 5cc21e3; 0 skips)
 # T_KERNELS=100 (the two goal points with --kernels, into kernels/; 0 skips) T_PROFILE=40 (bench/profile_step.py:
-# B/16 112 px / 16 tokens, batch 1024, clipfast, clipfast_kernels, open_clip; 0 skips) T_COMPILE=0 (>30: the two
+# B/16 112 px / 16 tokens, batch 1024, clipfast, clipfast_kernels, open_clip; 0 skips) T_PROFILE_L=0 (>0: the same
+# at L/16 96 px / 8 tokens, batch 512, into profile_l16/) T_COMPILE=0 (>30: the two
 # goal points, eager beside compiled blocks, into compile/; compiled was slower, 105.0 vs 93.5 ms, at 5cc21e3)
 # T_SWEEP=0 (>0: bench/sweep_kernels.py into sweep/, ~50 s) T_GRID=0 (--grid gpu: 3 points fit in 40 s, and
 # clipa/ carries the comparison), plus a few seconds for the wheels and the environment report; GRID_ARGS
 # (default "--grid gpu") and CLIPA_ARGS (default "--grid clipa") replace the grids' arguments; PYTHON (default
-# python3) the interpreter.
+# python3) the interpreter; SUITE_TESTS (default: the list below) replaces the test files; T_BENCH under the number of
+# microbenchmark files skips them.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
 # GPU image) travel as wheels in .whl/ (git-ignored; 2.4 MB). Prepare them on a machine with PyPI access with
@@ -47,6 +49,7 @@ T_COMPILE=${T_COMPILE:-0}  # >30: compiled blocks at the two CLIPA goal points (
 T_KERNELS=${T_KERNELS:-100}  # 0: no run with clipfast's opt-in kernels at the two goal points
 T_SWEEP=${T_SWEEP:-0}  # >0: bench/sweep_kernels.py, the kernels' launch configs (about 50 s on an H100)
 T_PROFILE=${T_PROFILE:-40}  # 0: no step profile
+T_PROFILE_L=${T_PROFILE_L:-0}  # >0: also profile L/16 96 px / 8 tokens (clipfast with the kernels, open_clip)
 T_GRID=${T_GRID:-0}  # 0: no --grid gpu
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
 read -r -a CLIPA_ARGS <<<"${CLIPA_ARGS:---grid clipa}"
@@ -121,6 +124,7 @@ TESTS=(tests/test_graph.py tests/test_engine.py tests/test_patch_embed.py tests/
        tests/test_aot_short_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py
        tests/test_presets.py tests/test_interop.py tests/test_layer_norm.py tests/test_aot_layer_norm.py
        tests/test_gelu.py tests/test_aot_gelu.py)
+[ -n "${SUITE_TESTS:-}" ] && read -r -a TESTS <<<"$SUITE_TESTS"  # e.g. only the files a change touched
 EXISTING=()
 for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done
 # pytest-xdist (in the GPU image): a fresh machine compiles every Triton kernel first, and 8 workers do that in
@@ -131,7 +135,9 @@ part tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}"
     --junitxml="$DIR/tests.xml" "${EXISTING[@]}"
 
 BENCH_FILES=(bench/test_bench_*.py)
-if [ -e "${BENCH_FILES[0]}" ]; then
+if [ "$T_BENCH" -lt "${#BENCH_FILES[@]}" ]; then
+    log "T_BENCH=$T_BENCH: microbenchmarks skipped"
+elif [ -e "${BENCH_FILES[0]}" ]; then
     per=$(( T_BENCH / ${#BENCH_FILES[@]} ))
     for f in "${BENCH_FILES[@]}"; do
         name=$(basename "$f" .py)
@@ -180,6 +186,11 @@ fi
 if [ "$T_PROFILE" -gt 0 ]; then
     part profile "$T_PROFILE" "$PY" bench/profile_step.py --impls clipfast clipfast_kernels open_clip --out "$DIR"
 fi
+# the same at the other goal point, L/16 96 px / 8 tokens, batch 512, into profile_l16/
+if [ "$T_PROFILE_L" -gt 0 ]; then
+    part profile_l16 "$T_PROFILE_L" "$PY" bench/profile_step.py --preset L/16 --size 96 --text-len 8 --batch 512 \
+        --impls clipfast_kernels open_clip --out "$DIR/profile_l16"
+fi
 if [ "$T_GRID" -gt 30 ]; then
     part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget $(( T_GRID - 30 ))
 fi
@@ -201,6 +212,8 @@ fi
     [ -f "$DIR/kernels/throughput.md" ] && { echo "## clipfast's opt-in kernels at the goal points"; echo
                                               cat "$DIR/kernels/throughput.md"; echo; }
     [ -f "$DIR/profile.md" ] && { echo "## Step profile"; echo; cat "$DIR/profile.md"; echo; }
+    [ -f "$DIR/profile_l16/profile.md" ] && { echo "## Step profile, L/16"; echo; cat "$DIR/profile_l16/profile.md"
+                                               echo; }
     [ -f "$DIR/sweep/sweep.md" ] && { echo "## Kernel launch configs"; echo; cat "$DIR/sweep/sweep.md"; echo; }
     [ -f "$DIR/throughput.md" ] && { echo "## Grid"; echo; cat "$DIR/throughput.md"; }
 } >"$DIR/summary.md"
