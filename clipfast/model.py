@@ -410,9 +410,13 @@ class CLIP(nn.Module):
         # output_size keeps repeat_interleave free of a host-device sync
         seq = torch.repeat_interleave(torch.arange(S, device=ids.device), lengths, output_size=T)  # (T,)
         pos = torch.arange(T, device=ids.device) - cu_seqlens[seq].long()
-        x = self.token_embedding(ids) + self.positional_embedding[pos]  # (T, D)
+        # F.embedding and index_select rather than indexing: the backward of positional_embedding[pos] is an
+        # accumulating index_put that sorts T indices into context_length rows, and x[eot]'s one too (two
+        # indexing_backward kernels, 0.69 ms of a B/16 112 px step on an H100 at 49ad34c); embedding's backward and
+        # index_add do the same sums
+        x = self.token_embedding(ids) + F.embedding(pos, self.positional_embedding)  # (T, D)
         x = self.transformer(x, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, impl=self.impl)
-        x = self.ln_final(x[cu_seqlens[1:].long() - 1])  # end-of-text token of each caption, (S, D)
+        x = self.ln_final(x.index_select(0, cu_seqlens[1:].long() - 1))  # end-of-text token of each caption, (S, D)
         x = x @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
