@@ -161,11 +161,11 @@ def _kernel_batch():
 
 
 @contextlib.contextmanager
-def _counting(fn_cls):
-    """Within the block, every fn_cls.apply (an autograd Function's) appends its first argument's shape to the list
-    yielded."""
+def _counting(fn_cls, what=lambda args: args[0].shape):
+    """Within the block, every fn_cls.apply (an autograd Function's) appends what(its arguments), by default its first
+    argument's shape, to the list yielded."""
     calls, real = [], fn_cls.apply
-    fn_cls.apply = lambda *a: calls.append(a[0].shape) or real(*a)
+    fn_cls.apply = lambda *a: calls.append(what(a)) or real(*a)
     try:
         yield calls
     finally:
@@ -191,13 +191,8 @@ def test_triton_layer_norm_matches_torch_and_keeps_the_state_dict():
     ref = _step_grads(model, images, ids, cu, 7)
     keys = list(model.state_dict())
     fn = sys.modules["kernels.layer_norm"].AddLayerNormFn
-    real, biases = fn.apply, []
-    fn.apply = lambda *a: biases.append(a[-1]) or real(*a)
-    try:
-        with _counting(fn) as fused:
-            got = _step_grads(model.set_layer_norm("triton"), images, ids, cu, 7)
-    finally:
-        fn.apply = real
+    with _counting(fn) as fused, _counting(fn, lambda a: a[-1]) as biases:
+        got = _step_grads(model.set_layer_norm("triton"), images, ids, cu, 7)
     # every residual add but each tower's last goes through add_layer_norm: 2 per block, less 1 per tower, each with
     # the bias of the linear layer before it (out_proj's, c_proj's), which that layer then leaves out
     assert len(fused) == 2 * (model.cfg.vision.layers + model.cfg.text.layers) - 2
@@ -229,12 +224,8 @@ def test_triton_vision_attention_matches_sdpa():
         assert len(calls) == model.cfg.vision.layers and calls[0][1] == (17 if k is None else 3)
         _assert_same_step(ref, got, "sdpa")
     # the qkv projections leave their bias to the kernel, which adds it to q, k, v and sums its gradient
-    real, biases = sa.ShortAttentionQKVFn.apply, []
-    sa.ShortAttentionQKVFn.apply = lambda *a: biases.append(a[-1]) or real(*a)
-    try:
+    with _counting(sa.ShortAttentionQKVFn, lambda a: a[-1]) as biases:
         _step_grads(model, images, ids, cu, 7)
-    finally:
-        sa.ShortAttentionQKVFn.apply = real
     assert [id(b) for b in biases] == [id(b.attn.in_proj_bias) for b in model.visual.transformer.resblocks]
     text_attn = [m for m in model.transformer.modules() if isinstance(m, Attention)]
     assert text_attn and all(m.dense_impl == "sdpa" for m in text_attn)
