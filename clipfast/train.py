@@ -170,6 +170,25 @@ def one_rank_env() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
+def shm_buffer_path(rank: int) -> Path:
+    """DeepSpeed's shared-memory all-reduce buffer of `rank` (deepspeed/ops/csrc/cpu/comm/shm.cpp names it after the
+    user, MASTER_ADDR and MASTER_PORT)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer(rank: int) -> None:
+    """DeepSpeed on the CPU with every rank on this machine (its launcher sets LOCAL_SIZE) creates a 69 MB shared-memory
+    all-reduce buffer per rank in init_distributed, maps every rank's, and never unlinks them: each run left its
+    buffers in /dev/shm, RAM that stays taken (300 such files, 20 GB, stalled this 24 GB machine on 2026-11-26).
+    Called on each rank after a barrier that follows init_distributed, when every rank has mapped every buffer: the
+    name goes now, the memory when the last process that maps it exits."""
+    try:
+        shm_buffer_path(rank).unlink()
+    except FileNotFoundError:  # no shared-memory all-reduce (GPUs, one process without a launcher)
+        pass
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -184,6 +203,9 @@ def main(argv=None):
 
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.engine != "torch" and not cuda:
+        dist.barrier()  # every rank has mapped every shared-memory buffer
+        release_shm_buffer(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:

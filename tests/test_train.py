@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -20,10 +21,21 @@ def _free_port():
 
 
 def _deepspeed(ranks, *overrides, timeout=900):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(_free_port()), "clipfast/train.py", "--config", "configs/demo.py", *overrides]
+    """The run through DeepSpeed's launcher; afterwards none of its ranks' shared-memory all-reduce buffers is left in
+    /dev/shm (clipfast.train.release_shm_buffer)."""
+    from clipfast.train import shm_buffer_path
+
+    port = str(_free_port())
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
+           "clipfast/train.py", "--config", "configs/demo.py", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    with mock.patch.dict(os.environ, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}):
+        left = [p for p in map(shm_buffer_path, range(ranks)) if p.exists()]
+    for p in left:  # not left for the next run to fill /dev/shm with
+        p.unlink()
+    assert not left, f"shared-memory buffers left behind: {left}"
+    return r
 
 
 @pytest.fixture(scope="module")
