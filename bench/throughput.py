@@ -238,6 +238,18 @@ def _warm_up(step, batches, n: int, impl: str, pt: Point) -> None:
         raise FloatingPointError(f"{impl}: non-finite loss at {pt.label}")
 
 
+def _leave_out(impl: str, why: str, error: str, impls: list, mem: dict, row: dict, device) -> None:
+    """An optional column that failed: why printed, error kept in the row as <name>_error, the column removed from
+    impls and mem; its memory goes back to the next column (the caller has dropped its own references first)."""
+    print(f"{OPTIONAL_COLUMNS[impl]} {why}", file=sys.stderr)
+    row[impl.replace("clipfast_", "") + "_error"] = error
+    impls.remove(impl)
+    mem.pop(impl, None)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _time_dropping_on_oom(steps: dict, batches, args, device, impls: list, mem: dict, row: dict):
     """time_interleaved; where the device runs out of memory in it (every column built and warmed, but the eager
     columns' activations and the graphs' private pools together past the device: five L/16 columns on an 80 GB H100,
@@ -250,16 +262,10 @@ def _time_dropping_on_oom(steps: dict, batches, args, device, impls: list, mem: 
             optional = [i for i in impls if i in OPTIONAL_COLUMNS]
             if not optional:
                 raise
-            impl = optional[-1]
-            print(f"{OPTIONAL_COLUMNS[impl]} left out: out of memory while timing all columns: {str(e)[:300]}",
-                  file=sys.stderr)
-            row[impl.replace("clipfast_", "") + "_error"] = f"OutOfMemoryError while timing: {str(e)[:200]}"
-            impls.remove(impl)
-            mem.pop(impl, None)
-            del steps[impl], e
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            impl, msg = optional[-1], str(e)
+            del steps[optional[-1]], e
+            _leave_out(impl, f"left out: out of memory while timing all columns: {msg[:300]}",
+                       f"OutOfMemoryError while timing: {msg[:200]}", impls, mem, row, device)
 
 
 def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
@@ -320,15 +326,10 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
                 mem[impl] = persistent_bytes(model, opt) + step_peak_bytes(step, batches[0], device)
                 _warm_up(step, batches, args.warmup, impl, pt)
             except Exception as e:
-                print(f"{pt.label}: {OPTIONAL_COLUMNS[impl]} FAILED, column left out: {type(e).__name__}: "
-                      f"{str(e)[:500]}", file=sys.stderr)  # fmt: skip
-                row[impl.replace("clipfast_", "") + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                impls.remove(impl)
-                mem.pop(impl, None)
+                kind, msg = type(e).__name__, str(e)
                 del model, opt, step, e  # the exception's traceback holds the step's tensors
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()  # what the failed column held goes back to the next one
+                _leave_out(impl, f"FAILED at {pt.label}, column left out: {kind}: {msg[:500]}", f"{kind}: {msg[:200]}",
+                           impls, mem, row, device)
                 continue
         else:
             step(batches[0])  # allocates the optimizer state, so the memory step below sees only transients
