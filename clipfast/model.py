@@ -128,33 +128,37 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         return self.out_proj(self.core(qkv, causal, cu_seqlens, max_seqlen, impl))
 
+    def _short_kernel(self, x, cu_seqlens) -> bool:
+        """Whether core() runs kernels.short_attention for x (qkv or the stream it is projected from, (B, N, .))."""
+        return (cu_seqlens is None and self.dense_impl == "triton" and x.shape[1] <= TILE_MAX
+                and (x.is_cuda or interpreting()))
+
     def fuses_qkv_bias(self, x, cu_seqlens=None) -> bool:
         """Whether core() on the projection of x (the block's stream, (B, N, D) dense) runs kernels.short_attention,
         which adds in_proj_bias inside the kernel (and sums its gradient in the backward kernel): the projection can
         then leave the bias out."""
-        return (cu_seqlens is None and self.dense_impl == "triton" and x.dim() == 3 and (x.is_cuda or interpreting())
+        return (x.dim() == 3 and self._short_kernel(x, cu_seqlens)
                 and fuses_bias(x, x.shape[1], self.in_proj_bias.dtype, "triton"))
 
     def core(self, qkv, causal: bool = False, cu_seqlens=None, max_seqlen: int = 0, impl=None, bias=None):
         """Attention of the projected qkv, (B, N, 3D) dense or (T, 3D) packed, before the output projection. bias:
         the projection's, not yet added (where fuses_qkv_bias), else None."""
         D = qkv.shape[-1] // 3
+        kernel = self._short_kernel(qkv, cu_seqlens)
+        if bias is not None and not kernel:
+            qkv, bias = qkv + bias, None
         if cu_seqlens is None:  # dense (B, N, D)
             B, N, _ = qkv.shape
-            if self.dense_impl == "triton" and N <= TILE_MAX and (qkv.is_cuda or interpreting()):
+            if kernel:
                 o = short_attention_qkvpacked(qkv.view(B, N, 3, self.heads, D // self.heads), causal, bias=bias,
                                               impl="triton")  # fmt: skip
                 return o.reshape(B, N, D)
-            if bias is not None:
-                qkv = qkv + bias
             # unbind over the q/k/v axis, then transpose each: backward stacks dq, dk, dv (each laid out (B, N, H, d),
             # as SDPA allocates them) along that axis into qkv's own layout, one contiguous copy. Unbinding a permuted
             # (3, B, H, N, d) view instead stacked into that order and then copied back: two transposing copies per
             # block (the H200 profile at efae470: 9.8 of 93.5 ms per B/16 step)
             q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3, self.heads, D // self.heads).unbind(2))
             return sdpa(q, k, v, causal).transpose(1, 2).reshape(B, N, D)
-        if bias is not None:
-            qkv = qkv + bias
         T = qkv.shape[0]  # packed (T, 3D): the kernel's backward writes dq, dk, dv into one (T, 3, H, d) gradient
         qkv = qkv.view(T, 3, self.heads, D // self.heads)
         return varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=causal, impl=impl).reshape(T, D)
