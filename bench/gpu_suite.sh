@@ -5,7 +5,7 @@
 #     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh
 #
 # 1. kernel and model tests, natively (no interpreter): tests/test_{graph,engine,patch_embed,varlen_attention,
-#    short_attention,layer_norm,gelu,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed or DALI;
+#    short_attention,layer_norm,gelu,adamw,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed or DALI;
 #    presets/interop skip without open_clip)
 # 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
 # 3. the throughput grids: --grid clipa into clipa/; the two goal points with the opt-in kernels (kernels/: clipfast,
@@ -28,8 +28,8 @@
 # T_SWEEP=0 (>0: bench/sweep_kernels.py into sweep/, ~50 s) T_GRID=0 (--grid gpu: 3 points fit in 40 s, and
 # clipa/ carries the comparison), plus a few seconds for the wheels and the environment report; GRID_ARGS
 # (default "--grid gpu") and CLIPA_ARGS (default "--grid clipa") replace the grids' arguments; PYTHON (default
-# python3) the interpreter; SUITE_TESTS (default: the list below) replaces the test files; T_BENCH under the number of
-# microbenchmark files skips them.
+# python3) the interpreter; SUITE_TESTS (default: the list below) replaces the test files, SUITE_BENCH (default:
+# bench/test_bench_*.py) the microbenchmark files; T_BENCH under the number of microbenchmark files skips them.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
 # GPU image) travel as wheels in .whl/ (git-ignored; 2.4 MB). Prepare them on a machine with PyPI access with
@@ -123,7 +123,7 @@ TESTS=(tests/test_graph.py tests/test_engine.py tests/test_patch_embed.py tests/
        tests/test_short_attention.py tests/test_aot_patch_embed.py tests/test_aot_varlen_attention.py
        tests/test_aot_short_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py
        tests/test_presets.py tests/test_interop.py tests/test_layer_norm.py tests/test_aot_layer_norm.py
-       tests/test_gelu.py tests/test_aot_gelu.py)
+       tests/test_gelu.py tests/test_aot_gelu.py tests/test_adamw.py tests/test_aot_adamw.py)
 [ -n "${SUITE_TESTS:-}" ] && read -r -a TESTS <<<"$SUITE_TESTS"  # e.g. only the files a change touched
 EXISTING=()
 for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done
@@ -135,6 +135,7 @@ part tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}"
     --junitxml="$DIR/tests.xml" "${EXISTING[@]}"
 
 BENCH_FILES=(bench/test_bench_*.py)
+[ -n "${SUITE_BENCH:-}" ] && read -r -a BENCH_FILES <<<"$SUITE_BENCH"  # e.g. only bench/test_bench_optim.py
 if [ "$T_BENCH" -lt "${#BENCH_FILES[@]}" ]; then
     log "T_BENCH=$T_BENCH: microbenchmarks skipped"
 elif [ -e "${BENCH_FILES[0]}" ]; then

@@ -78,9 +78,11 @@ def profile(impl: str, args, device) -> tuple[str, dict]:
             torch.cuda.synchronize(device)
         wall = (time.perf_counter() - t0) / args.steps
     events = prof.key_averages()
-    if cuda:  # device kernels: self device time of events that ran on the GPU
+    if cuda:  # device kernels: self device time of events that ran on the GPU; not the ranges user annotations (e.g.
+        # "Optimizer.step#AdamW.step") draw over them on the GPU timeline, which counted the optimizer's time twice
         rows = [(e.key, e.self_device_time_total / 1e3 / args.steps, e.count // args.steps) for e in events
-                if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+                if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA
+                and not getattr(e, "is_user_annotation", False)]
     else:  # CPU: self time of aten ops
         rows = [(e.key, e.self_cpu_time_total / 1e3 / args.steps, e.count // args.steps) for e in events
                 if e.key.startswith(("aten::", "## Call CompiledFxGraph")) and e.self_cpu_time_total > 0]

@@ -33,6 +33,7 @@ import math
 import torch
 
 from clipfast.loss import clip_loss
+from clipfast.optim import clipped_step
 
 
 def pad_segments(bucket: int, context_length: int) -> int:
@@ -102,9 +103,9 @@ class GraphedTrainStep:
             img, txt, scale = self.model(s["images"], s["text"], s["cu_seqlens"], self.ctx, s["keep"])
             loss = clip_loss(img, txt[: img.shape[0]], scale)  # the padding captions' features are dropped
         loss.backward()
-        if self.clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
-        self.opt.step()
+        # clipping folded into MasterAdamW's Triton step where it can be (the norm is read, the gradients not rewritten)
+        with clipped_step(self.opt, list(self.model.parameters()), self.clip):
+            self.opt.step()
         return loss
 
     def __call__(self, images, text, cu_seqlens, keep=None) -> torch.Tensor:

@@ -4,8 +4,9 @@ DeepSpeed's bf16 mode (what `clipfast.train` runs on CUDA) keeps the model in bf
 matmuls are all bf16, and holds an fp32 master copy of the weights in the optimizer: each step casts the bf16
 gradients to fp32, updates the masters, and copies them back into the bf16 weights. `MasterAdamW` does the
 same for one device, so a benchmark or a CUDA-graph step (clipfast.graph) can run what the trainer runs; with
-capturable=True its whole step can be captured. On the CPU (by default) each parameter's cast, update and copy
-run as one compiled pass instead (fused_cast).
+capturable=True its whole step can be captured. With fused_cast each parameter's cast, update and copy run as one
+pass instead: on CUDA one Triton kernel launch (kernels.adamw; the default for the capturable, CUDA-graph step), on
+the CPU one compiled pass (torch.compile of `_adamw_cast`; opt-in).
 """
 from __future__ import annotations
 
@@ -49,14 +50,21 @@ class _FusedCastAdamW(torch.optim.AdamW):
     parameter and writes the bf16 parameter back, in one pass (_adamw_cast). Being an AdamW, its state, param
     groups, state_dict, step hooks and LR schedulers behave as torch's."""
 
-    def __init__(self, groups, param_of: dict, **kw):
+    def __init__(self, groups, param_of: dict, impl=None, **kw):
         super().__init__(groups, **kw)
         self._param_of = param_of  # id(master) -> bf16 parameter
+        self.impl = impl  # kernels.adamw's choice: None = the Triton kernel for CUDA tensors
+        self.grad_scale = None  # a device tensor the gradients are divided by (clipped_step), Triton path only
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MasterAdamW(fused_cast=True) takes no closure")
+        if self.impl == "triton" or (self.impl is None and self.param_groups[0]["params"][0].is_cuda):
+            self._triton_step()
+            return None
+        if self.grad_scale is not None:
+            raise ValueError("MasterAdamW: the compiled CPU step does not take a grad_scale")
         kernel = _compiled_adamw_cast()
         for group in self.param_groups:
             b1, b2 = group["betas"]
@@ -88,19 +96,53 @@ class _FusedCastAdamW(torch.optim.AdamW):
                     kernel(*args, hp)
         return None
 
+    def _triton_step(self):
+        """kernels.adamw: one launch per parameter, every input a device tensor (step counts, lr, grad_scale), so the
+        step can be captured in a CUDA graph; the step counts as torch's capturable AdamW keeps them."""
+        from kernels.adamw import adamw_cast_
+
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            todo = []
+            for m in group["params"]:
+                p = self._param_of[id(m)]
+                if p.grad is None:
+                    continue
+                st = self.state[m]
+                if not st:
+                    st.update(step=torch.zeros((), dtype=torch.float32, device=m.device),
+                              exp_avg=torch.zeros_like(m), exp_avg_sq=torch.zeros_like(m))
+                elif st["step"].device != m.device or st["step"].dtype != torch.float32:  # a CPU count, loaded
+                    st["step"] = st["step"].to(device=m.device, dtype=torch.float32)
+                todo.append((p, m, st))
+            if not todo:
+                continue
+            torch._foreach_add_([st["step"] for _, _, st in todo], 1.0)
+            lr = group["lr"]
+            if not isinstance(lr, torch.Tensor) or lr.device != todo[0][1].device:
+                lr = torch.full((), float(lr), dtype=torch.float32, device=todo[0][1].device)
+            for p, m, st in todo:
+                adamw_cast_(p, p.grad, m, st["exp_avg"], st["exp_avg_sq"], st["step"], lr,
+                            weight_decay=group["weight_decay"], beta1=b1, beta2=b2, eps=group["eps"],
+                            grad_scale=self.grad_scale, impl=self.impl or "triton")
+
 
 class MasterAdamW:
     """AdamW over fp32 masters of `params` (bf16 or fp16 leaves): step() = cast grads up, update, copy down.
 
     params: tensors or param-group dicts (e.g. clipfast.train.param_groups), as torch.optim takes them.
-    fused_cast: do each parameter's cast up, update and copy down in one compiled pass (`_adamw_cast`), reading and
-    writing 28 bytes per parameter where torch's fused AdamW between two casts moves 40: on the 2-core CPU 104 vs
-    150 ms per step for ViT-S/16's 62M parameters (bench/test_bench_optim.py). None (default): on the CPU, unless
-    capturable. The state (exp_avg, exp_avg_sq, step) is torch.optim.AdamW's either way, so checkpoints do not depend
-    on it.
+    fused_cast: do each parameter's cast up, update and copy down in one pass, reading and writing 28 bytes per
+    parameter where torch's fused AdamW between two casts moves 40. On CUDA the Triton kernel kernels.adamw
+    (impl="triton" forces it, e.g. under TRITON_INTERPRET=1), which a CUDA graph can capture; on the CPU a compiled
+    pass (`_adamw_cast`). None (default): only on CUDA with capturable=True, the CUDA-graph step. Eagerly its launch per
+    parameter would cost more host time than torch's few multi-tensor launches, and on the 2-core CPU the compiled
+    pass is the slower one: 100 and 105 ms per step against 78 and 81 ms unfused for ViT-S/16's 62M parameters on
+    2026-11-26 (`pytest bench/test_bench_optim.py --benchmark-only`, twice; torch's fused AdamW over fp32: 39 and 42
+    ms). The state (exp_avg, exp_avg_sq, step) is torch.optim.AdamW's either way, so checkpoints do not depend on it.
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.01, fused_cast: bool | None = None, **kw):
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.01, fused_cast: bool | None = None,
+                 impl: str | None = None, **kw):
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         self.params, master_groups = [], []
@@ -113,16 +155,20 @@ class MasterAdamW:
             raise ValueError("MasterAdamW: no trainable parameters")
         self.master = [m for g in master_groups for m in g["params"]]
         on_cpu = all(p.device.type == "cpu" for p in self.params)
-        self.fused_cast = on_cpu and not kw.get("capturable") if fused_cast is None else bool(fused_cast)
-        if self.fused_cast and (kw.get("capturable") or kw.get("amsgrad") or kw.get("maximize")):
-            raise ValueError("MasterAdamW: fused_cast=True does not take capturable, amsgrad or maximize")
+        triton = impl == "triton" or (impl is None and not on_cpu)
+        capturable = bool(kw.get("capturable"))
+        self.fused_cast = (triton and capturable) if fused_cast is None else bool(fused_cast)
+        self.triton = self.fused_cast and triton  # the fused step runs kernels.adamw (else the compiled CPU pass)
+        if self.fused_cast and (kw.get("amsgrad") or kw.get("maximize") or (capturable and not triton)):
+            raise ValueError("MasterAdamW: fused_cast=True takes no amsgrad or maximize, and capturable only with the "
+                             "Triton kernel (CUDA parameters, or impl='triton')")
         # unfused: fp32 gradients of the masters, kept from step to step: a cast into a fresh tensor each step costs
         # an allocation, and on the CPU the page faults of touching it (3x the cast itself for a 19M-entry embedding)
         self._grad32 = [] if self.fused_cast else [torch.empty_like(m) for m in self.master]
         if self.fused_cast:  # torch's fused / foreach switches do not apply to the one-pass step
             kw = {k: v for k, v in kw.items() if k not in ("fused", "foreach")}
             param_of = {id(m): p for m, p in zip(self.master, self.params, strict=True)}
-            self.opt = _FusedCastAdamW(master_groups, param_of, lr=lr, weight_decay=weight_decay, **kw)
+            self.opt = _FusedCastAdamW(master_groups, param_of, impl=impl, lr=lr, weight_decay=weight_decay, **kw)
         else:
             self.opt = torch.optim.AdamW(master_groups, lr=lr, weight_decay=weight_decay, **kw)
 
@@ -133,6 +179,15 @@ class MasterAdamW:
     @property
     def state(self):
         return self.opt.state
+
+    @property
+    def grad_scale(self):
+        """What the fused step divides the gradients by (clipped_step sets it); None: nothing."""
+        return getattr(self.opt, "grad_scale", None)
+
+    @grad_scale.setter
+    def grad_scale(self, value):
+        self.opt.grad_scale = value
 
     def master_bytes(self) -> int:
         """What this optimizer holds beside torch's AdamW state: the fp32 masters and, unfused, their fp32 gradient
@@ -167,12 +222,21 @@ class MasterAdamW:
         for m, saved, p in zip(self.master, sd["master"], self.params, strict=True):
             m.copy_(saved)
             p.copy_(saved)  # the weights are the masters rounded
-        self.opt.load_state_dict(sd["opt"])
+        # the saved state, run the way this optimizer runs: a checkpoint of the CUDA-graph step (capturable, lr a
+        # device tensor) resumes in an eager step and back, so those flags stay this optimizer's own
+        opt_sd = {**sd["opt"], "param_groups": [dict(g) for g in sd["opt"]["param_groups"]]}
+        for saved, own in zip(opt_sd["param_groups"], self.opt.param_groups, strict=False):
+            saved.update({k: own[k] for k in ("capturable", "fused", "foreach", "differentiable") if k in own})
+            if isinstance(saved["lr"], torch.Tensor) and not isinstance(own["lr"], torch.Tensor):
+                saved["lr"] = float(saved["lr"])
+        self.opt.load_state_dict(opt_sd)
 
 
 def folds_clipping(optimizer) -> bool:
     """Whether clipped_step can hand the clipping to the optimizer's own kernel: torch's fused AdamW (not capturable;
-    its grad_scale input is what GradScaler uses)."""
+    its grad_scale input is what GradScaler uses), or MasterAdamW's Triton step (kernels.adamw, capturable too)."""
+    if isinstance(optimizer, MasterAdamW):
+        return optimizer.triton
     return type(optimizer) is torch.optim.AdamW and all(g.get("fused") and not g.get("capturable")
                                                         for g in optimizer.param_groups)
 
@@ -191,7 +255,8 @@ def clipped_step(optimizer, params, max_norm: float):
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     elif fold:
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # float32 for float32 gradients; on their device
+        # in float32 whatever the gradients' dtype (get_total_norm sums bf16 gradients' norms in bf16); on their device
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
         optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
     try:
         yield
