@@ -20,6 +20,8 @@ Kernels and shapes (bf16, the vision tower at the goal points: B/16 112 px batch
   GeluBackward + the bias-gradient sum
 - short attention (N = 50 and 37, d = 64, one tile per sequence and head): forward and backward num_warps x
   num_stages; torch: SDPA forward, and forward + backward less forward
+- AdamW over fp32 masters of bf16 weights (kernels.adamw) on one MLP weight: BLOCK x num_warps; torch: fused AdamW
+  over fp32, and the cast + fused AdamW + copy that MasterAdamW ran before the kernel
 Writes sweep.md (one table per kernel and shape, fastest first, the default and torch marked) and sweep.json.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+import kernels.adamw  # noqa: E402,F401
 import kernels.gelu  # noqa: E402,F401
 import kernels.layer_norm  # noqa: E402,F401
 import kernels.short_attention  # noqa: E402,F401
@@ -240,6 +243,55 @@ def sweep_attention(s, device, dtype, timer, smoke):
     return {f"short attention forward (N={N})": fwd_rows, f"short attention backward (N={N})": bwd_rows}
 
 
+# ---- AdamW over fp32 masters ----------------------------------------------------------------------------------
+
+def sweep_adamw(s, device, dtype, timer, smoke):
+    """kernels.adamw on one MLP weight (mlp x width) in place: BLOCK x num_warps; torch: fused AdamW on the fp32
+    weight (28 bytes per parameter, its gradient already fp32), and the cast up + fused AdamW + copy down that
+    MasterAdamW ran before (40 bytes)."""
+    ad = sys.modules["kernels.adamw"]
+    n = s["mlp"] * s["width"]
+    g = torch.Generator(device="cpu").manual_seed(3)
+    w0 = torch.randn(n, generator=g).to(device)
+    grad = (torch.randn(n, generator=g) * 1e-3).to(device, dtype)
+    one = lambda x: torch.tensor(float(x), device=device)  # noqa: E731
+    hp = dict(weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-6)
+
+    def state():
+        return w0.to(dtype), w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+
+    p_ref, w_ref, m_ref, v_ref = state()
+    ad.adamw_cast_(p_ref, grad, w_ref, m_ref, v_ref, one(1), one(1e-3), **hp)
+
+    def run_cfg(block, nw):
+        p, w, m, v = state()
+        grid, args, const, opts = ad._launch(p, grad, w, m, v, one(1), one(1e-3), None, 0.1, 0.9, 0.95, 1e-6,
+                                             block, nw)
+
+        def run():  # in place: _measure checks after its first call, from the reference's starting state
+            ad._adamw_cast_kernel[grid](**args, **const, **opts)
+
+        return run, lambda: _close(w, w_ref, "w") or _close(p, p_ref, "p")
+
+    cand = list(itertools.product((1024, 2048, 4096, 8192), (4, 8, 16))) if not smoke else [(256, 2)]
+    default = (ad.BLOCK, ad.NUM_WARPS)
+    rows = [_measure(f"BLOCK={b} warps={nw}", run_cfg(b, nw), timer, (b, nw) == default)
+            for b, nw in _with(cand, default)]
+    w32 = torch.nn.Parameter(w0.clone())
+    w32.grad = grad.float()
+    opt32 = torch.optim.AdamW([w32], lr=1e-3, weight_decay=0.1, fused=True, capturable=device.type == "cuda")
+    rows.append(dict(config="torch: fused AdamW, fp32 weight and gradient", ms=timer(opt32.step), torch=True))
+    g32 = torch.empty_like(w32)
+
+    def unfused():
+        w32.grad = g32.copy_(grad)
+        opt32.step()
+        p_ref.copy_(w32.detach())
+
+    rows.append(dict(config="torch: cast up + fused AdamW + copy down", ms=timer(unfused), torch=True))
+    return {f"AdamW over fp32 masters ({n / 1e6:.1f}M parameters)": rows}
+
+
 # ---- driver ---------------------------------------------------------------------------------------------------
 
 def _with(grid, default) -> list:
@@ -286,8 +338,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, help="folder for sweep.md and sweep.json (default: print only)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, two configs per kernel (CPU interpreter)")
     ap.add_argument("--rep-ms", type=int, default=25, help="do_bench's measuring time per config, ms")
-    ap.add_argument("--kernels", nargs="+", default=["add_ln", "gelu", "attention"],
-                    choices=["add_ln", "gelu", "attention"])
+    ap.add_argument("--kernels", nargs="+", default=["add_ln", "gelu", "attention", "adamw"],
+                    choices=["add_ln", "gelu", "attention", "adamw"])
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -295,7 +347,7 @@ def main(argv=None):
                          "TRITON_INTERPRET=1 to check the harness")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = _timer(device, args.rep_ms)
-    fns = {"add_ln": sweep_add_ln, "gelu": sweep_gelu, "attention": sweep_attention}
+    fns = {"add_ln": sweep_add_ln, "gelu": sweep_gelu, "attention": sweep_attention, "adamw": sweep_adamw}
     from bench.report import device_info, git_commit
 
     meta = dict(device=device_info(device)[0], date=time.strftime("%Y-%m-%d"), commit=git_commit(),

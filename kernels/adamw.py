@@ -15,7 +15,8 @@ corrections from `step`, a float32 tensor the caller has already incremented). `
 device tensors the kernel reads when it runs, so a CUDA graph that captured it follows an LR schedule and its own
 step count. grad_scale (optional): the gradient is divided by it, as torch's fused AdamW does for clipping.
 
-Launch: one program per BLOCK = 2,048 elements (8 per thread, 8 warps); the scalar inputs are loaded once per program.
+Launch: one program per BLOCK = 2,048 elements (8 warps, 4 contiguous elements per thread and access); the scalar
+inputs are loaded once per program.
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ NUM_WARPS = 8
 @triton.jit
 def _adamw_cast_kernel(P, G, W, M, V, STEP, LR, GSCALE, n, weight_decay, beta1, beta2, eps,
                        HAS_GSCALE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # [BLOCK // 4, 4]: rows of four, so that every load and store (bf16 and fp32 alike) gets four elements per thread
+    # and one layout; a flat 2,048 gave the bf16 loads eight per thread and the fp32 stores four, and Triton moved
+    # the three fp32 results through shared memory to store them
+    offs = (tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK // 4)[:, None] * 4
+            + tl.arange(0, 4)[None, :])
     mask = offs < n
     t = tl.load(STEP).to(tl.float32)
     lr = tl.load(LR).to(tl.float32)
@@ -73,13 +78,13 @@ def adamw_cast_ref(p, g, w, m, v, step, lr, *, weight_decay, beta1, beta2, eps, 
     p.copy_(w)
 
 
-def _launch(p, g, w, m, v, step, lr, grad_scale, weight_decay, beta1, beta2, eps):
-    """(grid, runtime args, constexprs, launch options)."""
+def _launch(p, g, w, m, v, step, lr, grad_scale, weight_decay, beta1, beta2, eps, block=BLOCK, num_warps=NUM_WARPS):
+    """(grid, runtime args, constexprs, launch options); block and num_warps: bench/sweep_kernels.py tries others."""
     n = w.numel()
     args = dict(P=p, G=g, W=w, M=m, V=v, STEP=step, LR=lr, GSCALE=step if grad_scale is None else grad_scale, n=n,
                 weight_decay=float(weight_decay), beta1=float(beta1), beta2=float(beta2), eps=float(eps))
-    const = dict(HAS_GSCALE=grad_scale is not None, BLOCK=BLOCK)
-    return (triton.cdiv(n, BLOCK),), args, const, {"num_warps": NUM_WARPS}
+    const = dict(HAS_GSCALE=grad_scale is not None, BLOCK=block)
+    return (triton.cdiv(n, block),), args, const, {"num_warps": num_warps}
 
 
 @torch.no_grad()

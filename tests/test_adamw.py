@@ -79,7 +79,7 @@ def test_kernel_errors():
 def _params(shapes, seed):
     gen = torch.Generator().manual_seed(seed)
     w16 = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE, torch.bfloat16)) for s in shapes]
-    return w16, [torch.nn.Parameter(w.detach().float()) for w in w16]
+    return w16, [torch.nn.Parameter(w.detach().float().cpu()) for w in w16]  # the reference on the CPU
 
 
 def _groups(ws):

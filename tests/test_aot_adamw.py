@@ -1,6 +1,7 @@
 """sm_90 ahead-of-time compile of the one-pass AdamW kernel (kernels.adamw) for bf16 and fp16 weights, with and without
 the gradient scale, with the launcher's own block and warps (`_launch` on meta tensors). Asserts no spills and no
-local memory; `pytest -s` prints the resource table."""
+local memory, and no shared memory: every load and store in one layout, none moved through shared memory to change it
+(a flat block did that for the fp32 stores); `pytest -s` prints the resource table."""
 import pytest
 import torch
 
@@ -26,3 +27,4 @@ pytestmark, compile_all, resources = aot_module(__name__, CASES, _compile)
 @pytest.mark.parametrize("label,dt,scaled", CASES, ids=[c[0] for c in CASES])
 def test_sm90_resources(resources, label, dt, scaled):
     check(resources[label], f"sm_90 {label}")
+    assert resources[label].shared == 0, f"{label}: {resources[label].shared} bytes of shared memory (a layout change)"
