@@ -25,7 +25,7 @@
 # B/16 112 px / 16 tokens, batch 1024, clipfast, clipfast_kernels, open_clip; 0 skips) T_PROFILE_L=0 (>0: the same
 # at L/16 96 px / 8 tokens, batch 512, into profile_l16/) T_COMPILE=0 (>30: the two
 # goal points, eager beside compiled blocks, into compile/; compiled was slower, 105.0 vs 93.5 ms, at 5cc21e3)
-# T_SWEEP=0 (>0: bench/sweep_kernels.py into sweep/, ~50 s) T_GRID=0 (--grid gpu: 3 points fit in 40 s, and
+# T_SWEEP=0 (>0: bench/sweep_kernels.py into sweep/, ~50 s; SWEEP_ARGS adds its arguments) T_GRID=0 (--grid gpu: 3 points fit in 40 s, and
 # clipa/ carries the comparison), plus a few seconds for the wheels and the environment report; GRID_ARGS
 # (default "--grid gpu") and CLIPA_ARGS (default "--grid clipa") replace the grids' arguments; PYTHON (default
 # python3) the interpreter; SUITE_TESTS (default: the list below) replaces the test files, SUITE_BENCH (default:
@@ -115,7 +115,8 @@ $PY -c 'import sys, torch, triton; print(sys.version); print("torch", torch.__ve
 $PY -c 'import open_clip; print("open_clip", open_clip.__version__, open_clip.__file__)'
 $PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|open.clip|timm|ftfy|regex|pytest|pytest-benchmark|matplotlib|numpy) '
 EOF
-part env 60 bash "$DIR/env.sh"
+T_ENV=${T_ENV:-60}  # 0: no environment report (nvidia-smi, versions: ~20 s; the throughput tables name the versions)
+[ "$T_ENV" -gt 0 ] && part env "$T_ENV" bash "$DIR/env.sh"
 
 # tests that import neither DeepSpeed nor DALI (test_train, test_stages, test_data do); on CUDA, tests/conftest.py
 # leaves TRITON_INTERPRET unset, so the kernels compile and run natively
@@ -180,7 +181,8 @@ if [ "$T_KERNELS" -gt 30 ]; then
 fi
 # launch-config sweep of the opt-in kernels (each config checked against the default, then timed; torch beside)
 if [ "$T_SWEEP" -gt 0 ]; then
-    part sweep "$T_SWEEP" "$PY" bench/sweep_kernels.py --out "$DIR/sweep"
+    read -r -a SWEEP_ARGS <<<"${SWEEP_ARGS:-}"  # e.g. SWEEP_ARGS="--kernels adamw"
+    part sweep "$T_SWEEP" "$PY" bench/sweep_kernels.py --out "$DIR/sweep" "${SWEEP_ARGS[@]}"
 fi
 # where a CLIPA step's device time goes (kernel groups, busy share): clipfast without and with the opt-in kernels,
 # open_clip
