@@ -5,7 +5,7 @@
 #     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh
 #
 # 1. kernel and model tests, natively (no interpreter): tests/test_{graph,engine,patch_embed,varlen_attention,
-#    short_attention,layer_norm,gelu,adamw,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed or DALI;
+#    short_attention,layer_norm,gelu,adamw,mlp,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed or DALI;
 #    presets/interop skip without open_clip)
 # 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
 # 3. the throughput grids: --grid clipa into clipa/; the two goal points with the opt-in kernels (kernels/: clipfast,
@@ -124,7 +124,8 @@ TESTS=(tests/test_graph.py tests/test_engine.py tests/test_patch_embed.py tests/
        tests/test_short_attention.py tests/test_aot_patch_embed.py tests/test_aot_varlen_attention.py
        tests/test_aot_short_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py
        tests/test_presets.py tests/test_interop.py tests/test_layer_norm.py tests/test_aot_layer_norm.py
-       tests/test_gelu.py tests/test_aot_gelu.py tests/test_adamw.py tests/test_aot_adamw.py)
+       tests/test_gelu.py tests/test_aot_gelu.py tests/test_adamw.py tests/test_aot_adamw.py tests/test_mlp.py
+       tests/test_aot_mlp.py)
 [ -n "${SUITE_TESTS:-}" ] && read -r -a TESTS <<<"$SUITE_TESTS"  # e.g. only the files a change touched
 EXISTING=()
 for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done

@@ -105,11 +105,11 @@ def _stats(rs, key="vs_open_clip"):
     return f"min {min(xs):.2f}×, median {statistics.median(xs):.2f}×, max {max(xs):.2f}× ({len(xs)} points)"
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], mlp: str = "kernels.linear_gelu") -> str:
     """The clipfast / open_clip ratio over all points and per kind of point: masked, padded (>= 25% of the text
-    length is padding), neither; the kernels column against plain clipfast."""
+    length is padding), neither; the kernels column (its MLP: `mlp`) against plain clipfast."""
     with_kernels = [r for r in rows if r.get("kernels_vs_clipfast")]
-    kernels = (f" With the opt-in kernels (kernels.layer_norm, kernels.short_attention, kernels.linear_gelu) / "
+    kernels = (f" With the opt-in kernels (kernels.layer_norm, kernels.short_attention, {mlp}) / "
                f"without: {_stats(with_kernels, 'kernels_vs_clipfast')}." if with_kernels else "")
     graph_kernels = [r for r in rows if r.get("graph_kernels_vs_graph")]
     if graph_kernels:
@@ -247,7 +247,7 @@ def write_outputs(rows: list[dict], meta: dict, skipped: list[str], out: Path, t
     rows.sort(key=lambda r: (order[r["preset"]], r["mask"], r["image_px"], r["text_len"]))
     add_scaling(rows)
     meta = dict(meta, load_end=os.getloadavg(), wall_s=round(time.perf_counter() - t0, 1), skipped=skipped,
-                summary=summary(rows))
+                summary=summary(rows, meta.get("kernels_mlp", "kernels.linear_gelu")))
     loads = [r["load_1min"] for r in rows]
     header = (f"**{meta['device']}**, {meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton "
               f"{meta['triton']}, {meta['open_clip'] or 'no open_clip column'}, {meta['precision']}; load (1 min) "

@@ -22,6 +22,8 @@ Kernels and shapes (bf16, the vision tower at the goal points: B/16 112 px batch
   num_stages; torch: SDPA forward, and forward + backward less forward
 - AdamW over fp32 masters of bf16 weights (kernels.adamw) on one MLP weight: BLOCK x num_warps; torch: fused AdamW
   over fp32, and the cast + fused AdamW + copy that MasterAdamW ran before the kernel
+- the MLP's fused matmuls (kernels.mlp, opt-in): forward and backward, tiles x warps x stages x persistence; torch:
+  cuBLAS + GELU forward, cuBLAS + kernels.linear_gelu's GELU backward
 Writes sweep.md (one table per kernel and shape, fastest first, the default and torch marked) and sweep.json.
 """
 from __future__ import annotations
@@ -44,6 +46,7 @@ import triton  # noqa: E402
 import kernels.adamw  # noqa: E402,F401
 import kernels.gelu  # noqa: E402,F401
 import kernels.layer_norm  # noqa: E402,F401
+import kernels.mlp  # noqa: E402,F401
 import kernels.short_attention  # noqa: E402,F401
 
 # kernels/__init__ re-exports functions under the modules' names: take the modules themselves
@@ -273,7 +276,7 @@ def sweep_adamw(s, device, dtype, timer, smoke):
 
         return run, lambda: _close(w, w_ref, "w") or _close(p, p_ref, "p")
 
-    cand = list(itertools.product((1024, 2048, 4096, 8192), (4, 8, 16))) if not smoke else [(256, 2)]
+    cand = [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)] if not smoke else [(256, 2)]
     default = (ad.BLOCK, ad.NUM_WARPS)
     rows = [_measure(f"BLOCK={b} warps={nw}", run_cfg(b, nw), timer, (b, nw) == default)
             for b, nw in _with(cand, default)]
@@ -290,6 +293,66 @@ def sweep_adamw(s, device, dtype, timer, smoke):
 
     rows.append(dict(config="torch: cast up + fused AdamW + copy down", ms=timer(unfused), torch=True))
     return {f"AdamW over fp32 masters ({n / 1e6:.1f}M parameters)": rows}
+
+
+# ---- the MLP's matmuls with the GELU in their epilogues --------------------------------------------------------
+
+MLP_CONFIGS = [(128, 128, 64, 8, 3, 0), (128, 128, 64, 8, 4, 0), (128, 128, 64, 8, 3, 1), (128, 64, 64, 4, 4, 0),
+               (64, 128, 64, 4, 4, 0)]  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM (0: one per tile)
+
+
+def sweep_mlp(s, device, dtype, timer, smoke):
+    """kernels.mlp's two fused matmuls at the vision MLP's shapes: forward h, GELU(h) = x W1^T + b1 against torch's
+    linear (cuBLAS, bias in its epilogue) + GELU; backward dh, db1 = (dY W2) GELU'(h) and its column sums against
+    cuBLAS's dY W2 + kernels.linear_gelu's GELU backward (what the MLP runs without kernels.mlp)."""
+    km = sys.modules["kernels.mlp"]
+    M, K, N = s["rows"], s["width"], s["mlp"]
+    g = torch.Generator(device="cpu").manual_seed(4)
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    w1 = (torch.randn(N, K, generator=g) * K**-0.5).to(device, dtype)
+    b1 = torch.randn(N, generator=g).to(device, dtype)
+    w2 = (torch.randn(K, N, generator=g) * N**-0.5).to(device, dtype)
+    dy = torch.randn(M, K, generator=g).to(device, dtype)
+    h0 = F.linear(x, w1, b1)
+    a0 = F.gelu(h0)
+    dh0, db0 = ge.gelu_bwd(dy @ w2, h0)
+    cands = MLP_CONFIGS if not smoke else [(16, 16, 16, 1, 1, 0), (16, 16, 16, 1, 1, 1)]
+    default = km._config(M, N, K)
+    dkey = (default["BLOCK_M"], default["BLOCK_N"], default["BLOCK_K"], default["num_warps"], default["num_stages"],
+            default["programs"])
+
+    def cfg(c):
+        return dict(BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], GROUP_M=8, num_warps=c[3], num_stages=c[4],
+                    programs=c[5])
+
+    def fwd(c):
+        out = {}
+
+        def run():
+            out["h"], out["a"] = km.fc_gelu(x, w1, b1, cfg(c))
+
+        return run, lambda: _close(out["h"], h0, "h") or _close(out["a"], a0, "a")
+
+    def bwd(c):
+        out = {}
+
+        def run():
+            out["dh"], out["db"] = km.dgelu_proj(dy, w2, h0, cfg(c))
+
+        return run, lambda: _close(out["dh"], dh0, "dh") or _close(out["db"], db0, "db")
+
+    def label(c):
+        each = f"persistent {c[5]}/SM" if c[5] else "a tile each"
+        return f"{c[0]}x{c[1]}x{c[2]} warps={c[3]} stages={c[4]} {each}"
+
+    fwd_rows = [_measure(label(c), fwd(c), timer, c == dkey) for c in _with(cands, dkey)]
+    bwd_rows = [_measure(label(c), bwd(c), timer, c == dkey) for c in _with(cands, dkey)]
+    fwd_rows.append(dict(config="torch: linear (cuBLAS, bias epilogue) + GELU",
+                         ms=timer(lambda: F.gelu(F.linear(x, w1, b1))), torch=True))
+    bwd_rows.append(dict(config="torch: dY W2 (cuBLAS) + kernels.linear_gelu's GELU backward with the bias sum",
+                         ms=timer(lambda: ge.gelu_bwd(dy @ w2, h0)), torch=True))
+    return {f"MLP forward: x W1^T + b1, GELU ({M} x {K} -> {N})": fwd_rows,
+            f"MLP backward: (dY W2) GELU'(h), db1 ({M} x {K} -> {N})": bwd_rows}
 
 
 # ---- driver ---------------------------------------------------------------------------------------------------
@@ -338,8 +401,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, help="folder for sweep.md and sweep.json (default: print only)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, two configs per kernel (CPU interpreter)")
     ap.add_argument("--rep-ms", type=int, default=25, help="do_bench's measuring time per config, ms")
-    ap.add_argument("--kernels", nargs="+", default=["add_ln", "gelu", "attention", "adamw"],
-                    choices=["add_ln", "gelu", "attention", "adamw"])
+    ap.add_argument("--kernels", nargs="+", default=["add_ln", "gelu", "attention", "adamw", "mlp"],
+                    choices=["add_ln", "gelu", "attention", "adamw", "mlp"])
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -347,7 +410,8 @@ def main(argv=None):
                          "TRITON_INTERPRET=1 to check the harness")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = _timer(device, args.rep_ms)
-    fns = {"add_ln": sweep_add_ln, "gelu": sweep_gelu, "attention": sweep_attention, "adamw": sweep_adamw}
+    fns = {"add_ln": sweep_add_ln, "gelu": sweep_gelu, "attention": sweep_attention, "adamw": sweep_adamw,
+           "mlp": sweep_mlp}
     from bench.report import device_info, git_commit
 
     meta = dict(device=device_info(device)[0], date=time.strftime("%Y-%m-%d"), commit=git_commit(),

@@ -397,6 +397,9 @@ def parse_args(argv=None):
     ap.add_argument("--kernels", action="store_true",
                     help="add a column: clipfast with its opt-in kernels (layer norm, vision attention, MLP); on "
                          "CUDA with graphs, also graphs+kernels")
+    ap.add_argument("--kernels-mlp", choices=["triton", "triton_gemm"], default="triton",
+                    help="the MLP in the kernels columns (CLIP.set_mlp): kernels.linear_gelu, or kernels.mlp (the "
+                         "GELU inside Triton matmuls)")
     ap.add_argument("--deepspeed", action="store_true",
                     help="add a column: clipfast through DeepSpeed's engine as clipfast.train runs it (one rank)")
     ap.add_argument("--steps", type=int, help="timed steps per implementation")
@@ -441,6 +444,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     bench_steps.LAYER_NORM = args.clipfast_layer_norm
     bench_steps.VISION_ATTENTION = args.clipfast_vision_attention
+    bench_steps.KERNELS["mlp"] = args.kernels_mlp
     if args.threads:
         torch.set_num_threads(args.threads)
     one_thread = device.type == "cpu" and torch.get_num_threads() == 1
@@ -481,7 +485,9 @@ def main(argv=None) -> list[dict]:
                            f"clipfast {args.clipfast_precision}, open_clip {args.precision}")
                 + ("" if args.clipfast_layer_norm == "torch" else f", clipfast layer norm {args.clipfast_layer_norm}")
                 + ("" if args.clipfast_vision_attention == "sdpa"
-                   else f", clipfast vision attention {args.clipfast_vision_attention}"),
+                   else f", clipfast vision attention {args.clipfast_vision_attention}")
+                + ("" if args.kernels_mlp == "triton" else f", kernels columns' MLP {args.kernels_mlp}"),
+                kernels_mlp={"triton": "kernels.linear_gelu", "triton_gemm": "kernels.mlp"}[args.kernels_mlp],
                 threads=torch.get_num_threads(), peak_tflops=args.peak / 1e12 if args.peak else None,
                 load_start=os.getloadavg(), argv=sys.argv[1:] if argv is None else list(argv),
                 captions=f"log-normal lengths, median {CAPTION_MEDIAN}, sigma {CAPTION_SIGMA}, clipped to [2, text "

@@ -25,6 +25,7 @@ from kernels import (
     layer_norm,
     linear_gelu,
     masked_patch_embed,
+    mlp,
     short_attention_qkvpacked,
     varlen_attention_qkvpacked,
 )
@@ -84,13 +85,15 @@ class LayerNorm(nn.LayerNorm):
 
 
 VISION_ATTENTIONS = ("sdpa", "triton")
-MLPS = ("torch", "triton")
+MLPS = ("torch", "triton")  # (plain, kernel): what "auto" picks between (clipfast.engine.resolve_kernels)
+MLP_CHOICES = (*MLPS, "triton_gemm")  # "triton_gemm": kernels.mlp, the GELU inside the two matmuls (opt-in)
 
 
 class MLP(nn.Sequential):
     """c_fc, GELU, c_proj (open_clip's names and state_dict). impl "triton" (CLIP.set_mlp) runs c_fc and the GELU as
     `kernels.linear_gelu` on CUDA tensors and under the interpreter (the GELU backward writes the bias gradient in the
-    same pass); torch's modules elsewhere and inside torch.compile."""
+    same pass); "triton_gemm" the whole MLP as `kernels.mlp` (the GELU and its gradient in the epilogues of Triton
+    matmuls); torch's modules elsewhere and inside torch.compile."""
 
     impl = "torch"
 
@@ -100,7 +103,11 @@ class MLP(nn.Sequential):
 
     def forward(self, x, proj_bias: bool = True):
         """proj_bias=False: c_proj without its bias (the caller adds it: kernels.add_layer_norm's rb)."""
-        if self.impl == "triton" and (x.is_cuda or interpreting()) and not torch.compiler.is_compiling():
+        kernel = self.impl != "torch" and (x.is_cuda or interpreting()) and not torch.compiler.is_compiling()
+        if kernel and self.impl == "triton_gemm":
+            return mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight,
+                       self.c_proj.bias if proj_bias else None, impl="triton")
+        if kernel:
             h = linear_gelu(x, self.c_fc.weight, self.c_fc.bias, impl="triton")
         else:
             h = self.gelu(self.c_fc(x))
@@ -393,8 +400,9 @@ class CLIP(nn.Module):
         return self._set_each(self.visual, Attention, "dense_impl", impl)
 
     def set_mlp(self, impl: str = "torch") -> CLIP:
-        """Every MLP's first layer and GELU: "torch" (nn.Linear, nn.GELU) or "triton" (kernels.linear_gelu on CUDA)."""
-        return self._set_each(self, MLP, "impl", self._check_choice("mlp", impl, MLPS))
+        """Every MLP: "torch" (nn.Linear, nn.GELU), "triton" (c_fc and the GELU as kernels.linear_gelu on CUDA) or
+        "triton_gemm" (the MLP as kernels.mlp on CUDA: the GELU in the matmuls' epilogues)."""
+        return self._set_each(self, MLP, "impl", self._check_choice("mlp", impl, MLP_CHOICES))
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.visual.transformer.grad_checkpointing = enable

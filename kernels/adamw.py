@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import use_triton
+from kernels._common import cast_rtne, interpreting, use_triton
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -32,7 +32,7 @@ NUM_WARPS = 8
 
 @triton.jit
 def _adamw_cast_kernel(P, G, W, M, V, STEP, LR, GSCALE, n, weight_decay, beta1, beta2, eps,
-                       HAS_GSCALE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                       HAS_GSCALE: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # [BLOCK // 4, 4]: rows of four, so that every load and store (bf16 and fp32 alike) gets four elements per thread
     # and one layout; a flat 2,048 gave the bf16 loads eight per thread and the fp32 stores four, and Triton moved
     # the three fp32 results through shared memory to store them
@@ -56,13 +56,7 @@ def _adamw_cast_kernel(P, G, W, M, V, STEP, LR, GSCALE, n, weight_decay, beta1, 
     tl.store(W + offs, w, mask=mask)
     tl.store(M + offs, m, mask=mask)
     tl.store(V + offs, v, mask=mask)
-    if P.dtype.element_ty == tl.bfloat16:  # round to nearest even in integer ops: the interpreter's cast truncates
-        bits = w.to(tl.uint32, bitcast=True)
-        up = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        up = tl.where(w != w, 0x7FC0, up)  # NaN stays NaN
-        tl.store(P + offs, up.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(P + offs, w.to(P.dtype.element_ty), mask=mask)
+    tl.store(P + offs, cast_rtne(w, P.dtype.element_ty, INTERP_BF16), mask=mask)  # the interpreter's cast truncates
 
 
 def adamw_cast_ref(p, g, w, m, v, step, lr, *, weight_decay, beta1, beta2, eps, grad_scale=None):
@@ -83,7 +77,8 @@ def _launch(p, g, w, m, v, step, lr, grad_scale, weight_decay, beta1, beta2, eps
     n = w.numel()
     args = dict(P=p, G=g, W=w, M=m, V=v, STEP=step, LR=lr, GSCALE=step if grad_scale is None else grad_scale, n=n,
                 weight_decay=float(weight_decay), beta1=float(beta1), beta2=float(beta2), eps=float(eps))
-    const = dict(HAS_GSCALE=grad_scale is not None, BLOCK=block)
+    const = dict(HAS_GSCALE=grad_scale is not None, INTERP_BF16=interpreting() and p.dtype == torch.bfloat16,
+                 BLOCK=block)
     return (triton.cdiv(n, block),), args, const, {"num_warps": num_warps}
 
 

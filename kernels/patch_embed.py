@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import interpreting, use_triton
+from kernels._common import cast_rtne, dot_prec, interpreting, mma, use_triton
 
 
 @triton.jit
@@ -81,28 +81,7 @@ def _patch_tile(img, base, mask_m, kk, mask_k, scale, shift, stride_c, stride_h,
         s = tl.load(scale + c, mask=mask_k, other=0.0)
         t = tl.load(shift + c, mask=mask_k, other=0.0)
         x = tl.where(mask, x.to(tl.float32) * s[None, :] + t[None, :], 0.0)
-    return _cast(x, DT, INTERP_BF16 and NORMALIZE)
-
-
-# INTERP_BF16 (set only under TRITON_INTERPRET with bf16 tiles) works around two bugs of triton 3.8's interpreter:
-# tl.dot multiplies bf16 operands as their raw uint16 bits, and fp32 -> bf16 casts truncate. The workarounds keep
-# the GPU's math: bf16 products are exact in fp32, and the hand-written cast rounds to nearest even like cvt.rn.
-@triton.jit
-def _mma(a, b, acc, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """acc += a @ b with fp32 accumulation."""
-    if INTERP_BF16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _cast(x, DT: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """x.to(DT), rounding to nearest even."""
-    if INTERP_BF16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(DT)
+    return cast_rtne(x, DT, INTERP_BF16 and NORMALIZE)
 
 
 @triton.jit
@@ -130,13 +109,13 @@ def _patch_embed_fwd_kernel(img, keep, w, bias, pos, scale, shift, out,
         x = _patch_tile(img, base, mask_m, kk, mask_k, scale, shift, stride_c, stride_h, stride_w, P, NORMALIZE, DT,
                         INTERP_BF16)
         wt = tl.load(w + rn[None, :] * CPP + kk[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(x, _cast(wt, DT, INTERP_BF16), acc, DOT_PREC, INTERP_BF16)  # (BLOCK_M, BLOCK_N)
+        acc = mma(x, cast_rtne(wt, DT, INTERP_BF16), acc, DOT_PREC, INTERP_BF16)  # (BLOCK_M, BLOCK_N)
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         acc += tl.load(bias + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     acc += tl.load(pos + n[:, None] * D + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     ro = rm.to(tl.int64) if I64 else rm
-    tl.store(out + ro[:, None] * D + rn[None, :], _cast(acc, DT, INTERP_BF16), mask=mask)
+    tl.store(out + ro[:, None] * D + rn[None, :], cast_rtne(acc, DT, INTERP_BF16), mask=mask)
 
 
 @triton.jit
@@ -169,7 +148,7 @@ def _patch_embed_bwd_dw_kernel(img, keep, dout, scale, shift, dw, dbias,
         ro = rm.to(tl.int64) if I64 else rm
         do = tl.load(dout + ro[:, None] * D + rn[None, :], mask=mask_m[:, None] & mask_n[None, :],
                      other=0.0)  # (BLOCK_M, BLOCK_N)
-        acc = _mma(tl.trans(do), x, acc, DOT_PREC, INTERP_BF16)  # (BLOCK_N, BLOCK_K)
+        acc = mma(tl.trans(do), x, acc, DOT_PREC, INTERP_BF16)  # (BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             db += tl.sum(do.to(tl.float32), axis=0)
     part = pid_s.to(tl.int64) * D * CPP
@@ -198,7 +177,7 @@ def _patch_embed_bwd_dpos_kernel(dout, keep_flat, order, offsets, dpos, M, D,
             rows = tl.load(order + rr, mask=mask_r, other=0).to(tl.int64)
             g = tl.load(dout + rows[:, None] * D + rd[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
             acc += tl.sum(g.to(tl.float32), axis=0)
-        tl.store(dpos + pid.to(tl.int64) * D + rd, _cast(acc, dpos.dtype.element_ty, INTERP_BF16), mask=mask_d)
+        tl.store(dpos + pid.to(tl.int64) * D + rd, cast_rtne(acc, dpos.dtype.element_ty, INTERP_BF16), mask=mask_d)
     else:
         rm = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = rm < M
@@ -243,11 +222,6 @@ def _dpos_config(interpret=None):
     return {"BLOCK_R": 16, "BLOCK_D": 16 if interp else 128, "num_warps": 4, "num_stages": 2}
 
 
-def _dot_prec(dtype):
-    """fp32 operands: tf32 only where torch's own matmul would use it."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def _common_args(images, keep, D, p):
     """Runtime arguments shared by the forward and dW kernels (works on meta tensors, for AOT compiles)."""
     B, C, H, W = images.shape
@@ -270,7 +244,7 @@ def _fwd_launch(images, keep, weight, bias, pos_embed, p, scale, shift, out, int
     args = dict(img=images, keep=keep if keep is not None else dummy, w=weight,
                 bias=bias if bias is not None else dummy, pos=pos_embed, scale=scale if scale is not None else dummy,
                 shift=shift if shift is not None else dummy, out=out, **args)
-    const.update(HAS_BIAS=bias is not None, NORMALIZE=scale is not None, DOT_PREC=_dot_prec(out.dtype),
+    const.update(HAS_BIAS=bias is not None, NORMALIZE=scale is not None, DOT_PREC=dot_prec(out.dtype),
                  INTERP_BF16=interpret and out.dtype == torch.bfloat16, **cfg)
     grid = (triton.cdiv(args["M"], cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)
     return grid, args, const, opts
@@ -289,7 +263,7 @@ def _dw_launch(dout, images, keep, p, scale, shift, has_bias, dw, db, n_sm, inte
     args = dict(img=images, keep=keep if keep is not None else dummy, dout=dout,
                 scale=scale if scale is not None else dummy, shift=shift if shift is not None else dummy,
                 dw=dw, dbias=db if db is not None else dummy, ROWS_PER_SPLIT=rows, **args)
-    const.update(HAS_BIAS=has_bias, NORMALIZE=scale is not None, DOT_PREC=_dot_prec(dout.dtype),
+    const.update(HAS_BIAS=has_bias, NORMALIZE=scale is not None, DOT_PREC=dot_prec(dout.dtype),
                  INTERP_BF16=interpret and dout.dtype == torch.bfloat16, **cfg)
     return (*tiles, split), args, const, opts
 

@@ -247,5 +247,21 @@ def test_triton_mlp_matches_torch_and_keeps_the_state_dict():
     assert len(calls) == model.cfg.vision.layers + model.cfg.text.layers
     assert all(m.impl == "triton" for m in model.modules() if isinstance(m, MLP)) and list(model.state_dict()) == keys
     _assert_same_step(ref, got)
-    with pytest.raises(ValueError, match=r"one of \('torch', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"one of \('torch', 'triton', 'triton_gemm'\)"):
         model.set_mlp("fused")
+
+
+def test_triton_gemm_mlp_matches_torch_and_leaves_c_proj_bias_to_the_norm():
+    """set_mlp("triton_gemm"): every MLP through kernels.mlp (the GELU in the matmuls' epilogues), both towers: the same
+    features and gradients as nn.Linear + nn.GELU to float32 rounding; c_proj's bias goes to the kernel only where no
+    add_layer_norm takes it (here, with torch's layer norms, everywhere)."""
+    from clipfast.model import MLP
+
+    model, images, ids, cu = _kernel_batch()
+    ref = _step_grads(model, images, ids, cu, 7)
+    with _counting(sys.modules["kernels.mlp"].MLPFn, lambda a: a[4]) as b2s:
+        got = _step_grads(model.set_mlp("triton_gemm"), images, ids, cu, 7)
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    assert len(b2s) == len(mlps) == model.cfg.vision.layers + model.cfg.text.layers
+    assert [id(b) for b in b2s] == [id(m.c_proj.bias) for m in mlps]
+    _assert_same_step(ref, got)

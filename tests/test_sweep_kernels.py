@@ -11,7 +11,7 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
 
     results = sk.main(["--smoke", "--out", str(tmp_path)])
     kernels = results["smoke"]
-    assert len(kernels) == 6  # add+LN forward and backward, GELU backward, attention forward and backward, AdamW
+    assert len(kernels) == 8  # add+LN, attention and the fused MLP forward and backward, GELU backward, AdamW
     for name, rows in kernels.items():
         assert sum(bool(r.get("default")) for r in rows) == 1, name  # the default is always among the candidates
         assert sum(bool(r.get("torch")) for r in rows) == (2 if name.startswith("AdamW") else 1), name
