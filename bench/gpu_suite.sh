@@ -5,8 +5,8 @@
 #     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh
 #
 # 1. kernel and model tests, natively (no interpreter): tests/test_{graph,engine,patch_embed,varlen_attention,
-#    short_attention,layer_norm,gelu,adamw,mlp,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed or DALI;
-#    presets/interop skip without open_clip)
+#    short_attention,layer_norm,gelu,adamw,mlp,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed
+#    or DALI; presets/interop skip without open_clip)
 # 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
 # 3. the throughput grids: --grid clipa into clipa/; the two goal points with the opt-in kernels (kernels/: clipfast,
 #    open_clip, CUDA graphs with and without the kernels, the eager kernels); a step profile (clipfast with and
@@ -17,19 +17,24 @@
 # copied there. Each part runs under `timeout`; a failing or timed-out part is logged and the next one runs.
 # The suite ends within SUITE_BUDGET=585 s (the device tool allows 600 per command): each part's timeout is cut to
 # what is left, and parts with under 20 s left are skipped, so summary.md and the tarball are always written. Parts
-# (typical ones end sooner than their timeouts): T_TESTS=150
-# (pytest -n 8 where xdist is installed; 120 s cut the H200 run at efae470 short, cold, where a warm rerun took
-# 107 s; 150 s cut the H100 run at 5cc21e3 at ~88%, no failure by then) T_BENCH=180 (split over the microbenchmark
-# files, 30 s each) T_CLIPA=100 (the CLIPA goal points, --grid clipa, into clipa/; 111 s at 5cc21e3; 0 skips)
-# T_KERNELS=100 (the two goal points with --kernels, into kernels/; 0 skips) T_PROFILE=40 (bench/profile_step.py:
-# B/16 112 px / 16 tokens, batch 1024, clipfast, clipfast_kernels, open_clip; 0 skips) T_PROFILE_L=0 (>0: the same
-# at L/16 96 px / 8 tokens, batch 512, into profile_l16/) T_COMPILE=0 (>30: the two
-# goal points, eager beside compiled blocks, into compile/; compiled was slower, 105.0 vs 93.5 ms, at 5cc21e3)
-# T_SWEEP=0 (>0: bench/sweep_kernels.py into sweep/, ~50 s; SWEEP_ARGS adds its arguments) T_GRID=0 (--grid gpu: 3 points fit in 40 s, and
-# clipa/ carries the comparison), plus a few seconds for the wheels and the environment report; GRID_ARGS
-# (default "--grid gpu") and CLIPA_ARGS (default "--grid clipa") replace the grids' arguments; PYTHON (default
-# python3) the interpreter; SUITE_TESTS (default: the list below) replaces the test files, SUITE_BENCH (default:
-# bench/test_bench_*.py) the microbenchmark files; T_BENCH under the number of microbenchmark files skips them.
+# (typical ones end sooner than their timeouts; 0 skips a part):
+#   T_ENV=60 the environment report (nvidia-smi, versions; ~20 s)
+#   T_TESTS=150 (pytest -n 8 where xdist is installed; 120 s cut the H200 run at efae470 short, cold, where a warm
+#     rerun took 107 s; 150 s cut the H100 run at 5cc21e3 at ~88%, no failure by then); SUITE_TESTS replaces the
+#     test files (default: the list below)
+#   T_BENCH=180 (split over the microbenchmark files, 30 s each; under the number of files: skipped); SUITE_BENCH
+#     replaces the files (default bench/test_bench_*.py)
+#   T_CLIPA=100 (the CLIPA goal points, --grid clipa, into clipa/; 111 s at 5cc21e3); CLIPA_ARGS replaces the grid's
+#     arguments (default "--grid clipa")
+#   T_KERNELS=100 (the two goal points with --kernels, into kernels/); KERNELS_ARGS adds arguments
+#   T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024, clipfast, clipfast_kernels, open_clip)
+#   T_PROFILE_L=0 (>0: the same at L/16 96 px / 8 tokens, batch 512, into profile_l16/)
+#   T_COMPILE=0 (>30: the two goal points, eager beside compiled blocks, into compile/; compiled was slower, 105.0
+#     vs 93.5 ms, at 5cc21e3)
+#   T_SWEEP=0 (>0: bench/sweep_kernels.py into sweep/, ~50 s); SWEEP_ARGS adds arguments (e.g. "--kernels mlp")
+#   T_GRID=0 (--grid gpu: 3 points fit in 40 s, and clipa/ carries the comparison); GRID_ARGS replaces the grid's
+#     arguments (default "--grid gpu")
+# plus a few seconds for the wheels. PYTHON (default python3) is the interpreter.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
 # GPU image) travel as wheels in .whl/ (git-ignored; 2.4 MB). Prepare them on a machine with PyPI access with
@@ -133,8 +138,8 @@ for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done
 # parallel (one process, cold: past 110 s on the H200 on 2026-11-26; warm: 86 s)
 XDIST=()
 "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=(-n 8)
-part tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" --continue-on-collection-errors \
-    --junitxml="$DIR/tests.xml" "${EXISTING[@]}"
+[ "$T_TESTS" -gt 0 ] && part tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" \
+    --continue-on-collection-errors --junitxml="$DIR/tests.xml" "${EXISTING[@]}"
 
 BENCH_FILES=(bench/test_bench_*.py)
 [ -n "${SUITE_BENCH:-}" ] && read -r -a BENCH_FILES <<<"$SUITE_BENCH"  # e.g. only bench/test_bench_optim.py
@@ -177,8 +182,9 @@ fi
 # Columns: clipfast, open_clip, graphs+kernels (the goal's number), graphs, eager kernels; on an 80 GB H100 the L/16
 # points cannot hold all five (about 23 GB each), and the last built are left out (dab88c7: both L/16 points were lost)
 if [ "$T_KERNELS" -gt 30 ]; then
+    read -r -a KERNELS_ARGS <<<"${KERNELS_ARGS:-}"  # e.g. KERNELS_ARGS="--kernels-mlp triton_gemm"
     part throughput_kernels "$T_KERNELS" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --kernels \
-        --out "$DIR/kernels" --time-budget $(( T_KERNELS - 30 ))
+        --out "$DIR/kernels" --time-budget $(( T_KERNELS - 30 )) "${KERNELS_ARGS[@]}"
 fi
 # launch-config sweep of the opt-in kernels (each config checked against the default, then timed; torch beside)
 if [ "$T_SWEEP" -gt 0 ]; then
