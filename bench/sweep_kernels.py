@@ -317,9 +317,10 @@ def sweep_mlp(s, device, dtype, timer, smoke):
     a0 = F.gelu(h0)
     dh0, db0 = ge.gelu_bwd(dy @ w2, h0)
     cands = MLP_CONFIGS if not smoke else [(16, 16, 16, 1, 1, 0), (16, 16, 16, 1, 1, 1)]
-    default = km._config(M, N, K)
-    dkey = (default["BLOCK_M"], default["BLOCK_N"], default["BLOCK_K"], default["num_warps"], default["num_stages"],
-            default["programs"])
+    def key(c):
+        return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"], c["programs"]
+
+    fkey, bkey = key(km._config(M, N, K)), key(km._config(M, N, K, dgelu=True))
 
     def cfg(c):
         return dict(BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], GROUP_M=8, num_warps=c[3], num_stages=c[4],
@@ -345,8 +346,8 @@ def sweep_mlp(s, device, dtype, timer, smoke):
         each = f"persistent {c[5]}/SM" if c[5] else "a tile each"
         return f"{c[0]}x{c[1]}x{c[2]} warps={c[3]} stages={c[4]} {each}"
 
-    fwd_rows = [_measure(label(c), fwd(c), timer, c == dkey) for c in _with(cands, dkey)]
-    bwd_rows = [_measure(label(c), bwd(c), timer, c == dkey) for c in _with(cands, dkey)]
+    fwd_rows = [_measure(label(c), fwd(c), timer, c == fkey) for c in _with(cands, fkey)]
+    bwd_rows = [_measure(label(c), bwd(c), timer, c == bkey) for c in _with(cands, bkey)]
     fwd_rows.append(dict(config="torch: linear (cuBLAS, bias epilogue) + GELU",
                          ms=timer(lambda: F.gelu(F.linear(x, w1, b1))), torch=True))
     bwd_rows.append(dict(config="torch: dY W2 (cuBLAS) + kernels.linear_gelu's GELU backward with the bias sum",

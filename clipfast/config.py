@@ -57,8 +57,7 @@ class TrainConfig:
     # (clipfast.engine.resolve_kernels: measured faster graphed, not eager)
     layer_norm: str = "auto"  # "auto", "torch" or "triton" (kernels.layer_norm on CUDA: dW, dB fused into dx's pass)
     vision_attention: str = "auto"  # "auto", "sdpa" or "triton" (kernels.short_attention on CUDA, <= 64 image tokens)
-    mlp: str = "auto"  # "auto", "torch", "triton" (kernels.linear_gelu on CUDA: GELU backward writes the bias grad) or
-    # "triton_gemm" (kernels.mlp on CUDA: the GELU and its gradient in Triton matmuls' epilogues; opt-in)
+    mlp: str = "auto"  # "auto", "torch" or "triton" (kernels.linear_gelu on CUDA: GELU backward writes the bias grad)
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     # bookkeeping

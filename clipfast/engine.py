@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
-from clipfast.model import LAYER_NORMS, MLP_CHOICES, MLPS, VISION_ATTENTIONS
+from clipfast.model import LAYER_NORMS, MLPS, VISION_ATTENTIONS
 from clipfast.optim import MasterAdamW, clipped_step
 
 
@@ -111,7 +111,6 @@ def check_engine(cfg, world: int) -> None:
 
 # the opt-in kernels' config keys: the model's (plain choice, kernel choice)
 KERNEL_KEYS = {"layer_norm": LAYER_NORMS, "vision_attention": VISION_ATTENTIONS, "mlp": MLPS}
-EXTRA_CHOICES = {"mlp": MLP_CHOICES}  # every choice a key takes, where it is more than its pair (opt-in only)
 
 
 def resolve_kernels(cfg, device) -> dict:
@@ -128,8 +127,7 @@ def resolve_kernels(cfg, device) -> dict:
     out = {}
     for key, pair in KERNEL_KEYS.items():
         value = getattr(cfg, key)
-        choices = ("auto", *EXTRA_CHOICES.get(key, pair))
-        if value not in choices:
-            raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+        if value not in ("auto", *pair):
+            raise ValueError(f"{key} must be one of {('auto', *pair)}, got {value!r}")
         out[key] = (pair[1] if use else pair[0]) if value == "auto" else value
     return out

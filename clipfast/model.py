@@ -86,7 +86,9 @@ class LayerNorm(nn.LayerNorm):
 
 VISION_ATTENTIONS = ("sdpa", "triton")
 MLPS = ("torch", "triton")  # (plain, kernel): what "auto" picks between (clipfast.engine.resolve_kernels)
-MLP_CHOICES = (*MLPS, "triton_gemm")  # "triton_gemm": kernels.mlp, the GELU inside the two matmuls (opt-in)
+# "triton_gemm": kernels.mlp, the GELU inside two Triton matmuls; for bench/throughput.py --kernels-mlp only (1.4x
+# slower than cuBLAS and the separate GELU passes on an H100 at f0bc99c), not a trainer choice
+MLP_CHOICES = (*MLPS, "triton_gemm")
 
 
 class MLP(nn.Sequential):

@@ -18,6 +18,13 @@ each row of tiles writes its column sums into DB_PART[tile row], and a torch sum
 
 mlp(x, w1, b1, w2, b2=None): x (..., K), w1 (N, K), b1 (N,), w2 (K2, N), b2 (K2,) or None; on CUDA (impl="triton":
 also under the interpreter). CPU tensors, autocast regions, mixed dtypes and torch.compile take the reference.
+
+Measured (H100, triton 3.6, bench/results/nvidia-h100-80gb-hbm3-2026-11-26-f0bc99c): slower. Each Triton matmul, at
+its best of five configs, took 1.4x (forward) and 1.2x (backward) the time of cuBLAS plus the separate GELU pass it
+replaces, and the CUDA-graph step with it in every MLP went from 69.9 to 79.0 ms at B/16 112 px / 16 tokens and from
+80.4 to 91.0 ms at L/16 96 px / 8 tokens. The bytes it saves are real; the matmul under them is not cuBLAS's. Hence
+`CLIP.set_mlp("triton_gemm")` and `bench/throughput.py --kernels-mlp triton_gemm` only, for work on the matmul (TMA
+loads, an epilogue overlapped with the next tile's main loop), not a trainer choice.
 """
 from __future__ import annotations
 
@@ -113,12 +120,18 @@ def _gemm_gelu_kernel(A, B, BIAS, H, OUT, DB_PART, M, N, K, stride_am, stride_bk
                         GROUP_M)
 
 
-def _config(m: int, n: int, k: int) -> dict:
-    """128 x 128 tiles over K in 64s, 8 warps, 3 stages (2 x 3 x 32 KiB of operand tiles in shared memory), GROUP_M 8,
-    one program per tile (programs=0; > 0: that many per SM, each looping over tiles): chosen from sm_90 compiles
-    (wgmma, no spills) without a GPU; bench/sweep_kernels.py --kernels mlp times the others."""
+def _config(m: int, n: int, k: int, dgelu: bool = False) -> dict:
+    """The fastest of five configs in the H100 sweep at f0bc99c (bench/results/nvidia-h100-80gb-hbm3-2026-11-26-f0bc99c/
+    sweep/sweep.md), at B/16's 51,200 x 768 -> 3,072 and L/16's 18,944 x 1,024 -> 4,096: forward 128 x 128 tiles over K
+    in 64s, 8 warps, 3 stages, one persistent program per SM (0.78 and 0.46 ms); backward 64 x 128 tiles, 4 warps, 4
+    stages, a program per tile (0.88 and 0.51 ms). cuBLAS and the separate GELU passes took 0.57 / 0.33 ms and
+    0.76 / 0.42 ms: this kernel is the slower, hence opt-in. programs: per SM, each looping over tiles (0: one per
+    tile)."""
+    if dgelu:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4,
+                "programs": 0}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
-            "programs": 0}
+            "programs": 1}
 
 
 def _launch(a, b, bias, h, out, db_part, dgelu: bool, cfg: dict | None = None):
@@ -126,7 +139,7 @@ def _launch(a, b, bias, h, out, db_part, dgelu: bool, cfg: dict | None = None):
     e.g. a weight's transpose)."""
     M, K = a.shape
     N = b.shape[1]
-    cfg = dict(_config(M, N, K) if cfg is None else cfg)
+    cfg = dict(_config(M, N, K, dgelu) if cfg is None else cfg)
     opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     args = dict(A=a, B=b, BIAS=bias if bias is not None else out, H=h, OUT=out,
                 DB_PART=db_part if db_part is not None else out, M=M, N=N, K=K, stride_am=a.stride(0),
@@ -153,7 +166,7 @@ def fc_gelu(x2, w1, b1, cfg=None):
 def dgelu_proj(dy2, w2, h, cfg=None):
     """(dh, db1) = ((dy2 w2) * GELU'(h), column sums) for dy2 (M, K2), w2 (K2, N), h (M, N); db1 fp32."""
     M, N = h.shape
-    c = _config(M, N, dy2.shape[1]) if cfg is None else cfg
+    c = _config(M, N, dy2.shape[1], True) if cfg is None else cfg
     dh = torch.empty_like(h)
     db_part = torch.empty((triton.cdiv(M, c["BLOCK_M"]), N), dtype=torch.float32, device=h.device)
     grid, args, const, opts = _launch(dy2, w2, None, h, dh, db_part, True, cfg)

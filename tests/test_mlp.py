@@ -56,7 +56,7 @@ def test_matches_reference(shape, n, with_b2, dtype):
 def test_many_tiles_one_per_program_and_persistent(monkeypatch, programs):
     """32 x 32 tiles over K in 16s: 3 row tiles by 4 column tiles (the last ones partial), K = 40 (not a multiple of
     16), the c_fc bias gradient summed over the 3 tile rows; the same results one tile per program and persistent."""
-    monkeypatch.setattr(km, "_config", lambda m, n, k: dict(SMALL, programs=programs))
+    monkeypatch.setattr(km, "_config", lambda m, n, k, dgelu=False: dict(SMALL, programs=programs))
     args = _inputs((70, 40), 110, True, torch.float32, seed=3)
     got = _fwd_bwd(lambda *a: mlp(*a, impl="triton"), *args)
     ref = _fwd_bwd(mlp_ref, *[None if t is None else t.double() for t in args])
