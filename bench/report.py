@@ -144,13 +144,28 @@ def summary(rows: list[dict], mlp: str = "kernels.linear_gelu") -> str:
     return " ".join(out) + kernels
 
 
+# the columns a plot draws, in order: (implementation, label)
+LABELS = (("open_clip", "open_clip"), ("clipfast", "clipfast"), ("clipfast_compiled", "compiled blocks"),
+          ("clipfast_kernels", "opt-in kernels"), ("clipfast_ds", "via DeepSpeed"), ("clipfast_graph", "CUDA graphs"),
+          ("clipfast_graph_kernels", "CUDA graphs + kernels"))
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """throughput against image tokens, a line per preset and text length; where no line has two points (a run of
+    single --points), grouped bars per point instead (plot_points)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    series = {}
+    for r in rows:
+        if not r["mask"]:
+            series.setdefault((r["preset"], r["text_len"]), set()).add(r["image_tokens"])
+    if series and max(len(v) for v in series.values()) < 2:
+        plot_points(rows, path, title)
+        return
     presets = list(dict.fromkeys(r["preset"] for r in rows))
     lens = sorted({r["text_len"] for r in rows})
     colors = {p: f"C{i}" for i, p in enumerate(presets)}
@@ -201,6 +216,57 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_points(rows: list[dict], path: Path, title: str) -> None:
+    """One group of bars per point (preset, px, mask, text length), one bar per measured column: samples/s, each
+    labelled with its ratio to open_clip, and a dashed mark at twice open_clip's (issue 7's GPU goal)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [(k, label) for k, label in LABELS if any(r.get(f"{k}_samples_s") for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 + 0.5 * len(cols) * len(rows)), 5.2))
+    width = 0.8 / len(cols)
+    for j, (k, label) in enumerate(cols):
+        for i, r in enumerate(rows):
+            y = r.get(f"{k}_samples_s")
+            if not y:
+                continue
+            x = i - 0.4 + width * (j + 0.5)
+            ax.bar(x, y, width, color=f"C{j}", label=label if label not in ax.get_legend_handles_labels()[1] else None)
+            base = r.get("open_clip_samples_s")
+            if base and k != "open_clip":
+                ax.text(x, y, f"{y / base:.2f}×", ha="center", va="bottom", fontsize=7, rotation=90)
+    for i, r in enumerate(rows):
+        if r.get("open_clip_samples_s"):
+            ax.plot([i - 0.42, i + 0.42], [2 * r["open_clip_samples_s"]] * 2, ls="--", color="gray", lw=1,
+                    label="2x open_clip" if i == 0 else None)
+    ax.set_xticks(range(len(rows)))
+    def name(r):
+        mask = f", mask {r['mask']:g}" if r["mask"] else ""
+        return f"{r['preset']}\n{r['image_px']} px{mask}, text {r['text_len']}\nbatch {r['batch']}"
+
+    ax.set_xticklabels([name(r) for r in rows], fontsize=8)
+    ax.set(ylabel="samples / s (training step)", title=title)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room for the ratios
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def replot(folder: Path, commit: str | None = None) -> Path:
+    """throughput.png again from a results folder's throughput.json (e.g. after the plot changed); commit replaces
+    the one the run recorded, in the title, where that was wrong."""
+    data = json.loads((folder / "throughput.json").read_text())
+    meta = data["meta"]
+    path = folder / "throughput.png"
+    commit = commit or meta["commit"]
+    plot(data["rows"], path, f"training throughput, {meta['device']}, {meta['date']}, commit {commit}")
+    return path
 
 
 def device_info(device: torch.device) -> tuple[str, str]:
@@ -263,3 +329,16 @@ def write_outputs(rows: list[dict], meta: dict, skipped: list[str], out: Path, t
         w.writerows(rows)
     (out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return md
+
+
+if __name__ == "__main__":  # python bench/report.py --replot bench/results/<folder> [...]
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    ap = argparse.ArgumentParser(description="redraw throughput.png from the throughput.json in each folder")
+    ap.add_argument("--replot", nargs="+", type=Path, required=True)
+    ap.add_argument("--commit", help="the commit to name in the titles, where the run recorded a wrong one")
+    args = ap.parse_args()
+    for f in args.replot:
+        print("wrote", replot(f, args.commit))

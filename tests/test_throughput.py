@@ -325,3 +325,34 @@ def test_graph_kernels_column_builds_the_graphed_step_with_every_kernel_and_repo
     text = report.summary([row])
     assert "CUDA graphs with the opt-in kernels / open_clip: min 2.40×" in text
     assert "As CUDA graphs, with the kernels / without: min 1.20×" in text
+
+
+def test_a_run_of_single_points_is_drawn_as_bars_and_replots_from_its_json(tmp_path, monkeypatch):
+    """No line has two points (a --points run): grouped bars per point, one per measured column, each labelled with its
+    ratio to open_clip; a grid draws lines. report.replot redraws a folder's throughput.png from its throughput.json."""
+    import json
+
+    def row(preset, px, tokens, **cols):
+        return dict(preset=preset, image_px=px, mask=0.0, image_tokens=tokens, text_len=16, batch=8,
+                    **{f"{k}_samples_s": v for k, v in cols.items()})
+
+    points = [row("B", 112, 49, clipfast=300.0, open_clip=150.0, clipfast_graph_kernels=330.0),
+              row("L", 96, 36, clipfast=100.0, open_clip=80.0)]
+    drawn = {}
+    monkeypatch.setattr(report, "plot_points", lambda rows, path, title: drawn.setdefault("bars", (rows, title)))
+    report.plot(points, tmp_path / "a.png", "points")
+    assert drawn["bars"] == (points, "points")
+    grid = points + [row("B", 224, 196, clipfast=90.0, open_clip=50.0)]
+    report.plot(grid, tmp_path / "b.png", "grid")  # two B/16 points at text 16: a line, not bars
+    assert drawn["bars"][1] == "points" and (tmp_path / "b.png").stat().st_size > 0
+    monkeypatch.undo()
+    (tmp_path / "throughput.json").write_text(json.dumps(dict(meta=dict(device="dev", date="d", commit="c"),
+                                                              rows=points)))
+    labels = []
+    import matplotlib.axes
+
+    real_text = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda ax, x, y, s, **kw: labels.append(s) or
+                        real_text(ax, x, y, s, **kw))
+    assert report.replot(tmp_path) == tmp_path / "throughput.png" and (tmp_path / "throughput.png").stat().st_size
+    assert sorted(labels) == ["1.25×", "2.00×", "2.20×"]  # clipfast and graphs+kernels over open_clip, each point
