@@ -50,17 +50,17 @@ class _FusedCastAdamW(torch.optim.AdamW):
     parameter and writes the bf16 parameter back, in one pass (_adamw_cast). Being an AdamW, its state, param
     groups, state_dict, step hooks and LR schedulers behave as torch's."""
 
-    def __init__(self, groups, param_of: dict, impl=None, **kw):
+    def __init__(self, groups, param_of: dict, triton: bool = False, **kw):
         super().__init__(groups, **kw)
         self._param_of = param_of  # id(master) -> bf16 parameter
-        self.impl = impl  # kernels.adamw's choice: None = the Triton kernel for CUDA tensors
+        self.triton = triton  # kernels.adamw (MasterAdamW decides), else the compiled CPU pass
         self.grad_scale = None  # a device tensor the gradients are divided by (clipped_step), Triton path only
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MasterAdamW(fused_cast=True) takes no closure")
-        if self.impl == "triton" or (self.impl is None and self.param_groups[0]["params"][0].is_cuda):
+        if self.triton:
             self._triton_step()
             return None
         if self.grad_scale is not None:
@@ -124,7 +124,7 @@ class _FusedCastAdamW(torch.optim.AdamW):
             for p, m, st in todo:
                 adamw_cast_(p, p.grad, m, st["exp_avg"], st["exp_avg_sq"], st["step"], lr,
                             weight_decay=group["weight_decay"], beta1=b1, beta2=b2, eps=group["eps"],
-                            grad_scale=self.grad_scale, impl=self.impl or "triton")
+                            grad_scale=self.grad_scale, impl="triton")
 
 
 class MasterAdamW:
@@ -168,7 +168,8 @@ class MasterAdamW:
         if self.fused_cast:  # torch's fused / foreach switches do not apply to the one-pass step
             kw = {k: v for k, v in kw.items() if k not in ("fused", "foreach")}
             param_of = {id(m): p for m, p in zip(self.master, self.params, strict=True)}
-            self.opt = _FusedCastAdamW(master_groups, param_of, impl=impl, lr=lr, weight_decay=weight_decay, **kw)
+            self.opt = _FusedCastAdamW(master_groups, param_of, triton=self.triton, lr=lr, weight_decay=weight_decay,
+                                       **kw)
         else:
             self.opt = torch.optim.AdamW(master_groups, lr=lr, weight_decay=weight_decay, **kw)
 

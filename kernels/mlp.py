@@ -166,9 +166,9 @@ def fc_gelu(x2, w1, b1, cfg=None):
 def dgelu_proj(dy2, w2, h, cfg=None):
     """(dh, db1) = ((dy2 w2) * GELU'(h), column sums) for dy2 (M, K2), w2 (K2, N), h (M, N); db1 fp32."""
     M, N = h.shape
-    c = _config(M, N, dy2.shape[1], True) if cfg is None else cfg
+    cfg = _config(M, N, dy2.shape[1], True) if cfg is None else cfg
     dh = torch.empty_like(h)
-    db_part = torch.empty((triton.cdiv(M, c["BLOCK_M"]), N), dtype=torch.float32, device=h.device)
+    db_part = torch.empty((triton.cdiv(M, cfg["BLOCK_M"]), N), dtype=torch.float32, device=h.device)
     grid, args, const, opts = _launch(dy2, w2, None, h, dh, db_part, True, cfg)
     _gemm_gelu_kernel[grid](**args, **const, **opts)
     return dh, db_part.sum(0)
