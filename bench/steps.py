@@ -55,11 +55,11 @@ def _eager_step(opt, device, precision: str, loss_of):
 
 
 def _clipfast_model(cfg: ModelConfig, device, precision: str, layer_norm: str | None = None,
-                    vision_attention: str | None = None, mlp: str = "torch") -> CLIP:
+                    vision_attention: str | None = None, mlp: str = "torch", tower_streams: bool = False) -> CLIP:
     """CLIP in the column's precision; layer norms and vision attention as given, else the run's (the globals)."""
     with torch.device(device):
         model = CLIP(cfg).train().set_layer_norm(layer_norm or LAYER_NORM)
-        model.set_vision_attention(vision_attention or VISION_ATTENTION).set_mlp(mlp)
+        model.set_vision_attention(vision_attention or VISION_ATTENTION).set_mlp(mlp).set_tower_streams(tower_streams)
     return model.to(torch.bfloat16) if precision in ("bf16", "bf16_master") else model
 
 
@@ -77,7 +77,8 @@ def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, compil
 
 
 # every opt-in kernel on (the kernels columns)
-KERNELS = {"layer_norm": "triton", "vision_attention": "triton", "mlp": "triton"}
+# (bench/throughput.py's --tower-streams adds the text tower on its own stream: CLIP.set_tower_streams)
+KERNELS = {"layer_norm": "triton", "vision_attention": "triton", "mlp": "triton", "tower_streams": False}
 
 
 def clipfast_kernels_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):

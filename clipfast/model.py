@@ -339,6 +339,17 @@ def _logit_scale_to_1d(state_dict, prefix, *args):
         state_dict[key] = state_dict[key].reshape(1)
 
 
+_TEXT_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _text_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream CLIP.set_tower_streams runs the text tower on, one per device (shared by all models), made in the
+    first step, which is eager: GraphedTrainStep captures only after one."""
+    if device not in _TEXT_STREAMS:
+        _TEXT_STREAMS[device] = torch.cuda.Stream(device)
+    return _TEXT_STREAMS[device]
+
+
 class CLIP(nn.Module):
     """open_clip's CLIP layout: `visual` plus the text tower's modules at the top level."""
 
@@ -360,6 +371,7 @@ class CLIP(nn.Module):
         self._register_load_state_dict_pre_hook(_logit_scale_to_1d)
         self._init_text()
         self.set_grad_checkpointing(cfg.grad_checkpointing)
+        self.tower_streams = False
 
     def _init_text(self):
         # open_clip's init: small embeddings, depth-scaled projections
@@ -406,6 +418,14 @@ class CLIP(nn.Module):
         "triton_gemm" (the MLP as kernels.mlp on CUDA: the GELU in the matmuls' epilogues)."""
         return self._set_each(self, MLP, "impl", self._check_choice("mlp", impl, MLP_CHOICES))
 
+    def set_tower_streams(self, enable: bool = True) -> CLIP:
+        """On CUDA, forward() runs the text tower on a second stream beside the image tower (and autograd runs
+        each backward op on its forward op's stream, so the two backward passes overlap too; in a CUDA graph the
+        towers become parallel branches). The text tower's small matmuls and its memory-bound kernels leave SMs
+        idle that the image tower's work can take. Off by default; CPU tensors ignore it."""
+        self.tower_streams = bool(enable)
+        return self
+
     def set_grad_checkpointing(self, enable: bool = True):
         self.visual.transformer.grad_checkpointing = enable
         self.transformer.grad_checkpointing = enable
@@ -445,6 +465,15 @@ class CLIP(nn.Module):
 
     def forward(self, images, text, cu_seqlens, max_seqlen: int, keep=None):
         """Returns L2-normalised image and text features (B, E) and the logit scale exp(t) clamped at 100."""
-        img = self.encode_image(images, keep, normalize=True)
-        txt = self.encode_text_packed(text, cu_seqlens, max_seqlen, normalize=True)
+        if self.tower_streams and images.is_cuda:
+            main, side = torch.cuda.current_stream(images.device), _text_stream(images.device)
+            side.wait_stream(main)  # the inputs were written on the caller's stream
+            with torch.cuda.stream(side):
+                txt = self.encode_text_packed(text, cu_seqlens, max_seqlen, normalize=True)
+            img = self.encode_image(images, keep, normalize=True)
+            main.wait_stream(side)
+            txt.record_stream(main)  # made on the side stream, read on the caller's: not reused before that is done
+        else:
+            img = self.encode_image(images, keep, normalize=True)
+            txt = self.encode_text_packed(text, cu_seqlens, max_seqlen, normalize=True)
         return img, txt, self.logit_scale.exp().clamp(max=100).squeeze(0)

@@ -79,6 +79,59 @@ def test_needs_cuda_and_a_capturable_optimizer():
         GraphedTrainStep(model, torch.optim.AdamW(model.parameters()))
 
 
+@pytest.mark.parametrize("mask", [0.0, 0.5])
+def test_tower_streams_change_no_result(mask, monkeypatch):
+    """The text tower on its own stream (CUDA) computes what it computes on one stream: features, loss and every
+    gradient. The text tower is made to start late (a sleep on its stream), so a missing join would let the loss
+    read the text features, or the optimizer the gradients, before the side stream wrote them; each run is on a
+    new batch, so memory left from the run before cannot pass for the result. On the CPU the option is ignored,
+    and this checks only that."""
+    from clipfast.reduce import image_keep_indices
+
+    cfg = from_name("demo", **{"vision.layers": 2, "text.layers": 2})
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(B=8):
+        seqs = [[49406, *torch.randint(1, 49406, (int(n),), generator=gen).tolist(), 49407]
+                for n in torch.randint(0, cfg.text.context_length - 1, (B,), generator=gen)]
+        text, cu, max_len = pack_text(seqs)
+        images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        keep = image_keep_indices("random", B, cfg.vision.grid, mask, device="cpu", generator=gen)
+        return images.to(DEVICE), text.to(DEVICE), cu.to(DEVICE), max_len, None if keep is None else keep.to(DEVICE)
+
+    if torch.device(DEVICE).type == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        encode = CLIP.encode_text_packed
+
+        def late(self, *a, **kw):
+            torch.cuda._sleep(50_000_000)  # ~25 ms on the current (side) stream
+            return encode(self, *a, **kw)
+
+        monkeypatch.setattr(CLIP, "encode_text_packed", late)
+    torch.manual_seed(0)
+    model = CLIP(cfg).to(DEVICE).train()
+
+    def run(streams: bool, b):
+        model.set_tower_streams(streams).zero_grad(set_to_none=True)
+        images, text, cu, max_len, keep = b
+        img, txt, scale = model(images, text, cu, max_len, keep)
+        loss = clip_loss(img, txt, scale)
+        loss.backward()
+        return [img, txt, loss], {n: p.grad for n, p in model.named_parameters()}
+
+    run(False, batch())
+    b = batch()
+    out_b, grads_b = run(True, b)
+    out_b, grads_b = [t.detach().cpu() for t in out_b], {n: g.cpu() for n, g in grads_b.items()}  # cpu(): syncs
+    out_a, grads_a = run(False, b)
+    for a, x in zip(out_a, out_b, strict=True):
+        torch.testing.assert_close(x, a.detach().cpu(), rtol=1e-5, atol=1e-6)
+    for name, a in grads_a.items():
+        a = a.cpu()
+        torch.testing.assert_close(grads_b[name], a, rtol=1e-4, atol=1e-5 * a.abs().max().item() + 1e-8,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 @requires_cuda
 def test_capturable_required():
     model = CLIP(from_name("demo", **{"vision.layers": 1, "text.layers": 1})).cuda()
@@ -87,10 +140,12 @@ def test_capturable_required():
 
 
 @requires_cuda
-@pytest.mark.parametrize("precision", ["fp32", "bf16_master"])
-@pytest.mark.parametrize("mask", [0.0, 0.5])
-def test_graph_replay_equals_eager_steps(mask, precision):
-    """Six steps over batches whose text falls in two buckets: the graphed losses and weights follow eager ones."""
+@pytest.mark.parametrize("mask, precision, tower_streams", [
+    (0.0, "fp32", False), (0.5, "fp32", False), (0.0, "bf16_master", False), (0.5, "bf16_master", False),
+    (0.5, "fp32", True), (0.0, "bf16_master", True)])
+def test_graph_replay_equals_eager_steps(mask, precision, tower_streams):
+    """Six steps over batches whose text falls in two buckets: the graphed losses and weights follow eager ones.
+    tower_streams: the graphed model runs its text tower on a second stream (the eager ones do not)."""
     from clipfast.reduce import image_keep_indices
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -137,6 +192,7 @@ def test_graph_replay_equals_eager_steps(mask, precision):
     init = {k: v.clone() for k, v in build()[0].state_dict().items()}
     model_e, eager = run_eager(padded=False)
     model_g, opt_g = build()
+    model_g.set_tower_streams(tower_streams)
     step = GraphedTrainStep(model_g, opt_g, autocast_dtype=None, text_bucket=64)
     graphed = [step(*b).item() for b in batches]
     assert step.captures == len(step.graphs) >= 2  # each bucket captured once, replayed after
