@@ -94,8 +94,10 @@ def profile(impl: str, args, device) -> tuple[str, dict]:
         g[0] += ms
         g[1] += n
     unit = "device" if cuda else "CPU op"
+    streams = ", text tower on its own stream" if cuda and impl.startswith("clipfast") and bench_steps.TOWER_STREAMS \
+        and impl != "clipfast_ds" else ""
     lines = [f"### {impl}: {cfg.name} {args.size} px, mask {args.mask:g}, text {args.text_len}, batch {args.batch}, "
-             f"{precision}",
+             f"{precision}{streams}",
              "", f"wall {wall * 1e3:.1f} ms per step; {unit} time {busy:.1f} ms per step "
              f"({100 * busy / (wall * 1e3):.0f}% of the wall time)", "",
              f"| group | ms per step | share of {unit} time | kernels per step |", "|---|---|---|---|"]
@@ -128,11 +130,14 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--vision-attention", choices=["sdpa", "triton"], default="sdpa",
                     help="clipfast's image-tower attention (CLIP.set_vision_attention), as throughput.py "
                          "--clipfast-vision-attention")
+    ap.add_argument("--tower-streams", choices=["on", "off"], default="on",
+                    help="clipfast's text tower on its own CUDA stream (CLIP.set_tower_streams), as throughput.py")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="output folder (default bench/results/<device>-<date>)")
     args = ap.parse_args(argv)
     bench_steps.LAYER_NORM = args.layer_norm
     bench_steps.VISION_ATTENTION = args.vision_attention
+    bench_steps.TOWER_STREAMS = args.tower_streams == "on"
     device = torch.device(args.device)
     args.size = snap(args.size, from_name(args.preset).vision.patch_size)
     name, slug = device_info(device)

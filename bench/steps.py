@@ -37,6 +37,10 @@ LAYER_NORM = "torch"
 # every clipfast column's image-tower attention (CLIP.set_vision_attention): "sdpa" or "triton"; set by
 # bench/throughput.py's --clipfast-vision-attention
 VISION_ATTENTION = "sdpa"
+# every clipfast column's text tower on its own CUDA stream (CLIP.set_tower_streams), as clipfast.train runs it with
+# engine=torch on CUDA; bench/throughput.py's --tower-streams (default on) sets it. The DeepSpeed column keeps one
+# stream, as the trainer does.
+TOWER_STREAMS = False
 
 
 def _eager_step(opt, device, precision: str, loss_of):
@@ -55,11 +59,11 @@ def _eager_step(opt, device, precision: str, loss_of):
 
 
 def _clipfast_model(cfg: ModelConfig, device, precision: str, layer_norm: str | None = None,
-                    vision_attention: str | None = None, mlp: str = "torch", tower_streams: bool = False) -> CLIP:
+                    vision_attention: str | None = None, mlp: str = "torch") -> CLIP:
     """CLIP in the column's precision; layer norms and vision attention as given, else the run's (the globals)."""
     with torch.device(device):
         model = CLIP(cfg).train().set_layer_norm(layer_norm or LAYER_NORM)
-        model.set_vision_attention(vision_attention or VISION_ATTENTION).set_mlp(mlp).set_tower_streams(tower_streams)
+        model.set_vision_attention(vision_attention or VISION_ATTENTION).set_mlp(mlp).set_tower_streams(TOWER_STREAMS)
     return model.to(torch.bfloat16) if precision in ("bf16", "bf16_master") else model
 
 
@@ -77,8 +81,7 @@ def clipfast_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, compil
 
 
 # every opt-in kernel on (the kernels columns)
-# (bench/throughput.py's --tower-streams adds the text tower on its own stream: CLIP.set_tower_streams)
-KERNELS = {"layer_norm": "triton", "vision_attention": "triton", "mlp": "triton", "tower_streams": False}
+KERNELS = {"layer_norm": "triton", "vision_attention": "triton", "mlp": "triton"}
 
 
 def clipfast_kernels_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):

@@ -400,9 +400,10 @@ def parse_args(argv=None):
     ap.add_argument("--kernels-mlp", choices=["triton", "triton_gemm"], default="triton",
                     help="the MLP in the kernels columns (CLIP.set_mlp): kernels.linear_gelu, or kernels.mlp (the "
                          "GELU inside Triton matmuls)")
-    ap.add_argument("--tower-streams", action="store_true",
-                    help="the kernels columns run the text tower on a second CUDA stream beside the image tower "
-                         "(CLIP.set_tower_streams)")
+    ap.add_argument("--tower-streams", choices=["on", "off"], default="on",
+                    help="clipfast's columns (not --deepspeed's) run the text tower on a second CUDA stream beside "
+                         "the image tower, as clipfast.train does with engine=torch on CUDA (CLIP.set_tower_streams); "
+                         "off: one stream, as before c9d6f1c")
     ap.add_argument("--deepspeed", action="store_true",
                     help="add a column: clipfast through DeepSpeed's engine as clipfast.train runs it (one rank)")
     ap.add_argument("--steps", type=int, help="timed steps per implementation")
@@ -448,7 +449,7 @@ def main(argv=None) -> list[dict]:
     bench_steps.LAYER_NORM = args.clipfast_layer_norm
     bench_steps.VISION_ATTENTION = args.clipfast_vision_attention
     bench_steps.KERNELS["mlp"] = args.kernels_mlp
-    bench_steps.KERNELS["tower_streams"] = args.tower_streams
+    bench_steps.TOWER_STREAMS = args.tower_streams == "on"
     if args.threads:
         torch.set_num_threads(args.threads)
     one_thread = device.type == "cpu" and torch.get_num_threads() == 1
@@ -491,7 +492,8 @@ def main(argv=None) -> list[dict]:
                 + ("" if args.clipfast_vision_attention == "sdpa"
                    else f", clipfast vision attention {args.clipfast_vision_attention}")
                 + ("" if args.kernels_mlp == "triton" else f", kernels columns' MLP {args.kernels_mlp}")
-                + (", kernels columns' text tower on its own CUDA stream" if args.tower_streams else ""),
+                + ("" if args.tower_streams == "on" or device.type != "cuda"
+                   else ", clipfast's towers on one CUDA stream (--tower-streams off)"),
                 kernels_mlp={"triton": "kernels.linear_gelu", "triton_gemm": "kernels.mlp"}[args.kernels_mlp],
                 threads=torch.get_num_threads(), peak_tflops=args.peak / 1e12 if args.peak else None,
                 load_start=os.getloadavg(), argv=sys.argv[1:] if argv is None else list(argv),

@@ -58,6 +58,9 @@ class TrainConfig:
     layer_norm: str = "auto"  # "auto", "torch" or "triton" (kernels.layer_norm on CUDA: dW, dB fused into dx's pass)
     vision_attention: str = "auto"  # "auto", "sdpa" or "triton" (kernels.short_attention on CUDA, <= 64 image tokens)
     mlp: str = "auto"  # "auto", "torch" or "triton" (kernels.linear_gelu on CUDA: GELU backward writes the bias grad)
+    # the text tower on a second CUDA stream beside the image tower (CLIP.set_tower_streams): "auto" = on with
+    # engine=torch on CUDA (clipfast.engine.resolve_tower_streams), "on" or "off"
+    tower_streams: str = "auto"
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     # bookkeeping

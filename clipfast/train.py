@@ -34,7 +34,7 @@ import torch.distributed as dist
 from clipfast import presets
 from clipfast.config import TrainConfig, load_config, to_dict
 from clipfast.data import DaliLoader
-from clipfast.engine import TorchEngine, check_engine, resolve_kernels
+from clipfast.engine import TorchEngine, check_engine, resolve_kernels, resolve_tower_streams
 from clipfast.flops import flops_per_sample
 from clipfast.interop import resize_state_dict
 from clipfast.loss import distributed_clip_loss
@@ -243,9 +243,10 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     impls = resolve_kernels(cfg, device)  # "auto": the Triton kernels when the step is a CUDA graph
     model = CLIP(mcfg, kernels=cfg.kernels).set_layer_norm(impls["layer_norm"])
     model.set_vision_attention(impls["vision_attention"]).set_mlp(impls["mlp"])
+    model.set_tower_streams(resolve_tower_streams(cfg, device))
     if is_main:
-        log.info("layer_norm=%s vision_attention=%s mlp=%s", impls["layer_norm"], impls["vision_attention"],
-                 impls["mlp"])
+        log.info("layer_norm=%s vision_attention=%s mlp=%s tower_streams=%s", impls["layer_norm"],
+                 impls["vision_attention"], impls["mlp"], model.tower_streams)
     if cfg.init_from:
         load_weights(model, cfg.init_from)
     if cfg.compile:

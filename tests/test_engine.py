@@ -120,3 +120,19 @@ def test_auto_kernels_only_where_the_step_is_a_cuda_graph():
     # kernels.mlp (CLIP.set_mlp("triton_gemm"), slower than cuBLAS on an H100) is the benchmarks' only, not a choice
     with pytest.raises(ValueError, match=r"mlp must be one of \('auto', 'torch', 'triton'\), got 'triton_gemm'"):
         resolve_kernels(TrainConfig(mlp="triton_gemm"), "cpu")
+
+
+def test_tower_streams_auto_with_the_torch_engine_on_cuda():
+    """tower_streams="auto" (the default): the text tower on its own stream with engine=torch on CUDA, eager or
+    graphed; not under DeepSpeed unless asked ("on"); never on the CPU; a bad value lists the choices."""
+    from clipfast.engine import resolve_tower_streams
+
+    assert TrainConfig().tower_streams == "auto"
+    assert resolve_tower_streams(TrainConfig(engine="torch"), "cuda")
+    assert resolve_tower_streams(TrainConfig(engine="torch", cuda_graph=True), torch.device("cuda", 0))
+    assert not resolve_tower_streams(TrainConfig(), "cuda")
+    assert resolve_tower_streams(TrainConfig(tower_streams="on"), "cuda")
+    assert not resolve_tower_streams(TrainConfig(engine="torch", tower_streams="off"), "cuda")
+    assert not resolve_tower_streams(TrainConfig(engine="torch", tower_streams="on"), "cpu")
+    with pytest.raises(ValueError, match=r"tower_streams must be one of \('auto', 'off', 'on'\), got 'yes'"):
+        resolve_tower_streams(TrainConfig(tower_streams="yes"), "cpu")
