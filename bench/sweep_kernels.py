@@ -13,8 +13,8 @@ is reported as wrong, never as a winner.
 Kernels and shapes (bf16, the vision tower at the goal points: B/16 112 px batch 1024 = 51,200 rows x 768, MLP
 3,072; L/16 96 px batch 512 = 18,944 rows x 1,024, MLP 4,096):
 - add_layer_norm backward (HAS_RES, HAS_RB: the pre-norm blocks' path, the residual's bias gradient too): BLOCK_M x
-  num_warps x programs per SM; timed with its partial-sum finish (one torch sum of the programs' rows), as the model
-  runs it; torch: F.layer_norm backward + the add + the bias gradient's sum
+  num_warps x programs per SM; timed with its partial-sum finish (kernels._common.finish_sums), as the model runs
+  it; torch: F.layer_norm backward + the add + the bias gradient's sum
 - add_layer_norm forward (with the residual's bias): BLOCK_M x num_warps; torch: the adds + F.layer_norm
 - GELU backward with the bias gradient: BLOCK_M x BLOCK_N x num_warps x programs per SM, with its finish; torch:
   GeluBackward + the bias-gradient sum
@@ -22,6 +22,8 @@ Kernels and shapes (bf16, the vision tower at the goal points: B/16 112 px batch
   num_stages; torch: SDPA forward, and forward + backward less forward
 - AdamW over fp32 masters of bf16 weights (kernels.adamw) on one MLP weight: BLOCK x num_warps; torch: fused AdamW
   over fp32, and the cast + fused AdamW + copy that MasterAdamW ran before the kernel
+- the partial sums' finish (kernels._common.finish_sums) at the layer norm's, the GELU bias's and the qkv bias's
+  partial-sum shapes: BLOCK_C x rows per tile x num_warps; torch: part.sum(0).to(dtype)
 - the MLP's fused matmuls (kernels.mlp, opt-in): forward and backward, tiles x warps x stages x persistence; torch:
   cuBLAS + GELU forward, cuBLAS + kernels.linear_gelu's GELU backward
 Writes sweep.md (one table per kernel and shape, fastest first, the default and torch marked) and sweep.json.
@@ -131,9 +133,7 @@ def sweep_add_ln(s, device, dtype, timer, smoke):
 
         def run():
             ln._layer_norm_bwd_kernel[grid](**args, **const, **opts)
-            sums = part.sum(0)
-            out["dw"], out["db"] = sums[:2].to(w.dtype)
-            out["drb"] = sums[2].to(b.dtype)
+            out["dw"], out["db"], out["drb"] = ln.finish_sums(part, w.dtype)  # as ln._bwd finishes them
 
         return run, lambda: (_close(dx, dx0, "dx") or _close(out["dw"], dw0, "dw") or _close(out["db"], db0, "db")
                              or _close(out["drb"], drb0, "drb"))
@@ -179,7 +179,7 @@ def sweep_gelu(s, device, dtype, timer, smoke):
 
         def run():
             ge._gelu_bwd_kernel[(col_blocks, groups)](**args, **const, **opts)
-            out["db"] = db_part.sum(0)
+            out["db"] = ge.finish_sums(db_part, torch.float32)
 
         return run, lambda: _close(dh, dh0, "dh") or _close(out["db"], db0, "db")
 
@@ -358,6 +358,50 @@ def sweep_mlp(s, device, dtype, timer, smoke):
 
 # ---- driver ---------------------------------------------------------------------------------------------------
 
+# ---- the partial sums' finish ----------------------------------------------------------------------------------
+
+def sweep_finish(s, device, dtype, timer, smoke):
+    """kernels._common.finish_sums (_colsum_kernel) against torch's part.sum(0).to(dtype), at the partial sums the
+    kernels write per step: the layer norm's (programs, 3, width), the GELU bias's (row groups, MLP width), the
+    attention qkv bias's (sequences, 3 x width)."""
+    from kernels import _common as co
+
+    W, MLP, B = s["width"], s["mlp"], s["batch"]
+    ln_progs, _ = ln._bwd_programs(s["rows"], ln._bwd_config(W)["BLOCK_M"], device)
+    ge_groups, _ = ge._row_groups(s["rows"], MLP, ge._config()["BLOCK_M"], ge._config()["BLOCK_N"], device)
+    sms = co._sm_count_of(device)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    out = {}
+    for what, shape in (("layer norm", (ln_progs, 3, W)), ("GELU bias", (ge_groups, MLP)), ("qkv bias", (B, 3 * W))):
+        part = torch.randn(shape, generator=g).to(device)
+        ref = part.sum(0).to(dtype)
+        part2d = part.view(shape[0], -1)
+        default = co.colsum_config(part2d.shape[1], sms)
+
+        def colsum(bc, br, nw, part2d=part2d, ref=ref):
+            res = torch.empty(part2d.shape[1], dtype=dtype, device=device)
+            _, args, const, opts = co._colsum_launch(part2d, res, sms)
+            const.update(BLOCK_C=bc, BLOCK_R=br)
+            opts["num_warps"] = nw
+
+            def run():
+                co._colsum_kernel[(triton.cdiv(part2d.shape[1], bc),)](**args, **const, **opts)
+
+            return run, lambda: _close(res, ref.view(-1), "sum")
+
+        rows = []
+        grid = itertools.product((16, 32, 64), (1024, 4096, 8192), (4, 8)) if not smoke else [(16, 16, 1)]
+        cdef = (default["BLOCK_C"], 4096, default["num_warps"])
+        for bc, tile, nw in _with(grid, cdef):
+            br = max(1, tile // bc)
+            rows.append(_measure(f"BLOCK_C={bc} BLOCK_R={br} warps={nw}", colsum(bc, br, nw), timer,
+                                 (bc, tile, nw) == cdef))
+        rows.append(dict(config="torch: part.sum(0).to(dtype)", ms=timer(lambda part=part: part.sum(0).to(dtype)),
+                         torch=True))
+        out[f"finish {what} {tuple(shape)}"] = rows
+    return out
+
+
 def _with(grid, default) -> list:
     """The candidate configs with the default among them (first, when the grid lacks it)."""
     grid = list(grid)
@@ -402,8 +446,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, help="folder for sweep.md and sweep.json (default: print only)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, two configs per kernel (CPU interpreter)")
     ap.add_argument("--rep-ms", type=int, default=25, help="do_bench's measuring time per config, ms")
-    ap.add_argument("--kernels", nargs="+", default=["add_ln", "gelu", "attention", "adamw", "mlp"],
-                    choices=["add_ln", "gelu", "attention", "adamw", "mlp"])
+    ap.add_argument("--kernels", nargs="+", default=["add_ln", "gelu", "attention", "adamw", "finish", "mlp"],
+                    choices=["add_ln", "gelu", "attention", "adamw", "finish", "mlp"])
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -412,7 +456,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = _timer(device, args.rep_ms)
     fns = {"add_ln": sweep_add_ln, "gelu": sweep_gelu, "attention": sweep_attention, "adamw": sweep_adamw,
-           "mlp": sweep_mlp}
+           "finish": sweep_finish, "mlp": sweep_mlp}
     from bench.report import device_info, git_commit
 
     meta = dict(device=device_info(device)[0], date=time.strftime("%Y-%m-%d"), commit=git_commit(),

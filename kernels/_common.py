@@ -49,3 +49,64 @@ def cast_rtne(x, DT: tl.constexpr, INTERP_BF16: tl.constexpr):
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(DT)
+
+
+# --- the partial sums' finish: kernels.layer_norm, kernels.gelu and kernels.short_attention write fp32 partial sums
+# (one row per program or per sequence) of their weight / bias gradients; a column sum over those rows finishes them.
+@triton.jit
+def _colsum_kernel(P, OUT, R, C, stride_r, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                   INTERP_BF16: tl.constexpr):  # fmt: skip
+    """OUT[c] = sum over r of P[r, c] in fp32, stored in OUT's dtype. Program: BLOCK_C columns, all rows."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.load(P + rows[:, None].to(tl.int64) * stride_r + cols[None, :],
+                       mask=(rows[:, None] < R) & c_ok[None, :], other=0.0)  # fmt: skip
+    tl.store(OUT + cols, cast_rtne(tl.sum(acc, 0), OUT.dtype.element_ty, INTERP_BF16), mask=c_ok)
+
+
+def _sm_count_of(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device.index if device.index is not None
+                                            else torch.cuda.current_device()).multi_processor_count
+
+
+def colsum_config(cols: int, sms: int) -> dict:
+    """The widest column block (64, 32 or 16 fp32: 256, 128 or 64 contiguous bytes per row) that still gives every
+    SM a program, rows per step so a tile holds 4,096 values (32 per thread with 4 warps)."""
+    block_c = next((b for b in (64, 32) if triton.cdiv(cols, b) >= sms), 16)
+    return {"BLOCK_R": 4096 // block_c, "BLOCK_C": block_c, "num_warps": 4}
+
+
+def _colsum_launch(part2d: torch.Tensor, out: torch.Tensor, sms: int):
+    """(grid, runtime args, constexprs, launch options) of _colsum_kernel; the AOT test compiles the same."""
+    R, C = part2d.shape
+    cfg = colsum_config(C, sms)
+    args = dict(P=part2d, OUT=out, R=R, C=C, stride_r=part2d.stride(0))
+    const = dict(BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
+                 INTERP_BF16=interpreting() and out.dtype == torch.bfloat16)  # fmt: skip
+    return (triton.cdiv(C, cfg["BLOCK_C"]),), args, const, {"num_warps": cfg["num_warps"]}
+
+
+FINISH = "triton"  # "triton": _colsum_kernel on CUDA (and under the interpreter); "torch": part.sum(0) and a cast
+
+
+def finish_sums(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """part (R, ...) fp32 partial sums -> their sum over R, shape part.shape[1:], in `dtype`: one kernel that reads
+    each partial once and writes the result rounded (to nearest even), where torch's part.sum(0).to(dtype) is a
+    reduction over the outer dim plus a cast: its reductions took ~12.5 us per call at the L/16 96 px shapes on an
+    H100, 136 calls and 1.7 ms per step (bench/results/nvidia-h100-80gb-hbm3-2026-11-26-c9d6f1c/profile_l16).
+    Not yet timed on a GPU: bench/sweep_kernels.py --kernels finish sets the two side by side. FINISH = "torch"
+    keeps torch's."""
+    if FINISH == "torch" or part.numel() == 0 or not (part.is_cuda or interpreting()):
+        return part.sum(0).to(dtype)
+    part2d = part.reshape(part.shape[0], -1)
+    if part2d.stride(-1) != 1:
+        part2d = part2d.contiguous()
+    out = torch.empty(part.shape[1:], dtype=dtype, device=part.device)
+    grid, args, const, opts = _colsum_launch(part2d, out.view(-1), _sm_count_of(part.device))
+    _colsum_kernel[grid](**args, **const, **opts)
+    return out

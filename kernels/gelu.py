@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import use_triton
+from kernels._common import finish_sums, use_triton
 from kernels.layer_norm import PROGRAMS_PER_SM, _rows, _sm_count
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # globals a @triton.jit reads must be constexpr
@@ -85,8 +85,9 @@ def _bwd_launch(da2, h2, dh, db_part, rows):
     return grid, args, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]), {"num_warps": cfg["num_warps"]}
 
 
-def gelu_bwd(da2, h2):
-    """(dh, db) for GELU of the pre-activations h2 (M, N) under the gradient da2 (M, N); db (N,) in fp32."""
+def gelu_bwd(da2, h2, db_dtype=torch.float32):
+    """(dh, db) for GELU of the pre-activations h2 (M, N) under the gradient da2 (M, N); db (N,) in db_dtype (its
+    row groups' partial sums finished by kernels._common.finish_sums)."""
     M, N = h2.shape
     cfg = _config()
     groups, rows = _row_groups(M, N, cfg["BLOCK_M"], cfg["BLOCK_N"], h2.device)
@@ -94,7 +95,7 @@ def gelu_bwd(da2, h2):
     db_part = torch.empty((groups, N), dtype=torch.float32, device=h2.device)
     grid, args, const, opts = _bwd_launch(da2, h2, dh, db_part, rows)
     _gelu_bwd_kernel[grid](**args, **const, **opts)
-    return dh, db_part.sum(0)
+    return dh, finish_sums(db_part, db_dtype)
 
 
 class LinearGELUFn(torch.autograd.Function):
@@ -108,10 +109,10 @@ class LinearGELUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, da):
         x2, weight, h = ctx.saved_tensors
-        dh, db = gelu_bwd(_rows(da), h)
+        dh, db = gelu_bwd(_rows(da), h, weight.dtype)
         dx = (dh @ weight).view(*da.shape[:-1], weight.shape[1]) if ctx.needs_input_grad[0] else None
         dw = dh.t() @ x2 if ctx.needs_input_grad[1] else None
-        return dx, dw, db.to(weight.dtype)
+        return dx, dw, db
 
 
 def linear_gelu_ref(x, weight, bias):

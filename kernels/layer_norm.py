@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import use_triton
+from kernels._common import finish_sums, use_triton
 
 MAX_N = 2048
 
@@ -182,16 +182,18 @@ def _fwd(x2, w, b, eps, r2=None, rb=None):
 
 
 def _bwd(dy2, x2, w, mean, rstd, ds2=None, rb=None):
-    """(dx, dW, dB, d rb or None); the partial sums finish in one torch sum and one cast."""
+    """(dx, dW, dB, d rb or None); the partial sums finish in one kernel (kernels._common.finish_sums)."""
     M, N = x2.shape
     progs, rows = _bwd_programs(M, _bwd_config(N)["BLOCK_M"], x2.device)
     dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     part = torch.empty((progs, 2 if rb is None else 3, N), dtype=torch.float32, device=x2.device)
     grid, args, const, opts = _bwd_launch(x2, w, dy2, dx, mean, rstd, part, rows, ds2)
     _layer_norm_bwd_kernel[grid](**args, **const, **opts)
-    sums = part.sum(0)
-    dw, db = sums[:2].to(w.dtype)
-    return dx, dw, db, None if rb is None else sums[2].to(rb.dtype)
+    if rb is None or rb.dtype == w.dtype:
+        sums = finish_sums(part, w.dtype)  # (2 or 3, N) in the weight's dtype
+        return dx, sums[0], sums[1], None if rb is None else sums[2]
+    sums = finish_sums(part, torch.float32)
+    return dx, sums[0].to(w.dtype), sums[1].to(w.dtype), sums[2].to(rb.dtype)
 
 
 def layer_norm_ref(x, weight, bias, eps: float = 1e-5, upcast: bool = False):

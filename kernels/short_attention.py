@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import use_triton
+from kernels._common import finish_sums, use_triton
 from kernels.varlen_attention import (
     _LOG2E,
     _dkdv_block,
@@ -357,7 +357,7 @@ class ShortAttentionQKVFn(torch.autograd.Function):
             part = torch.empty((B, 3, H, d), dtype=torch.float32, device=qkv.device)
             _launch(*_bwd_launch(qkv, o, do, dqkv, lse, None, ctx.causal, ctx.scale, cfg, not qkv.is_cuda,
                                  bias.view(3, H, d), part))  # fmt: skip
-            return dqkv, None, None, part.sum(0).view(-1).to(bias.dtype)
+            return dqkv, None, None, finish_sums(part, bias.dtype).view(-1)
         delta = None
         if "TILE" not in cfg:
             delta = torch.empty((B * H, N), dtype=torch.float32, device=qkv.device)

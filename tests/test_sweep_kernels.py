@@ -11,7 +11,8 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
 
     results = sk.main(["--smoke", "--out", str(tmp_path)])
     kernels = results["smoke"]
-    assert len(kernels) == 8  # add+LN, attention and the fused MLP forward and backward, GELU backward, AdamW
+    # add+LN, attention and the fused MLP forward and backward, GELU backward, AdamW, three partial-sum finishes
+    assert len(kernels) == 11
     for name, rows in kernels.items():
         assert sum(bool(r.get("default")) for r in rows) == 1, name  # the default is always among the candidates
         assert sum(bool(r.get("torch")) for r in rows) == (2 if name.startswith("AdamW") else 1), name
@@ -25,6 +26,8 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
     assert marked["add_layer_norm backward"] == f"BLOCK_M={bwd['BLOCK_M']} warps={bwd['num_warps']} programs/SM=8"
     assert marked["GELU backward + bias grad"] == (f"BLOCK_M={gelu['BLOCK_M']} BLOCK_N={gelu['BLOCK_N']} "
                                                    f"warps={gelu['num_warps']} programs/SM=8")
+    finishes = [name for name in kernels if name.startswith("finish ")]
+    assert len(finishes) == 3 and all(marked[f].endswith("warps=4") for f in finishes)
     md = (tmp_path / "sweep.md").read_text()
     assert "(default)" in md and "**torch: add + F.layer_norm**" in md
     assert (tmp_path / "sweep.json").exists()
