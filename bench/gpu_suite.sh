@@ -5,8 +5,8 @@
 #     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh
 #
 # 1. kernel and model tests, natively (no interpreter): tests/test_{graph,engine,patch_embed,varlen_attention,
-#    short_attention,layer_norm,gelu,adamw,mlp,aot_*,model,loss,flops,presets,interop}.py (none imports DeepSpeed
-#    or DALI; presets/interop skip without open_clip)
+#    short_attention,layer_norm,gelu,adamw,finish_sums,mlp,aot_*,model,loss,flops,presets,interop}.py (none
+#    imports DeepSpeed or DALI; presets/interop skip without open_clip)
 # 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
 # 3. the throughput grids: --grid clipa into clipa/; the two goal points with the opt-in kernels (kernels/: clipfast,
 #    open_clip, CUDA graphs with and without the kernels, the eager kernels); a step profile (clipfast with and
@@ -20,7 +20,8 @@
 # (typical ones end sooner than their timeouts; 0 skips a part):
 #   T_ENV=60 the environment report (nvidia-smi, versions; ~20 s)
 #   T_TESTS=150 (pytest -n 8 where xdist is installed; 120 s cut the H200 run at efae470 short, cold, where a warm
-#     rerun took 107 s; 150 s cut the H100 run at 5cc21e3 at ~88%, no failure by then); SUITE_TESTS replaces the
+#     rerun took 107 s; 150 s cut the H100 runs at 5cc21e3 at ~88% and at 62cbe1a at ~71%, no failure by then; the
+#     files in two calls at c9d6f1c took 79 s and over 105 s); SUITE_TESTS replaces the
 #     test files (default: the list below)
 #   T_BENCH=180 (split over the microbenchmark files, 30 s each; under the number of files: skipped); SUITE_BENCH
 #     replaces the files (default bench/test_bench_*.py)
@@ -129,8 +130,8 @@ TESTS=(tests/test_graph.py tests/test_engine.py tests/test_patch_embed.py tests/
        tests/test_short_attention.py tests/test_aot_patch_embed.py tests/test_aot_varlen_attention.py
        tests/test_aot_short_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py
        tests/test_presets.py tests/test_interop.py tests/test_layer_norm.py tests/test_aot_layer_norm.py
-       tests/test_gelu.py tests/test_aot_gelu.py tests/test_adamw.py tests/test_aot_adamw.py tests/test_mlp.py
-       tests/test_aot_mlp.py)
+       tests/test_gelu.py tests/test_aot_gelu.py tests/test_adamw.py tests/test_aot_adamw.py tests/test_finish_sums.py
+       tests/test_aot_finish_sums.py tests/test_mlp.py tests/test_aot_mlp.py)  # kernels.mlp (benchmarks only) last
 [ -n "${SUITE_TESTS:-}" ] && read -r -a TESTS <<<"$SUITE_TESTS"  # e.g. only the files a change touched
 EXISTING=()
 for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done
