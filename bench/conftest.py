@@ -31,7 +31,10 @@ def synced(fn):
 
 
 def record_rate(benchmark, flops: float | None = None, nbytes: float | None = None):
-    """Store TFLOP/s and GB/s (from the median time) in the benchmark's extra_info after it ran."""
+    """Store TFLOP/s and GB/s (from the median time) in the benchmark's extra_info after it ran; nothing under
+    --benchmark-disable (each benchmark then runs once, untimed, as a test)."""
+    if benchmark.stats is None:
+        return
     t = benchmark.stats.stats.median
     benchmark.extra_info["device"] = device_name()
     benchmark.extra_info["median_ms"] = round(t * 1e3, 4)

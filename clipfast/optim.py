@@ -97,9 +97,10 @@ class _FusedCastAdamW(torch.optim.AdamW):
         return None
 
     def _triton_step(self):
-        """kernels.adamw: one launch per parameter, every input a device tensor (step counts, lr, grad_scale), so the
-        step can be captured in a CUDA graph; the step counts as torch's capturable AdamW keeps them."""
-        from kernels.adamw import adamw_cast_
+        """kernels.adamw: eight parameters per launch (kernels.adamw.SLOTS), every input a device tensor (step counts,
+        lr, grad_scale), so the step can be captured in a CUDA graph; the step counts as torch's capturable AdamW
+        keeps them."""
+        from kernels.adamw import adamw_cast_multi_
 
         for group in self.param_groups:
             b1, b2 = group["betas"]
@@ -121,10 +122,9 @@ class _FusedCastAdamW(torch.optim.AdamW):
             lr = group["lr"]
             if not isinstance(lr, torch.Tensor) or lr.device != todo[0][1].device:
                 lr = torch.full((), float(lr), dtype=torch.float32, device=todo[0][1].device)
-            for p, m, st in todo:
-                adamw_cast_(p, p.grad, m, st["exp_avg"], st["exp_avg_sq"], st["step"], lr,
-                            weight_decay=group["weight_decay"], beta1=b1, beta2=b2, eps=group["eps"],
-                            grad_scale=self.grad_scale, impl="triton")
+            adamw_cast_multi_([(p, p.grad, m, st["exp_avg"], st["exp_avg_sq"], st["step"]) for p, m, st in todo], lr,
+                              weight_decay=group["weight_decay"], beta1=b1, beta2=b2, eps=group["eps"],
+                              grad_scale=self.grad_scale, impl="triton")
 
 
 class MasterAdamW:

@@ -31,13 +31,13 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _adamw_cast_kernel(P, G, W, M, V, STEP, LR, GSCALE, n, weight_decay, beta1, beta2, eps,
-                       HAS_GSCALE: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _adamw_cast_block(P, G, W, M, V, STEP, LR, GSCALE, n, blk, weight_decay, beta1, beta2, eps,
+                      HAS_GSCALE: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Block `blk` (BLOCK elements) of one tensor's update."""
     # [BLOCK // 4, 4]: rows of four, so that every load and store (bf16 and fp32 alike) gets four elements per thread
     # and one layout; a flat 2,048 gave the bf16 loads eight per thread and the fp32 stores four, and Triton moved
     # the three fp32 results through shared memory to store them
-    offs = (tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK // 4)[:, None] * 4
-            + tl.arange(0, 4)[None, :])
+    offs = (blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :])
     mask = offs < n
     t = tl.load(STEP).to(tl.float32)
     lr = tl.load(LR).to(tl.float32)
@@ -59,6 +59,56 @@ def _adamw_cast_kernel(P, G, W, M, V, STEP, LR, GSCALE, n, weight_decay, beta1, 
     tl.store(P + offs, cast_rtne(w, P.dtype.element_ty, INTERP_BF16), mask=mask)  # the interpreter's cast truncates
 
 
+@triton.jit
+def _adamw_cast_kernel(P, G, W, M, V, STEP, LR, GSCALE, n, weight_decay, beta1, beta2, eps,
+                       HAS_GSCALE: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    _adamw_cast_block(P, G, W, M, V, STEP, LR, GSCALE, n, tl.program_id(0), weight_decay, beta1, beta2, eps,
+                      HAS_GSCALE, INTERP_BF16, BLOCK)  # fmt: skip
+
+
+SLOTS = 8  # tensors per launch of _adamw_cast_multi_kernel (adamw_cast_multi_); 1: one launch per tensor
+# the sizes and block offsets vary per tensor: not specialised (a value of 1 or a multiple of 16 would each compile
+# a kernel of their own)
+_SLOT_INTS = [f"N{k}" for k in range(8)] + [f"C{k}" for k in range(1, 8)]
+
+
+@triton.jit(do_not_specialize=_SLOT_INTS)
+def _adamw_cast_multi_kernel(
+    P0, G0, W0, M0, V0, S0, N0, P1, G1, W1, M1, V1, S1, N1, P2, G2, W2, M2, V2, S2, N2,
+    P3, G3, W3, M3, V3, S3, N3, P4, G4, W4, M4, V4, S4, N4, P5, G5, W5, M5, V5, S5, N5,
+    P6, G6, W6, M6, V6, S6, N6, P7, G7, W7, M7, V7, S7, N7, C1, C2, C3, C4, C5, C6, C7,
+    LR, GSCALE, weight_decay, beta1, beta2, eps,
+    HAS_GSCALE: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Up to eight tensors in one launch: tensor k (P_k, G_k, W_k, M_k, V_k, its step count S_k, N_k elements) takes
+    the programs C_k <= pid < C_k+1 (C_0 = 0, C_8 = the grid); a slot left empty has C_k = C_k+1."""
+    pid = tl.program_id(0)
+    if pid < C1:
+        _adamw_cast_block(P0, G0, W0, M0, V0, S0, LR, GSCALE, N0, pid, weight_decay, beta1, beta2, eps,
+                          HAS_GSCALE, INTERP_BF16, BLOCK)  # fmt: skip
+    elif pid < C2:
+        _adamw_cast_block(P1, G1, W1, M1, V1, S1, LR, GSCALE, N1, pid - C1, weight_decay, beta1, beta2, eps,
+                          HAS_GSCALE, INTERP_BF16, BLOCK)  # fmt: skip
+    elif pid < C3:
+        _adamw_cast_block(P2, G2, W2, M2, V2, S2, LR, GSCALE, N2, pid - C2, weight_decay, beta1, beta2, eps,
+                          HAS_GSCALE, INTERP_BF16, BLOCK)  # fmt: skip
+    elif pid < C4:
+        _adamw_cast_block(P3, G3, W3, M3, V3, S3, LR, GSCALE, N3, pid - C3, weight_decay, beta1, beta2, eps,
+                          HAS_GSCALE, INTERP_BF16, BLOCK)  # fmt: skip
+    elif pid < C5:
+        _adamw_cast_block(P4, G4, W4, M4, V4, S4, LR, GSCALE, N4, pid - C4, weight_decay, beta1, beta2, eps,
+                          HAS_GSCALE, INTERP_BF16, BLOCK)  # fmt: skip
+    elif pid < C6:
+        _adamw_cast_block(P5, G5, W5, M5, V5, S5, LR, GSCALE, N5, pid - C5, weight_decay, beta1, beta2, eps,
+                          HAS_GSCALE, INTERP_BF16, BLOCK)  # fmt: skip
+    elif pid < C7:
+        _adamw_cast_block(P6, G6, W6, M6, V6, S6, LR, GSCALE, N6, pid - C6, weight_decay, beta1, beta2, eps,
+                          HAS_GSCALE, INTERP_BF16, BLOCK)  # fmt: skip
+    else:
+        _adamw_cast_block(P7, G7, W7, M7, V7, S7, LR, GSCALE, N7, pid - C7, weight_decay, beta1, beta2, eps,
+                          HAS_GSCALE, INTERP_BF16, BLOCK)  # fmt: skip
+
+
 def adamw_cast_ref(p, g, w, m, v, step, lr, *, weight_decay, beta1, beta2, eps, grad_scale=None):
     """The same update with torch ops (torch.optim.AdamW's single-tensor arithmetic), in place."""
     t = step.float()
@@ -72,6 +122,27 @@ def adamw_cast_ref(p, g, w, m, v, step, lr, *, weight_decay, beta1, beta2, eps, 
     p.copy_(w)
 
 
+def _multi_launch(tensors, lr, grad_scale, weight_decay, beta1, beta2, eps, block=BLOCK, num_warps=NUM_WARPS):
+    """(grid, runtime args, constexprs, launch options) of _adamw_cast_multi_kernel for 1-8 tensors, each a tuple
+    (p, g, w, m, v, step); the empty slots repeat the first tensor with no programs."""
+    if not 1 <= len(tensors) <= 8:
+        raise ValueError(f"_adamw_cast_multi_kernel takes 1 to 8 tensors, got {len(tensors)}")
+    args, start = {}, 0
+    for k in range(8):
+        p, g, w, m, v, step = tensors[k] if k < len(tensors) else tensors[0]
+        n = w.numel() if k < len(tensors) else 0
+        if k:
+            args[f"C{k}"] = start
+        args.update({f"P{k}": p, f"G{k}": g, f"W{k}": w, f"M{k}": m, f"V{k}": v, f"S{k}": step, f"N{k}": n})
+        start += triton.cdiv(n, block)
+    p0 = tensors[0][0]
+    args.update(LR=lr, GSCALE=tensors[0][5] if grad_scale is None else grad_scale, weight_decay=float(weight_decay),
+                beta1=float(beta1), beta2=float(beta2), eps=float(eps))
+    const = dict(HAS_GSCALE=grad_scale is not None, INTERP_BF16=interpreting() and p0.dtype == torch.bfloat16,
+                 BLOCK=block)
+    return (start,), args, const, {"num_warps": num_warps}
+
+
 def _launch(p, g, w, m, v, step, lr, grad_scale, weight_decay, beta1, beta2, eps, block=BLOCK, num_warps=NUM_WARPS):
     """(grid, runtime args, constexprs, launch options); block and num_warps: bench/sweep_kernels.py tries others."""
     n = w.numel()
@@ -82,21 +153,25 @@ def _launch(p, g, w, m, v, step, lr, grad_scale, weight_decay, beta1, beta2, eps
     return (triton.cdiv(n, block),), args, const, {"num_warps": num_warps}
 
 
+def _check(p, g, w, m, v, step, lr, grad_scale, name="adamw_cast_"):
+    if not (w.dtype == m.dtype == v.dtype == torch.float32):
+        raise ValueError(f"{name} needs fp32 master and moments, got {w.dtype}, {m.dtype}, {v.dtype}")
+    if not (p.numel() == g.numel() == w.numel() == m.numel() == v.numel()):
+        raise ValueError(f"{name} needs tensors of one size, got {p.numel()}, {g.numel()}, {w.numel()}, "
+                         f"{m.numel()}, {v.numel()} elements")
+    for what, t in (("step", step), ("lr", lr), ("grad_scale", grad_scale)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != 1 or t.device != w.device):
+            raise ValueError(f"{name}: {what} must be a one-element tensor on {w.device}, got "
+                             f"{t if not isinstance(t, torch.Tensor) else (tuple(t.shape), t.device)}")
+
+
 @torch.no_grad()
 def adamw_cast_(p, g, w, m, v, step, lr, *, weight_decay: float, beta1: float, beta2: float, eps: float,
                 grad_scale=None, impl=None) -> None:
     """One AdamW step of the fp32 master w (moments m, v) from the bf16 gradient g, rounded into the bf16 weight p; see
     the module docstring. p, g: bf16 or fp16; w, m, v: fp32; all contiguous with the same number of elements. step,
     lr (and grad_scale): one-element float tensors on the same device (step already counts this step)."""
-    if not (w.dtype == m.dtype == v.dtype == torch.float32):
-        raise ValueError(f"adamw_cast_ needs fp32 master and moments, got {w.dtype}, {m.dtype}, {v.dtype}")
-    if not (p.numel() == g.numel() == w.numel() == m.numel() == v.numel()):
-        raise ValueError(f"adamw_cast_ needs tensors of one size, got {p.numel()}, {g.numel()}, {w.numel()}, "
-                         f"{m.numel()}, {v.numel()} elements")
-    for name, t in (("step", step), ("lr", lr), ("grad_scale", grad_scale)):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != 1 or t.device != w.device):
-            raise ValueError(f"adamw_cast_: {name} must be a one-element tensor on {w.device}, got "
-                             f"{t if not isinstance(t, torch.Tensor) else (tuple(t.shape), t.device)}")
+    _check(p, g, w, m, v, step, lr, grad_scale)
     if not use_triton(w, impl) or w.numel() == 0:
         adamw_cast_ref(p, g, w, m, v, step, lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps,
                        grad_scale=grad_scale)
@@ -105,3 +180,32 @@ def adamw_cast_(p, g, w, m, v, step, lr, *, weight_decay: float, beta1: float, b
         raise ValueError("adamw_cast_ needs contiguous tensors (the kernel reads them flat)")
     grid, args, const, opts = _launch(p, g, w, m, v, step, lr, grad_scale, weight_decay, beta1, beta2, eps)
     _adamw_cast_kernel[grid](**args, **const, **opts)
+
+
+@torch.no_grad()
+def adamw_cast_multi_(tensors, lr, *, weight_decay: float, beta1: float, beta2: float, eps: float, grad_scale=None,
+                      impl=None, slots: int | None = None) -> None:
+    """adamw_cast_ for many tensors that share the hyper-parameters: `tensors` a list of (p, g, w, m, v, step), each as
+    adamw_cast_ takes them. The Triton path launches `slots` (default SLOTS, at most 8) tensors per kernel, so that
+    the small ones (biases, norms: 201 of ViT-B/16's 302 tensors have under 64K elements) share launches instead of
+    each paying a launch and a mostly idle GPU; slots=1 is one adamw_cast_ launch per tensor."""
+    slots = SLOTS if slots is None else slots
+    if not 1 <= slots <= 8:
+        raise ValueError(f"adamw_cast_multi_: slots must be 1 to 8, got {slots}")
+    tensors = [t for t in tensors if t[2].numel()]
+    for t in tensors:
+        _check(*t, lr, grad_scale, name="adamw_cast_multi_")
+    if not tensors:
+        return
+    hp = dict(weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, grad_scale=grad_scale)
+    if slots == 1 or not use_triton(tensors[0][2], impl):
+        for p, g, w, m, v, step in tensors:
+            adamw_cast_(p, g, w, m, v, step, lr, **hp, impl=impl)
+        return
+    if not all(x.is_contiguous() for t in tensors for x in t[:5]):
+        raise ValueError("adamw_cast_multi_ needs contiguous tensors (the kernel reads them flat)")
+    if len({t[0].dtype for t in tensors}) > 1:
+        raise ValueError(f"adamw_cast_multi_ needs one weight dtype, got {sorted({str(t[0].dtype) for t in tensors})}")
+    for i in range(0, len(tensors), slots):
+        grid, args, const, opts = _multi_launch(tensors[i:i + slots], lr, grad_scale, weight_decay, beta1, beta2, eps)
+        _adamw_cast_multi_kernel[grid](**args, **const, **opts)

@@ -8,7 +8,7 @@ import torch
 
 from clipfast.graph import lr_on_device
 from clipfast.optim import MasterAdamW, clipped_step, folds_clipping
-from kernels.adamw import BLOCK, adamw_cast_
+from kernels.adamw import BLOCK, adamw_cast_, adamw_cast_multi_
 from tests.conftest import DEVICE
 
 HP = dict(weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-6)
@@ -74,6 +74,50 @@ def test_kernel_errors():
         adamw_cast_(p, p, w, w, w, _one(1), 1e-3, **HP, impl="triton")
     with pytest.raises(ValueError, match="contiguous"):
         adamw_cast_(p[::2], p[::2], w[::2], w[::2], w[::2], _one(1), _one(1e-3), **HP, impl="triton")
+
+
+@pytest.mark.parametrize("slots", [8, 3])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_multi_tensor_launches_equal_one_launch_per_tensor(slots, scaled):
+    """adamw_cast_multi_ (up to `slots` tensors per launch: 11 tensors of 0 to 2 blocks and a tail, each with its own
+    step count) gives every tensor exactly what adamw_cast_ gives it alone: the same arithmetic on the same
+    elements. A tensor that reads another's blocks or step count, or that is skipped, breaks the equality."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = [2 * BLOCK + 5, 1, 0, 7, BLOCK, BLOCK + 1, 3, 2 * BLOCK, 64, 5, BLOCK - 1]
+
+    def state():
+        gen.manual_seed(5)
+        out = []
+        for i, n in enumerate(sizes):
+            w = torch.randn(n, generator=gen)
+            out.append((w.to(torch.bfloat16).to(DEVICE), (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
+                        .to(DEVICE), w.to(DEVICE), (0.01 * torch.randn(n, generator=gen)).to(DEVICE),
+                        (1e-4 * torch.rand(n, generator=gen)).to(DEVICE), _one(1 + i % 4)))
+        return out
+
+    lr, scale = _one(1e-2), (_one(2.5) if scaled else None)
+    one, multi = state(), state()
+    for t in one:
+        adamw_cast_(*t, lr, **HP, grad_scale=scale, impl="triton")
+    adamw_cast_multi_(multi, lr, **HP, grad_scale=scale, impl="triton", slots=slots)
+    for i, (a, b) in enumerate(zip(one, multi, strict=True)):
+        for name, x, y in zip("pgwmv", a[:5], b[:5]):
+            assert torch.equal(x, y), (i, sizes[i], name)
+    moved = [(a[2].cpu() - s[2].cpu()).abs().max() for a, s in zip(multi, state()) if a[2].numel()]
+    assert min(moved) > 0  # every non-empty tensor was updated: the equality above can fail
+
+
+def test_multi_tensor_errors():
+    w = torch.zeros(8, device=DEVICE)
+    p = torch.zeros(8, dtype=torch.bfloat16, device=DEVICE)
+    h = torch.zeros(8, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="slots must be 1 to 8"):
+        adamw_cast_multi_([(p, p, w, w, w, _one(1))], _one(1e-3), **HP, impl="triton", slots=9)
+    with pytest.raises(ValueError, match="one size"):
+        adamw_cast_multi_([(p, p[:4], w, w, w, _one(1))], _one(1e-3), **HP, impl="triton")
+    with pytest.raises(ValueError, match="one weight dtype"):
+        adamw_cast_multi_([(p, p, w, w.clone(), w.clone(), _one(1)), (h, h, w.clone(), w.clone(), w.clone(), _one(1))],
+                          _one(1e-3), **HP, impl="triton")
 
 
 def _params(shapes, seed):
