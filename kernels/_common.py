@@ -1,4 +1,5 @@
 """Helpers shared by the kernel files: backend choice, and the Triton helpers that work around the interpreter."""
+import functools
 import os
 
 import torch
@@ -67,11 +68,16 @@ def _colsum_kernel(P, OUT, R, C, stride_r, BLOCK_R: tl.constexpr, BLOCK_C: tl.co
     tl.store(OUT + cols, cast_rtne(tl.sum(acc, 0), OUT.dtype.element_ty, INTERP_BF16), mask=c_ok)
 
 
+@functools.lru_cache(maxsize=None)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _sm_count_of(device: torch.device) -> int:
+    """The device's SM count (4 for a CPU tensor under the interpreter)."""
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device.index if device.index is not None
-                                            else torch.cuda.current_device()).multi_processor_count
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def colsum_config(cols: int, sms: int) -> dict:
