@@ -18,8 +18,10 @@ Kernels and shapes (bf16, the vision tower at the goal points: B/16 112 px batch
 - add_layer_norm forward (with the residual's bias): BLOCK_M x num_warps; torch: the adds + F.layer_norm
 - GELU backward with the bias gradient: BLOCK_M x BLOCK_N x num_warps x programs per SM, with its finish; torch:
   GeluBackward + the bias-gradient sum
-- short attention (N = 50 and 37, d = 64, one tile per sequence and head): forward and backward num_warps x
-  num_stages; torch: SDPA forward, and forward + backward less forward
+- short attention (N = 50 and 37, d = 64, one tile per sequence and head, the qkv bias in the kernels as the model
+  runs them): forward and backward num_warps x num_stages, the one-tile forward kernel and several (sequence, head)
+  pairs per program (kernels.short_attention.FWD_HEADS / BWD_HEADS); torch: bias add + SDPA forward, SDPA backward
+  + the stack + the bias sum
 - AdamW over fp32 masters of bf16 weights (kernels.adamw) on one MLP weight: BLOCK x num_warps; torch: fused AdamW
   over fp32, and the cast + fused AdamW + copy that MasterAdamW ran before the kernel
 - the partial sums' finish (kernels._common.finish_sums) at the layer norm's, the GELU bias's and the qkv bias's
@@ -203,46 +205,77 @@ def sweep_gelu(s, device, dtype, timer, smoke):
 # ---- short attention ------------------------------------------------------------------------------------------
 
 def sweep_attention(s, device, dtype, timer, smoke):
+    """The model's path: the qkv projection's bias added in the kernels, its gradient's column sums in the backward.
+    Forward: _short_attn_fwd_kernel (the default) over warps x stages, and the one-tile forward without a key loop
+    (_short_attn_fwd_tile_kernel) at 1, 2 and 4 (sequence, head) pairs per program x pipelining stages (FWD_HEADS);
+    backward: warps x stages, and 2 pairs per program (BWD_HEADS)."""
     B, N, H, d = s["batch"], s["tokens"], s["heads"], 64 if not smoke else 16
     g = torch.Generator(device="cpu").manual_seed(2)
     qkv = torch.randn(B, N, 3, H, d, generator=g).to(device, dtype)
+    bias = (0.1 * torch.randn(3, H, d, generator=g)).to(device, dtype)
     do = torch.randn(B, N, H, d, generator=g).to(device, dtype)
     scale = d**-0.5
     interp = not qkv.is_cuda
     fcfg, bcfg = sa._fwd_config(N, d), sa._bwd_config(N, d)
+    fcfg.pop("HPP", None)
     o0 = torch.empty(B, N, H, d, device=device, dtype=dtype)
     lse0 = torch.empty(B * H, N, device=device)
-    sa._launch(sa._short_attn_fwd_kernel, *sa._fwd_launch(qkv, o0, lse0, False, scale, fcfg, interp))
+    sa._launch(sa._short_attn_fwd_kernel, *sa._fwd_launch(qkv, o0, lse0, False, scale, fcfg, interp, bias))
     dqkv0 = torch.empty_like(qkv)
-    sa._launch(*sa._bwd_launch(qkv, o0, do, dqkv0, lse0, None, False, scale, bcfg, interp))
+    part0 = torch.empty(B, 3, H, d, device=device)
+    sa._launch(*sa._bwd_launch(qkv, o0, do, dqkv0, lse0, None, False, scale, dict(bcfg, HPP=1), interp, bias, part0))
 
-    def fwd(nw, ns):
+    def fwd(nw, ns, hpp=0):
         o, lse = torch.empty_like(o0), torch.empty_like(lse0)
-        grid, args, const, opts = sa._fwd_launch(qkv, o, lse, False, scale, dict(fcfg, num_warps=nw, num_stages=ns),
-                                                 interp)  # fmt: skip
-        return (lambda: sa._short_attn_fwd_kernel[grid](**args, **const, **opts)), lambda: _close(o, o0, "o")
+        cfg = dict(fcfg, num_warps=nw, num_stages=2 if hpp else ns)
+        if hpp:
+            grid, args, const, opts = sa._fwd_tile_launch(qkv, o, lse, False, scale, dict(cfg, HPP=hpp, STAGES=ns),
+                                                          interp, bias)  # fmt: skip
+            kernel = sa._short_attn_fwd_tile_kernel
+        else:
+            grid, args, const, opts = sa._fwd_launch(qkv, o, lse, False, scale, cfg, interp, bias)
+            kernel = sa._short_attn_fwd_kernel
+        return (lambda: kernel[grid](**args, **const, **opts)), \
+            lambda: _close(o, o0, "o") or _close(lse, lse0, "lse")
 
-    def bwd(nw, ns):
-        dqkv = torch.empty_like(qkv)
+    def bwd(nw, ns, hpp=1):
+        dqkv, part = torch.empty_like(qkv), torch.empty_like(part0)
         kernel, grid, args, const, opts = sa._bwd_launch(qkv, o0, do, dqkv, lse0, None, False, scale,
-                                                         dict(bcfg, num_warps=nw, num_stages=ns), interp)
-        return (lambda: kernel[grid](**args, **const, **opts)), lambda: _close(dqkv, dqkv0, "dqkv")
+                                                         dict(bcfg, num_warps=nw, num_stages=1, HPP=hpp, STAGES=ns),
+                                                         interp, bias, part)  # fmt: skip
+        if hpp == 1:
+            opts["num_stages"] = ns
+        return (lambda: kernel[grid](**args, **const, **opts)), \
+            lambda: _close(dqkv, dqkv0, "dqkv") or _close(part, part0, "dbias part")
 
     cand = list(itertools.product((4, 8), (1, 2, 3))) if not smoke else [(2, 1)]
     fdef, bdef = (fcfg["num_warps"], fcfg["num_stages"]), (bcfg["num_warps"], bcfg["num_stages"])
     fwd_rows = [_measure(f"warps={nw} stages={ns}", fwd(nw, ns), timer, (nw, ns) == fdef)
                 for nw, ns in _with(cand, fdef)]
+    tiles = [(4, st, hpp) for hpp in (1, 2, 4) for st in (1, 2)] + [(8, 1, 1)] if not smoke else [(2, 1, 2)]
+    fwd_rows += [_measure(f"one-tile kernel, {hpp} pair(s) per program, loop stages={st}, warps={nw}",
+                          fwd(nw, st, hpp), timer, False) for nw, st, hpp in tiles]
     bwd_rows = [_measure(f"warps={nw} stages={ns}", bwd(nw, ns), timer, (nw, ns) == bdef)
                 for nw, ns in _with(cand, bdef)]
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-    fwd_rows.append(dict(config="torch: SDPA forward", ms=timer(lambda: F.scaled_dot_product_attention(q, k, v)),
-                         torch=True))
+    pairs = [(bdef[0], st, 2) for st in (1, 2)] if not smoke else [(2, 1, 2)]
+    bwd_rows += [_measure(f"{hpp} pairs per program, loop stages={st}, warps={nw}", bwd(nw, st, hpp), timer, False)
+                 for nw, st, hpp in pairs]
+    qb = qkv + bias
+    q, k, v = (t.transpose(1, 2) for t in qb.unbind(2))
+    fwd_rows.append(dict(config="torch: bias add + SDPA forward",
+                         ms=timer(lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in
+                                                                           (qkv + bias).unbind(2)))),
+                         torch=True))  # fmt: skip
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
     og = F.scaled_dot_product_attention(qg, kg, vg)
     dog = do.transpose(1, 2)
-    bwd_rows.append(dict(config="torch: SDPA backward (+ the stack into dqkv)",
-                         ms=timer(lambda: torch.stack(torch.autograd.grad(og, (qg, kg, vg), dog, retain_graph=True),
-                                                      dim=2)), torch=True))  # fmt: skip
+
+    def torch_bwd():
+        dq = torch.stack(torch.autograd.grad(og, (qg, kg, vg), dog, retain_graph=True), dim=2)
+        dq.sum((0, 1))  # the bias gradient
+
+    bwd_rows.append(dict(config="torch: SDPA backward (+ the stack into dqkv, the bias sum)", ms=timer(torch_bwd),
+                         torch=True))
     return {f"short attention forward (N={N})": fwd_rows, f"short attention backward (N={N})": bwd_rows}
 
 

@@ -75,14 +75,14 @@ def nvidia_tool(name: str) -> str | None:
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4, num_stages: int = 3,
-                 aligned=None, capability: int = 90) -> KernelResources:
+                 aligned=None, capability: int = 90, maxnreg: int | None = None) -> KernelResources:
     """Compile `fn` for GPUTarget("cuda", capability, 32) and read its resource use; see the module docstring.
 
     Under TRITON_INTERPRET=1 `fn` is an interpreter object that cannot be compiled; the compile then runs in a
     child Python without the interpreter, importing `fn` from its module by name (so it must be module-level)."""
     if not hasattr(fn, "cache_key"):
         return _compile_in_child(fn, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
-                                 aligned=aligned, capability=capability)
+                                 aligned=aligned, capability=capability, maxnreg=maxnreg)
     constexprs = dict(constexprs or {})
     names = list(fn.arg_names)
     missing = [a for a in names if a not in signature and a not in constexprs]
@@ -94,8 +94,10 @@ def compile_sm90(fn, signature: dict, constexprs: dict | None = None, *, num_war
         aligned = [a for a in names if a not in constexprs and str(signature[a]).startswith("*")]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    k, log = _compile_with_ptxas_log(src, GPUTarget("cuda", capability, 32),
-                                     {"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:  # the launch option of that name: a register cap per thread
+        options["maxnreg"] = maxnreg
+    k, log = _compile_with_ptxas_log(src, GPUTarget("cuda", capability, 32), options)
     ptx, cubin = k.asm["ptx"], k.asm["cubin"]
     regs, local = _cuobjdump_usage(cubin)
     spills = _parse_spills(log) if log else _ptxas_spills(ptx, capability)

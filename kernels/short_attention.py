@@ -99,18 +99,82 @@ def _short_attn_fwd_kernel(
 
 
 @triton.jit
+def _short_attn_fwd_tile_kernel(
+    QKV, O, LSE, stride_b, stride_n, stride_s, stride_h, stride_ob, stride_on, stride_oh,
+    N, H, D, qk_scale, BIAS,
+    IS_CAUSAL: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HPP: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """The forward for N <= TILE in one tile and no key loop: program p takes the (sequence, head) pairs p * HPP ..
+    p * HPP + HPP - 1 in turn (HPP divides B * H), in a loop that Triton may software-pipeline (STAGES): the next
+    pair's q, k, v load while this one's tile products run. LSE (B*H, N) in log2 units, as _short_attn_fwd_kernel."""
+    for i in tl.range(0, HPP, num_stages=STAGES):
+        bh = tl.program_id(0) * HPP + i
+        b = bh // H
+        h = bh % H
+        offs = tl.arange(0, TILE)
+        offs_d = tl.arange(0, BLOCK_D)
+        ok = offs < N
+        ld = ok[:, None] & (offs_d[None, :] < D)
+        Q = QKV + b.to(tl.int64) * stride_b + h * stride_h
+        rows = offs[:, None] * stride_n + offs_d[None, :]
+        q = tl.load(Q + rows, mask=ld, other=0.0)
+        k = tl.load(Q + stride_s + rows, mask=ld, other=0.0)
+        v = tl.load(Q + 2 * stride_s + rows, mask=ld, other=0.0)
+        if HAS_BIAS:
+            bq, bk, bv = _bias3(BIAS, h, H, D, offs_d)
+            q = (q.to(tl.float32) + bq[None, :]).to(v.dtype)
+            k = (k.to(tl.float32) + bk[None, :]).to(v.dtype)
+            v = (v.to(tl.float32) + bv[None, :]).to(q.dtype)
+        s = _dot(q, tl.trans(k), PREC, F32_DOT) * qk_scale  # (TILE, TILE), log2 units
+        keep = ok[None, :]
+        if IS_CAUSAL:
+            keep &= offs[None, :] <= offs[:, None]
+        s = tl.where(keep, s, float("-inf"))
+        m = tl.maximum(tl.max(s, 1), -1.0e30)  # padded query rows see the real keys; every row has a key
+        p = tl.exp2(s - m[:, None])
+        l_i = tl.sum(p, 1)
+        o = _dot(p.to(v.dtype), v, PREC, F32_DOT) / l_i[:, None]
+        o_rows = b.to(tl.int64) * stride_ob + h * stride_oh + offs[:, None] * stride_on + offs_d[None, :]
+        tl.store(O + o_rows, o.to(O.dtype.element_ty), mask=ld)
+        tl.store(LSE + bh * N + offs, m + tl.log2(l_i), mask=ok)
+
+
+@triton.jit
 def _short_attn_bwd_tile_kernel(
     QKV, O, DO, DQKV, LSE,
     stride_b, stride_n, stride_s, stride_h, stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh,
     stride_gb, stride_gn, stride_gs, stride_gh,
     N, H, D, qk_scale, sm_scale, BIAS, DBIAS_PART,
     IS_CAUSAL: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HPP: tl.constexpr = 1, STAGES: tl.constexpr = 1,
+):  # fmt: skip
+    """Program p: the (sequence, head) pair p (HPP = 1), or the pairs p * HPP .. p * HPP + HPP - 1 in a loop that
+    Triton may software-pipeline (STAGES; HPP divides B * H), each whole sequence (N <= TILE) in one tile; see the
+    module docstring. HAS_BIAS: the forward's bias added to q, k, v again, and the column sums of dq, dk, dv (fp32,
+    before rounding) into DBIAS_PART (B, 3, H, D): the bias's gradient once summed over the sequences."""
+    if HPP == 1:
+        _bwd_tile(tl.program_id(0), QKV, O, DO, DQKV, LSE, stride_b, stride_n, stride_s, stride_h, stride_ob,
+                  stride_on, stride_oh, stride_db, stride_dn, stride_dh, stride_gb, stride_gn, stride_gs, stride_gh,
+                  N, H, D, qk_scale, sm_scale, BIAS, DBIAS_PART, IS_CAUSAL, TILE, BLOCK_D, PREC, F32_DOT, HAS_BIAS)
+    else:
+        for i in tl.range(0, HPP, num_stages=STAGES):
+            _bwd_tile(tl.program_id(0) * HPP + i, QKV, O, DO, DQKV, LSE, stride_b, stride_n, stride_s, stride_h,
+                      stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh, stride_gb, stride_gn,
+                      stride_gs, stride_gh, N, H, D, qk_scale, sm_scale, BIAS, DBIAS_PART, IS_CAUSAL, TILE, BLOCK_D,
+                      PREC, F32_DOT, HAS_BIAS)
+
+
+@triton.jit
+def _bwd_tile(
+    bh, QKV, O, DO, DQKV, LSE,
+    stride_b, stride_n, stride_s, stride_h, stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh,
+    stride_gb, stride_gn, stride_gs, stride_gh,
+    N, H, D, qk_scale, sm_scale, BIAS, DBIAS_PART,
+    IS_CAUSAL: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """Program (b * H + h): the whole sequence (N <= TILE) in one tile; see the module docstring. HAS_BIAS: the
-    forward's bias added to q, k, v again, and the column sums of dq, dk, dv (fp32, before rounding) into
-    DBIAS_PART (B, 3, H, D): the bias's gradient once summed over the sequences."""
-    bh = tl.program_id(0)
+    """The one-tile backward of the (sequence, head) pair bh."""
     b = bh // H
     h = bh % H
     offs = tl.arange(0, TILE)
@@ -138,21 +202,25 @@ def _short_attn_bwd_tile_kernel(
     if IS_CAUSAL:
         keep &= offs[None, :] <= offs[:, None]
     p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+    # each gradient stored (and its bias column sum taken) as soon as it is made, so that it need not stay in registers
+    # while the next tile products run; padded rows: ds and p are 0 there, so dq, dk, dv rows are 0
+    G = DQKV + b.to(tl.int64) * stride_gb + h * stride_gh + offs[:, None] * stride_gn + offs_d[None, :]
+    part = DBIAS_PART + b.to(tl.int64) * 3 * H * D + h * D + offs_d
+    d_in = offs_d < D
     dv = _dot(tl.trans(p.to(do.dtype)), do, PREC, F32_DOT)
+    tl.store(G + 2 * stride_gs, dv.to(DQKV.dtype.element_ty), mask=ld)
+    if HAS_BIAS:
+        tl.store(part + 2 * H * D, tl.sum(dv, 0), mask=d_in)
     dp = _dot(do, tl.trans(v), PREC, F32_DOT)
     ds = (p * (dp - delta[:, None])).to(q.dtype)
     dq = _dot(ds, k, PREC, F32_DOT) * sm_scale
-    dk = _dot(tl.trans(ds), q, PREC, F32_DOT) * sm_scale
-    G = DQKV + b.to(tl.int64) * stride_gb + h * stride_gh + offs[:, None] * stride_gn + offs_d[None, :]
     tl.store(G, dq.to(DQKV.dtype.element_ty), mask=ld)
-    tl.store(G + stride_gs, dk.to(DQKV.dtype.element_ty), mask=ld)
-    tl.store(G + 2 * stride_gs, dv.to(DQKV.dtype.element_ty), mask=ld)
-    if HAS_BIAS:  # padded rows: ds and p are 0 there, so dq, dk, dv rows are 0
-        part = DBIAS_PART + b.to(tl.int64) * 3 * H * D + h * D + offs_d
-        d_in = offs_d < D
+    if HAS_BIAS:
         tl.store(part, tl.sum(dq, 0), mask=d_in)
+    dk = _dot(tl.trans(ds), q, PREC, F32_DOT) * sm_scale
+    tl.store(G + stride_gs, dk.to(DQKV.dtype.element_ty), mask=ld)
+    if HAS_BIAS:
         tl.store(part + H * D, tl.sum(dk, 0), mask=d_in)
-        tl.store(part + 2 * H * D, tl.sum(dv, 0), mask=d_in)
 
 
 @triton.jit
@@ -267,10 +335,23 @@ def _tile(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+# (sequence, head) pairs per program of the one-tile kernels, and the software-pipelining depth of their loop over
+# them. FWD_HEADS 0: the forward runs _short_attn_fwd_kernel (its key loop, one pair per program), as measured on the
+# H100 at dab88c7; k >= 1: _short_attn_fwd_tile_kernel, k pairs per program. BWD_HEADS 1: one pair per program, as
+# measured. Larger values let a program load the next pair while this one's tile products run; they are untimed on
+# a GPU so far: bench/sweep_kernels.py --kernels attention tries 1, 2 and 4 pairs at 1-3 stages.
+FWD_HEADS, FWD_STAGES = 0, 2
+BWD_HEADS, BWD_STAGES = 1, 2
+
+
 def _fwd_config(n: int, head_dim: int) -> dict:
-    """N <= TILE_MAX: one tile of next_pow2(N) rows and keys; longer: 64 x 64 blocks."""
+    """N <= TILE_MAX: one tile of next_pow2(N) rows and keys (HPP: pairs per program of the one-tile kernel, where
+    FWD_HEADS asks for it); longer: 64 x 64 blocks."""
     t = min(_tile(n), TILE_MAX)
-    return {"BLOCK_M": t, "BLOCK_N": t, "num_warps": 4 if t == 64 else (2 if t == 32 else 1), "num_stages": 2}
+    cfg = {"BLOCK_M": t, "BLOCK_N": t, "num_warps": 4 if t == 64 else (2 if t == 32 else 1), "num_stages": 2}
+    if n <= TILE_MAX and FWD_HEADS >= 1:
+        cfg.update(HPP=FWD_HEADS, STAGES=FWD_STAGES)
+    return cfg
 
 
 def _bwd_config(n: int, head_dim: int) -> dict:
@@ -281,7 +362,7 @@ def _bwd_config(n: int, head_dim: int) -> dict:
         # sweep.md) 0.231 ms at B/16 112 px (N = 50) against 0.344 ms with 8 warps (SDPA's backward + stack: 1.14 ms)
         # (d <= 64; d = 128 keeps 8 warps: three 64 x 128 fp32 accumulators would not fit 4 warps' registers)
         return {"TILE": t, "num_warps": (4 if head_dim <= 64 else 8) if t == 64 else (4 if t == 32 else 1),
-                "num_stages": 1}
+                "num_stages": 1, "HPP": BWD_HEADS, "STAGES": BWD_STAGES}
     if head_dim <= 64:
         return {"WIN": 64, "STEP": 16, "num_warps": 4, "num_stages": 2}
     return {"WIN": 64, "STEP": 32, "num_warps": 8, "num_stages": 2}
@@ -289,6 +370,25 @@ def _bwd_config(n: int, head_dim: int) -> dict:
 
 def _qkv_strides(x):
     return dict(stride_b=x.stride(0), stride_n=x.stride(1), stride_s=x.stride(2), stride_h=x.stride(3))
+
+
+def _pairs_per_program(pairs: int, hpp: int) -> int:
+    """hpp halved until it divides the number of (sequence, head) pairs (the looped kernels need no tail guard)."""
+    while hpp > 1 and pairs % hpp:
+        hpp //= 2
+    return max(1, hpp)
+
+
+def _fwd_tile_launch(qkv, o, lse, causal, scale, cfg, interpret, bias=None):
+    """(grid, runtime args, constexprs, launch options) of _short_attn_fwd_tile_kernel (cfg has HPP)."""
+    B, N, _, H, d = qkv.shape
+    hpp = _pairs_per_program(B * H, cfg["HPP"])
+    args = dict(QKV=qkv, O=o, LSE=lse, **_qkv_strides(qkv), stride_ob=o.stride(0), stride_on=o.stride(1),
+                stride_oh=o.stride(2), N=N, H=H, D=d, qk_scale=scale * _LOG2E,
+                BIAS=qkv if bias is None else bias)  # fmt: skip
+    const = dict(IS_CAUSAL=causal, TILE=cfg["BLOCK_M"], BLOCK_D=_bd(d), HAS_BIAS=bias is not None, HPP=hpp,
+                 STAGES=cfg["STAGES"], **_dot_consts(qkv, interpret))  # fmt: skip
+    return (B * H // hpp,), args, const, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 def _fwd_launch(qkv, o, lse, causal, scale, cfg, interpret, bias=None):
@@ -317,8 +417,9 @@ def _bwd_launch(qkv, o, do, dqkv, lse, delta, causal, scale, cfg, interpret, bia
     if "TILE" in cfg:
         args.update(O=o, DO=do, DQKV=dqkv, LSE=lse, stride_ob=o.stride(0), stride_on=o.stride(1), stride_oh=o.stride(2),
                     BIAS=qkv if bias is None else bias, DBIAS_PART=lse if dbias_part is None else dbias_part)
-        return _short_attn_bwd_tile_kernel, (B * H,), args, dict(consts, TILE=cfg["TILE"], HAS_BIAS=bias is not None), \
-            opts
+        hpp = _pairs_per_program(B * H, cfg.get("HPP", 1))
+        return _short_attn_bwd_tile_kernel, (B * H // hpp,), args, \
+            dict(consts, TILE=cfg["TILE"], HAS_BIAS=bias is not None, HPP=hpp, STAGES=cfg.get("STAGES", 1)), opts
     if bias is not None:
         raise ValueError(f"the per-window backward (N = {N} > {TILE_MAX}) takes no bias")
     args.update(DO=do, DQKV=dqkv, LSE=lse, DELTA=delta)
@@ -340,8 +441,11 @@ class ShortAttentionQKVFn(torch.autograd.Function):
         o = torch.empty((B, N, H, d), dtype=qkv.dtype, device=qkv.device)
         lse = torch.empty((B * H, N), dtype=torch.float32, device=qkv.device)
         b3 = None if bias is None else bias.view(3, H, d)
-        grid, args, const, opts = _fwd_launch(qkv, o, lse, causal, scale, _fwd_config(N, d), not qkv.is_cuda, b3)
-        _launch(_short_attn_fwd_kernel, grid, args, const, opts)
+        cfg, interp = _fwd_config(N, d), not qkv.is_cuda
+        if "HPP" in cfg:
+            _launch(_short_attn_fwd_tile_kernel, *_fwd_tile_launch(qkv, o, lse, causal, scale, cfg, interp, b3))
+        else:
+            _launch(_short_attn_fwd_kernel, *_fwd_launch(qkv, o, lse, causal, scale, cfg, interp, b3))
         ctx.save_for_backward(qkv, o, lse, bias)
         ctx.causal, ctx.scale = causal, scale
         return o

@@ -102,6 +102,49 @@ def test_projection_bias_in_the_kernel(n, causal, dtype):
         short_attention_qkvpacked(qkv, causal, bias=bias[:5], impl="triton")
 
 
+@pytest.mark.parametrize("fwd_heads,bwd_heads", [(1, 2), (2, 4), (4, 1)])
+@pytest.mark.parametrize("causal,n,dtype", [(False, 50, torch.bfloat16), (True, 17, torch.float32),
+                                            (False, 37, torch.float16)])
+def test_pairs_per_program(fwd_heads, bwd_heads, causal, n, dtype, monkeypatch):
+    """The one-tile forward kernel and the backward looping over several (sequence, head) pairs per program
+    (FWD_HEADS, BWD_HEADS; B * H = 6 pairs: 4 halves to 2, so no program runs past the last pair), with the
+    projection's bias in the kernels: output, dqkv and dbias against float64 by the tolerance rule, and the launch
+    grids as asked."""
+    import sys
+
+    import kernels.short_attention  # noqa: F401 (kernels/__init__ re-exports functions under the module names)
+
+    sa = sys.modules["kernels.short_attention"]
+    monkeypatch.setattr(sa, "FWD_HEADS", fwd_heads)
+    monkeypatch.setattr(sa, "BWD_HEADS", bwd_heads)
+    launched = []
+    real = sa._launch
+
+    def launch(kernel, grid, *a):
+        launched.append((kernel, grid))
+        real(kernel, grid, *a)
+
+    monkeypatch.setattr(sa, "_launch", launch)
+    torch.manual_seed(n + fwd_heads)
+    B, H, d = 3, 2, 32
+    qkv = torch.randn(B, n, 3, H, d, dtype=dtype, device=DEVICE)
+    bias = torch.randn(3 * H * d, dtype=dtype, device=DEVICE)
+    dout = torch.randn(B, n, H, d, dtype=dtype, device=DEVICE)
+    got = _run(lambda x, b: short_attention_qkvpacked(x, causal, bias=b, impl="triton"), [qkv, bias], dout)
+
+    def dense(x, b):
+        return attention_dense(x + b.view(3, H, d), causal)
+
+    same = _run(dense, [qkv, bias], dout)
+    ref = _run(dense, [qkv.double(), bias.double()], dout.double())
+    for name, g, sm, r in zip(("out", "dqkv", "dbias"), got, same, ref, strict=True):
+        ok, msg = _within_rule(g, sm, r, dtype)
+        assert ok, f"{name}: {msg}"
+    per = {1: 6, 2: 3, 4: 3}  # programs for 6 pairs
+    assert (sa._short_attn_fwd_tile_kernel, (per[fwd_heads],)) in launched
+    assert (sa._short_attn_bwd_tile_kernel, (per[bwd_heads],)) in launched
+
+
 def test_rule_rejects_wrong_answer():
     """The tolerance can fail: the non-causal kernel output is not accepted as the causal answer."""
     torch.manual_seed(5)
