@@ -132,12 +132,15 @@ def main(argv=None) -> list[dict]:
                          "--clipfast-vision-attention")
     ap.add_argument("--tower-streams", choices=["on", "off"], default="on",
                     help="clipfast's text tower on its own CUDA stream (CLIP.set_tower_streams), as throughput.py")
+    ap.add_argument("--knob", nargs="+", metavar="MODULE.NAME=VALUE",
+                    help="kernel switches, as bench/throughput.py's --knob")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="output folder (default bench/results/<device>-<date>)")
     args = ap.parse_args(argv)
     bench_steps.LAYER_NORM = args.layer_norm
     bench_steps.VISION_ATTENTION = args.vision_attention
     bench_steps.TOWER_STREAMS = args.tower_streams == "on"
+    knobs = bench_steps.set_knobs(args.knob)
     device = torch.device(args.device)
     args.size = snap(args.size, from_name(args.preset).vision.patch_size)
     name, slug = device_info(device)
@@ -146,7 +149,7 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out or ROOT / "bench" / "results" / f"{slug}-{datetime.date.today().isoformat()}")
     out.mkdir(parents=True, exist_ok=True)
     parts, summaries = [f"# Step profile: {name}, {datetime.date.today().isoformat()}, commit `{git_commit()}`, "
-                        f"torch {torch.__version__}"], []
+                        f"torch {torch.__version__}" + "".join(f", {k}={v}" for k, v in knobs.items())], []
     for impl in args.impls:
         try:
             md, summary = profile(impl, args, device)

@@ -43,6 +43,33 @@ VISION_ATTENTION = "sdpa"
 TOWER_STREAMS = False
 
 
+# the kernels' module-level switches that --knob may set (read by their code at each launch), with their values
+KNOBS = {"short_attention.FWD_HEADS": ("0", "1", "2", "4"), "short_attention.FWD_STAGES": ("1", "2", "3"),
+         "short_attention.BWD_HEADS": ("1", "2", "4"), "short_attention.BWD_STAGES": ("1", "2", "3"),
+         "adamw.SLOTS": tuple(str(k) for k in range(1, 9)), "_common.FINISH": ("triton", "torch")}
+
+
+def set_knobs(specs) -> dict:
+    """Set kernels' module switches from "module.NAME=value" strings (e.g. short_attention.FWD_HEADS=1,
+    adamw.SLOTS=1, _common.FINISH=torch), so that a run can time a kernel variant against the default; returns
+    {"module.NAME": value}. An unknown switch or value is an error that lists the valid ones."""
+    import importlib
+
+    out = {}
+    for spec in specs or ():
+        key, sep, raw = spec.partition("=")
+        if key not in KNOBS:
+            raise ValueError(f"--knob {spec!r}: the switches are {sorted(KNOBS)}")
+        if raw not in KNOBS[key]:
+            raise ValueError(f"--knob {spec!r}: {key} takes one of {KNOBS[key]}")
+        mod, name = key.split(".")
+        module = importlib.import_module(f"kernels.{mod}")
+        value = int(raw) if isinstance(getattr(module, name), int) else raw
+        setattr(module, name, value)
+        out[key] = value
+    return out
+
+
 def _eager_step(opt, device, precision: str, loss_of):
     """step(batch) -> loss: loss_of(batch) under the precision's autocast, backward, optimizer step; the eager
     step of both libraries, so the two columns differ only in their models and losses."""

@@ -404,6 +404,9 @@ def parse_args(argv=None):
                     help="clipfast's columns (not --deepspeed's) run the text tower on a second CUDA stream beside "
                          "the image tower, as clipfast.train does with engine=torch on CUDA (CLIP.set_tower_streams); "
                          "off: one stream, as before c9d6f1c")
+    ap.add_argument("--knob", nargs="+", metavar="MODULE.NAME=VALUE",
+                    help="set kernel switches for the run (bench/steps.py KNOBS), e.g. short_attention.FWD_HEADS=1 "
+                         "adamw.SLOTS=1 _common.FINISH=torch: a variant against the default, in the tables' notes")
     ap.add_argument("--deepspeed", action="store_true",
                     help="add a column: clipfast through DeepSpeed's engine as clipfast.train runs it (one rank)")
     ap.add_argument("--steps", type=int, help="timed steps per implementation")
@@ -450,6 +453,7 @@ def main(argv=None) -> list[dict]:
     bench_steps.VISION_ATTENTION = args.clipfast_vision_attention
     bench_steps.KERNELS["mlp"] = args.kernels_mlp
     bench_steps.TOWER_STREAMS = args.tower_streams == "on"
+    knobs = bench_steps.set_knobs(args.knob)
     if args.threads:
         torch.set_num_threads(args.threads)
     one_thread = device.type == "cpu" and torch.get_num_threads() == 1
@@ -493,7 +497,9 @@ def main(argv=None) -> list[dict]:
                    else f", clipfast vision attention {args.clipfast_vision_attention}")
                 + ("" if args.kernels_mlp == "triton" else f", kernels columns' MLP {args.kernels_mlp}")
                 + ("" if args.tower_streams == "on" or device.type != "cuda"
-                   else ", clipfast's towers on one CUDA stream (--tower-streams off)"),
+                   else ", clipfast's towers on one CUDA stream (--tower-streams off)")
+                + "".join(f", {k}={v}" for k, v in knobs.items()),
+                knobs=knobs,
                 kernels_mlp={"triton": "kernels.linear_gelu", "triton_gemm": "kernels.mlp"}[args.kernels_mlp],
                 threads=torch.get_num_threads(), peak_tflops=args.peak / 1e12 if args.peak else None,
                 load_start=os.getloadavg(), argv=sys.argv[1:] if argv is None else list(argv),

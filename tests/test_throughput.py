@@ -356,3 +356,25 @@ def test_a_run_of_single_points_is_drawn_as_bars_and_replots_from_its_json(tmp_p
                         real_text(ax, x, y, s, **kw))
     assert report.replot(tmp_path) == tmp_path / "throughput.png" and (tmp_path / "throughput.png").stat().st_size
     assert sorted(labels) == ["1.25×", "2.00×", "2.20×"]  # clipfast and graphs+kernels over open_clip, each point
+
+
+def test_knobs_set_kernel_switches_and_reject_unknown_ones(monkeypatch):
+    """--knob module.NAME=value sets the kernels' switch (the value their code reads at the next launch); a switch or
+    value outside bench/steps.py's KNOBS is an error that lists the valid ones."""
+    import importlib
+
+    from bench import steps
+
+    for key in steps.KNOBS:  # restored after the test
+        mod, name = key.split(".")
+        module = importlib.import_module(f"kernels.{mod}")
+        monkeypatch.setattr(module, name, getattr(module, name))
+    got = steps.set_knobs(["short_attention.FWD_HEADS=2", "adamw.SLOTS=1", "_common.FINISH=torch"])
+    assert got == {"short_attention.FWD_HEADS": 2, "adamw.SLOTS": 1, "_common.FINISH": "torch"}
+    assert importlib.import_module("kernels.short_attention").FWD_HEADS == 2
+    assert importlib.import_module("kernels.adamw").SLOTS == 1
+    assert importlib.import_module("kernels._common").FINISH == "torch"
+    with pytest.raises(ValueError, match=r"the switches are \['_common.FINISH', 'adamw.SLOTS'"):
+        steps.set_knobs(["adamw.SLOT=1"])
+    with pytest.raises(ValueError, match=r"adamw.SLOTS takes one of \('1', '2'"):
+        steps.set_knobs(["adamw.SLOTS=9"])
