@@ -423,7 +423,7 @@ def sweep_finish(s, device, dtype, timer, smoke):
             return run, lambda: _close(res, ref.view(-1), "sum")
 
         rows = []
-        grid = itertools.product((16, 32, 64), (1024, 4096, 8192), (4, 8)) if not smoke else [(16, 16, 1)]
+        grid = itertools.product((16, 32, 64), (2048, 4096, 8192), (4,)) if not smoke else [(16, 16, 1)]
         cdef = (default["BLOCK_C"], 4096, default["num_warps"])
         for bc, tile, nw in _with(grid, cdef):
             br = max(1, tile // bc)
