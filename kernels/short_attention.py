@@ -116,16 +116,8 @@ def _short_attn_fwd_tile_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         ok = offs < N
         ld = ok[:, None] & (offs_d[None, :] < D)
-        Q = QKV + b.to(tl.int64) * stride_b + h * stride_h
-        rows = offs[:, None] * stride_n + offs_d[None, :]
-        q = tl.load(Q + rows, mask=ld, other=0.0)
-        k = tl.load(Q + stride_s + rows, mask=ld, other=0.0)
-        v = tl.load(Q + 2 * stride_s + rows, mask=ld, other=0.0)
-        if HAS_BIAS:
-            bq, bk, bv = _bias3(BIAS, h, H, D, offs_d)
-            q = (q.to(tl.float32) + bq[None, :]).to(v.dtype)
-            k = (k.to(tl.float32) + bk[None, :]).to(v.dtype)
-            v = (v.to(tl.float32) + bv[None, :]).to(q.dtype)
+        q, k, v = _load_qkv_tile(QKV, b, h, H, D, stride_b, stride_n, stride_s, stride_h, BIAS, offs, offs_d, ld,
+                                 HAS_BIAS)  # fmt: skip
         s = _dot(q, tl.trans(k), PREC, F32_DOT) * qk_scale  # (TILE, TILE), log2 units
         keep = ok[None, :]
         if IS_CAUSAL:
@@ -181,16 +173,7 @@ def _bwd_tile(
     offs_d = tl.arange(0, BLOCK_D)
     ok = offs < N
     ld = ok[:, None] & (offs_d[None, :] < D)
-    Q = QKV + b.to(tl.int64) * stride_b + h * stride_h
-    rows = offs[:, None] * stride_n + offs_d[None, :]
-    q = tl.load(Q + rows, mask=ld, other=0.0)
-    k = tl.load(Q + stride_s + rows, mask=ld, other=0.0)
-    v = tl.load(Q + 2 * stride_s + rows, mask=ld, other=0.0)
-    if HAS_BIAS:
-        bq, bk, bv = _bias3(BIAS, h, H, D, offs_d)
-        q = (q.to(tl.float32) + bq[None, :]).to(v.dtype)
-        k = (k.to(tl.float32) + bk[None, :]).to(v.dtype)
-        v = (v.to(tl.float32) + bv[None, :]).to(k.dtype)
+    q, k, v = _load_qkv_tile(QKV, b, h, H, D, stride_b, stride_n, stride_s, stride_h, BIAS, offs, offs_d, ld, HAS_BIAS)
     o_rows = b.to(tl.int64) * stride_ob + h * stride_oh + offs[:, None] * stride_on + offs_d[None, :]
     o = tl.load(O + o_rows, mask=ld, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * stride_db + h * stride_dh + offs[:, None] * stride_dn + offs_d[None, :],
@@ -221,6 +204,24 @@ def _bwd_tile(
     tl.store(G + stride_gs, dk.to(DQKV.dtype.element_ty), mask=ld)
     if HAS_BIAS:
         tl.store(part + H * D, tl.sum(dk, 0), mask=d_in)
+
+
+@triton.jit
+def _load_qkv_tile(QKV, b, h, H, D, stride_b, stride_n, stride_s, stride_h, BIAS, offs, offs_d, ld,
+                   HAS_BIAS: tl.constexpr):  # fmt: skip
+    """q, k, v of sequence b, head h: the rows offs (masked by ld, 0 outside), plus the projection's bias where
+    HAS_BIAS (added in fp32, rounded to qkv's dtype)."""
+    Q = QKV + b.to(tl.int64) * stride_b + h * stride_h
+    rows = offs[:, None] * stride_n + offs_d[None, :]
+    q = tl.load(Q + rows, mask=ld, other=0.0)
+    k = tl.load(Q + stride_s + rows, mask=ld, other=0.0)
+    v = tl.load(Q + 2 * stride_s + rows, mask=ld, other=0.0)
+    if HAS_BIAS:
+        bq, bk, bv = _bias3(BIAS, h, H, D, offs_d)
+        q = (q.to(tl.float32) + bq[None, :]).to(v.dtype)
+        k = (k.to(tl.float32) + bk[None, :]).to(v.dtype)
+        v = (v.to(tl.float32) + bv[None, :]).to(q.dtype)
+    return q, k, v
 
 
 @triton.jit

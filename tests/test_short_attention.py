@@ -72,14 +72,10 @@ def test_projection_view_and_scale():
     assert o.is_contiguous() and o.shape == (3, 21, 2, 48)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("causal,n", [(False, 50), (True, 17), (False, 70)])
-def test_projection_bias_in_the_kernel(n, causal, dtype):
-    """bias=: the qkv projection's bias added to q, k, v inside the kernels and its gradient from the backward
-    kernel's column sums (N <= 64), or added first (N > 64, the per-window backward): output, dqkv and dbias against
-    float64 attention of qkv + bias, by the tolerance rule."""
-    torch.manual_seed(n)
-    B, H, d = 3, 2, 32
+def _check_bias(n, causal, dtype, seed, B=3, H=2, d=32):
+    """short_attention_qkvpacked(qkv, bias=...) against float64 attention of qkv + bias by the tolerance rule: output,
+    dqkv and dbias; returns (qkv, bias)."""
+    torch.manual_seed(seed)
     qkv = torch.randn(B, n, 3, H, d, dtype=dtype, device=DEVICE)
     bias = torch.randn(3 * H * d, dtype=dtype, device=DEVICE)
     dout = torch.randn(B, n, H, d, dtype=dtype, device=DEVICE)
@@ -94,6 +90,16 @@ def test_projection_bias_in_the_kernel(n, causal, dtype):
         assert g.dtype == dtype and g.shape == r.shape, name
         ok, msg = _within_rule(g, sm, r, dtype)
         assert ok, f"{name}: {msg}"
+    return qkv, bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal,n", [(False, 50), (True, 17), (False, 70)])
+def test_projection_bias_in_the_kernel(n, causal, dtype):
+    """bias=: the qkv projection's bias added to q, k, v inside the kernels and its gradient from the backward
+    kernel's column sums (N <= 64), or added first (N > 64, the per-window backward): output, dqkv and dbias against
+    float64 attention of qkv + bias, by the tolerance rule."""
+    qkv, bias = _check_bias(n, causal, dtype, seed=n)
     if n <= TILE_MAX:  # the bias went into the kernel (not a torch add before it)
         x = qkv.clone().requires_grad_()
         o = short_attention_qkvpacked(x, causal, bias=bias, impl="triton")
@@ -125,21 +131,7 @@ def test_pairs_per_program(fwd_heads, bwd_heads, causal, n, dtype, monkeypatch):
         real(kernel, grid, *a)
 
     monkeypatch.setattr(sa, "_launch", launch)
-    torch.manual_seed(n + fwd_heads)
-    B, H, d = 3, 2, 32
-    qkv = torch.randn(B, n, 3, H, d, dtype=dtype, device=DEVICE)
-    bias = torch.randn(3 * H * d, dtype=dtype, device=DEVICE)
-    dout = torch.randn(B, n, H, d, dtype=dtype, device=DEVICE)
-    got = _run(lambda x, b: short_attention_qkvpacked(x, causal, bias=b, impl="triton"), [qkv, bias], dout)
-
-    def dense(x, b):
-        return attention_dense(x + b.view(3, H, d), causal)
-
-    same = _run(dense, [qkv, bias], dout)
-    ref = _run(dense, [qkv.double(), bias.double()], dout.double())
-    for name, g, sm, r in zip(("out", "dqkv", "dbias"), got, same, ref, strict=True):
-        ok, msg = _within_rule(g, sm, r, dtype)
-        assert ok, f"{name}: {msg}"
+    _check_bias(n, causal, dtype, seed=n + fwd_heads)  # B * H = 3 * 2
     per = {1: 6, 2: 3, 4: 3}  # programs for 6 pairs
     assert (sa._short_attn_fwd_tile_kernel, (per[fwd_heads],)) in launched
     assert (sa._short_attn_bwd_tile_kernel, (per[bwd_heads],)) in launched
