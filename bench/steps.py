@@ -43,10 +43,12 @@ VISION_ATTENTION = "sdpa"
 TOWER_STREAMS = False
 
 
-# the kernels' module-level switches that --knob may set (read by their code at each launch), with their values
+# the kernels' module-level switches that --knob may set (read by their code at each launch), with their values;
+# model.TEXT_STREAM_PRIORITY is clipfast.model's (read when the text tower's stream is made)
 KNOBS = {"short_attention.FWD_HEADS": ("0", "1", "2", "4"), "short_attention.FWD_STAGES": ("1", "2", "3"),
          "short_attention.BWD_HEADS": ("1", "2", "4"), "short_attention.BWD_STAGES": ("1", "2", "3"),
-         "adamw.SLOTS": tuple(str(k) for k in range(1, 9)), "_common.FINISH": ("triton", "torch")}
+         "adamw.SLOTS": tuple(str(k) for k in range(1, 9)), "_common.FINISH": ("triton", "torch"),
+         "model.TEXT_STREAM_PRIORITY": ("0", "-1")}
 
 
 def set_knobs(specs) -> dict:
@@ -63,7 +65,7 @@ def set_knobs(specs) -> dict:
         if raw not in KNOBS[key]:
             raise ValueError(f"--knob {spec!r}: {key} takes one of {KNOBS[key]}")
         mod, name = key.split(".")
-        module = importlib.import_module(f"kernels.{mod}")
+        module = importlib.import_module("clipfast.model" if mod == "model" else f"kernels.{mod}")
         value = int(raw) if isinstance(getattr(module, name), int) else raw
         setattr(module, name, value)
         out[key] = value

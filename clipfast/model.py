@@ -340,13 +340,17 @@ def _logit_scale_to_1d(state_dict, prefix, *args):
 
 
 _TEXT_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+# the text tower's stream priority (CUDA: 0 the default, lower numbers run first when both streams have work ready);
+# read when the stream is made. 0 was measured (c9d6f1c); bench/throughput.py --knob model.TEXT_STREAM_PRIORITY=-1
+# times the other
+TEXT_STREAM_PRIORITY = 0
 
 
 def _text_stream(device: torch.device) -> torch.cuda.Stream:
     """The stream CLIP.set_tower_streams runs the text tower on, one per device (shared by all models), made in the
     first step, which is eager: GraphedTrainStep captures only after one."""
     if device not in _TEXT_STREAMS:
-        _TEXT_STREAMS[device] = torch.cuda.Stream(device)
+        _TEXT_STREAMS[device] = torch.cuda.Stream(device, priority=TEXT_STREAM_PRIORITY)
     return _TEXT_STREAMS[device]
 
 
