@@ -110,14 +110,8 @@ def _short_attn_fwd_tile_kernel(
     pair's q, k, v load while this one's tile products run. LSE (B*H, N) in log2 units, as _short_attn_fwd_kernel."""
     for i in tl.range(0, HPP, num_stages=STAGES):
         bh = tl.program_id(0) * HPP + i
-        b = bh // H
-        h = bh % H
-        offs = tl.arange(0, TILE)
-        offs_d = tl.arange(0, BLOCK_D)
-        ok = offs < N
-        ld = ok[:, None] & (offs_d[None, :] < D)
-        q, k, v = _load_qkv_tile(QKV, b, h, H, D, stride_b, stride_n, stride_s, stride_h, BIAS, offs, offs_d, ld,
-                                 HAS_BIAS)  # fmt: skip
+        b, h, offs, offs_d, ok, ld, q, k, v = _load_qkv_tile(QKV, bh, N, H, D, stride_b, stride_n, stride_s, stride_h,
+                                                             BIAS, TILE, BLOCK_D, HAS_BIAS)  # fmt: skip
         s = _dot(q, tl.trans(k), PREC, F32_DOT) * qk_scale  # (TILE, TILE), log2 units
         keep = ok[None, :]
         if IS_CAUSAL:
@@ -167,13 +161,8 @@ def _bwd_tile(
     HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     """The one-tile backward of the (sequence, head) pair bh."""
-    b = bh // H
-    h = bh % H
-    offs = tl.arange(0, TILE)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = offs < N
-    ld = ok[:, None] & (offs_d[None, :] < D)
-    q, k, v = _load_qkv_tile(QKV, b, h, H, D, stride_b, stride_n, stride_s, stride_h, BIAS, offs, offs_d, ld, HAS_BIAS)
+    b, h, offs, offs_d, ok, ld, q, k, v = _load_qkv_tile(QKV, bh, N, H, D, stride_b, stride_n, stride_s, stride_h, BIAS,
+                                                         TILE, BLOCK_D, HAS_BIAS)  # fmt: skip
     o_rows = b.to(tl.int64) * stride_ob + h * stride_oh + offs[:, None] * stride_on + offs_d[None, :]
     o = tl.load(O + o_rows, mask=ld, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * stride_db + h * stride_dh + offs[:, None] * stride_dn + offs_d[None, :],
@@ -207,10 +196,16 @@ def _bwd_tile(
 
 
 @triton.jit
-def _load_qkv_tile(QKV, b, h, H, D, stride_b, stride_n, stride_s, stride_h, BIAS, offs, offs_d, ld,
-                   HAS_BIAS: tl.constexpr):  # fmt: skip
-    """q, k, v of sequence b, head h: the rows offs (masked by ld, 0 outside), plus the projection's bias where
-    HAS_BIAS (added in fp32, rounded to qkv's dtype)."""
+def _load_qkv_tile(QKV, bh, N, H, D, stride_b, stride_n, stride_s, stride_h, BIAS, TILE: tl.constexpr,
+                   BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """The (sequence, head) pair bh's tile: (b, h, row offsets, column offsets, rows < N, the load mask, q, k, v),
+    q, k, v with the projection's bias where HAS_BIAS (added in fp32, rounded to qkv's dtype), 0 outside the mask."""
+    b = bh // H
+    h = bh % H
+    offs = tl.arange(0, TILE)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = offs < N
+    ld = ok[:, None] & (offs_d[None, :] < D)
     Q = QKV + b.to(tl.int64) * stride_b + h * stride_h
     rows = offs[:, None] * stride_n + offs_d[None, :]
     q = tl.load(Q + rows, mask=ld, other=0.0)
@@ -221,7 +216,7 @@ def _load_qkv_tile(QKV, b, h, H, D, stride_b, stride_n, stride_s, stride_h, BIAS
         q = (q.to(tl.float32) + bq[None, :]).to(v.dtype)
         k = (k.to(tl.float32) + bk[None, :]).to(v.dtype)
         v = (v.to(tl.float32) + bv[None, :]).to(q.dtype)
-    return q, k, v
+    return b, h, offs, offs_d, ok, ld, q, k, v
 
 
 @triton.jit
