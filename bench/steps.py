@@ -44,18 +44,26 @@ TOWER_STREAMS = False
 
 
 # the kernels' module-level switches that --knob may set (read by their code at each launch), with their values;
-# model.TEXT_STREAM_PRIORITY is clipfast.model's (read when the text tower's stream is made)
+# model.TEXT_STREAM_PRIORITY is clipfast.model's (read when the text tower's stream is made), graph.OVERLAP_OPTIMIZER
+# clipfast.graph's (read when a GraphedTrainStep is built)
 KNOBS = {"short_attention.FWD_HEADS": ("0", "1", "2", "4"), "short_attention.FWD_STAGES": ("1", "2", "3"),
          "short_attention.BWD_HEADS": ("1", "2", "4"), "short_attention.BWD_STAGES": ("1", "2", "3"),
          "adamw.SLOTS": tuple(str(k) for k in range(1, 9)), "_common.FINISH": ("triton", "torch"),
-         "model.TEXT_STREAM_PRIORITY": ("0", "-1")}
+         "model.TEXT_STREAM_PRIORITY": ("0", "-1"), "graph.OVERLAP_OPTIMIZER": ("1", "0")}
+
+
+def knob_module(key: str):
+    """The module a KNOBS switch lives in: clipfast.model / clipfast.graph for model.* / graph.*, else kernels.*."""
+    import importlib
+
+    mod = key.split(".")[0]
+    return importlib.import_module(f"clipfast.{mod}" if mod in ("model", "graph") else f"kernels.{mod}")
 
 
 def set_knobs(specs) -> dict:
     """Set kernels' module switches from "module.NAME=value" strings (e.g. short_attention.FWD_HEADS=1,
     adamw.SLOTS=1, _common.FINISH=torch), so that a run can time a kernel variant against the default; returns
     {"module.NAME": value}. An unknown switch or value is an error that lists the valid ones."""
-    import importlib
 
     out = {}
     for spec in specs or ():
@@ -64,8 +72,7 @@ def set_knobs(specs) -> dict:
             raise ValueError(f"--knob {spec!r}: the switches are {sorted(KNOBS)}")
         if raw not in KNOBS[key]:
             raise ValueError(f"--knob {spec!r}: {key} takes one of {KNOBS[key]}")
-        mod, name = key.split(".")
-        module = importlib.import_module("clipfast.model" if mod == "model" else f"kernels.{mod}")
+        module, name = knob_module(key), key.split(".")[1]
         value = int(raw) if isinstance(getattr(module, name), int) else raw
         setattr(module, name, value)
         out[key] = value

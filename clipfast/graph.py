@@ -21,7 +21,8 @@ initialises cuBLAS and the optimizer state) and is then captured; later steps re
 real step. The optimizer must be built with capturable=True (AdamW(fused=True, capturable=True)); a learning
 rate that changes must be a device tensor updated in place (`lr_on_device`; torch's LR schedulers fill it).
 clipfast.optim.MasterAdamW (bf16 weights, fp32 masters: how clipfast.train runs under DeepSpeed bf16) is
-capturable with capturable=True.
+capturable with capturable=True; without clipping its update then runs inside the backward by default (each
+parameter once its gradient is complete, a branch of the graph beside the backward: overlap_optimizer).
 Autocast runs with its weight-cast cache off, as graphs require. All graphs share one memory pool; each keeps its
 static inputs, outputs and gradients referenced, so no graph's live tensors are reused by another.
 """
@@ -33,7 +34,11 @@ import math
 import torch
 
 from clipfast.loss import clip_loss
-from clipfast.optim import clipped_step
+from clipfast.optim import MasterAdamW, clipped_step
+
+# GraphedTrainStep's default for overlap_optimizer (1: on where it can be, 0: off); bench/throughput.py
+# --knob graph.OVERLAP_OPTIMIZER=0 times the step without it
+OVERLAP_OPTIMIZER = 1
 
 
 def pad_segments(bucket: int, context_length: int) -> int:
@@ -76,10 +81,13 @@ class GraphedTrainStep:
     model: clipfast.model.CLIP on a CUDA device; optimizer: capturable. autocast_dtype: torch.bfloat16 for
     mixed precision, None for none. The returned loss is the graph's static output tensor: read it (or
     .clone() it) before the next call. clip_grad_norm clips inside the graph (the norm never leaves the device).
+    overlap_optimizer: update each parameter inside the backward as soon as its gradient is complete, on a stream
+    of its own (MasterAdamW.set_overlap; in the graph a branch beside the backward): True needs MasterAdamW's Triton
+    step and no clipping; None (default): on where that holds and OVERLAP_OPTIMIZER is 1.
     """
 
     def __init__(self, model, optimizer, *, autocast_dtype=torch.bfloat16, text_bucket: int = 256,
-                 clip_grad_norm: float | None = None):
+                 clip_grad_norm: float | None = None, overlap_optimizer: bool | None = None):
         if not next(model.parameters()).is_cuda:
             raise ValueError("GraphedTrainStep needs a model on a CUDA device (CUDA graphs)")
         for group in optimizer.param_groups:
@@ -88,6 +96,15 @@ class GraphedTrainStep:
                                  f"(..., capturable=True)")
         self.model, self.opt = model, optimizer
         self.autocast_dtype, self.bucket, self.clip = autocast_dtype, int(text_bucket), clip_grad_norm
+        triton = isinstance(optimizer, MasterAdamW) and optimizer.triton
+        can = triton and not clip_grad_norm
+        if overlap_optimizer and not can:
+            why = f"clip_grad_norm={clip_grad_norm}" if triton else f"a {type(optimizer).__name__} without it"
+            raise ValueError(f"GraphedTrainStep(overlap_optimizer=True) needs MasterAdamW's Triton step and no "
+                             f"clipping (the global norm comes after the whole backward), got {why}")
+        self.overlap = can and (bool(OVERLAP_OPTIMIZER) if overlap_optimizer is None else overlap_optimizer)
+        if can:
+            optimizer.set_overlap(self.overlap)
         self.ctx = model.context_length
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, dict] = {}
@@ -102,6 +119,8 @@ class GraphedTrainStep:
         with self._autocast():
             img, txt, scale = self.model(s["images"], s["text"], s["cu_seqlens"], self.ctx, s["keep"])
             loss = clip_loss(img, txt[: img.shape[0]], scale)  # the padding captions' features are dropped
+        if self.overlap:
+            self.opt.begin_step()
         loss.backward()
         # clipping folded into MasterAdamW's Triton step where it can be (the norm is read, the gradients not rewritten)
         with clipped_step(self.opt, list(self.model.parameters()), self.clip):

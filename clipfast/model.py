@@ -430,9 +430,10 @@ class CLIP(nn.Module):
         self.tower_streams = bool(enable)
         return self
 
-    def set_grad_checkpointing(self, enable: bool = True):
+    def set_grad_checkpointing(self, enable: bool = True) -> CLIP:
         self.visual.transformer.grad_checkpointing = enable
         self.transformer.grad_checkpointing = enable
+        return self
 
     def encode_image(self, images, keep=None, normalize: bool = False):
         x = self.visual(images, keep)

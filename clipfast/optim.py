@@ -18,6 +18,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# MasterAdamW's step inside the backward (set_overlap) launches a param group's queued tensors once they number
+# kernels.adamw.SLOTS or hold this many elements (a launch of 2,048 programs of 2,048 elements: the whole GPU busy)
+FLUSH_NUMEL = 1 << 22
+
 
 def _adamw_cast(p, g, w, m, v, hp):
     """One parameter's AdamW step in one pass: bf16 gradient g read as fp32, fp32 master w and moments m, v updated,
@@ -55,13 +59,23 @@ class _FusedCastAdamW(torch.optim.AdamW):
         self._param_of = param_of  # id(master) -> bf16 parameter
         self.triton = triton  # kernels.adamw (MasterAdamW decides), else the compiled CPU pass
         self.grad_scale = None  # a device tensor the gradients are divided by (clipped_step), Triton path only
+        # the step inside the backward (MasterAdamW.set_overlap / begin_step), Triton path only
+        self._where = {id(p): (gi, m) for gi, g in enumerate(self.param_groups) for m in g["params"]
+                       for p in (param_of[id(m)],)}  # id(bf16 parameter) -> (group index, master)
+        self._hooks = []  # post-accumulate-grad hook handles while overlap is on
+        self._armed = False  # a begin_step() whose step() has not come yet
+        self._pending: dict[int, list] = {}  # group index -> masters whose gradients are complete, not yet launched
+        self._done: set[int] = set()  # id(master) of those launched during this backward
+        self._stream = None  # CUDA: the stream the in-backward launches run on
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MasterAdamW(fused_cast=True) takes no closure")
         if self.triton:
+            self._finish_overlap()
             self._triton_step()
+            self._done.clear()
             return None
         if self.grad_scale is not None:
             raise ValueError("MasterAdamW: the compiled CPU step does not take a grad_scale")
@@ -99,32 +113,100 @@ class _FusedCastAdamW(torch.optim.AdamW):
     def _triton_step(self):
         """kernels.adamw: eight parameters per launch (kernels.adamw.SLOTS), every input a device tensor (step counts,
         lr, grad_scale), so the step can be captured in a CUDA graph; the step counts as torch's capturable AdamW
-        keeps them."""
+        keeps them. Parameters already stepped inside this backward (begin_step) are left out."""
+        for group in self.param_groups:
+            self._launch(group, self._todo(group, [m for m in group["params"] if id(m) not in self._done]))
+
+    def _todo(self, group, masters) -> list:
+        """(bf16 parameter, master, state) of those masters whose parameter has a gradient; state made on first use."""
+        todo = []
+        for m in masters:
+            p = self._param_of[id(m)]
+            if p.grad is None:
+                continue
+            st = self.state[m]
+            if not st:
+                st.update(step=torch.zeros((), dtype=torch.float32, device=m.device),
+                          exp_avg=torch.zeros_like(m), exp_avg_sq=torch.zeros_like(m))
+            elif st["step"].device != m.device or st["step"].dtype != torch.float32:  # a CPU count, loaded
+                st["step"] = st["step"].to(device=m.device, dtype=torch.float32)
+            todo.append((p, m, st))
+        return todo
+
+    def _launch(self, group, todo) -> None:
         from kernels.adamw import adamw_cast_multi_
 
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            todo = []
-            for m in group["params"]:
-                p = self._param_of[id(m)]
-                if p.grad is None:
-                    continue
-                st = self.state[m]
-                if not st:
-                    st.update(step=torch.zeros((), dtype=torch.float32, device=m.device),
-                              exp_avg=torch.zeros_like(m), exp_avg_sq=torch.zeros_like(m))
-                elif st["step"].device != m.device or st["step"].dtype != torch.float32:  # a CPU count, loaded
-                    st["step"] = st["step"].to(device=m.device, dtype=torch.float32)
-                todo.append((p, m, st))
-            if not todo:
-                continue
-            torch._foreach_add_([st["step"] for _, _, st in todo], 1.0)
-            lr = group["lr"]
-            if not isinstance(lr, torch.Tensor) or lr.device != todo[0][1].device:
-                lr = torch.full((), float(lr), dtype=torch.float32, device=todo[0][1].device)
-            adamw_cast_multi_([(p, p.grad, m, st["exp_avg"], st["exp_avg_sq"], st["step"]) for p, m, st in todo], lr,
-                              weight_decay=group["weight_decay"], beta1=b1, beta2=b2, eps=group["eps"],
-                              grad_scale=self.grad_scale, impl="triton")
+        if not todo:
+            return
+        b1, b2 = group["betas"]
+        torch._foreach_add_([st["step"] for _, _, st in todo], 1.0)
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor) or lr.device != todo[0][1].device:
+            lr = torch.full((), float(lr), dtype=torch.float32, device=todo[0][1].device)
+        adamw_cast_multi_([(p, p.grad, m, st["exp_avg"], st["exp_avg_sq"], st["step"]) for p, m, st in todo], lr,
+                          weight_decay=group["weight_decay"], beta1=b1, beta2=b2, eps=group["eps"],
+                          grad_scale=self.grad_scale, impl="triton")
+
+    # the step inside the backward ---------------------------------------------------------------------------------
+
+    def set_overlap(self, enable: bool) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if enable:
+            self._hooks = [self._param_of[id(m)].register_post_accumulate_grad_hook(self._on_grad)
+                           for g in self.param_groups for m in g["params"]]
+        self._armed = False
+
+    @property
+    def overlap(self) -> bool:
+        return bool(self._hooks)
+
+    def begin_step(self) -> None:
+        if not self._hooks:
+            raise ValueError("MasterAdamW.begin_step: overlap is off (set_overlap(True) first)")
+        if self.grad_scale is not None:
+            raise ValueError("MasterAdamW.begin_step: a grad_scale (clipping) needs every gradient before any update")
+        self._armed, self._pending, self._done = True, {}, set()
+        dev = self.param_groups[0]["params"][0].device
+        if dev.type == "cuda" and self._stream is None:
+            self._stream = torch.cuda.Stream(dev)  # made here, outside any capture (a graph's first step is eager)
+
+    @torch.no_grad()
+    def _on_grad(self, p) -> None:
+        """p's gradient is complete: queue its master; a group's queue is launched when it holds SLOTS tensors or
+        FLUSH_NUMEL elements, on the optimizer's stream after the work so far on the current one (autograd's stream
+        for this parameter, where its gradient was made)."""
+        if not self._armed:
+            return
+        import kernels.adamw as ka
+
+        gi, m = self._where[id(p)]
+        queue = self._pending.setdefault(gi, [])
+        queue.append(m)
+        if len(queue) < ka.SLOTS and sum(x.numel() for x in queue) < FLUSH_NUMEL:
+            return
+        del self._pending[gi]
+        group = self.param_groups[gi]
+        todo = self._todo(group, queue)  # (a state made here is zero-filled on the current stream, before the wait)
+        self._done.update(id(x) for x in queue)
+        if self._stream is None:
+            self._launch(group, todo)
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+        with torch.cuda.stream(self._stream):
+            self._launch(group, todo)
+
+    def _finish_overlap(self) -> None:
+        """At step(): the queued rest goes to _triton_step (on the current stream, after the optimizer stream)."""
+        if not self._armed:
+            return
+        self._armed, self._pending = False, {}
+        if self.grad_scale is not None:
+            raise ValueError("MasterAdamW: a step that began inside the backward (begin_step) cannot be clipped: "
+                             "parameters were updated before the global gradient norm was known")
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
 
 
 class MasterAdamW:
@@ -180,6 +262,33 @@ class MasterAdamW:
     @property
     def state(self):
         return self.opt.state
+
+    def set_overlap(self, enable: bool = True) -> MasterAdamW:
+        """Step inside the backward: with overlap on, after begin_step() each parameter is updated as soon as its
+        gradient is complete (a post-accumulate-grad hook), so the memory-bound update of the layers the backward has
+        finished runs beside the matmuls of those it has not; step() then updates what is left and, on CUDA, makes the
+        current stream wait for the in-backward launches, which run on a stream of their own. The arithmetic is
+        step()'s: the same kernel, on the same complete gradients, so the result is the same.
+
+        For a step with one backward and no clipping (the global gradient norm is known only after the whole
+        backward): GraphedTrainStep turns it on there. The Triton step only (capturable=True on CUDA, or
+        impl="triton"). Without a begin_step the hooks do nothing, and step() is the usual one."""
+        if enable and not self.triton:
+            raise ValueError("MasterAdamW.set_overlap: the step inside the backward runs the Triton step only "
+                             "(capturable=True on CUDA, or impl='triton')")
+        self.opt.set_overlap(enable)
+        return self
+
+    @property
+    def overlap(self) -> bool:
+        return self.fused_cast and self.opt.overlap
+
+    def begin_step(self) -> None:
+        """The next backward is this step's only one, unclipped: update each parameter when its gradient is done
+        (set_overlap). step() must follow that backward."""
+        if not self.overlap:
+            raise ValueError("MasterAdamW.begin_step: overlap is off (set_overlap(True) first)")
+        self.opt.begin_step()
 
     @property
     def grad_scale(self):

@@ -225,3 +225,82 @@ def test_defaults_and_errors():
         assert MasterAdamW(w16, capturable=True).triton and not MasterAdamW(w16).fused_cast
     with pytest.raises(ValueError, match="amsgrad"):
         MasterAdamW(w16, fused_cast=True, impl="triton", amsgrad=True)
+
+
+def _tiny_clip_batches(n, B=6):
+    from clipfast.data import pack_text
+    from clipfast.presets import from_name
+
+    cfg = from_name("demo", **{"vision.layers": 2, "text.layers": 2, "text.vocab_size": 1000})
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(n):
+        seqs = [[1, *torch.randint(2, 999, (int(k),), generator=gen).tolist(), 999]
+                for k in torch.randint(0, cfg.text.context_length - 2, (B,), generator=gen)]
+        text, cu, _ = pack_text(seqs)
+        images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=gen).to(DEVICE)
+        out.append((images, text.to(DEVICE), cu.to(DEVICE)))
+    return cfg, out
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_step_inside_the_backward_equals_the_step_after_it(grad_checkpointing):
+    """MasterAdamW.set_overlap + begin_step (the step each parameter gets once its gradient is complete, inside the
+    backward) against step() after the backward, on a bf16 CLIP whose MLP output bias is used by the next block:
+    three steps, two groups, one parameter frozen, equal weights, masters and moments bit for bit. Parameters are
+    seen updated before step() is called, so the overlap is real; recomputing blocks in the backward (gradient
+    checkpointing) reads no weight already updated."""
+    from clipfast.loss import clip_loss
+    from clipfast.model import CLIP
+    from clipfast.train import param_groups
+
+    cfg, batches = _tiny_clip_batches(3)
+    runs = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = CLIP(cfg).to(DEVICE, torch.bfloat16).train().set_grad_checkpointing(grad_checkpointing)
+        model.visual.class_embedding.requires_grad_(False)
+        opt = MasterAdamW(param_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, capturable=True,
+                          impl="triton")
+        opt.set_overlap(overlap)
+        assert opt.overlap == overlap
+        moved_early = []
+        for images, text, cu in batches:
+            if overlap:
+                opt.begin_step()
+            before = [p.detach().clone() for p in opt.params]
+            img, txt, scale = model(images, text, cu, cfg.text.context_length)
+            clip_loss(img, txt, scale).float().backward()
+            moved_early.append(sum(not torch.equal(a, p) for a, p in zip(before, opt.params)))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs.append((model, opt, moved_early))
+    (m0, o0, early0), (m1, o1, early1) = runs
+    assert early0 == [0, 0, 0] and all(k >= len(o1.params) // 2 for k in early1), (early0, early1)
+    for (name, a), b in zip(m0.state_dict().items(), m1.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(o0.master, o1.master, strict=True):
+        assert torch.equal(a, b)
+        sa, sb = o0.state[a], o1.state[b]
+        assert all(torch.equal(sa[k], sb[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert float(o1.state[o1.master[0]]["step"]) == 3
+
+
+def test_step_inside_the_backward_errors():
+    w16, _ = _params([(4, 3)], 6)
+    with pytest.raises(ValueError, match="Triton step only"):
+        MasterAdamW(w16, fused_cast=False).set_overlap()
+    opt = MasterAdamW(w16, capturable=True, impl="triton")
+    with pytest.raises(ValueError, match="overlap is off"):
+        opt.begin_step()
+    opt.set_overlap()
+    opt.begin_step()
+    (w16[0].float() ** 2).sum().backward()
+    with pytest.raises(ValueError, match="cannot be clipped"):  # the update happened before the norm was known
+        with clipped_step(opt, w16, 1e-3):
+            opt.step()
+    opt.set_overlap(False)
+    assert not opt.overlap
+    before = w16[0].detach().clone()
+    (w16[0].float() ** 2).sum().backward()  # no hook any more: nothing moves before step()
+    assert torch.equal(before, w16[0])

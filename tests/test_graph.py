@@ -132,6 +132,60 @@ def test_tower_streams_change_no_result(mask, monkeypatch):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+class _LateInBackward(torch.autograd.Function):
+    """Identity whose backward first sleeps ~25 ms on the current stream: the gradients behind it come late."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        torch.cuda._sleep(50_000_000)
+        return g
+
+
+@requires_cuda
+def test_graphed_step_inside_the_backward_equals_the_step_after_it(monkeypatch):
+    """GraphedTrainStep with the optimizer inside the backward (MasterAdamW.set_overlap, on its own stream) against
+    the same graphs without: five bf16-master steps over two text buckets, the text tower on its own stream and made
+    late in the forward and in the backward (sleeps on its stream), so an update that did not wait for the
+    gradients' streams would read them unfinished. Losses and weights equal bit for bit."""
+    cfg = from_name("demo", **{"vision.layers": 2, "text.layers": 2})
+    B, dev = 8, torch.device("cuda")
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for i in range(5):
+        hi = 4 if i % 2 == 0 else cfg.text.context_length - 2
+        seqs = [[49406, *torch.randint(1, 49406, (int(n),), generator=gen).tolist(), 49407]
+                for n in torch.randint(0, hi, (B,), generator=gen)]
+        text, cu, _ = pack_text(seqs)
+        images = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        batches.append((images.to(dev), text.to(dev), cu.to(dev)))
+    encode = CLIP.encode_text_packed
+
+    def late(self, *a, **kw):
+        torch.cuda._sleep(50_000_000)
+        return _LateInBackward.apply(encode(self, *a, **kw))
+
+    monkeypatch.setattr(CLIP, "encode_text_packed", late)
+    runs = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = CLIP(cfg).to(dev, torch.bfloat16).train().set_tower_streams(True)
+        opt = MasterAdamW(model.parameters(), lr=1e-3, eps=1e-3, capturable=True)
+        step = GraphedTrainStep(model, opt, autocast_dtype=None, text_bucket=64, overlap_optimizer=overlap)
+        assert step.overlap == overlap == opt.overlap
+        losses = [step(*b).item() for b in batches]
+        runs.append((losses, {k: v.clone() for k, v in model.state_dict().items()}))
+    assert runs[0][0] == runs[1][0]
+    for name, a in runs[0][1].items():
+        assert torch.equal(a, runs[1][1][name]), name
+    with pytest.raises(ValueError, match="no clipping"):
+        GraphedTrainStep(model, opt, clip_grad_norm=1.0, overlap_optimizer=True)
+    assert not GraphedTrainStep(model, opt, clip_grad_norm=1.0).overlap  # the default: off where it cannot be
+
+
 @requires_cuda
 def test_capturable_required():
     model = CLIP(from_name("demo", **{"vision.layers": 1, "text.layers": 1})).cuda()
