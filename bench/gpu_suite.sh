@@ -33,8 +33,9 @@
 #   T_COMPILE=0 (>30: the two goal points, eager beside compiled blocks, into compile/; compiled was slower, 105.0
 #     vs 93.5 ms, at 5cc21e3)
 #   T_SWEEP=0 (>0: bench/sweep_kernels.py into sweep/, ~50 s); SWEEP_ARGS adds arguments (e.g. "--kernels mlp")
-#   T_AB=0 (>30: the kernels part's two points again with kernel switches AB_KNOBS (throughput.py --knob; default
-#     "adamw.SLOTS=1 _common.FINISH=torch", the launches before those two changes), into kernels_ab/, ~70 s)
+#   T_AB=0 (>30: per variant of AB_KNOBS, the kernels part's two points again, graphs+kernels only, with kernel
+#     switches (throughput.py --knob; variants split by ";", an empty one the defaults; default " ;
+#     graph.OVERLAP_OPTIMIZER=0 ; adamw.SLOTS=1 _common.FINISH=torch"), into kernels_ab1/, kernels_ab2/, ...)
 #   T_GRID=0 (--grid gpu: 3 points fit in 40 s, and clipa/ carries the comparison); GRID_ARGS replaces the grid's
 #     arguments (default "--grid gpu")
 # plus a few seconds for the wheels. PYTHON (default python3) is the interpreter.
@@ -56,7 +57,7 @@ T_CLIPA=${T_CLIPA:-100}  # 0: no CLIPA goal grid
 T_COMPILE=${T_COMPILE:-0}  # >30: compiled blocks at the two CLIPA goal points (slower than eager at 5cc21e3)
 T_KERNELS=${T_KERNELS:-100}  # 0: no run with clipfast's opt-in kernels at the two goal points
 T_SWEEP=${T_SWEEP:-0}  # >0: bench/sweep_kernels.py, the kernels' launch configs (about 50 s on an H100)
-T_AB=${T_AB:-0}  # >30: the kernels part's two points again under AB_KNOBS, into kernels_ab/
+T_AB=${T_AB:-0}  # >30: the kernels part's two points again per AB_KNOBS variant, into kernels_ab1/, ...
 T_PROFILE=${T_PROFILE:-40}  # 0: no step profile
 T_PROFILE_L=${T_PROFILE_L:-0}  # >0: also profile L/16 96 px / 8 tokens (clipfast with the kernels, open_clip)
 T_GRID=${T_GRID:-0}  # 0: no --grid gpu
@@ -190,13 +191,21 @@ if [ "$T_KERNELS" -gt 30 ]; then
     part throughput_kernels "$T_KERNELS" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --kernels \
         --out "$DIR/kernels" --time-budget $(( T_KERNELS - 30 )) "${KERNELS_ARGS[@]}"
 fi
-# the same two points again under AB_KNOBS (kernel switches, bench/steps.py KNOBS; default: the launches as they were
-# before 3c598c1's session: the optimizer one tensor per launch, the partial sums finished by torch), into
-# kernels_ab/: the step-level effect of a kernel change not yet timed on a GPU, on the same warm machine
+# the same two points again, graphs+kernels (and the plain eager column every ratio needs) only, once per variant of
+# AB_KNOBS: variants split by ";", each a list of kernel switches (bench/steps.py KNOBS), an empty one the defaults.
+# Default: the defaults; the optimizer after the backward (graph.OVERLAP_OPTIMIZER=0); the launches as they were
+# before 3c598c1's session (the optimizer one tensor per launch, the partial sums finished by torch). Into
+# kernels_ab1/, kernels_ab2/, ...: the step-level effect of changes not yet timed on a GPU, on the same warm machine
 if [ "$T_AB" -gt 30 ]; then
-    read -r -a AB_KNOBS <<<"${AB_KNOBS:-adamw.SLOTS=1 _common.FINISH=torch}"
-    part throughput_kernels_ab "$T_AB" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --kernels \
-        --out "$DIR/kernels_ab" --time-budget $(( T_AB - 30 )) --knob "${AB_KNOBS[@]}"
+    IFS=';' read -r -a AB_VARIANTS <<<"${AB_KNOBS:- ; graph.OVERLAP_OPTIMIZER=0 ; adamw.SLOTS=1 _common.FINISH=torch}"
+    ab=0
+    for variant in "${AB_VARIANTS[@]}"; do
+        ab=$(( ab + 1 ))
+        read -r -a knobs <<<"$variant"
+        part "throughput_kernels_ab$ab" "$T_AB" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --kernels \
+            --no-open-clip --skip clipfast_graph clipfast_kernels --out "$DIR/kernels_ab$ab" \
+            --time-budget $(( T_AB - 30 )) ${knobs[@]+--knob "${knobs[@]}"}
+    done
 fi
 # launch-config sweep of the opt-in kernels (each config checked against the default, then timed; torch beside)
 if [ "$T_SWEEP" -gt 0 ]; then
@@ -235,8 +244,10 @@ fi
                                               cat "$DIR/compile/throughput.md"; echo; }
     [ -f "$DIR/kernels/throughput.md" ] && { echo "## clipfast's opt-in kernels at the goal points"; echo
                                               cat "$DIR/kernels/throughput.md"; echo; }
-    [ -f "$DIR/kernels_ab/throughput.md" ] && { echo "## The same points with kernel switches (AB_KNOBS)"; echo
-                                                 cat "$DIR/kernels_ab/throughput.md"; echo; }
+    for f in "$DIR"/kernels_ab*/throughput.md; do
+        [ -f "$f" ] && { echo "## The same points, graphs+kernels, AB_KNOBS variant $(basename "$(dirname "$f")")"
+                         echo; cat "$f"; echo; }
+    done
     [ -f "$DIR/profile.md" ] && { echo "## Step profile"; echo; cat "$DIR/profile.md"; echo; }
     [ -f "$DIR/profile_l16/profile.md" ] && { echo "## Step profile, L/16"; echo; cat "$DIR/profile_l16/profile.md"
                                                echo; }

@@ -296,6 +296,7 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
         impls.append("clipfast_kernels")
     if args.compile and not args.data:
         impls.append("clipfast_compiled")
+    impls = [i for i in impls if i not in args.skip]
     steps, mem = {}, {}
     for impl in list(impls):
         torch.manual_seed(args.seed)
@@ -428,6 +429,8 @@ def parse_args(argv=None):
                          "kernels.short_attention on CUDA for <= 64 tokens")
     ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: clipfast.train.peak_flops)")
     ap.add_argument("--no-open-clip", action="store_true", help="skip the open_clip column")
+    ap.add_argument("--skip", nargs="+", default=[], choices=sorted(OPTIONAL_COLUMNS),
+                    help="leave out these optional columns (e.g. all but graphs+kernels, for a quick A/B of a --knob)")
     ap.add_argument("--data", help="webdataset shards: time clipfast with its DALI loader (open_clip skipped)")
     ap.add_argument("--time-budget", type=float, default=0, help="seconds; start no new point after (0: none)")
     ap.add_argument("--seed", type=int, default=0)

@@ -264,6 +264,14 @@ def test_kernels_column_runs_the_opt_in_kernels_beside_plain_clipfast(tmp_path, 
     assert "With the opt-in kernels" in md
 
 
+def test_skip_leaves_out_optional_columns(tmp_path):
+    rows = tp.main(TINY + ["--points", "demo:16:8", "--no-open-clip", "--kernels", "--compile", "--skip",
+                           "clipfast_kernels", "--out", str(tmp_path)])
+    assert rows and all(r["clipfast_compiled_ms"] > 0 and "clipfast_kernels_ms" not in r for r in rows)
+    with pytest.raises(SystemExit):
+        tp.parse_args(TINY + ["--skip", "clipfast"])  # the plain column is the one every ratio needs
+
+
 @pytest.mark.parametrize("flag,value,attr,module,header", [
     ("--clipfast-layer-norm", "triton", "impl", "LayerNorm", "clipfast layer norm triton"),
     ("--clipfast-vision-attention", "triton", "dense_impl", "Attention", "clipfast vision attention triton"),
