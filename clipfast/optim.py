@@ -163,8 +163,6 @@ class _FusedCastAdamW(torch.optim.AdamW):
         return bool(self._hooks)
 
     def begin_step(self) -> None:
-        if not self._hooks:
-            raise ValueError("MasterAdamW.begin_step: overlap is off (set_overlap(True) first)")
         if self.grad_scale is not None:
             raise ValueError("MasterAdamW.begin_step: a grad_scale (clipping) needs every gradient before any update")
         self._armed, self._pending, self._done = True, {}, set()
@@ -276,7 +274,8 @@ class MasterAdamW:
         if enable and not self.triton:
             raise ValueError("MasterAdamW.set_overlap: the step inside the backward runs the Triton step only "
                              "(capturable=True on CUDA, or impl='triton')")
-        self.opt.set_overlap(enable)
+        if self.fused_cast:
+            self.opt.set_overlap(enable)
         return self
 
     @property

@@ -290,6 +290,7 @@ def test_step_inside_the_backward_errors():
     w16, _ = _params([(4, 3)], 6)
     with pytest.raises(ValueError, match="Triton step only"):
         MasterAdamW(w16, fused_cast=False).set_overlap()
+    assert not MasterAdamW(w16, fused_cast=False).set_overlap(False).overlap
     opt = MasterAdamW(w16, capturable=True, impl="triton")
     with pytest.raises(ValueError, match="overlap is off"):
         opt.begin_step()
