@@ -64,7 +64,6 @@ def set_knobs(specs) -> dict:
     """Set kernels' module switches from "module.NAME=value" strings (e.g. short_attention.FWD_HEADS=1,
     adamw.SLOTS=1, _common.FINISH=torch), so that a run can time a kernel variant against the default; returns
     {"module.NAME": value}. An unknown switch or value is an error that lists the valid ones."""
-
     out = {}
     for spec in specs or ():
         key, sep, raw = spec.partition("=")
