@@ -133,11 +133,11 @@ def test_tower_streams_change_no_result(mask, monkeypatch):
 
 
 class _LateInBackward(torch.autograd.Function):
-    """Identity whose backward first sleeps ~25 ms on the current stream: the gradients behind it come late."""
+    """Identity (a copy) whose backward first sleeps ~25 ms on the current stream: the gradients behind it come late."""
 
     @staticmethod
     def forward(ctx, x):
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, g):
