@@ -184,6 +184,11 @@ def test_graphed_step_inside_the_backward_equals_the_step_after_it(monkeypatch):
     with pytest.raises(ValueError, match="no clipping"):
         GraphedTrainStep(model, opt, clip_grad_norm=1.0, overlap_optimizer=True)
     assert not GraphedTrainStep(model, opt, clip_grad_norm=1.0).overlap  # the default: off where it cannot be
+    assert GraphedTrainStep(model, opt).overlap and opt.overlap  # on where it can be
+    import clipfast.graph
+
+    monkeypatch.setattr(clipfast.graph, "OVERLAP_OPTIMIZER", 0)  # the knob bench/throughput.py's --knob sets
+    assert not GraphedTrainStep(model, opt).overlap and not opt.overlap
 
 
 @requires_cuda
