@@ -67,6 +67,7 @@ class _FusedCastAdamW(torch.optim.AdamW):
         self._pending: dict[int, list] = {}  # group index -> masters whose gradients are complete, not yet launched
         self._done: set[int] = set()  # id(master) of those launched during this backward
         self._stream = None  # CUDA: the stream the in-backward launches run on
+        self._forked = False  # work went to that stream in this backward (step() joins it then, and only then)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -165,7 +166,7 @@ class _FusedCastAdamW(torch.optim.AdamW):
     def begin_step(self) -> None:
         if self.grad_scale is not None:
             raise ValueError("MasterAdamW.begin_step: a grad_scale (clipping) needs every gradient before any update")
-        self._armed, self._pending, self._done = True, {}, set()
+        self._armed, self._pending, self._done, self._forked = True, {}, set(), False
         dev = self.param_groups[0]["params"][0].device
         if dev.type == "cuda" and self._stream is None:
             self._stream = torch.cuda.Stream(dev)  # made here, outside any capture (a graph's first step is eager)
@@ -192,6 +193,7 @@ class _FusedCastAdamW(torch.optim.AdamW):
             self._launch(group, todo)
             return
         self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+        self._forked = True
         with torch.cuda.stream(self._stream):
             self._launch(group, todo)
 
@@ -203,8 +205,9 @@ class _FusedCastAdamW(torch.optim.AdamW):
         if self.grad_scale is not None:
             raise ValueError("MasterAdamW: a step that began inside the backward (begin_step) cannot be clipped: "
                              "parameters were updated before the global gradient norm was known")
-        if self._stream is not None:
+        if self._forked:  # (in a CUDA graph capture, waiting on a stream outside it would be an error)
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+            self._forked = False
 
 
 class MasterAdamW:

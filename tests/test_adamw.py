@@ -305,3 +305,39 @@ def test_step_inside_the_backward_errors():
     before = w16[0].detach().clone()
     (w16[0].float() ** 2).sum().backward()  # no hook any more: nothing moves before step()
     assert torch.equal(before, w16[0])
+
+
+@pytest.mark.parametrize("shapes", [[(4, 3), (5,)], [(64, 64)] * 9])
+def test_step_inside_the_backward_in_a_cuda_graph(shapes):
+    """An eager step, then a captured one replayed three times, with and without the step inside the backward: equal
+    weights. Two small tensors never fill a launch before step() (nothing runs on the optimizer's stream, which the
+    capture must then not wait on); nine fill one (a fork and a join inside the capture). CUDA only."""
+    if DEVICE != "cuda":
+        pytest.skip("CUDA graphs")
+    runs = []
+    for overlap in (False, True):
+        gen = torch.Generator().manual_seed(7)
+        ws = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE, torch.bfloat16)) for s in shapes]
+        first = [w.detach().clone() for w in ws]
+        opt = MasterAdamW(ws, lr=1e-2, capturable=True).set_overlap(overlap)
+
+        def step(opt=opt, ws=ws, overlap=overlap):
+            if overlap:
+                opt.begin_step()
+            sum((w.float() ** 3).sum() for w in ws).backward()
+            opt.step()
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for _ in range(3):
+            graph.replay()
+        runs.append([w.detach().clone() for w in ws])
+        assert not any(torch.equal(a, b) for a, b in zip(first, runs[-1]))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
