@@ -140,6 +140,9 @@ def test_step_profile_groups_the_time_of_both_steps(tmp_path, monkeypatch):
     assert abs(sum(s["groups"].values()) - s["busy_ms"]) < 1e-6 * s["busy_ms"] + 1e-9
     md = (tmp_path / "profile.md").read_text()
     assert "| matmul |" in md and "ms per step" in md
+    assert s["gpu_busy_ms"] is None  # CPU: no GPU timeline
+    assert profile_step.covered([(5, 9), (0, 2), (1, 3), (8, 12), (20, 21)]) == 3 + 7 + 1
+    assert profile_step.covered([]) == 0 and profile_step.covered([(0, 4), (1, 2)]) == 4
     assert profile_step.group_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert profile_step.group_of("flash_fwd_kernel") == "attention"
     assert profile_step.group_of("_layer_norm_bwd_kernel") == "norm"
