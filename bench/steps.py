@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from clipfast.graph import GraphedTrainStep, default_text_bucket
+from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
 from clipfast.loss import clip_loss
 from clipfast.model import CLIP
 from clipfast.optim import MasterAdamW
@@ -142,6 +142,7 @@ def clipfast_graph_step_fn(cfg: ModelConfig, pt, device, precision, batch_size, 
     """clipfast's step as CUDA graphs: the same model, loss and fused AdamW (capturable), replayed per text bucket."""
     model = _clipfast_model(cfg, device, precision, **kernels)
     opt = _optimizer(model, precision, capturable=True)
+    lr_on_device(opt, device)  # as clipfast.train's graphed step holds it (an LR schedule fills it in place)
     graphed = GraphedTrainStep(model, opt, autocast_dtype=torch.bfloat16 if precision == "amp_bf16" else None,
                                text_bucket=default_text_bucket(batch_size, cfg.text.context_length))
     grid = cfg.vision.grid

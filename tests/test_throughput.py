@@ -315,6 +315,7 @@ def test_graph_kernels_column_builds_the_graphed_step_with_every_kernel_and_repo
     class FakeGraphed:
         def __init__(self, model, opt, **kw):
             graphed.append(model)
+            assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)  # as the trainer's graphed step
 
     monkeypatch.setattr(steps, "GraphedTrainStep", FakeGraphed)
     cfg, pt = from_name("demo"), tp.Point("demo", 16, 0.0, 8)
