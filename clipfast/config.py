@@ -61,6 +61,10 @@ class TrainConfig:
     # the text tower on a second CUDA stream beside the image tower (CLIP.set_tower_streams): "auto" = on with
     # engine=torch on CUDA (clipfast.engine.resolve_tower_streams), "on" or "off"
     tower_streams: str = "auto"
+    # the optimizer's update inside the backward, each parameter once its gradient is complete (MasterAdamW.set_overlap;
+    # engine=torch cuda_graph=true, bf16, grad_clip=0): "auto" = on where it can be, "on" (an error where it cannot)
+    # or "off" (clipfast.engine.resolve_overlap_optimizer)
+    overlap_optimizer: str = "auto"
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     # bookkeeping

@@ -52,7 +52,8 @@ class TorchEngine:
             ctx = self.module.context_length
             self.graph = GraphedTrainStep(self.module, self.optimizer, autocast_dtype=None,
                                           text_bucket=default_text_bucket(cfg.batch_size, ctx),
-                                          clip_grad_norm=cfg.grad_clip or None)
+                                          clip_grad_norm=cfg.grad_clip or None,
+                                          overlap_optimizer=resolve_overlap_optimizer(cfg, device))
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -113,6 +114,27 @@ def resolve_tower_streams(cfg, device) -> bool:
     if torch.device(device).type != "cuda":
         return False
     return value == "on" or (value == "auto" and getattr(cfg, "engine", "deepspeed") == "torch")
+
+
+OVERLAP_OPTIMIZER = ("auto", "off", "on")
+
+
+def resolve_overlap_optimizer(cfg, device) -> bool | None:
+    """GraphedTrainStep's overlap_optimizer for the config: None for "auto" (on where it can be: MasterAdamW's
+    Triton step, i.e. bf16 weights, and no clipping), True for "on", False for "off". "on" where it cannot be is an
+    error naming the keys to change; a bad value lists the choices."""
+    value = getattr(cfg, "overlap_optimizer", "auto")
+    if value not in OVERLAP_OPTIMIZER:
+        raise ValueError(f"overlap_optimizer must be one of {OVERLAP_OPTIMIZER}, got {value!r}")
+    if value == "on":
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.device(device).type == "cuda")
+        need = [what for what, ok in (("engine=torch cuda_graph=true", cfg.engine == "torch" and cfg.cuda_graph),
+                                      ("bf16 weights (precision=bf16 or auto on CUDA)", bf16),
+                                      (f"grad_clip=0 (is {cfg.grad_clip}: clipping needs the global norm before any "
+                                       "update)", not cfg.grad_clip)) if not ok]
+        if need:
+            raise ValueError(f"overlap_optimizer=on needs {'; '.join(need)}")
+    return {"auto": None, "on": True, "off": False}[value]
 
 
 def check_engine(cfg, world: int) -> None:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from clipfast import presets
 from clipfast.config import TrainConfig, load_config, to_dict
 from clipfast.data import DaliLoader
-from clipfast.engine import TorchEngine, check_engine, resolve_kernels, resolve_tower_streams
+from clipfast.engine import TorchEngine, check_engine, resolve_kernels, resolve_overlap_optimizer, resolve_tower_streams
 from clipfast.flops import flops_per_sample
 from clipfast.interop import resize_state_dict
 from clipfast.loss import distributed_clip_loss
@@ -244,6 +244,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     model = CLIP(mcfg, kernels=cfg.kernels).set_layer_norm(impls["layer_norm"])
     model.set_vision_attention(impls["vision_attention"]).set_mlp(impls["mlp"])
     model.set_tower_streams(resolve_tower_streams(cfg, device))
+    resolve_overlap_optimizer(cfg, device)  # a bad value or an "on" that cannot be is an error now, not at the step
     if is_main:
         log.info("layer_norm=%s vision_attention=%s mlp=%s tower_streams=%s", impls["layer_norm"],
                  impls["vision_attention"], impls["mlp"], model.tower_streams)

@@ -136,3 +136,22 @@ def test_tower_streams_auto_with_the_torch_engine_on_cuda():
     assert not resolve_tower_streams(TrainConfig(engine="torch", tower_streams="on"), "cpu")
     with pytest.raises(ValueError, match=r"tower_streams must be one of \('auto', 'off', 'on'\), got 'yes'"):
         resolve_tower_streams(TrainConfig(tower_streams="yes"), "cpu")
+
+
+def test_overlap_optimizer_auto_on_and_off():
+    """overlap_optimizer="auto" (the default) leaves it to GraphedTrainStep (on where it can be); "on" where it cannot
+    be is an error naming each key to change; "off" is off; a bad value lists the choices."""
+    from clipfast.engine import resolve_overlap_optimizer
+
+    assert TrainConfig().overlap_optimizer == "auto" and resolve_overlap_optimizer(TrainConfig(), "cuda") is None
+    graphed = dict(engine="torch", cuda_graph=True, grad_clip=0.0)
+    assert resolve_overlap_optimizer(TrainConfig(overlap_optimizer="on", **graphed), "cuda") is True
+    assert resolve_overlap_optimizer(TrainConfig(overlap_optimizer="off", **graphed), "cuda") is False
+    with pytest.raises(ValueError, match=r"needs grad_clip=0 \(is 1.0"):
+        resolve_overlap_optimizer(TrainConfig(overlap_optimizer="on", engine="torch", cuda_graph=True), "cuda")
+    with pytest.raises(ValueError, match=r"needs engine=torch cuda_graph=true; bf16 weights"):
+        resolve_overlap_optimizer(TrainConfig(overlap_optimizer="on", grad_clip=0.0), "cpu")
+    with pytest.raises(ValueError, match=r"needs bf16 weights"):
+        resolve_overlap_optimizer(TrainConfig(overlap_optimizer="on", precision="fp32", **graphed), "cuda")
+    with pytest.raises(ValueError, match=r"overlap_optimizer must be one of \('auto', 'off', 'on'\), got 'yes'"):
+        resolve_overlap_optimizer(TrainConfig(overlap_optimizer="yes"), "cpu")
