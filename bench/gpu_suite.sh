@@ -28,7 +28,8 @@
 #   T_CLIPA=100 (the CLIPA goal points, --grid clipa, into clipa/; 111 s at 5cc21e3); CLIPA_ARGS replaces the grid's
 #     arguments (default "--grid clipa")
 #   T_KERNELS=100 (the two goal points with --kernels, into kernels/); KERNELS_ARGS adds arguments
-#   T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024, clipfast, clipfast_kernels, open_clip)
+#   T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024; PROFILE_IMPLS the steps, default
+#     "clipfast clipfast_kernels open_clip"; "clipfast_graph_kernels" profiles the goal column's graphed step)
 #   T_PROFILE_L=0 (>0: the same at L/16 96 px / 8 tokens, batch 512, with the graphed step too, into profile_l16/)
 #   T_COMPILE=0 (>30: the two goal points, eager beside compiled blocks, into compile/; compiled was slower, 105.0
 #     vs 93.5 ms, at 5cc21e3)
@@ -215,7 +216,8 @@ fi
 # where a CLIPA step's device time goes (kernel groups, busy share): clipfast without and with the opt-in kernels,
 # open_clip
 if [ "$T_PROFILE" -gt 0 ]; then
-    part profile "$T_PROFILE" "$PY" bench/profile_step.py --impls clipfast clipfast_kernels open_clip --out "$DIR"
+    read -r -a PROFILE_IMPLS <<<"${PROFILE_IMPLS:-clipfast clipfast_kernels open_clip}"
+    part profile "$T_PROFILE" "$PY" bench/profile_step.py --impls "${PROFILE_IMPLS[@]}" --out "$DIR"
 fi
 # the same at the other goal point, L/16 96 px / 8 tokens, batch 512, into profile_l16/, and the CUDA-graph step with
 # the kernels (what the goal column runs: its optimizer is kernels.adamw, the eager step's torch's AdamW between two
