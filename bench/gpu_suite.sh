@@ -207,6 +207,13 @@ if [ "$T_AB" -gt 30 ]; then
             --no-open-clip --skip clipfast_graph clipfast_kernels --out "$DIR/kernels_ab$ab" \
             --time-budget $(( T_AB - 30 )) ${knobs[@]+--knob "${knobs[@]}"}
     done
+    # the variants side by side (graphs+kernels ms, MFU, change against the first, ratio to open_clip in kernels/)
+    AB_DIRS=()
+    for f in "$DIR"/kernels_ab*/throughput.json; do [ -f "$f" ] && AB_DIRS+=("$(dirname "$f")"); done
+    if [ "${#AB_DIRS[@]}" -gt 0 ]; then
+        REF=(); [ -f "$DIR/kernels/throughput.json" ] && REF=(--open-clip "$DIR/kernels")
+        "$PY" bench/report.py --ab "${AB_DIRS[@]}" ${REF[@]+"${REF[@]}"} >"$DIR/ab.md" 2>>"$LOG" || rm -f "$DIR/ab.md"
+    fi
 fi
 # launch-config sweep of the opt-in kernels (each config checked against the default, then timed; torch beside)
 if [ "$T_SWEEP" -gt 0 ]; then
@@ -246,6 +253,7 @@ fi
                                               cat "$DIR/compile/throughput.md"; echo; }
     [ -f "$DIR/kernels/throughput.md" ] && { echo "## clipfast's opt-in kernels at the goal points"; echo
                                               cat "$DIR/kernels/throughput.md"; echo; }
+    [ -f "$DIR/ab.md" ] && { echo "## AB_KNOBS variants side by side (graphs+kernels)"; echo; cat "$DIR/ab.md"; echo; }
     for f in "$DIR"/kernels_ab*/throughput.md; do
         [ -f "$f" ] && { echo "## The same points, graphs+kernels, AB_KNOBS variant $(basename "$(dirname "$f")")"
                          echo; cat "$f"; echo; }

@@ -269,6 +269,49 @@ def replot(folder: Path, commit: str | None = None) -> Path:
     return path
 
 
+def ab_table(folders: list[Path], open_clip: Path | None = None, column: str = "clipfast_graph_kernels") -> str:
+    """The A/B runs of one machine side by side (gpu_suite.sh's kernels_ab1/, kernels_ab2/, ...): one row per folder,
+    its knobs ("defaults" where none, "not recorded" in a run from before --knob), then per point the column's
+    median ms (IQR), its MFU and its change against the first folder's; with open_clip (a folder of the same points
+    with the open_clip column, e.g. kernels/) also the ratio to open_clip's ms there."""
+    runs = [(f, json.loads((f / "throughput.json").read_text())) for f in folders]
+    if not runs:
+        raise ValueError("ab_table: no folders")
+    key = lambda r: (r["preset"], r["image_px"], r["mask"], r["text_len"])  # noqa: E731
+    ref = {}
+    if open_clip is not None:
+        ref = {key(r): r["open_clip_ms"] for r in json.loads((open_clip / "throughput.json").read_text())["rows"]
+               if r.get("open_clip_ms")}
+    points = list(dict.fromkeys(key(r) for _, d in runs for r in d["rows"]))
+    first = {key(r): r.get(f"{column}_ms") for r in runs[0][1]["rows"]}
+    head = ["variant", "knobs"] + [f"{p[0]} {p[1]} px / {p[3]}" + (f", mask {p[2]:g}" if p[2] else "") for p in points]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for folder, data in runs:
+        knobs = data["meta"].get("knobs")  # (not in the runs before --knob)
+        cells = [folder.name, "not recorded" if knobs is None else
+                 ", ".join(f"{k}={v}" for k, v in knobs.items()) or "defaults"]
+        rows = {key(r): r for r in data["rows"]}
+        for p in points:
+            r = rows.get(p, {})
+            ms = r.get(f"{column}_ms")
+            if ms is None:
+                cells.append("–")
+                continue
+            cell = f"{ms:.2f} ms ({r.get(f'{column}_iqr_ms', float('nan')):.2f})"
+            if r.get(f"{column}_mfu") is not None:
+                cell += f", MFU {r[f'{column}_mfu']:.3f}"
+            if first.get(p) and folder != runs[0][0]:
+                cell += f", {100 * (ms / first[p] - 1):+.1f}%"
+            if ref.get(p):
+                cell += f", {ref[p] / ms:.2f}x open_clip"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    note = f"{column}: median ms per step (IQR), MFU, change against {runs[0][0].name}"
+    if open_clip is not None:
+        note += f", ratio to open_clip's ms in {open_clip.name}"
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
 def device_info(device: torch.device) -> tuple[str, str]:
     """(human name, folder slug)."""
     if device.type == "cuda":
@@ -336,9 +379,15 @@ if __name__ == "__main__":  # python bench/report.py --replot bench/results/<fol
     import sys
 
     sys.path.insert(0, str(ROOT))
-    ap = argparse.ArgumentParser(description="redraw throughput.png from the throughput.json in each folder")
-    ap.add_argument("--replot", nargs="+", type=Path, required=True)
+    ap = argparse.ArgumentParser(description="redraw throughput.png from the throughput.json in each folder, or "
+                                             "print the A/B runs' table")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--replot", nargs="+", type=Path)
+    what.add_argument("--ab", nargs="+", type=Path, help="A/B folders (gpu_suite.sh's kernels_ab*), the first the base")
     ap.add_argument("--commit", help="the commit to name in the titles, where the run recorded a wrong one")
+    ap.add_argument("--open-clip", type=Path, help="with --ab: a folder of the same points with open_clip's column")
     args = ap.parse_args()
-    for f in args.replot:
+    if args.ab:
+        print(ab_table(args.ab, args.open_clip))
+    for f in args.replot or ():
         print("wrote", replot(f, args.commit))

@@ -393,3 +393,32 @@ def test_knobs_set_kernel_switches_and_reject_unknown_ones(monkeypatch):
         steps.set_knobs(["adamw.SLOT=1"])
     with pytest.raises(ValueError, match=r"adamw.SLOTS takes one of \('1', '2'"):
         steps.set_knobs(["adamw.SLOTS=9"])
+
+
+def test_ab_table_puts_the_variants_side_by_side(tmp_path):
+    """report.ab_table (gpu_suite.sh's A/B runs): a row per folder with its knobs, per point the graphs+kernels ms,
+    MFU, the change against the first folder and the ratio to open_clip's ms from another folder of the same points."""
+    def run(name, knobs, ms, with_open_clip=False):
+        rows = [dict(preset=p, image_px=px, mask=0.0, text_len=t, clipfast_graph_kernels_ms=m,
+                     clipfast_graph_kernels_iqr_ms=0.5, clipfast_graph_kernels_mfu=0.4,
+                     **({"open_clip_ms": 150.0} if with_open_clip else {}))
+                for (p, px, t), m in zip([("ViT-B-16", 112, 16), ("ViT-L-16", 96, 8)], ms)]
+        (tmp_path / name).mkdir()
+        meta = {"knobs": knobs} if knobs is not None else {}
+        (tmp_path / name / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+        return tmp_path / name
+
+    base = run("kernels_ab1", {}, [60.0, 75.0])
+    off = run("kernels_ab2", {"graph.OVERLAP_OPTIMIZER": 0}, [63.0, None])
+    old = run("kernels_ab3", None, [66.0, 80.0])  # a run from before knobs were recorded
+    ref = run("kernels", {}, [67.0, 79.0], with_open_clip=True)
+    md = report.ab_table([base, off, old], open_clip=ref)
+    lines = md.splitlines()
+    assert lines[0] == "| variant | knobs | ViT-B-16 112 px / 16 | ViT-L-16 96 px / 8 |"
+    assert lines[2] == ("| kernels_ab1 | defaults | 60.00 ms (0.50), MFU 0.400, 2.50x open_clip | "
+                        "75.00 ms (0.50), MFU 0.400, 2.00x open_clip |")
+    assert lines[3].startswith("| kernels_ab2 | graph.OVERLAP_OPTIMIZER=0 | 63.00 ms (0.50), MFU 0.400, +5.0%, ")
+    assert lines[3].endswith(" | – |")  # the point that variant did not reach
+    assert "| kernels_ab3 | not recorded | 66.00 ms (0.50), MFU 0.400, +10.0%, 2.27x open_clip |" in md
+    with pytest.raises(ValueError, match="no folders"):
+        report.ab_table([])
