@@ -217,11 +217,13 @@ class MasterAdamW:
     fused_cast: do each parameter's cast up, update and copy down in one pass, reading and writing 28 bytes per
     parameter where torch's fused AdamW between two casts moves 40. On CUDA the Triton kernel kernels.adamw
     (impl="triton" forces it, e.g. under TRITON_INTERPRET=1), which a CUDA graph can capture; on the CPU a compiled
-    pass (`_adamw_cast`). None (default): only on CUDA with capturable=True, the CUDA-graph step. Eagerly its launch per
-    parameter would cost more host time than torch's few multi-tensor launches, and on the 2-core CPU the compiled
-    pass is the slower one: 100 and 105 ms per step against 78 and 81 ms unfused for ViT-S/16's 62M parameters on
-    2026-11-26 (`pytest bench/test_bench_optim.py --benchmark-only`, twice; torch's fused AdamW over fp32: 39 and 42
-    ms). The state (exp_avg, exp_avg_sq, step) is torch.optim.AdamW's either way, so checkpoints do not depend on it.
+    pass (`_adamw_cast`). None (default): on CUDA only with capturable=True, the CUDA-graph step (eagerly its launch
+    per parameter would cost more host time than torch's few multi-tensor launches); on the CPU where torch runs one
+    intra-op thread (and not capturable). The compiled pass runs on one thread: for ViT-S/16's 62M parameters on the
+    2-core CPU it took 99 ms per step against 141 ms unfused with one thread, and 106 against 79 ms with two, where
+    torch's fused AdamW uses both (`OMP_NUM_THREADS=1` and `=2 pytest bench/test_bench_optim.py --benchmark-only`,
+    2026-11-26 at 90d1e80). The state (exp_avg, exp_avg_sq, step) is torch.optim.AdamW's either way, so checkpoints
+    do not depend on it.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.01, fused_cast: bool | None = None,
@@ -240,7 +242,9 @@ class MasterAdamW:
         on_cpu = all(p.device.type == "cpu" for p in self.params)
         triton = impl == "triton" or (impl is None and not on_cpu)
         capturable = bool(kw.get("capturable"))
-        self.fused_cast = (triton and capturable) if fused_cast is None else bool(fused_cast)
+        if fused_cast is None:
+            fused_cast = capturable if triton else (not capturable and torch.get_num_threads() == 1)
+        self.fused_cast = bool(fused_cast)
         self.triton = self.fused_cast and triton  # the fused step runs kernels.adamw (else the compiled CPU pass)
         if self.fused_cast and (kw.get("amsgrad") or kw.get("maximize") or (capturable and not triton)):
             raise ValueError("MasterAdamW: fused_cast=True takes no amsgrad or maximize, and capturable only with the "

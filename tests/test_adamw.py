@@ -216,8 +216,16 @@ def test_clipping_folds_into_the_triton_step(max_norm):
 
 def test_defaults_and_errors():
     w16, _ = _params([(4, 3)], 4)
-    if DEVICE == "cpu":  # CPU: unfused unless asked; capturable fused only with the Triton kernel
-        assert not MasterAdamW(w16).fused_cast and not MasterAdamW(w16, capturable=True).fused_cast
+    if DEVICE == "cpu":  # CPU: the compiled pass on one thread, else unfused; capturable fused only with Triton
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert MasterAdamW(w16).fused_cast and not MasterAdamW(w16).triton
+            assert not MasterAdamW(w16, capturable=True).fused_cast
+            torch.set_num_threads(2)
+            assert not MasterAdamW(w16).fused_cast and not MasterAdamW(w16, capturable=True).fused_cast
+        finally:
+            torch.set_num_threads(threads)
         assert MasterAdamW(w16, fused_cast=True).fused_cast and not MasterAdamW(w16, fused_cast=True).triton
         with pytest.raises(ValueError, match="capturable only with the Triton kernel"):
             MasterAdamW(w16, fused_cast=True, capturable=True)
