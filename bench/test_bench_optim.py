@@ -5,8 +5,8 @@
 Implementations (the same AdamW arithmetic, lr 1e-5, weight decay 0.1):
   `master_fused_cast`  clipfast.optim.MasterAdamW(fused_cast=True): bf16 weights, fp32 masters; per parameter one
                        pass reads the bf16 gradient and writes the fp32 master, both moments and the bf16 weight (28
-                       bytes per parameter): a compiled pass on the CPU (its default there), the Triton kernel
-                       kernels.adamw on CUDA (its default for the CUDA-graph step).
+                       bytes per parameter): a compiled pass on the CPU (its default there on one thread), the
+                       Triton kernel kernels.adamw on CUDA (its default for the CUDA-graph step).
   `master_fused_cast_x1`  (CUDA) the same kernel launched once per parameter (kernels.adamw.SLOTS = 1), as before
                        a launch took eight parameters: what grouping the small tensors saves.
   `master_unfused`     MasterAdamW(fused_cast=False): cast the gradients up, torch's fused AdamW on the masters, copy
