@@ -87,16 +87,19 @@ class TorchEngine:
         tag = (Path(ckpt_dir) / "latest").read_text().strip()
         path = Path(ckpt_dir) / tag / "state.pt"
         if not path.is_file():
-            raise FileNotFoundError(f"{ckpt_dir}/latest names {tag!r}, but {path} is missing (a DeepSpeed checkpoint? "
-                                    f"resume with the engine that wrote it)")
+            raise FileNotFoundError(f"{ckpt_dir}/latest names {tag!r}, but {path} is missing")
         state = torch.load(path, map_location=self.device, weights_only=False)
+        self.load_state(state)
+        return str(path), state["client_state"]
+
+    def load_state(self, state: dict) -> None:
+        """What save_checkpoint wrote (module, optimizer, scheduler), into this engine."""
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.graph is not None:  # load_state_dict put the saved lr back, not the tensors the graphs read
             lr_on_device(self.optimizer, self.device)
             self.graph.graphs.clear()  # captured against the old lr tensors: capture again
-        return str(path), state["client_state"]
 
 
 TOWER_STREAMS = ("auto", "off", "on")

@@ -8,7 +8,8 @@ On one rank DeepSpeed runs ZeRO stage 0 without the gradient all-reduce; engine=
 the engine altogether, and on CUDA cuda_graph=true replays each whole step as CUDA graphs (clipfast.graph).
 
 Writes under out_dir: metrics.jsonl (one JSON line per log step), TensorBoard events, DeepSpeed
-checkpoints in ckpt/ (every ckpt_every steps and at the end; `resume=true` continues from the latest),
+checkpoints in ckpt/ (every ckpt_every steps and at the end; `resume=true` continues from the latest, on any number
+of ranks: a checkpoint saved with another world size, ZeRO stage, precision or engine is converted, clipfast.reshard),
 model.pt (a plain state_dict + model config, for clipfast.evaluate and clipfast.export) and, when
 val_data is set, the zero-shot result of the final model in eval.json. A config with `stages` runs each
 stage this way in out_dir/<stage>/, each starting from the previous one's weights (clipfast.stages).
@@ -21,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
 import torch
 import torch.distributed as dist
 
-from clipfast import presets
+from clipfast import presets, reshard
 from clipfast.config import TrainConfig, load_config, to_dict
 from clipfast.data import DaliLoader
 from clipfast.engine import TorchEngine, check_engine, resolve_kernels, resolve_overlap_optimizer, resolve_tower_streams
@@ -222,19 +224,8 @@ def main(argv=None):
     dist.barrier()
 
 
-def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: str = "train") -> dict:
-    """One training run (a stage) in cfg.out_dir; returns {"step", "loss", "train_s", "total_s", "top1"}."""
-    t_start = time.perf_counter()
-    cuda = device.type == "cuda"
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-    torch.manual_seed(cfg.seed + rank)
-    out = Path(cfg.out_dir)
-    is_main = rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-
-    # --- model / optimizer
+def build_model(cfg: TrainConfig, device: torch.device, is_main: bool = True) -> tuple[CLIP, object, int]:
+    """The model of cfg (preset, sizes, kernels, init_from, compile): (model, its ModelConfig, text length)."""
     text_len = cfg.text_len or presets.from_name(cfg.model).text.context_length
     mcfg = presets.from_name(cfg.model, **{"text.context_length": max(text_len, 2)})
     if cfg.image_size:
@@ -254,32 +245,108 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         model.compile_blocks("inductor")
         if is_main:
             log.info("compile=true: transformer blocks go through torch.compile (inductor) on the first step")
+    return model, mcfg, text_len
+
+
+@dataclasses.dataclass
+class Run:
+    """The engine (DeepSpeed's or TorchEngine) and what resuming needs: the trainable parameters' names in the
+    optimizer's order, this run's layout and the resume plan (clipfast.reshard.resume_plan)."""
+
+    engine: object
+    scheduler: object
+    names: list[str]
+    layout: reshard.Layout
+    plan: reshard.Plan | None
+
+
+def build_engine(cfg: TrainConfig, model: CLIP, device: torch.device, world: int, bf16: bool, ckpt_dir: Path) -> Run:
     check_engine(cfg, world)
     if cfg.engine == "torch":  # one rank, plain PyTorch, optionally CUDA graphs (clipfast.engine)
         engine = TorchEngine(model, cfg, device, bf16, cuda_graph=cfg.cuda_graph)
-        scheduler = engine.scheduler
-    else:
-        import deepspeed
+        layout = reshard.Layout(0, bf16, 1, engine="torch")
+        names = reshard.optimizer_names(model, param_groups(model, cfg.weight_decay))  # the order TorchEngine's has
+        plan = reshard.resume_plan(ckpt_dir, layout) if cfg.resume else None
+        return Run(engine, engine.scheduler, names, layout, plan)
+    import deepspeed
 
-        optimizer = make_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        if zero_stage(cfg, world) != cfg.zero_stage:
-            log.info("one rank: ZeRO stage %d would partition nothing, running stage 0", cfg.zero_stage)
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                               lr_scheduler=scheduler,
-                                                               config=deepspeed_config(cfg, world, bf16))
-        if world == 1:  # one rank: the all-reduce would only flatten and copy back every gradient (demo, CPU:
-            engine.enable_backward_allreduce = False  # 26.5 vs 24.5 ms per step)
+    optimizer = make_optimizer(model, cfg)
+    names = reshard.optimizer_names(model, optimizer.param_groups)  # before DeepSpeed swaps in its masters
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    if zero_stage(cfg, world) != cfg.zero_stage:
+        log.info("one rank: ZeRO stage %d would partition nothing, running stage 0", cfg.zero_stage)
+    layout = reshard.Layout(zero_stage(cfg, world), bf16, world)
+    plan = reshard.resume_plan(ckpt_dir, layout) if cfg.resume else None
+    ds_cfg = deepspeed_config(cfg, world, bf16)
+    if plan and plan.convert and layout.stage:  # ZeRO loads the universal checkpoint itself
+        ds_cfg["checkpoint"] = {"load_universal": True}
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_cfg)
+    if world == 1:  # one rank: the all-reduce would only flatten and copy back every gradient (demo, CPU:
+        engine.enable_backward_allreduce = False  # 26.5 vs 24.5 ms per step)
+    return Run(engine, scheduler, names, layout, plan)
+
+
+def resume(run: Run, cfg: TrainConfig, ckpt_dir: Path, is_main: bool) -> int:
+    """With resume=true, load the latest checkpoint in ckpt_dir (one saved in another layout is converted first);
+    returns the step to continue from (0 without a checkpoint)."""
+    if not cfg.resume:
+        return 0
+    if not (ckpt_dir / "latest").is_file():
+        log.info("resume=true but no checkpoint in %s: starting from scratch", ckpt_dir)
+        return 0
+    if run.plan and run.plan.convert:  # saved with another number of ranks, ZeRO stage, precision or engine
+        client = resume_resharded(run, ckpt_dir, is_main)
+    else:
+        _, client = run.engine.load_checkpoint(str(ckpt_dir))
+    step = int(client["step"])
+    log.info("resumed from %s at step %d", ckpt_dir, step)
+    return step
+
+
+def resume_resharded(run: Run, ckpt_dir: Path, is_main: bool) -> dict:
+    """Resume a checkpoint saved in another layout (clipfast.reshard): rank 0 writes its universal checkpoint, every
+    rank loads it (ZeRO through DeepSpeed, stage 0 and engine=torch through reshard.load_single), then it is removed.
+    Returns the client state."""
+    tag, saved, layout, engine = run.plan.tag, run.plan.saved, run.layout, run.engine
+    uni = ckpt_dir / f"{tag}_universal"
+    if is_main:
+        log.info("%s/%s was saved with %s; this run is %s: converting it to a universal checkpoint", ckpt_dir, tag,
+                 saved, layout)
+        t0 = time.perf_counter()
+        reshard.to_universal(ckpt_dir / tag, uni, run.names)
+        log.info("universal checkpoint written in %.1f s", time.perf_counter() - t0)
+    dist.barrier()
+    if layout.stage:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=uni.name)
+    else:
+        client = reshard.load_single(uni, engine, run.names, layout)
+    dist.barrier()
+    if is_main:
+        shutil.rmtree(uni, ignore_errors=True)
+    return client
+
+
+def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: str = "train") -> dict:
+    """One training run (a stage) in cfg.out_dir; returns {"step", "loss", "train_s", "total_s", "top1"}."""
+    t_start = time.perf_counter()
+    cuda = device.type == "cuda"
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    torch.manual_seed(cfg.seed + rank)
+    out = Path(cfg.out_dir)
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    # --- model / optimizer / engine, and the checkpoint resumed
+    model, mcfg, text_len = build_model(cfg, device, is_main)
+    ckpt_dir = out / "ckpt"
+    run = build_engine(cfg, model, device, world, bf16, ckpt_dir)
+    engine, scheduler = run.engine, run.scheduler
     clip = trainer_clip(cfg, world, bf16)  # DeepSpeed on one float32 rank: clipped inside the fused AdamW
     params = [p for p in model.parameters() if p.requires_grad]
-    step = 0
-    ckpt_dir = out / "ckpt"
-    if cfg.resume and (ckpt_dir / "latest").is_file():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        step = int(client["step"])
-        log.info("resumed from %s at step %d", ckpt_dir, step)
-    elif cfg.resume:
-        log.info("resume=true but no checkpoint in %s: starting from scratch", ckpt_dir)
+    step = resume(run, cfg, ckpt_dir, is_main)
 
     # --- data (reseeded on resume so that the continued run does not replay the same order)
     grid = mcfg.vision.grid

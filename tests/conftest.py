@@ -27,6 +27,16 @@ def device():
 requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """The demo dataset at 32 px (clipfast.data.demo): train/ and val/ shards, built once per session."""
+    from clipfast.data.demo import build
+
+    out = tmp_path_factory.mktemp("digits")
+    build(out, seed=0, size=32)
+    return out
+
+
 def aot_module(module: str, cases, compile_one):
     """The sm_90 AOT test modules' shared pieces, as (pytestmark, compile_all, resources):
     - pytestmark skips the module where ptxas or cuobjdump is missing;

@@ -9,8 +9,6 @@ from unittest import mock
 
 import pytest
 
-from clipfast.data.demo import build
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,13 +34,6 @@ def _deepspeed(ranks, *overrides, timeout=900):
         p.unlink()
     assert not left, f"shared-memory buffers left behind: {left}"
     return r
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    build(out, seed=0, size=32)
-    return out
 
 
 def _metrics(out):
