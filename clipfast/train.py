@@ -282,9 +282,31 @@ def build_engine(cfg: TrainConfig, model: CLIP, device: torch.device, world: int
         ds_cfg["checkpoint"] = {"load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_cfg)
+    undo_init_step(engine.optimizer)
     if world == 1:  # one rank: the all-reduce would only flatten and copy back every gradient (demo, CPU:
         engine.enable_backward_allreduce = False  # 26.5 vs 24.5 ms per step)
     return Run(engine, scheduler, names, layout, plan)
+
+
+def undo_init_step(opt) -> None:
+    """DeepSpeed's bf16 optimizer at stage 0 (FP16_UnfusedOptimizer) makes its AdamW state by stepping once with zero
+    gradients at initialize: every step count began at 1, and the fp32 masters were decayed once by (1 - lr * wd).
+    The first real step was then AdamW's second: its bias corrections 1 - beta^2 made the first update
+    (1 + b2)^0.5 / (1 + b1) = 0.74 of AdamW's at betas (0.9, 0.98). Undone here: the counts back to 0 and the masters
+    back to the weights they were copied from (bf16 values then, so exactly). Other optimizers: nothing to do."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(opt, FP16_UnfusedOptimizer):
+        return
+    with torch.no_grad():
+        for low, masters in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
+            for p, m in zip(low, masters, strict=True):
+                m.copy_(p.reshape(m.shape))
+        for st in opt.optimizer.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"].zero_()
+            elif "step" in st:
+                st["step"] = 0
 
 
 def resume(run: Run, cfg: TrainConfig, ckpt_dir: Path, is_main: bool) -> int:

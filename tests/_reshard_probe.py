@@ -1,6 +1,7 @@
 """Run by tests/test_reshard.py through DeepSpeed's launcher: clipfast.train's model and engine for a config, the
-latest checkpoint resumed as the trainer resumes it (converted when saved in another layout), then rank 0 saves every
-trainable parameter's full state (clipfast.reshard.full_state), the step and the LR scheduler's state to --dump.
+latest checkpoint resumed as the trainer resumes it (converted when saved in another layout; resume=false: none),
+then rank 0 saves every trainable parameter's full state (clipfast.reshard.full_state), the step and the LR
+scheduler's state to --dump.
 
     python -m deepspeed.launcher.runner --num_gpus N tests/_reshard_probe.py --dump F --config C key=value ...
 """

@@ -50,14 +50,15 @@ def test_latest_naming_a_missing_checkpoint_is_an_error(tmp_path):
 
 
 
-def _probe(ranks, out, dump, *overrides):
+def _probe(ranks, out, dump, *overrides, resume=True):
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
            str(_free_port()), "tests/_reshard_probe.py", "--dump", str(dump), "--config", "configs/demo.py",
-           f"out_dir={out}", "resume=true", "tensorboard=false", "data_threads=1", "min_lr=1e-4", *overrides]
+           f"out_dir={out}", f"resume={str(resume).lower()}", "tensorboard=false", "data_threads=1", "min_lr=1e-4",
+           *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert not list((out / "ckpt").glob("*universal*")), "the universal checkpoint was left behind"
+    assert not list((out / "ckpt").glob("*universal*")), "the universal checkpoint was left behind"  # (or none made)
     return torch.load(dump, weights_only=False)
 
 
@@ -67,6 +68,7 @@ def _assert_same_state(a, b):
     assert a["lr"] == b["lr"] and a["lr"][0] > 1e-4  # in the warm-up (4/5 of the peak; the floor is 1e-4): restored
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 3
     assert a["state"].keys() == b["state"].keys() and len(a["state"]) > 50
+    assert all(float(st["step"]) == 3 for st in a["state"].values())  # AdamW's own count: three steps, no more
     for name, sa in a["state"].items():
         sb = b["state"][name]
         assert sa.keys() == sb.keys() == {"fp32", "exp_avg", "exp_avg_sq", "step"}, name
@@ -134,3 +136,15 @@ def test_resume_on_other_ranks_stages_precisions_and_engines(data, tmp_path):
     assert [x["step"] for x in _metrics(zero)] == [3, 5] and all(0 < x["loss"] < 10 for x in _metrics(zero))
     assert reshard.saved_layout(zero / "ckpt" / "step5") == Layout(0, False, 1)
     assert not list((zero / "ckpt").glob("*universal*"))
+
+
+@pytest.mark.slow
+def test_bf16_stage_0_starts_from_adamw_step_0(data, tmp_path):
+    """DeepSpeed's bf16 stage-0 optimizer steps once with zero gradients at initialize (clipfast.train.undo_init_step
+    undoes it): a fresh engine holds no step yet and masters equal to its weights."""
+    fresh = _probe(1, tmp_path / "fresh", tmp_path / "f.pt", f"train_data={data / 'train'}", "precision=bf16",
+                   resume=False)
+    assert fresh["layout"] == "ZeRO stage 0, bf16" and fresh["step"] == 0
+    assert all(float(st["step"]) == 0 for st in fresh["state"].values())
+    assert all(torch.equal(fresh["module"][k].float().reshape(-1), st["fp32"].reshape(-1))
+               for k, st in fresh["state"].items())
