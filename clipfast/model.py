@@ -327,8 +327,9 @@ class VisionTransformer(nn.Module):
 
 
 def _logit_scale_to_0d(module, state_dict, prefix, local_metadata):
+    """Saved 0-d, as open_clip keeps it. (Not an empty tensor: ZeRO stage 3's placeholder for a partitioned one.)"""
     key = prefix + "logit_scale"
-    if key in state_dict:
+    if key in state_dict and state_dict[key].numel() == 1:
         state_dict[key] = state_dict[key].reshape(())
     return state_dict
 

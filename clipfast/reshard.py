@@ -17,13 +17,15 @@ DeepSpeed at all.
 
 Here, when the layouts differ, the checkpoint goes through DeepSpeed's universal checkpoint first: a folder per
 parameter holding its fp32 master, exp_avg, exp_avg_sq and step (`<tag>_universal/zero/<name>/*.pt`), which no rank
-count shapes. ZeRO checkpoints are converted by DeepSpeed's ds_to_universal, the one-piece ones here (DeepSpeed has no
-converter for them). Loading: ZeRO stages 1 and 2 take the universal checkpoint themselves (`checkpoint.load_universal`
-in the DeepSpeed config); stage 0 and engine=torch are loaded here. Every value moves as it is: fp32 masters, moments
+count shapes. ZeRO checkpoints are converted by DeepSpeed's ds_to_universal (a stage-3 one then rewritten into the
+stages-1/2 form, unless it resumes under stage 3 again), the one-piece ones here (DeepSpeed has no converter for
+them).
+Loading: ZeRO stages 1, 2 and 3 take the universal checkpoint themselves (`checkpoint.load_universal` in the
+DeepSpeed config); stage 0 and engine=torch are loaded here. Every value moves as it is: fp32 masters, moments
 and step counts are copied, not recomputed, so a resharded run continues from the same optimizer state
 (tests/test_reshard.py compares the full state of each layout after loading, parameter by parameter). The universal
-folder is removed once every rank has loaded it. ZeRO stage 3 is not converted: a stage-3 checkpoint resumes only in
-its own layout.
+folder is removed once every rank has loaded it. Stage 3 takes only a stage-3 checkpoint (on any number of ranks):
+its universal loader reads a form of its own.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's
+STAGE3_MODEL_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # its ZeRO stage 3 (one per rank)
 TORCH_FILE = "state.pt"  # TorchEngine's
 MOMENTS = ("exp_avg", "exp_avg_sq")
 # the keys of DeepSpeed's model-states file that are not the client state (engine._load_checkpoint's list)
@@ -80,6 +83,8 @@ def saved_layout(tag_dir: Path) -> Layout:
         return Layout(stage=0, bf16="master" in opt, world=1, engine="torch")
     path = tag_dir / MODEL_FILE
     if not path.is_file():
+        path = tag_dir / STAGE3_MODEL_FILE
+    if not path.is_file():
         raise FileNotFoundError(f"{tag_dir} holds neither {MODEL_FILE} (DeepSpeed) nor {TORCH_FILE} (engine=torch): "
                                 f"not a clipfast checkpoint")
     sd = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -90,13 +95,13 @@ def saved_layout(tag_dir: Path) -> Layout:
 
 def needs_conversion(saved: Layout, current: Layout) -> bool:
     """Whether a checkpoint of layout `saved` must go through the universal checkpoint to resume as `current`;
-    a ValueError where neither can (ZeRO stage 3 on either side)."""
+    a ValueError where it cannot (stage 3 from another stage)."""
     if saved.key() == current.key():
         return False
-    if 3 in (saved.stage, current.stage):
-        raise ValueError(f"the checkpoint was saved with {saved} and this run is {current}: a ZeRO stage 3 "
-                         f"checkpoint resumes only in its own layout (same stage, precision and ranks), and none is "
-                         f"converted to stage 3")
+    if current.stage == 3 and saved.stage != 3:
+        raise ValueError(f"the checkpoint was saved with {saved} and this run is {current}: only a ZeRO stage 3 "
+                         f"checkpoint resumes under stage 3 (with any number of ranks); resume this one with "
+                         f"zero_stage=1 or 2, or as it was saved")
     return True
 
 
@@ -113,15 +118,18 @@ def _save_param(folder: Path, key: str, value: torch.Tensor) -> None:
     torch.save({"param": value.reshape(1) if value.dim() == 0 else value, "cat_dim": 0}, folder / f"{key}.pt")
 
 
-def to_universal(tag_dir: Path, out_dir: Path, names: list[str]) -> None:
-    """Write the universal checkpoint of the checkpoint in tag_dir into out_dir. `names`: the trainable parameters in
-    the optimizer's order (optimizer_names), which numbers a one-piece optimizer state."""
+def to_universal(tag_dir: Path, out_dir: Path, names: list[str], target: Layout | None = None) -> None:
+    """Write the universal checkpoint of the checkpoint in tag_dir into out_dir, for a run of layout `target`.
+    `names`: the trainable parameters in the optimizer's order (optimizer_names), which numbers a one-piece optimizer
+    state."""
     tag_dir, out_dir = Path(tag_dir), Path(out_dir)
     layout = saved_layout(tag_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     if layout.stage:
         _zero_to_universal(tag_dir, out_dir)
+        if layout.stage == 3 and (target is None or target.stage != 3):
+            _stage3_as_stage12(out_dir)
     else:
         _write_universal(_read_single(tag_dir, layout, names), out_dir, names)
 
@@ -137,6 +145,28 @@ def _zero_to_universal(tag_dir: Path, out_dir: Path) -> None:
         ds_to_universal.main(args)
     log.debug("ds_to_universal: %s", printed.getvalue())
     (out_dir.parent / "latest_universal").unlink(missing_ok=True)  # written beside out_dir; the tag is passed
+
+
+def _stage3_as_stage12(out_dir: Path) -> None:
+    """ds_to_universal writes a stage-3 checkpoint in a form of its own, which only stage 3 loads: bare tensors per
+    parameter, the step count in zero/optimizer_state.pt beside all the flat fp32 groups, and one model-states file
+    per rank. Rewritten in the stages-1/2 form that the other loaders read: {"param": tensor} files, a step.pt per
+    parameter, the hyper-parameters and ds_version in optimizer_state.pt, mp_rank_00_model_states.pt."""
+    zero = out_dir / "zero"
+    sd = torch.load(zero / "optimizer_state.pt", weights_only=False)
+    model = torch.load(out_dir / STAGE3_MODEL_FILE, map_location="cpu", weights_only=False)
+    steps = {float(st["step"]) for st in sd["optimizer_state_dict"]["state"].values() if "step" in st}
+    for folder in (f for f in zero.iterdir() if f.is_dir()):
+        for file in folder.glob("*.pt"):
+            value = torch.load(file, weights_only=False)
+            if isinstance(value, torch.Tensor):
+                torch.save({"param": value, "cat_dim": 0}, file)
+        if len(steps) == 1 and (folder / "exp_avg.pt").is_file():
+            torch.save(torch.tensor(next(iter(steps))), folder / "step.pt")
+    torch.save({"ds_version": model["ds_version"], "param_groups": sd["param_groups"],
+                **{k: sd[k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow") if k in sd}},
+               zero / "optimizer_state.pt")
+    shutil.copy2(out_dir / STAGE3_MODEL_FILE, out_dir / MODEL_FILE)
 
 
 @dataclass
@@ -267,8 +297,10 @@ def load_single(uni_dir: Path, engine, names: list[str], layout: Layout) -> dict
     module = engine.module
     params = dict(module.named_parameters())
     masters = [m.reshape(params[n].shape) for n, m in zip(names, piece.masters, strict=True)]
+    # the weights: the masters (rounded where the module is bf16; a stage-3 checkpoint's module holds only empty
+    # placeholders), its buffers from the checkpoint's module
+    weights = {**piece.module, **dict(zip(names, masters, strict=True))}
     if layout.engine == "torch":  # TorchEngine's own state.pt format, through its own loader
-        weights = {**piece.module, **dict(zip(names, masters, strict=True))}
         if layout.bf16:
             opt = {"opt": _optimizer_state(piece, engine.optimizer.opt, masters), "master": masters}
         else:
@@ -276,12 +308,12 @@ def load_single(uni_dir: Path, engine, names: list[str], layout: Layout) -> dict
         engine.load_state({"module": weights, "optimizer": opt, "scheduler": piece.scheduler,
                            "client_state": piece.client})
         return piece.client
-    module.load_state_dict(piece.module)
+    module.load_state_dict(weights)
     client = _client_optimizer(engine, layout)
     own = [p for g in client.param_groups for p in g["params"]]  # fp32: the module's; bf16: FP16_Optimizer's
     if len(own) != len(names):
         raise ValueError(f"the optimizer holds {len(own)} parameters, the model trains {len(names)}")
-    with torch.no_grad():  # (the module's weights came with it: in every layout they are the masters rounded)
+    with torch.no_grad():
         for master, p in zip(masters, own, strict=True):
             p.copy_(master.reshape(p.shape))
     client.load_state_dict(_optimizer_state(piece, client, own))

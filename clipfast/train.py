@@ -336,7 +336,7 @@ def resume_resharded(run: Run, ckpt_dir: Path, is_main: bool) -> dict:
         log.info("%s/%s was saved with %s; this run is %s: converting it to a universal checkpoint", ckpt_dir, tag,
                  saved, layout)
         t0 = time.perf_counter()
-        reshard.to_universal(ckpt_dir / tag, uni, run.names)
+        reshard.to_universal(ckpt_dir / tag, uni, run.names, target=layout)
         log.info("universal checkpoint written in %.1f s", time.perf_counter() - t0)
     dist.barrier()
     if layout.stage:
