@@ -139,8 +139,22 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def save_model(path: Path, model: CLIP, cfg: TrainConfig, step: int) -> None:
-    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+def full_weights(module: CLIP, stage: int) -> dict:
+    """The module's state_dict in float32 on the CPU. Under ZeRO stage 3 each rank holds a slice of every parameter
+    (and an empty placeholder for the rest), so they are gathered whole first: a collective, every rank calls it
+    (model.pt under stage 3 had held an empty token embedding)."""
+    if stage != 3:
+        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_model(path: Path, model: CLIP, cfg: TrainConfig, step: int, sd: dict | None = None) -> None:
+    """model.pt: the weights (sd from full_weights, or the model's own state_dict) with the model's and the run's
+    configs and the step."""
+    sd = full_weights(model, 0) if sd is None else sd
     tmp = path.with_suffix(".tmp")
     torch.save({"model_config": dataclasses.asdict(model.cfg), "state_dict": sd, "train_config": to_dict(cfg),
                 "step": step}, tmp)
@@ -443,20 +457,29 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         bar.update(1)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+            if is_main or run.layout.stage == 3:  # (stage 3: every rank takes part in the gather)
+                weights = full_weights(engine.module, run.layout.stage)
             if is_main:
-                save_model(out / "model.pt", engine.module, cfg, step)
+                save_model(out / "model.pt", engine.module, cfg, step, weights)
     bar.close()
     train_s = time.perf_counter() - t_loop
     if loader.skipped:
         log.warning("skipped %d corrupt samples: %s", sum(loader.skipped.values()), loader.skipped)
 
-    # --- evaluate the final model
+    # --- evaluate the final model (under ZeRO stage 3 a whole copy of it: the engine's holds slices)
     res = {}
+    whole = None
+    if cfg.val_data and cfg.eval_at_end and run.layout.stage == 3:
+        weights = full_weights(engine.module, 3)  # every rank
+        if is_main:
+            whole = CLIP(mcfg).to(device)
+            whole.load_state_dict(weights)
     if cfg.val_data and cfg.eval_at_end and is_main:
         from clipfast.evaluate import zero_shot
 
-        engine.module.eval()
-        res = zero_shot(engine.module, cfg.val_data, device=device, threads=cfg.data_threads)
+        whole = whole or engine.module
+        whole.eval()
+        res = zero_shot(whole, cfg.val_data, device=device, threads=cfg.data_threads)
         (out / "eval.json").write_text(json.dumps({"step": step, **res}, indent=1))
         print(f"zero-shot on {cfg.val_data}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
               f"({res['samples']} samples, chance {100 / res['classes']:.1f}%)", flush=True)

@@ -5,6 +5,7 @@ once in the layout that saved it, once in another, and compares what each engine
 parameter's fp32 master, exp_avg, exp_avg_sq and step, the module's weights, the LR and the scheduler's state. Before
 clipfast.reshard the other layouts failed to load (DeepSpeed: "The checkpoint being loaded used a DP world size of 2
 but the current world size is 3"; on one rank an AttributeError in torch's Optimizer.load_state_dict)."""
+import json
 import os
 import subprocess
 import sys
@@ -106,9 +107,14 @@ def test_resume_on_other_ranks_stages_precisions_and_engines(data, tmp_path):
     # ZeRO-3 on two float32 ranks (its checkpoint: one model-states file per rank) -> ZeRO-3 on three ranks (DeepSpeed's
     # stage-3 universal form) and one float32 rank (that form rewritten into the stages-1/2 one)
     three = tmp_path / "three"
-    train(2, three, "zero_stage=3")
+    train(2, three, "zero_stage=3", f"val_data={data / 'val'}", "eval_at_end=true")
     native = _probe(2, three, tmp_path / "3.pt", *probe, "zero_stage=3")
     assert native["layout"] == "ZeRO stage 3, float32 on 2 ranks"
+    # model.pt and the evaluation hold the whole model, gathered from the ranks' slices (model.pt had held an empty
+    # token embedding), equal to the checkpoint's fp32 masters
+    weights = torch.load(three / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(weights[k].reshape(-1), st["fp32"].reshape(-1)) for k, st in native["state"].items())
+    assert json.loads((three / "eval.json").read_text())["samples"] == 359
     for i, (ranks, layout, *more) in enumerate(((3, "ZeRO stage 3, float32 on 3 ranks", "zero_stage=3"),
                                                  (1, "ZeRO stage 0, float32"))):
         other = _probe(ranks, three, tmp_path / f"3{i}.pt", *probe, *more)
