@@ -21,7 +21,7 @@ import torch
 
 from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
 from clipfast.model import LAYER_NORMS, MLPS, VISION_ATTENTIONS
-from clipfast.optim import MasterAdamW, clipped_step
+from clipfast.optim import MasterAdamW, clipped_step, run_as_own
 
 
 class TorchEngine:
@@ -95,7 +95,10 @@ class TorchEngine:
     def load_state(self, state: dict) -> None:
         """What save_checkpoint wrote (module, optimizer, scheduler), into this engine."""
         self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        opt = state["optimizer"]  # MasterAdamW keeps its own run flags; a plain AdamW is told to (run_as_own)
+        if not isinstance(self.optimizer, MasterAdamW):
+            opt = run_as_own(opt, self.optimizer)
+        self.optimizer.load_state_dict(opt)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.graph is not None:  # load_state_dict put the saved lr back, not the tensors the graphs read
             lr_on_device(self.optimizer, self.device)

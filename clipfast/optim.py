@@ -338,14 +338,23 @@ class MasterAdamW:
         for m, saved, p in zip(self.master, sd["master"], self.params, strict=True):
             m.copy_(saved)
             p.copy_(saved)  # the weights are the masters rounded
-        # the saved state, run the way this optimizer runs: a checkpoint of the CUDA-graph step (capturable, lr a
-        # device tensor) resumes in an eager step and back, so those flags stay this optimizer's own
-        opt_sd = {**sd["opt"], "param_groups": [dict(g) for g in sd["opt"]["param_groups"]]}
-        for saved, own in zip(opt_sd["param_groups"], self.opt.param_groups, strict=False):
-            saved.update({k: own[k] for k in ("capturable", "fused", "foreach", "differentiable") if k in own})
-            if isinstance(saved["lr"], torch.Tensor) and not isinstance(own["lr"], torch.Tensor):
-                saved["lr"] = float(saved["lr"])
-        self.opt.load_state_dict(opt_sd)
+        self.opt.load_state_dict(run_as_own(sd["opt"], self.opt))
+
+
+# how an optimizer runs, not what it learnt: kept from the optimizer a saved state is loaded into
+RUN_FLAGS = ("capturable", "fused", "foreach", "differentiable")
+
+
+def run_as_own(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved optimizer state_dict to load into `optimizer`, run the way it runs: a checkpoint of the CUDA-graph step
+    (capturable, lr a device tensor) resumes in an eager step and back, so RUN_FLAGS stay the optimizer's own and a
+    saved lr tensor becomes a float where it holds a float (torch's load_state_dict would take the saved ones)."""
+    groups = [dict(g) for g in saved["param_groups"]]
+    for g, own in zip(groups, optimizer.param_groups, strict=False):
+        g.update({k: own[k] for k in RUN_FLAGS if k in own})
+        if isinstance(g["lr"], torch.Tensor) and not isinstance(own["lr"], torch.Tensor):
+            g["lr"] = float(g["lr"])
+    return {**saved, "param_groups": groups}
 
 
 def folds_clipping(optimizer) -> bool:

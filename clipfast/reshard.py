@@ -40,6 +40,8 @@ from typing import NamedTuple
 
 import torch
 
+from clipfast.optim import run_as_own
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's
@@ -262,20 +264,15 @@ def _read_universal(uni_dir: Path, names: list[str]) -> OnePiece:
                     {k: sd[k] for k in ("global_steps", "global_samples", "skipped_steps") if k in sd})
 
 
-# an optimizer's own way of running, kept when a saved state is loaded into it (as MasterAdamW.load_state_dict keeps
-# them): a CUDA-graph step's optimizer stays capturable whatever the checkpoint's was
-RUN_FLAGS = ("capturable", "fused", "foreach", "differentiable")
-
-
 def _optimizer_state(piece: OnePiece, optimizer, shaped_as: list) -> dict:
     """piece's optimizer state for `optimizer` (a torch optimizer over `shaped_as`, in names' order): its own
-    parameter numbering and run flags, the saved hyper-parameters, each tensor in its parameter's shape."""
+    parameter numbering, the saved hyper-parameters, each tensor in its parameter's shape. (Its run flags stay its
+    own: the loaders pass it through clipfast.optim.run_as_own.)"""
     current = optimizer.state_dict()["param_groups"]
     saved = piece.optimizer["param_groups"]
     if len(saved) != len(current):
         raise ValueError(f"the checkpoint has {len(saved)} parameter groups, this optimizer {len(current)}")
-    groups = [{**s, **{k: c[k] for k in RUN_FLAGS if k in c}, "params": c["params"]}
-              for s, c in zip(saved, current, strict=True)]
+    groups = [{**s, "params": c["params"]} for s, c in zip(saved, current, strict=True)]
     state = {pos: {k: (v if k == "step" else v.reshape(shaped_as[pos].shape)) for k, v in st.items()}
              for pos, st in piece.optimizer["state"].items()}
     return {"state": state, "param_groups": groups}
@@ -316,7 +313,7 @@ def load_single(uni_dir: Path, engine, names: list[str], layout: Layout) -> dict
     with torch.no_grad():
         for master, p in zip(masters, own, strict=True):
             p.copy_(master.reshape(p.shape))
-    client.load_state_dict(_optimizer_state(piece, client, own))
+    client.load_state_dict(run_as_own(_optimizer_state(piece, client, own), client))
     if engine.lr_scheduler is not None and piece.scheduler is not None:
         engine.lr_scheduler.load_state_dict(piece.scheduler)
     engine.global_steps = piece.counters.get("global_steps", 0)

@@ -85,6 +85,25 @@ def test_a_missing_checkpoint_file_is_named(tmp_path):
         _engine("cpu").load_checkpoint(str(tmp_path))
 
 
+def test_a_graphed_steps_float32_checkpoint_loads_into_an_eager_engine_as_it_runs():
+    """A float32 checkpoint of the CUDA-graph step (capturable AdamW, lr a device tensor) into an eager engine: its
+    own run flags and a float lr stay, the saved state and hyper-parameters come (clipfast.optim.run_as_own). torch's
+    load_state_dict alone had taken capturable=True and the tensor lr."""
+    engine = _engine("cpu")
+    _eager_step(engine, _batch("cpu"))
+    state = {"module": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),
+             "scheduler": engine.scheduler.state_dict()}
+    for g in state["optimizer"]["param_groups"]:
+        g.update(capturable=True, lr=torch.tensor(g["lr"]), weight_decay=0.25)
+    other = _engine("cpu")
+    other.load_state(state)
+    g = other.optimizer.param_groups[0]
+    assert g["capturable"] is False and g["fused"] is True and isinstance(g["lr"], float)
+    assert g["weight_decay"] == 0.25  # a hyper-parameter: the checkpoint's
+    st = other.optimizer.state[g["params"][0]]
+    assert torch.equal(st["exp_avg"], engine.optimizer.state[engine.optimizer.param_groups[0]["params"][0]]["exp_avg"])
+
+
 @requires_cuda
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cuda_graph_engine_follows_the_eager_engine(bf16):
