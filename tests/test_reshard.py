@@ -136,14 +136,16 @@ def test_resume_on_other_ranks_stages_precisions_and_engines(data, tmp_path):
     assert any(not torch.equal(w.float(), native["state"][k]["fp32"].reshape(w.shape))
                for k, w in native["module"].items() if k in native["state"])  # masters that rounding lost
 
-    # engine=torch (one float32 rank, no DeepSpeed engine) -> DeepSpeed's ZeRO-1 on two ranks
-    alone = tmp_path / "torch"
-    train(1, alone, "engine=torch")
-    native = _probe(1, alone, tmp_path / "t.pt", *probe, "engine=torch")
-    assert native["layout"] == "engine=torch, float32"
-    other = _probe(2, alone, tmp_path / "t2.pt", *probe)
-    assert other["layout"] == "ZeRO stage 1, float32 on 2 ranks"
-    _assert_same_state(native, other)
+    # engine=torch (one rank, no DeepSpeed engine; bf16: MasterAdamW) -> DeepSpeed's ZeRO-1 on two ranks
+    for precision in ("float32", "bf16"):
+        alone = tmp_path / f"torch_{precision}"
+        train(1, alone, "engine=torch", f"precision={precision}")
+        native = _probe(1, alone, tmp_path / f"t_{precision}.pt", *probe, "engine=torch", f"precision={precision}")
+        assert native["layout"] == f"engine=torch, {precision}"
+        other = _probe(2, alone, tmp_path / f"t2_{precision}.pt", *probe, f"precision={precision}")
+        assert other["layout"] == f"ZeRO stage 1, {precision} on 2 ranks"
+        _assert_same_state(native, other)
+        assert all(torch.equal(native["module"][k], other["module"][k]) for k in native["module"])
 
     # the trainer: the ZeRO-1 run goes on on one rank, logs the conversion, and its next checkpoint is stage 0's
     r = _deepspeed(1, f"out_dir={zero}", "resume=true", *common[:2], "steps=5", *common[3:])
