@@ -2,11 +2,11 @@
 
 A checkpoint is laid out by the run that wrote it, and clipfast.train picks that layout from the world size
 (`zero_stage` runs only on several ranks; one rank runs stage 0), the precision and the engine:
-  DeepSpeed, ZeRO stages 1 and 2: each rank's slice of the flat fp32 masters and AdamW moments in a file of its own
-      (zero_pp_rank_R_mp_rank_00_optim_states.pt), one per rank;
+  DeepSpeed, ZeRO stages 1 to 3: each rank's slice of the flat fp32 masters and AdamW moments in a file of its own
+      (zero_pp_rank_R_mp_rank_00_optim_states.pt; stage 3 a model-states file per rank too, its weights partitioned);
   DeepSpeed, stage 0: the whole optimizer state in mp_rank_00_model_states.pt, per parameter; in float32 the client
-      optimizer's state (the fp32 weights are the module's), in bf16 DeepSpeed's FP16_Optimizer's (fp32 masters in
-      `fp32_groups`, the client optimizer's moments beside them);
+      optimizer's state (the fp32 weights are the module's), in bf16 DeepSpeed's FP16_UnfusedOptimizer's (fp32
+      masters in `fp32_groups`, the client optimizer's moments beside them);
   engine=torch (clipfast.engine.TorchEngine, one rank, the CUDA-graph step): state.pt, per parameter too (bf16:
       MasterAdamW's masters and the AdamW over them).
 Each loader takes only the layout it wrote. A run that grows from one GPU to eight, or from one node to two, failed
