@@ -149,6 +149,12 @@ def _zero_to_universal(tag_dir: Path, out_dir: Path) -> None:
     (out_dir.parent / "latest_universal").unlink(missing_ok=True)  # written beside out_dir; the tag is passed
 
 
+def _one_step(states) -> torch.Tensor | None:
+    """The AdamW step count of a ZeRO optimizer's flat groups (their states), where they all hold the same one."""
+    steps = {float(st["step"]) for st in states.values() if "step" in st}
+    return torch.tensor(steps.pop()) if len(steps) == 1 else None
+
+
 def _stage3_as_stage12(out_dir: Path) -> None:
     """ds_to_universal writes a stage-3 checkpoint in a form of its own, which only stage 3 loads: bare tensors per
     parameter, the step count in zero/optimizer_state.pt beside all the flat fp32 groups, and one model-states file
@@ -157,14 +163,14 @@ def _stage3_as_stage12(out_dir: Path) -> None:
     zero = out_dir / "zero"
     sd = torch.load(zero / "optimizer_state.pt", weights_only=False)
     model = torch.load(out_dir / STAGE3_MODEL_FILE, map_location="cpu", weights_only=False)
-    steps = {float(st["step"]) for st in sd["optimizer_state_dict"]["state"].values() if "step" in st}
+    step = _one_step(sd["optimizer_state_dict"]["state"])
     for folder in (f for f in zero.iterdir() if f.is_dir()):
         for file in folder.glob("*.pt"):
             value = torch.load(file, weights_only=False)
             if isinstance(value, torch.Tensor):
                 torch.save({"param": value, "cat_dim": 0}, file)
-        if len(steps) == 1 and (folder / "exp_avg.pt").is_file():
-            torch.save(torch.tensor(next(iter(steps))), folder / "step.pt")
+        if step is not None and (folder / "exp_avg.pt").is_file():
+            torch.save(step, folder / "step.pt")
     torch.save({"ds_version": model["ds_version"], "param_groups": sd["param_groups"],
                 **{k: sd[k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow") if k in sd}},
                zero / "optimizer_state.pt")
@@ -354,13 +360,13 @@ def full_state(engine, names: list[str], layout: Layout) -> dict[str, dict[str, 
         if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # else linked at the first step
             engine.optimizer._lazy_init_hp_params_optimizer_state()
         opt = engine.optimizer.optimizer  # the client optimizer over the flat fp32 partitions: its step counts
-        steps = {float(s["step"]) for s in opt.state.values() if "step" in s}
+        step = _one_step(opt.state)
         for name in names:
             p = params[name]
             out[name] = {"fp32": safe_get_full_fp32_param(p).float().cpu(),
                          **{k: safe_get_full_optimizer_state(p, k).float().cpu() for k in MOMENTS}}
-            if len(steps) == 1:  # one count for every group, as a stage-0 optimizer keeps one per parameter
-                out[name]["step"] = torch.tensor(next(iter(steps)))
+            if step is not None:  # one count for every group, as a stage-0 optimizer keeps one per parameter
+                out[name]["step"] = step
         return out
     client = _client_optimizer(engine, layout)
     masters = [p for g in client.param_groups for p in g["params"]]

@@ -276,21 +276,22 @@ class Run:
 
 def build_engine(cfg: TrainConfig, model: CLIP, device: torch.device, world: int, bf16: bool, ckpt_dir: Path) -> Run:
     check_engine(cfg, world)
+    if cfg.engine == "torch":
+        layout = reshard.Layout(0, bf16, 1, engine="torch")
+    else:
+        layout = reshard.Layout(zero_stage(cfg, world), bf16, world)
+    # both engines' optimizers number their parameters as param_groups lists them
+    names = reshard.optimizer_names(model, param_groups(model, cfg.weight_decay))
+    plan = reshard.resume_plan(ckpt_dir, layout) if cfg.resume else None
     if cfg.engine == "torch":  # one rank, plain PyTorch, optionally CUDA graphs (clipfast.engine)
         engine = TorchEngine(model, cfg, device, bf16, cuda_graph=cfg.cuda_graph)
-        layout = reshard.Layout(0, bf16, 1, engine="torch")
-        names = reshard.optimizer_names(model, param_groups(model, cfg.weight_decay))  # the order TorchEngine's has
-        plan = reshard.resume_plan(ckpt_dir, layout) if cfg.resume else None
         return Run(engine, engine.scheduler, names, layout, plan)
     import deepspeed
 
     optimizer = make_optimizer(model, cfg)
-    names = reshard.optimizer_names(model, optimizer.param_groups)  # before DeepSpeed swaps in its masters
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    if zero_stage(cfg, world) != cfg.zero_stage:
+    if layout.stage != cfg.zero_stage:
         log.info("one rank: ZeRO stage %d would partition nothing, running stage 0", cfg.zero_stage)
-    layout = reshard.Layout(zero_stage(cfg, world), bf16, world)
-    plan = reshard.resume_plan(ckpt_dir, layout) if cfg.resume else None
     ds_cfg = deepspeed_config(cfg, world, bf16)
     if plan and plan.convert and layout.stage:  # ZeRO loads the universal checkpoint itself
         ds_cfg["checkpoint"] = {"load_universal": True}
