@@ -33,6 +33,13 @@ class TrainConfig:
     image_reduction: str = "resize"  # resize | random | grid | block
     mask_ratio: float = 0.0  # share of patches dropped by random/grid/block
     text_reduction: str = "truncate"  # truncate | random | block | syntax
+    # training strategy ("Scaling (Down) CLIP": CLIP, CLIP + data augmentation, FLIP = image_reduction=random, SLIP)
+    augment: str = "none"  # "none" or "simclr": flip, colour jitter, grayscale, blur (clipfast.data.augment)
+    ssl_weight: float = 0.0  # SLIP: > 0 adds SimCLR's loss on two more augmented views, times this (clipfast.slip)
+    ssl_temperature: float = 0.1
+    ssl_hidden: int = 4096  # SLIP's head: Linear(width, hidden) BN ReLU, Linear(hidden, hidden) BN ReLU, Linear(., dim)
+    ssl_dim: int = 256
+    ssl_crop_scale: tuple = (0.08, 1.0)  # the SSL views' random-resized-crop area range (SimCLR's)
     # data
     train_data: str = "data/demo/train"  # a folder of .tar shards, a glob, or a comma-separated list
     val_data: str = ""  # held-out shards with class labels in .json, for zero-shot evaluation

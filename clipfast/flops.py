@@ -41,3 +41,12 @@ def flops_per_sample(preset: str | ModelConfig, image_tokens: int | None = None,
     cfg = from_name(preset) if isinstance(preset, str) else preset
     fwd = image_flops(cfg, image_tokens) + text_flops(cfg, text_tokens)
     return 3 * fwd if training else fwd
+
+
+def ssl_flops(cfg: ModelConfig, hidden: int, dim: int, views: int = 2) -> float:
+    """Forward FLOPs per sample of SLIP's extra work: `views` passes of the image tower at all its patches, without
+    the projection, each through the SSL head (clipfast.slip)."""
+    v = cfg.vision
+    tower = image_flops(cfg) - 2 * v.width * cfg.embed_dim
+    head = 2 * (v.width * hidden + hidden * hidden + hidden * dim)
+    return views * (tower + head)

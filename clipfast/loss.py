@@ -41,3 +41,28 @@ def gather_features(img, txt):
 def distributed_clip_loss(img, txt, logit_scale):
     img_all, txt_all, offset = gather_features(img, txt)
     return clip_loss(img, txt, logit_scale, img_all, txt_all, offset)
+
+
+def simclr_loss(z1, z2, temperature: float, z1_all=None, z2_all=None, offset: int = 0):
+    """SimCLR's NT-Xent over two views, as SLIP computes it: for view 1's row i, the positive is view 2's row i and the
+    negatives every other row of both views; the same for view 2; the mean of the two cross-entropies.
+
+    z1, z2 (b, D) local head outputs (normalised here); z1_all, z2_all (B, D) all ranks' (normalised, None on one
+    rank); offset = this rank's first row in the global batch.
+    """
+    z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+    z1_all = z1 if z1_all is None else F.normalize(z1_all.float(), dim=-1)
+    z2_all = z2 if z2_all is None else F.normalize(z2_all.float(), dim=-1)
+    labels = torch.arange(z1.shape[0], device=z1.device) + offset
+    self_mask = F.one_hot(labels, z1_all.shape[0]) * 1e9  # a row is not its own negative
+    l_11 = z1 @ z1_all.T / temperature - self_mask  # (b, B)
+    l_22 = z2 @ z2_all.T / temperature - self_mask
+    l_12 = z1 @ z2_all.T / temperature
+    l_21 = z2 @ z1_all.T / temperature
+    return 0.5 * (F.cross_entropy(torch.cat([l_12, l_11], 1), labels) +
+                  F.cross_entropy(torch.cat([l_21, l_22], 1), labels))
+
+
+def distributed_simclr_loss(z1, z2, temperature: float):
+    z1_all, z2_all, offset = gather_features(z1, z2)
+    return simclr_loss(z1, z2, temperature, z1_all, z2_all, offset)

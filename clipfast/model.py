@@ -299,7 +299,8 @@ class VisionTransformer(nn.Module):
             images = (images.float() / 255.0 - self.mean) / self.std
         return images.to(self.conv1.weight.dtype)
 
-    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None, project: bool = True) -> torch.Tensor:
+        """(B, embed_dim) image features; project=False: the pooled (B, width) features before the projection."""
         B, _, H, W = images.shape
         p = self.cfg.patch_size
         if H % p or W % p or (H // p) * (W // p) != self.positional_embedding.shape[0] - 1:
@@ -323,7 +324,7 @@ class VisionTransformer(nn.Module):
             pooled = self.ln_post(x[:, 1:].mean(dim=1))
         else:
             pooled = self.ln_post(x[:, 1:]).mean(dim=1)
-        return pooled @ self.proj
+        return pooled @ self.proj if project else pooled
 
 
 def _logit_scale_to_0d(module, state_dict, prefix, local_metadata):
@@ -377,6 +378,16 @@ class CLIP(nn.Module):
         self._init_text()
         self.set_grad_checkpointing(cfg.grad_checkpointing)
         self.tower_streams = False
+        self.ssl_head = None  # SLIP's self-supervised head, added for training by add_ssl_head
+
+    def add_ssl_head(self, hidden: int, dim: int) -> CLIP:
+        """SLIP: an MLP (clipfast.slip.SSLHead) over the image tower's pooled features, trained with SimCLR's loss on
+        augmented views of the images (forward's `views`). A training-only part: model.pt and open_clip leave it out
+        (its keys start with "ssl_head.")."""
+        from clipfast.slip import SSLHead
+
+        self.ssl_head = SSLHead(self.visual.cfg.width, hidden, dim).to(self.logit_scale.device)
+        return self
 
     def _init_text(self):
         # open_clip's init: small embeddings, depth-scaled projections
@@ -469,8 +480,10 @@ class CLIP(nn.Module):
         x = x @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images, text, cu_seqlens, max_seqlen: int, keep=None):
-        """Returns L2-normalised image and text features (B, E) and the logit scale exp(t) clamped at 100."""
+    def forward(self, images, text, cu_seqlens, max_seqlen: int, keep=None, views=None):
+        """Returns L2-normalised image and text features (B, E) and the logit scale exp(t) clamped at 100; with SLIP's
+        `views` (V, B, 3, H, W) also the SSL head's outputs for them, (V, B, dim): one image-tower pass for all V views,
+        the head per view (its batch norms see one view at a time, as SLIP's)."""
         if self.tower_streams and images.is_cuda:
             main, side = torch.cuda.current_stream(images.device), _text_stream(images.device)
             side.wait_stream(main)  # the inputs were written on the caller's stream
@@ -482,4 +495,11 @@ class CLIP(nn.Module):
         else:
             img = self.encode_image(images, keep, normalize=True)
             txt = self.encode_text_packed(text, cu_seqlens, max_seqlen, normalize=True)
-        return img, txt, self.logit_scale.exp().clamp(max=100).squeeze(0)
+        scale = self.logit_scale.exp().clamp(max=100).squeeze(0)
+        if views is None:
+            return img, txt, scale
+        if self.ssl_head is None:
+            raise ValueError("forward got SSL views but the model has no SSL head (CLIP.add_ssl_head)")
+        V, B = views.shape[:2]
+        h = self.visual(views.flatten(0, 1), project=False).unflatten(0, (V, B))  # (V, B, width)
+        return img, txt, scale, torch.stack([self.ssl_head(h[i]) for i in range(V)])

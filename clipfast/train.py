@@ -36,13 +36,15 @@ import torch.distributed as dist
 from clipfast import presets, reshard
 from clipfast.config import TrainConfig, load_config, to_dict
 from clipfast.data import DaliLoader
+from clipfast.data.augment import check_augment
 from clipfast.engine import TorchEngine, check_engine, resolve_kernels, resolve_overlap_optimizer, resolve_tower_streams
-from clipfast.flops import flops_per_sample
+from clipfast.flops import flops_per_sample, ssl_flops
 from clipfast.interop import resize_state_dict
-from clipfast.loss import distributed_clip_loss
+from clipfast.loss import distributed_clip_loss, distributed_simclr_loss
 from clipfast.model import CLIP
 from clipfast.optim import clipped_step
 from clipfast.reduce import TextReducer, image_keep_indices, keep_count
+from clipfast.slip import check_ssl, sync_batch_norms, without_head
 
 log = logging.getLogger("clipfast.train")
 
@@ -154,7 +156,7 @@ def full_weights(module: CLIP, stage: int) -> dict:
 def save_model(path: Path, model: CLIP, cfg: TrainConfig, step: int, sd: dict | None = None) -> None:
     """model.pt: the weights (sd from full_weights, or the model's own state_dict) with the model's and the run's
     configs and the step."""
-    sd = full_weights(model, 0) if sd is None else sd
+    sd = without_head(full_weights(model, 0) if sd is None else sd)
     tmp = path.with_suffix(".tmp")
     torch.save({"model_config": dataclasses.asdict(model.cfg), "state_dict": sd, "train_config": to_dict(cfg),
                 "step": step}, tmp)
@@ -169,7 +171,10 @@ def load_weights(model: CLIP, path: str) -> None:
         raise FileNotFoundError(f"init_from: no model file at {path!r} (expected a model.pt from clipfast.train)")
     ckpt = torch.load(p, map_location="cpu", weights_only=False)
     sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
-    model.load_state_dict(resize_state_dict(sd, model.cfg))
+    missing, unexpected = model.load_state_dict(resize_state_dict(without_head(sd), model.cfg), strict=False)
+    missing = without_head(dict.fromkeys(missing))  # a new SSL head starts from its own init
+    if missing or unexpected:
+        raise RuntimeError(f"init_from {p}: missing keys {sorted(missing)}, unexpected keys {unexpected}")
     log.info("initialised from %s (step %s)", p, ckpt.get("step", "?") if isinstance(ckpt, dict) else "?")
 
 
@@ -245,6 +250,8 @@ def build_model(cfg: TrainConfig, device: torch.device, is_main: bool = True) ->
     if cfg.image_size:
         mcfg.vision.image_size = cfg.image_size
     mcfg.grad_checkpointing = cfg.grad_checkpointing
+    check_augment(cfg.augment)
+    check_ssl(cfg)
     impls = resolve_kernels(cfg, device)  # "auto": the Triton kernels when the step is a CUDA graph
     model = CLIP(mcfg, kernels=cfg.kernels).set_layer_norm(impls["layer_norm"])
     model.set_vision_attention(impls["vision_attention"]).set_mlp(impls["mlp"])
@@ -253,6 +260,8 @@ def build_model(cfg: TrainConfig, device: torch.device, is_main: bool = True) ->
     if is_main:
         log.info("layer_norm=%s vision_attention=%s mlp=%s tower_streams=%s", impls["layer_norm"],
                  impls["vision_attention"], impls["mlp"], model.tower_streams)
+    if cfg.ssl_weight:  # SLIP (clipfast.slip)
+        model.add_ssl_head(cfg.ssl_hidden, cfg.ssl_dim)
     if cfg.init_from:
         load_weights(model, cfg.init_from)
     if cfg.compile:
@@ -378,6 +387,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
 
     # --- model / optimizer / engine, and the checkpoint resumed
     model, mcfg, text_len = build_model(cfg, device, is_main)
+    sync_batch_norms(model, world, device)
     ckpt_dir = out / "ckpt"
     run = build_engine(cfg, model, device, world, bf16, ckpt_dir)
     engine, scheduler = run.engine, run.scheduler
@@ -391,17 +401,27 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     loader = DaliLoader(cfg.train_data, cfg.batch_size // world, mcfg.vision.image_size,
                         TextReducer(cfg.text_reduction, text_len, seed=cfg.seed * 131 + rank + step),
                         train=True, rank=rank, world=world, seed=cfg.seed + step, crop_scale=tuple(cfg.crop_scale),
-                        threads=cfg.data_threads, device=device)
+                        threads=cfg.data_threads, device=device, augment=cfg.augment, views=2 if cfg.ssl_weight else 0,
+                        view_crop_scale=tuple(cfg.ssl_crop_scale))
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed * 1009 + rank + step)
+
+    parts = {}  # the loss's terms where it has several (SLIP), logged beside it
 
     def train_step(batch) -> torch.Tensor:
         keep = image_keep_indices(cfg.image_reduction, batch["images"].shape[0], grid, cfg.mask_ratio,
                                   device=device, generator=gen)
         if cfg.cuda_graph:  # forward, loss, backward, clipping and optimizer in one replay
             return engine.graph_step(batch["images"], batch["text"], batch["cu_seqlens"], keep)
-        img, txt, scale = engine(batch["images"], batch["text"], batch["cu_seqlens"], batch["max_len"], keep=keep)
-        loss = distributed_clip_loss(img, txt, scale)
+        if cfg.ssl_weight:  # SLIP: CLIP's loss plus SimCLR's on the two extra views
+            img, txt, scale, z = engine(batch["images"], batch["text"], batch["cu_seqlens"], batch["max_len"],
+                                        keep=keep, views=batch["views"])
+            parts["clip_loss"] = distributed_clip_loss(img, txt, scale)
+            parts["ssl_loss"] = distributed_simclr_loss(z[0], z[1], cfg.ssl_temperature)
+            loss = parts["clip_loss"] + cfg.ssl_weight * parts["ssl_loss"]
+        else:
+            img, txt, scale = engine(batch["images"], batch["text"], batch["cu_seqlens"], batch["max_len"], keep=keep)
+            loss = distributed_clip_loss(img, txt, scale)
         engine.backward(loss)
         with clipped_step(engine.optimizer, params, clip):  # clip 0: nothing to do here
             engine.step()
@@ -437,6 +457,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
             sps = samples_last / dt
             avg_text = text_tokens / (samples_last / world)
             fl = flops_per_sample(mcfg, keep_k, avg_text, training=True)
+            if cfg.ssl_weight:
+                fl += 3 * ssl_flops(mcfg, cfg.ssl_hidden, cfg.ssl_dim)
             rec = {
                 "step": step, "loss": loss_v, "lr": scheduler.get_last_lr()[0],
                 "logit_scale": engine.module.logit_scale.exp().item(),  # sync point, once per log
@@ -445,6 +467,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                 "data_wait_share": (loader.wait_s - wait_last) / dt,
                 "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                 "skipped_samples": sum(loader.skipped.values()),
+                **{k: v.item() for k, v in parts.items()},  # (sync points, once per log)
             }
             t_last, wait_last, samples_last, text_tokens = now, loader.wait_s, 0, 0
             if is_main:

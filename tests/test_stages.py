@@ -101,7 +101,8 @@ def test_recipes_found():
     names = set(RECIPES)
     for want in ("demo.py:config", "demo_clipa.py:config", "clip.py:config", "clipa.py:b16_i50_t16",
                  "clipa.py:l16_i17_t16", "clipa.py:l16_i37_t8", "clipa_v2.py:config", "flip.py:mask50",
-                 "flip.py:mask75"):
+                 "flip.py:mask75", "strategies.py:clip", "strategies.py:clip_da", "strategies.py:flip",
+                 "strategies.py:slip"):
         assert want in names, (want, names)
 
 

@@ -5,9 +5,13 @@ Images: a validating shard reader (clipfast.data.shards) feeds encoded bytes to 
 is decoded) and resizes straight to the training resolution — `mixed` (nvJPEG on the GPU) when there
 is one, the CPU otherwise. Evaluation decodes whole images, resizes the short side and centre-crops.
 Captions: tokenised and reduced on the host (clipfast.reduce.TextReducer), packed end to end.
+`augment="simclr"` adds SimCLR's flip, colour jitter, grayscale and blur to the training images ("CLIP + data
+augmentation"); `views=V` adds V more views of each image for SLIP's self-supervised loss, each its own random crop
+(area `view_crop_scale`) with SimCLR's augmentations (clipfast.data.augment). With views the image is decoded
+whole once and cropped V + 1 times, instead of decoding only the crop.
 
-A batch is {images: uint8 (B,3,H,W), text: int32 (T,), cu_seqlens: int32 (B+1,), max_len: int,
-keys: [str], meta: [dict]}, tensors on the training device.
+A batch is {images: uint8 (B,3,H,W), views: uint8 (V,B,3,H,W) or None, text: int32 (T,), cu_seqlens: int32 (B+1,),
+max_len: int, keys: [str], meta: [dict]}, tensors on the training device.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from clipfast.data.augment import check_augment, simclr
 from clipfast.data.shards import ShardReader, list_shards
 
 log = logging.getLogger("clipfast.data")
@@ -39,8 +44,12 @@ class DaliLoader:
 
     def __init__(self, data: str, batch_size: int, image_size: int, text_reducer, *, train=True, rank=0,
                  world=1, seed=0, crop_scale=(0.4, 1.0), threads=2, device: torch.device | str = "cpu",
-                 drop_last=None):
+                 drop_last=None, augment="none", views=0, view_crop_scale=(0.08, 1.0)):
         from nvidia.dali import fn, pipeline_def, types
+
+        check_augment(augment)
+        if views < 0 or (views and not train):
+            raise ValueError(f"views must be 0, or more for training; got views={views} with train={train}")
 
         self.device = torch.device(device)
         self.batch_size, self.train, self.text_reducer = batch_size, train, text_reducer
@@ -56,21 +65,37 @@ class DaliLoader:
 
         device_id = (self.device.index or 0) if gpu else None  # None: a CPU-only pipeline
 
+        def crop(images, area):
+            return fn.random_resized_crop(images, device=op_device, size=(image_size, image_size),
+                                          random_area=list(area), random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+                                          antialias=True)
+
+        def chw(images):
+            return fn.transpose(images, device=op_device, perm=[2, 0, 1])  # HWC -> CHW
+
         @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id,
-                      seed=seed * 7919 + rank, prefetch_queue_depth=2, exec_dynamic=True)
+                      seed=seed * 7919 + rank, prefetch_queue_depth=2, exec_dynamic=True,
+                      enable_conditionals=augment != "none" or views > 0)
         def pipe():
             jpegs = fn.external_source(source=self._next_encoded, batch=True, dtype=types.UINT8, no_copy=False)
-            if train:
+            if not train:
+                images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+                images = fn.resize(images, device=op_device, resize_shorter=image_size, antialias=True)
+                return chw(fn.crop(images, device=op_device, crop=(image_size, image_size)))
+            if views:  # one whole decode, cropped for the CLIP view and again for each SSL view
+                whole = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+                images = crop(whole, crop_scale)
+                extra = [chw(simclr(crop(whole, view_crop_scale), image_size, op_device)) for _ in range(views)]
+            else:  # only the crop is decoded
                 images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
                                                        random_area=list(crop_scale), random_aspect_ratio=[3 / 4, 4 / 3],
                                                        num_attempts=10)
                 images = fn.resize(images, device=op_device, resize_x=image_size, resize_y=image_size,
                                    antialias=True)
-            else:
-                images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-                images = fn.resize(images, device=op_device, resize_shorter=image_size, antialias=True)
-                images = fn.crop(images, device=op_device, crop=(image_size, image_size))
-            return fn.transpose(images, device=op_device, perm=[2, 0, 1])  # HWC -> CHW
+                extra = []
+            if augment == "simclr":
+                images = simclr(images, image_size, op_device)
+            return (chw(images), *extra)
 
         self._make_pipe = pipe
         self.pipe = pipe()
@@ -90,30 +115,35 @@ class DaliLoader:
     def __next__(self) -> dict:
         t0 = time.perf_counter()
         try:
-            (images,) = self.pipe.run()  # raises StopIteration at the end of an evaluation pass
+            images, *views = self.pipe.run()  # raises StopIteration at the end of an evaluation pass
         except RuntimeError as e:  # a sample the reader's checks passed but the decoder rejects
             self._recover(e)
             return next(self)
         samples = self._pending.popleft()
         text, cu, max_len = pack_text([self.text_reducer(s.caption) for s in samples])
-        if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-
-            t = images.as_tensor()
-            out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
-        else:
-            out = torch.from_numpy(images.as_array())
+        out = self._to_torch(images)
+        views = torch.stack([self._to_torch(v) for v in views]) if views else None  # (V, B, 3, H, W)
         self.wait_s += time.perf_counter() - t0
         nb = self.device.type == "cuda"
         return {
             "images": out,
+            "views": views,
             "text": text.to(self.device, non_blocking=nb),
             "cu_seqlens": cu.to(self.device, non_blocking=nb),
             "max_len": max_len,
             "keys": [s.key for s in samples],
             "meta": [s.meta for s in samples],
         }
+
+    def _to_torch(self, images) -> torch.Tensor:
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = images.as_tensor()
+            out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+            return out
+        return torch.from_numpy(images.as_array())
 
     def _recover(self, error: Exception) -> None:
         """Find the undecodable samples among those fed to DALI (full host decode), skip them (counted and
