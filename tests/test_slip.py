@@ -154,3 +154,22 @@ def test_slip_run_end_to_end(data, tmp_path):
         assert x["ssl_loss"] > 0 and x["clip_loss"] > 0
     ev = json.loads((out / "eval.json").read_text())
     assert ev["samples"] == 359
+
+
+def test_strategies_bench_overrides_parse_and_report(tmp_path):
+    """bench/strategies.py: each strategy's overrides are valid config keys of configs/demo.py; the table and plot."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import strategies
+
+    from clipfast.config import apply_overrides, load_config
+
+    demo = load_config(str(ROOT / "configs/demo.py"))
+    assert apply_overrides(demo, strategies.STRATEGIES["slip"]).ssl_weight == 1.0
+    for overrides in strategies.STRATEGIES.values():
+        apply_overrides(demo, overrides)
+    rows = [dict(strategy=s, data=d, train_shards=3, seed=0, top1=0.9 + i / 100, top5=1.0, final_loss=1.5,
+                 samples_per_s=400.0, wall_s=60.0) for i, (s, d) in enumerate([("clip", "all"), ("clip", "half")])]
+    md = strategies.table(rows)
+    assert "| clip | half (3 shards) | 0 | 91.00% |" in md and len(md.splitlines()) == 4
+    strategies.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
