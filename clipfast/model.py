@@ -1,4 +1,4 @@
-"""CLIP = VisionTransformer + causal TextTransformer, single-device code.
+"""CLIP = VisionTransformer (or open_clip's ModifiedResNet, clipfast.resnet) + causal TextTransformer, single-device.
 
 Parameter names are open_clip's (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`,
 `text_projection`, ...), so a state_dict moves between the two with at most a reshape (clipfast.interop).
@@ -356,13 +356,22 @@ def _text_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class CLIP(nn.Module):
-    """open_clip's CLIP layout: `visual` plus the text tower's modules at the top level."""
+    """open_clip's CLIP layout: `visual` plus the text tower's modules at the top level. `visual` is a
+    VisionTransformer, or a ModifiedResNet where cfg.vision.kind is "resnet": then the switches for ViT blocks
+    (set_vision_attention, compile_blocks, grad checkpointing) leave the image tower as it is (clipfast.resnet)."""
 
     def __init__(self, cfg: ModelConfig, kernels: str = "auto"):
         super().__init__()
         self.cfg, self.impl = cfg, _impl(kernels)
         t: TextConfig = cfg.text
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, kernels)
+        if cfg.vision.kind == "resnet":
+            from clipfast.resnet import ModifiedResNet  # imports this module's IMAGE_MEAN / sdpa
+
+            self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim)
+        elif cfg.vision.kind == "vit":
+            self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, kernels)
+        else:
+            raise ValueError(f"vision.kind must be 'vit' or 'resnet', got {cfg.vision.kind!r}")
         self.context_length = t.context_length
         self.token_embedding = nn.Embedding(t.vocab_size, t.width)
         self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
@@ -432,7 +441,9 @@ class CLIP(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> CLIP:
-        self.visual.transformer.grad_checkpointing = enable
+        """Both transformers'; a ResNet image tower runs without (clipfast.resnet says why)."""
+        if isinstance(self.visual, VisionTransformer):
+            self.visual.transformer.grad_checkpointing = enable
         self.transformer.grad_checkpointing = enable
         return self
 
