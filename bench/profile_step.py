@@ -164,7 +164,7 @@ def main(argv=None) -> list[dict]:
     bench_steps.TOWER_STREAMS = args.tower_streams == "on"
     knobs = bench_steps.set_knobs(args.knob)
     device = torch.device(args.device)
-    args.size = snap(args.size, from_name(args.preset).vision.patch_size)
+    args.size = snap(args.size, from_name(args.preset).vision.stride)
     name, slug = device_info(device)
     import datetime
 

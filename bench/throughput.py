@@ -116,7 +116,7 @@ def grid_points(presets, sizes, masks, text_lens) -> dict[str, list[Point]]:
     out = {}
     for name in presets:
         cfg = from_name(name)
-        p = cfg.vision.patch_size
+        p = cfg.vision.stride  # pixels per grid cell: the patch, or a ResNet's 32
         pts = [Point(cfg.name, cfg.vision.image_size, 0.0, cfg.text.context_length)]
         pts += [Point(cfg.name, snap(s, p), 0.0, t) for t in text_lens for s in sizes]
         pts += [Point(cfg.name, snap(max(sizes), p), m, t) for t in text_lens for m in masks if m > 0]
@@ -150,7 +150,7 @@ def parse_points(specs: list[str]) -> dict[str, list[Point]]:
                 raise ValueError("size > 0, text >= 2, 0 <= mask < 1")
         except (ValueError, KeyError) as e:
             raise SystemExit(f"--points: bad entry {spec!r}: {e}") from None
-        out.setdefault(cfg.name, []).append(Point(cfg.name, snap(size, cfg.vision.patch_size), mask, text))
+        out.setdefault(cfg.name, []).append(Point(cfg.name, snap(size, cfg.vision.stride), mask, text))
     for name, pts in out.items():
         cfg = from_name(name)
         pts.append(Point(name, cfg.vision.image_size, 0.0, cfg.text.context_length))

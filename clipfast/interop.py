@@ -22,6 +22,7 @@ from clipfast.model import sincos_2d
 from clipfast.presets import PRESETS, ModelConfig, TextConfig, VisionConfig
 
 VISUAL_POS = "visual.positional_embedding"
+RESNET_POS = "visual.attnpool.positional_embedding"  # a ResNet's: the mean token, then its final grid
 TEXT_POS = "positional_embedding"
 
 
@@ -57,12 +58,24 @@ def resize_state_dict(sd: dict, cfg: ModelConfig) -> dict:
     """A copy of clipfast (or open_clip) state dict `sd` whose position embeddings fit `cfg`.
 
     Image: a learned embedding is resampled bicubically on the patch grid, the class slot kept as is; a
-    sin-cos one (cfg.vision.pos_embed == "sincos") is recomputed for the new grid. Text: the first positions
-    are kept unchanged, new ones copy the last trained position, a shorter context keeps the first rows.
-    Patch size and widths must match cfg (only token counts change).
+    sin-cos one (cfg.vision.pos_embed == "sincos") is recomputed for the new grid. A ResNet's attention pool
+    embedding is resampled the same way over its final grid (image_size // 32), the mean-token slot kept (open_clip's
+    resize_pos_embed leaves ResNets alone). Text: the first positions are kept unchanged, new ones copy the last
+    trained position, a shorter context keeps the first rows. Patch size and widths must match cfg (only token
+    counts change).
     """
     out = dict(sd)
     v, t = cfg.vision, cfg.text
+    tower = RESNET_POS if v.kind == "resnet" else VISUAL_POS
+    other = VISUAL_POS if v.kind == "resnet" else RESNET_POS
+    if other in sd:
+        raise ValueError(f"the state dict has {other} but {cfg.name}'s image tower is a {v.kind} (it has {tower})")
+    if RESNET_POS in sd:
+        pos = sd[RESNET_POS]
+        if pos.shape[-1] != v.width * 32:
+            raise ValueError(f"{RESNET_POS} has width {pos.shape[-1]}, the config's ResNet {v.width * 32}")
+        if pos.shape[0] != v.num_patches + 1:
+            out[RESNET_POS] = _resize_grid(pos, v.grid)
     if VISUAL_POS in sd:
         pos = sd[VISUAL_POS]
         if pos.shape[-1] != v.width:
@@ -141,7 +154,7 @@ def load_open_clip_state(model, sd_or_path, open_clip_model: str | None = None, 
 # clipfast presets without an open_clip config of their own: the open_clip name to build on (its tokenizer is
 # the one these presets use; the tower that differs comes as a *_cfg override).
 _BASE = {"CLIPA-B-16": "ViT-B-16", "CLIPA-L-16": "ViT-L-16", "CLIPA-L-14": "ViT-L-14", "CLIPA-H-14": "ViT-H-14",
-         "CLIPA-bigG-14": "ViT-bigG-14", "demo": "ViT-B-16"}
+         "CLIPA-bigG-14": "ViT-bigG-14", "demo": "ViT-B-16", "demo-rn": "RN50"}
 _POS = {"learned": "learnable", "sincos": "sin_cos_2d"}
 # the open_clip fields clipfast models, with open_clip's defaults (CLIPVisionCfg / CLIPTextCfg)
 _V_DEF = dict(image_size=224, layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=16, pool_type="tok",
@@ -161,14 +174,21 @@ _TOP_FIXED = dict(quick_gelu=False, init_logit_bias=None, custom_text=False, non
 
 
 def open_clip_cfg(cfg: ModelConfig) -> dict:
-    """cfg as an open_clip model config (`model_configs/*.json` terms; CLIPA flags only where set)."""
+    """cfg as an open_clip model config (`model_configs/*.json` terms; CLIPA flags only where set; a ResNet as
+    open_clip's RN* configs: layers a list of four, patch_size None, heads as head_width over width * 32)."""
     v, t = cfg.vision, cfg.text
-    if v.width % v.heads:
-        raise ValueError(f"vision width {v.width} is not a multiple of its {v.heads} heads")
-    vision = dict(image_size=v.image_size, layers=v.layers, width=v.width, head_width=v.width // v.heads,
-                  mlp_ratio=v.mlp_ratio, patch_size=v.patch_size, pool_type=v.pool,
-                  final_ln_after_pool=v.final_ln_after_pool, no_ln_pre=v.no_ln_pre, pos_embed_type=_POS[v.pos_embed])
-    vision = {k: x for k, x in vision.items() if k in _V_CORE or x != _V_DEF[k]}
+    tower_width = v.width * 32 if v.kind == "resnet" else v.width
+    if tower_width % v.heads:
+        raise ValueError(f"vision width {tower_width} is not a multiple of its {v.heads} heads")
+    if v.kind == "resnet":
+        vision = dict(image_size=v.image_size, layers=list(v.resnet_layers), width=v.width,
+                      head_width=tower_width // v.heads, patch_size=None)
+    else:
+        vision = dict(image_size=v.image_size, layers=v.layers, width=v.width, head_width=v.width // v.heads,
+                      mlp_ratio=v.mlp_ratio, patch_size=v.patch_size, pool_type=v.pool,
+                      final_ln_after_pool=v.final_ln_after_pool, no_ln_pre=v.no_ln_pre,
+                      pos_embed_type=_POS[v.pos_embed])
+        vision = {k: x for k, x in vision.items() if k in _V_CORE or x != _V_DEF[k]}
     text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
                 layers=t.layers, mlp_ratio=t.mlp_ratio)
     return dict(embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text)
@@ -185,8 +205,9 @@ def _unsupported(oc: dict) -> list[str]:
         bad.append(f"vision_cfg.pool_type={v['pool_type']!r}")
     if v.get("pos_embed_type", "learnable") not in _POS.values():
         bad.append(f"vision_cfg.pos_embed_type={v['pos_embed_type']!r}")
-    if not isinstance(v.get("layers", 12), int):
-        bad.append(f"vision_cfg.layers={v['layers']!r} (a ResNet)")
+    layers = v.get("layers", 12)
+    if not isinstance(layers, int) and not (isinstance(layers, (tuple, list)) and len(layers) == 4):
+        bad.append(f"vision_cfg.layers={layers!r} (a ResNet has four stages)")
     size = v.get("image_size", 224)
     if isinstance(size, (tuple, list)) and size[0] != size[1]:
         bad.append(f"vision_cfg.image_size={size!r} (clipfast models square images)")
@@ -227,12 +248,16 @@ def config_from_open_clip(name: str, **create_kwargs) -> ModelConfig:
     if bad:
         raise ValueError(f"open_clip model {name!r} uses options clipfast's CLIP does not have: {', '.join(bad)}")
     embed_dim, v, t = _normalized(oc)
-    vision = VisionConfig(
-        image_size=v["image_size"], patch_size=v["patch_size"], width=v["width"], layers=v["layers"],
-        heads=v["width"] // v["head_width"], mlp_ratio=v["mlp_ratio"], pool=v["pool_type"],
-        final_ln_after_pool=v["final_ln_after_pool"], no_ln_pre=v["no_ln_pre"],
-        pos_embed={b: a for a, b in _POS.items()}[v["pos_embed_type"]],
-    )
+    if isinstance(v["layers"], (tuple, list)):  # open_clip builds a ModifiedResNet; its other ViT fields are unused
+        vision = VisionConfig(kind="resnet", image_size=v["image_size"], width=v["width"],
+                              resnet_layers=tuple(v["layers"]), heads=v["width"] * 32 // v["head_width"])
+    else:
+        vision = VisionConfig(
+            image_size=v["image_size"], patch_size=v["patch_size"], width=v["width"], layers=v["layers"],
+            heads=v["width"] // v["head_width"], mlp_ratio=v["mlp_ratio"], pool=v["pool_type"],
+            final_ln_after_pool=v["final_ln_after_pool"], no_ln_pre=v["no_ln_pre"],
+            pos_embed={b: a for a, b in _POS.items()}[v["pos_embed_type"]],
+        )
     cfg = ModelConfig(name=name, embed_dim=embed_dim, vision=vision, text=TextConfig(**t))
     for key, preset in PRESETS.items():  # named after the clipfast preset it is, if any
         if (preset.embed_dim, preset.vision, preset.text) == (cfg.embed_dim, cfg.vision, cfg.text):
@@ -277,7 +302,7 @@ def open_clip_name(cfg: ModelConfig) -> tuple[str, dict]:
     want = open_clip_cfg(cfg)
     base = _BASE.get(cfg.name, cfg.name)
     if open_clip.get_model_config(base) is None:
-        base = "ViT-B-16"
+        base = "RN50" if cfg.vision.kind == "resnet" else "ViT-B-16"
     candidates = [base] + sorted(n for n in open_clip.list_models() if n.startswith(base + "-"))
     found = [(n, kw) for n in candidates if (kw := _overrides(n, want)) is not None]
     name, kwargs = min(found, key=lambda nk: len(nk[1]))  # min keeps the first (the base) on ties

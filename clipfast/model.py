@@ -1,4 +1,4 @@
-"""CLIP = VisionTransformer + causal TextTransformer, single-device code.
+"""CLIP = VisionTransformer (or open_clip's ModifiedResNet, clipfast.resnet) + causal TextTransformer, single-device.
 
 Parameter names are open_clip's (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`,
 `text_projection`, ...), so a state_dict moves between the two with at most a reshape (clipfast.interop).
@@ -357,13 +357,22 @@ def _text_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class CLIP(nn.Module):
-    """open_clip's CLIP layout: `visual` plus the text tower's modules at the top level."""
+    """open_clip's CLIP layout: `visual` plus the text tower's modules at the top level. `visual` is a
+    VisionTransformer, or a ModifiedResNet where cfg.vision.kind is "resnet": then the switches for ViT blocks
+    (set_vision_attention, compile_blocks, grad checkpointing) leave the image tower as it is (clipfast.resnet)."""
 
     def __init__(self, cfg: ModelConfig, kernels: str = "auto"):
         super().__init__()
         self.cfg, self.impl = cfg, _impl(kernels)
         t: TextConfig = cfg.text
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, kernels)
+        if cfg.vision.kind == "resnet":
+            from clipfast.resnet import ModifiedResNet  # imports this module's IMAGE_MEAN / sdpa
+
+            self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim)
+        elif cfg.vision.kind == "vit":
+            self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, kernels)
+        else:
+            raise ValueError(f"vision.kind must be 'vit' or 'resnet', got {cfg.vision.kind!r}")
         self.context_length = t.context_length
         self.token_embedding = nn.Embedding(t.vocab_size, t.width)
         self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
@@ -386,8 +395,17 @@ class CLIP(nn.Module):
         (its keys start with "ssl_head.")."""
         from clipfast.slip import SSLHead
 
-        self.ssl_head = SSLHead(self.visual.cfg.width, hidden, dim).to(self.logit_scale.device)
+        vit = isinstance(self.visual, VisionTransformer)
+        width = self.visual.cfg.width if vit else self.cfg.embed_dim
+        self.ssl_head = SSLHead(width, hidden, dim).to(self.logit_scale.device)
         return self
+
+    def ssl_features(self, images):
+        """What SLIP's head reads: a ViT's pooled features before its projection; a ResNet's attention-pool output
+        (its projection, c_proj, is inside the pool)."""
+        if isinstance(self.visual, VisionTransformer):
+            return self.visual(images, project=False)
+        return self.visual(images)
 
     def _init_text(self):
         # open_clip's init: small embeddings, depth-scaled projections
@@ -443,7 +461,9 @@ class CLIP(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> CLIP:
-        self.visual.transformer.grad_checkpointing = enable
+        """Both transformers'; a ResNet image tower runs without (clipfast.resnet says why)."""
+        if isinstance(self.visual, VisionTransformer):
+            self.visual.transformer.grad_checkpointing = enable
         self.transformer.grad_checkpointing = enable
         return self
 
@@ -501,5 +521,5 @@ class CLIP(nn.Module):
         if self.ssl_head is None:
             raise ValueError("forward got SSL views but the model has no SSL head (CLIP.add_ssl_head)")
         V, B = views.shape[:2]
-        h = self.visual(views.flatten(0, 1), project=False).unflatten(0, (V, B))  # (V, B, width)
+        h = self.ssl_features(views.flatten(0, 1)).unflatten(0, (V, B))  # (V, B, width)
         return img, txt, scale, torch.stack([self.ssl_head(h[i]) for i in range(V)])

@@ -21,6 +21,7 @@ Image — `image_keep_indices(strategy, B, G, mask_ratio)` on a G×G patch grid 
   g = G, one cell; block: 1×1). r outside [0, 1] is an error; "resize" with r > 0 is an error.
 - Indices are int64 (B, K), sorted ascending, unique, drawn on `device` from `generator`: no host
   random numbers and no host-device sync (K is a host integer known from the arguments alone).
+- Masks are for ViTs: a ResNet image tower (vision.kind "resnet") takes only `resize`, r = 0 (`mask_grid`).
 
 Text — `TextReducer(strategy, length)` maps a caption to [SOT] + kept + [EOT], at most `length` ids;
 the budget is `length − 2` BPE tokens and, for every strategy, min(#tokens, budget) tokens are kept:
@@ -77,6 +78,17 @@ def _check(strategy: str, mask_ratio: float) -> None:
         raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
     if strategy == "resize" and mask_ratio > 0:
         raise ValueError("image_reduction='resize' drops no patches: set mask_ratio=0 or pick random/grid/block")
+
+
+def mask_grid(model_name: str, vision, strategy: str, mask_ratio: float) -> int:
+    """vision.grid, the grid `image_keep_indices` masks, once the strategy is checked against the image tower
+    (a presets.VisionConfig): a ResNet takes no patch masks, only a lower resolution."""
+    _check(strategy, mask_ratio)
+    if vision.kind == "resnet" and (strategy != "resize" or mask_ratio > 0):
+        raise ValueError(f"model {model_name} has a ResNet image tower: image_reduction={strategy!r} with "
+                         f"mask_ratio={mask_ratio} masks patches, which only ViTs take; a ResNet reduces image tokens "
+                         f"only by resolution (image_reduction='resize', mask_ratio=0, a smaller image_size)")
+    return vision.grid
 
 
 def keep_count(strategy: str, grid: int, mask_ratio: float) -> int:

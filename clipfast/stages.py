@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from clipfast.config import TrainConfig, check_stages, to_dict
-from clipfast.reduce import check
+from clipfast.presets import from_name
+from clipfast.reduce import check, mask_grid
 
 log = logging.getLogger("clipfast.stages")
 
@@ -45,7 +46,7 @@ def stage_name(i: int, overrides: dict) -> str:
 def expand(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """[(name, the stage's full TrainConfig)], in order; validates every stage before any of them runs."""
     if not cfg.stages:
-        check(cfg.image_reduction, cfg.mask_ratio, cfg.text_reduction)
+        _check(cfg)
         return [("", cfg)]
     check_stages(cfg.stages)
     out: list[tuple[str, TrainConfig]] = []
@@ -58,9 +59,14 @@ def expand(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
         if i > 0:
             fields.setdefault("init_from", str(Path(cfg.out_dir) / out[-1][0] / "model.pt"))
         st = dataclasses.replace(cfg, stages=(), out_dir=str(Path(cfg.out_dir) / name), **fields)
-        check(st.image_reduction, st.mask_ratio, st.text_reduction)
+        _check(st)
         out.append((name, st))
     return out
+
+
+def _check(st: TrainConfig) -> None:
+    check(st.image_reduction, st.mask_ratio, st.text_reduction)
+    mask_grid(st.model, from_name(st.model).vision, st.image_reduction, st.mask_ratio)  # a ResNet takes no masks
 
 
 def finished(st: TrainConfig) -> dict | None:

@@ -43,7 +43,7 @@ from clipfast.interop import resize_state_dict
 from clipfast.loss import distributed_clip_loss, distributed_simclr_loss
 from clipfast.model import CLIP
 from clipfast.optim import clipped_step
-from clipfast.reduce import TextReducer, image_keep_indices, keep_count
+from clipfast.reduce import TextReducer, image_keep_indices, keep_count, mask_grid
 from clipfast.slip import check_ssl, sync_batch_norms, without_head
 
 log = logging.getLogger("clipfast.train")
@@ -396,7 +396,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     step = resume(run, cfg, ckpt_dir, is_main)
 
     # --- data (reseeded on resume so that the continued run does not replay the same order)
-    grid = mcfg.vision.grid
+    grid = mask_grid(mcfg.name, mcfg.vision, cfg.image_reduction, cfg.mask_ratio)  # a ResNet takes no masks
     keep_k = keep_count(cfg.image_reduction, grid, cfg.mask_ratio)  # also validates the reduction settings
     loader = DaliLoader(cfg.train_data, cfg.batch_size // world, mcfg.vision.image_size,
                         TextReducer(cfg.text_reduction, text_len, seed=cfg.seed * 131 + rank + step),

@@ -13,7 +13,8 @@ from clipfast.presets import ALIASES, PRESETS, from_name
 open_clip = pytest.importorskip("open_clip")
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 
-OPEN_CLIP_SAME = ["ViT-S-16", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-16", "ViT-H-14", "ViT-bigG-14"]
+OPEN_CLIP_SAME = ["ViT-S-16", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-16", "ViT-H-14", "ViT-bigG-14",
+                  "RN50", "RN101", "RN50x4", "RN50x16", "RN50x64"]
 CLIPA_IMAGE = {"CLIPA-L-14": "ViT-L-14-CLIPA", "CLIPA-H-14": "ViT-H-14-CLIPA", "CLIPA-bigG-14": "ViT-bigG-14-CLIPA"}
 
 

@@ -104,16 +104,29 @@ def test_ssl_settings_are_checked():
             check_ssl(TrainConfig(**bad))
 
 
-def test_ssl_flops_counts_the_towers_and_the_head():
+@pytest.mark.parametrize("preset", ["demo", "demo-rn"])
+def test_ssl_flops_counts_the_towers_and_the_head(preset):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    m = _model()
-    m.eval()
-    x = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(0)
+    m = CLIP(from_name(preset, **{"text.layers": 1}), kernels="ref").add_ssl_head(32, 8).eval()
+    size = m.cfg.vision.image_size
+    x = torch.randn(3, 3, size, size)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:  # (as test_flops)
-        m.ssl_head(m.visual(x, project=False))
+        m.ssl_head(m.ssl_features(x))
     assert ssl_flops(m.cfg, 32, 8, views=1) * 3 == fc.get_total_flops()
+
+
+def test_slip_with_a_resnet_tower_reads_the_pools_output():
+    torch.manual_seed(0)
+    m = CLIP(from_name("demo-rn", **{"text.layers": 1}), kernels="ref").add_ssl_head(32, 8)
+    images, text, cu, max_len = _batch()
+    views = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8)
+    assert m(images, text, cu, max_len, views=views)[3].shape == (2, 4, 8)
+    m.eval()  # (the tower's own batch norms, in training mode, see both views' batch at once)
+    z = m(images, text, cu, max_len, views=views)[3]
+    torch.testing.assert_close(z[0], m.ssl_head(m.visual(views[0])))
 
 
 def _loader(data, **kw):
