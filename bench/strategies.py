@@ -1,8 +1,10 @@
 """The "Scaling (Down) CLIP" training strategies side by side on the CPU demo: CLIP, CLIP + data augmentation, FLIP,
-SLIP, each on all of the training data and on half of it, same steps, batch and seed.
+SLIP, and CLIP with a ResNet image tower, each on all of the training data and on half of it, same steps, batch and
+seed.
 
-    python bench/strategies.py                       # 8 runs of configs/demo.py, ~2-5 min each on 2 CPU cores
+    python bench/strategies.py                       # 10 runs of configs/demo.py, ~2-7 min each on 2 CPU cores
     python bench/strategies.py --runs clip clip_da --steps 300 --seeds 0 1
+    python bench/strategies.py --runs resnet --append   # add to (or redo in) the results already in --out
 
 Each run is `deepspeed clipfast/train.py --config configs/demo.py <overrides>` (one rank); the zero-shot top-1/top-5
 on the held-out digits come from its eval.json, samples/s from its metrics.jsonl (the median over the log lines
@@ -29,6 +31,7 @@ STRATEGIES = {
     "clip_da": ["augment=simclr"],
     "flip": ["image_reduction=random", "mask_ratio=0.5"],
     "slip": ["ssl_weight=1", "ssl_hidden=512", "ssl_dim=128"],
+    "resnet": ["model=demo-rn"],  # CLIP with a ResNet image tower (open_clip's ModifiedResNet, 1.3 M parameters)
 }
 
 
@@ -102,6 +105,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--no-half", action="store_true", help="only the runs on all of the training data")
     ap.add_argument("--out", default=None, help="default bench/results/strategies-demo-<date>")
+    ap.add_argument("--append", action="store_true", help="keep --out's other rows (same strategy/data/seed: redone)")
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0: as set)")
     ap.add_argument("--runs-dir", default="runs/strategies", help="the runs' own folders (checkpoints, metrics)")
     args = ap.parse_args(argv)
@@ -111,17 +115,24 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    rows = []
+    rows, old = [], []
+    if args.append and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())["rows"]
     for seed in args.seeds:
         for half in (False,) if args.no_half else (False, True):
             for name in args.runs:
                 rows.append(run_one(name, args.data, half, args.steps, seed, Path(args.runs_dir),
                                     args.threads))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
-    (out / "results.json").write_text(json.dumps({"commit": commit, "date": str(datetime.date.today()),
-                                                  "command": " ".join(sys.argv), "rows": rows}, indent=1))
+    for r in rows:
+        r.update(commit=commit, date=str(datetime.date.today()), command=" ".join(sys.argv))
+    done = {(r["strategy"], r["data"], r["seed"]) for r in rows}
+    rows = [r for r in old if (r["strategy"], r["data"], r["seed"]) not in done] + rows
+    (out / "results.json").write_text(json.dumps({"rows": rows}, indent=1))
     md = table(rows)
-    (out / "results.md").write_text(f"commit {commit}, {datetime.date.today()}, `{' '.join(sys.argv)}`\n\n{md}\n")
+    runs = sorted({(r.get("commit", "?"), r.get("date", "?"), r.get("command", "?")) for r in rows})
+    head = "\n".join(f"- commit {c}, {d}: `{cmd}`" for c, d, cmd in runs)
+    (out / "results.md").write_text(f"{head}\n\n{md}\n")
     plot(rows, out / "strategies.png")
     print(md)
 
