@@ -78,7 +78,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["strategy"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(7, 4))
     for j, data in enumerate(("all", "half")):
         for i, n in enumerate(names):
             vals = [100 * r["top1"] for r in rows if r["strategy"] == n and r["data"] == data]
@@ -91,7 +91,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("zero-shot top-1 (%)")
     lo = min(100 * r["top1"] for r in rows)
     ax.set_ylim(max(0, lo - 5), 100)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     ax.set_title("training strategies on the CPU demo (digits), same steps and batch")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
