@@ -90,6 +90,7 @@ class Sample:
     image: bytes
     caption: str
     meta: dict = field(default_factory=dict)
+    parts: dict = field(default_factory=dict, repr=False)  # every file of the sample as stored, by extension
 
 
 class ShardReader:
@@ -169,7 +170,7 @@ class ShardReader:
                 meta = json.loads(parts["json"])
             except (json.JSONDecodeError, UnicodeDecodeError):
                 return self._skip(shard, key, "metadata .json does not parse")
-        return Sample(key, parts[ext], caption, meta)
+        return Sample(key, parts[ext], caption, meta, parts)
 
     def __iter__(self):
         while True:
