@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = {
     "clip": [],
     "clip_da": ["augment=simclr"],
+    "clip_da_noflip": ["augment=simclr_noflip"],  # the same without the flip (a mirrored digit is another digit)
     "flip": ["image_reduction=random", "mask_ratio=0.5"],
     "slip": ["ssl_weight=1", "ssl_hidden=512", "ssl_dim=128"],
     "resnet": ["model=demo-rn"],  # CLIP with a ResNet image tower (open_clip's ModifiedResNet, 1.3 M parameters)

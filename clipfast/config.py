@@ -34,7 +34,7 @@ class TrainConfig:
     mask_ratio: float = 0.0  # share of patches dropped by random/grid/block
     text_reduction: str = "truncate"  # truncate | random | block | syntax
     # training strategy ("Scaling (Down) CLIP": CLIP, CLIP + data augmentation, FLIP = image_reduction=random, SLIP)
-    augment: str = "none"  # "none" or "simclr": flip, colour jitter, grayscale, blur (clipfast.data.augment)
+    augment: str = "none"  # "none", "simclr" (flip, colour jitter, grayscale, blur) or "simclr_noflip" (data.augment)
     ssl_weight: float = 0.0  # SLIP: > 0 adds SimCLR's loss on two more augmented views, times this (clipfast.slip)
     ssl_temperature: float = 0.1
     ssl_hidden: int = 4096  # SLIP's head: Linear(width, hidden) BN ReLU, Linear(hidden, hidden) BN ReLU, Linear(., dim)

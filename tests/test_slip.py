@@ -141,6 +141,8 @@ def test_augment_and_views_from_the_pipeline(data):
     assert aug["keys"] == plain["keys"] and aug["images"].shape == plain["images"].shape
     assert not torch.equal(aug["images"], plain["images"]), "the augmentations changed nothing"
     torch.testing.assert_close(next(_loader(data, augment="simclr"))["images"], aug["images"])  # reproducible
+    noflip = next(_loader(data, augment="simclr_noflip"))
+    assert not torch.equal(noflip["images"], plain["images"]) and not torch.equal(noflip["images"], aug["images"])
     slip = next(_loader(data, views=2))
     assert slip["views"].shape == (2, 8, 3, 32, 32) and slip["views"].dtype == torch.uint8
     assert not torch.equal(slip["views"][0], slip["views"][1]), "each view is its own crop"

@@ -13,11 +13,12 @@ where the decode runs (the GPU on CUDA) and never on the training step:
   [0.04, 0.86] px): the same blur relative to the image, as CLIPA's low-resolution images are the full-size ones
   resized.
 
-Each image draws its own coins and factors from the pipeline's seed (rank-dependent), so the views are reproducible.
+`simclr_noflip` leaves the flip out. Each image draws its own coins and factors from the pipeline's seed
+(rank-dependent), so the views are reproducible.
 """
 from __future__ import annotations
 
-AUGMENTS = ("none", "simclr")
+AUGMENTS = ("none", "simclr", "simclr_noflip")  # simclr_noflip: for data a mirror changes (digits, text in images)
 BLUR_SIGMA_224 = (0.1, 2.0)  # SimCLR's blur sigma range, in pixels of a 224 px image
 
 
@@ -27,12 +28,13 @@ def check_augment(name: str) -> str:
     return name
 
 
-def simclr(images, image_size: int, device: str):
+def simclr(images, image_size: int, device: str, flip: bool = True):
     """SimCLR's flip, colour jitter, grayscale and blur of a batch of uint8 HWC images (DALI DataNodes). Call inside a
     pipeline built with enable_conditionals=True: each transform runs only on the images whose coin came up."""
     from nvidia.dali import fn
 
-    images = fn.flip(images, device=device, horizontal=fn.random.coin_flip(probability=0.5))
+    if flip:
+        images = fn.flip(images, device=device, horizontal=fn.random.coin_flip(probability=0.5))
     if fn.random.coin_flip(probability=0.8):
         images = fn.color_twist(images, device=device, brightness=fn.random.uniform(range=[0.6, 1.4]),
                                 contrast=fn.random.uniform(range=[0.6, 1.4]),

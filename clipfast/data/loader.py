@@ -93,8 +93,8 @@ class DaliLoader:
                 images = fn.resize(images, device=op_device, resize_x=image_size, resize_y=image_size,
                                    antialias=True)
                 extra = []
-            if augment == "simclr":
-                images = simclr(images, image_size, op_device)
+            if augment != "none":
+                images = simclr(images, image_size, op_device, flip=augment == "simclr")
             return (chw(images), *extra)
 
         self._make_pipe = pipe
