@@ -78,8 +78,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(r["strategy"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [n for n in STRATEGIES if any(r["strategy"] == n for r in rows)]  # in STRATEGIES' order
+    fig, ax = plt.subplots(figsize=(8, 4))
     for j, data in enumerate(("all", "half")):
         for i, n in enumerate(names):
             vals = [100 * r["top1"] for r in rows if r["strategy"] == n and r["data"] == data]
