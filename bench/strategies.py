@@ -116,9 +116,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    rows, old = [], []
-    if args.append and (out / "results.json").is_file():
-        old = json.loads((out / "results.json").read_text())["rows"]
+    rows = []
     for seed in args.seeds:
         for half in (False,) if args.no_half else (False, True):
             for name in args.runs:
@@ -127,6 +125,9 @@ def main(argv=None):
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     for r in rows:
         r.update(commit=commit, date=str(datetime.date.today()), command=" ".join(sys.argv))
+    old = []  # read now, not at the start: another --append run into the same folder may have finished meanwhile
+    if args.append and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())["rows"]
     done = {(r["strategy"], r["data"], r["seed"]) for r in rows}
     rows = [r for r in old if (r["strategy"], r["data"], r["seed"]) not in done] + rows
     (out / "results.json").write_text(json.dumps({"rows": rows}, indent=1))

@@ -3,6 +3,7 @@ base so that only the strategy differs: CLIP, CLIP + data augmentation, FLIP and
 
     deepspeed --num_gpus 8 clipfast/train.py --config configs/strategies.py:clip
     deepspeed --num_gpus 8 clipfast/train.py --config configs/strategies.py:clip_da    # + SimCLR's augmentations
+    ... configs/strategies.py:clip_da augment=simclr_noflip   # without the flip, for data a mirror changes
     deepspeed --num_gpus 8 clipfast/train.py --config configs/strategies.py:flip       # 50% of the patches dropped
     deepspeed --num_gpus 8 clipfast/train.py --config configs/strategies.py:slip       # + SimCLR loss on 2 views
 
