@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,11 @@ def run_one(name: str, data: str, half: bool, steps: int, seed: int, out: Path, 
         raise ValueError(f"--half needs at least 2 training shards in {data}/train, found {len(shards)}")
     train = ",".join(map(str, shards[: len(shards) // 2] if half else shards))
     run_dir = out / f"{name}{'_half' if half else ''}_s{seed}"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "clipfast/train.py", "--config", "configs/demo.py",
+    with socket.socket() as sock:  # a free port: DeepSpeed's default 29500 may be another run's
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", port, "clipfast/train.py", "--config",
+           "configs/demo.py",
            f"train_data={train}", f"val_data={data}/val", f"out_dir={run_dir}", f"steps={steps}", f"seed={seed}",
            "tensorboard=false", f"ckpt_every={steps}", *STRATEGIES[name]]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
