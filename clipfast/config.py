@@ -42,7 +42,8 @@ class TrainConfig:
     ssl_crop_scale: tuple = (0.08, 1.0)  # the SSL views' random-resized-crop area range (SimCLR's)
     # data
     train_data: str = "data/demo/train"  # a folder of .tar shards, a glob, or a comma-separated list
-    val_data: str = ""  # held-out shards with class labels in .json, for zero-shot evaluation
+    val_data: str = ""  # held-out shards with class labels in .json, for zero-shot classification
+    retrieval_data: str = ""  # held-out shards with captions (.txt, or .json "captions"), for zero-shot retrieval
     crop_scale: tuple = (0.4, 1.0)  # random-resized-crop area range (CLIPA uses 0.4-1.0)
     data_threads: int = 2
     # optimisation
@@ -81,6 +82,7 @@ class TrainConfig:
     resume: bool = False
     tensorboard: bool = True
     eval_at_end: bool = True
+    eval_every: int = 0  # also evaluate (val_data, retrieval_data) every this many steps; 0 = at the end only
     # stages: () = one stage (this config); else a tuple of dicts of overrides, run in order (clipfast.stages)
     stages: tuple = ()
 

@@ -1,10 +1,20 @@
-"""Zero-shot classification: class names × prompt templates -> text classifier -> top-1 / top-5.
+"""Zero-shot evaluation: classification (top-1 / top-5) and image-text retrieval (recall@1/5/10 both ways).
 
     python -m clipfast.evaluate --checkpoint runs/demo/model.pt --data data/demo/val
+    python -m clipfast.evaluate --checkpoint runs/demo/model.pt --data data/coco_test --task retrieval
+    python -m clipfast.evaluate --checkpoint run/ --data data/imagenet_val --classnames imagenet --templates openai
 
-Labels come from each sample's .json ("label"). Class names and templates come from --classnames /
---templates, else from a meta.json in the data folder or its parent ({"classnames": [...],
-"templates": ["a photo of {}", ...]}), else from the samples' "classname" fields.
+Classification: class names × prompt templates -> text classifier. Labels come from each sample's .json
+("label"). Class names and templates come from --classnames / --templates (a list, or a named set: `imagenet`
+class names, `openai` / `simple` templates, from open_clip's zero-shot metadata), else from a meta.json in the data
+folder or its parent ({"classnames": [...], "templates": ["a photo of {}", ...]}), else from the samples'
+"classname" fields.
+
+Retrieval: every image against every caption. A sample's captions are its .json "captions" list (COCO and Flickr
+have five per image) or else its .txt. Image -> text: a hit at K when one of the image's own captions is among the K
+best; text -> image: when the caption's image is. Ties (captions that read the same, as on the demo data, have the
+same embedding) are broken at random, in expectation: a right answer tied with t others at rank r counts as a hit at
+K with probability (K - r) / (t + 1), clamped to [0, 1].
 """
 from __future__ import annotations
 
@@ -22,6 +32,32 @@ from clipfast.presets import ModelConfig, TextConfig, VisionConfig
 from clipfast.reduce import TextReducer
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
+RECALL_AT = (1, 5, 10)
+
+
+def named_classnames(spec: str) -> list[str] | None:
+    """`imagenet` -> the 1000 ImageNet class names in sorted-wnid order (open_clip's), a comma-separated list ->
+    that list, "" -> None (the data's)."""
+    if spec == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return list(IMAGENET_CLASSNAMES)
+    return [c for c in spec.split(",") if c] or None
+
+
+def named_templates(spec: str) -> list[str] | None:
+    """`openai` (CLIP's 80 ImageNet prompts) / `simple` (open_clip's 7) -> those templates with {} for the class
+    name, a '|'-separated list -> that list, "" -> None (the data's)."""
+    if spec in ("openai", "simple"):
+        from open_clip import zero_shot_metadata as z
+
+        fns = z.OPENAI_IMAGENET_TEMPLATES if spec == "openai" else z.SIMPLE_IMAGENET_TEMPLATES
+        return [t("{}") for t in fns]
+    templates = [t for t in spec.split("|") if t]
+    for t in templates:
+        if "{}" not in t:
+            raise ValueError(f"template {t!r} has no {{}} for the class name (or name a set: openai, simple)")
+    return templates or None
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
@@ -51,13 +87,22 @@ def dataset_meta(data: str) -> dict:
 
 
 @torch.no_grad()
+def encode_captions(model: CLIP, captions: list[str], device, batch_size: int = 256) -> torch.Tensor:
+    """(N, E) float32, normalised: the captions BPE'd and truncated to the model's text length, in batches."""
+    reducer = TextReducer("truncate", model.context_length)
+    out = []
+    for i in range(0, len(captions), batch_size):
+        text, cu, max_len = pack_text([reducer(c) for c in captions[i : i + batch_size]])
+        out.append(model.encode_text_packed(text.to(device), cu.to(device), max_len, normalize=True).float())
+    return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim, device=device)
+
+
+@torch.no_grad()
 def text_classifier(model: CLIP, classnames: list[str], templates: list[str], device) -> torch.Tensor:
     """(C, E): per class, the normalised mean of its normalised prompt embeddings."""
-    reducer = TextReducer("truncate", model.context_length)
     weights = []
     for name in classnames:
-        text, cu, max_len = pack_text([reducer(t.format(name)) for t in templates])
-        emb = model.encode_text_packed(text.to(device), cu.to(device), max_len, normalize=True)
+        emb = encode_captions(model, [t.format(name) for t in templates], device)
         weights.append(F.normalize(emb.mean(dim=0), dim=-1))
     return torch.stack(weights)
 
@@ -83,6 +128,10 @@ def zero_shot(model: CLIP, data: str, batch_size=256, classnames=None, templates
     if not labels:
         raise ValueError(f"no evaluation samples in {data!r}")
     classnames = classnames or meta.get("classnames") or [names[i] for i in sorted(names)]
+    if max(labels) >= len(classnames) or min(labels) < 0:
+        bad = max(labels) if max(labels) >= len(classnames) else min(labels)
+        raise ValueError(f"label {bad} in {data!r} has no class name: {len(classnames)} class names given "
+                         f"(--classnames, meta.json or the samples' 'classname')")
     clf = text_classifier(model, classnames, templates, device)
     logits = torch.cat(feats) @ clf.T  # (N, C)
     y = torch.tensor(labels, device=logits.device)
@@ -96,21 +145,115 @@ def zero_shot(model: CLIP, data: str, batch_size=256, classnames=None, templates
     }
 
 
+def recall_at_k(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, ks=RECALL_AT, chunk: int = 1024) -> dict:
+    """img (N, E) and txt (M, E) normalised embeddings; owner (M,): the image index of each caption.
+    Returns {"i2t_r1": ..., "t2i_r1": ..., ...}: the share of images (captions) whose own caption (image) ranks
+    within the first K, ties broken at random in expectation (module docstring). Queries go `chunk` at a time:
+    (chunk, N or M) scores in memory, not (N, M)."""
+    img, txt, owner = img.float(), txt.float(), owner.to(img.device)
+    n = img.shape[0]
+    ahead = {"i2t": [], "t2i": []}  # per query: (others scoring higher, others scoring the same)
+    for i in range(0, txt.shape[0], chunk):
+        s = txt[i : i + chunk] @ img.T  # (c, N)
+        right = s.gather(1, owner[i : i + chunk, None])
+        ahead["t2i"].append(torch.stack([(s > right).sum(1), (s == right).sum(1) - 1], 1))
+    for i in range(0, n, chunk):
+        s = img[i : i + chunk] @ txt.T  # (c, M)
+        own = owner[None, :] == torch.arange(i, min(i + chunk, n), device=img.device)[:, None]
+        best = s.masked_fill(~own, float("-inf")).max(1, keepdim=True).values
+        ahead["i2t"].append(torch.stack([((s > best) & ~own).sum(1), ((s == best) & ~own).sum(1)], 1))
+    out = {}
+    for d, parts in ahead.items():
+        higher, same = torch.cat(parts).float().unbind(1)
+        for k in ks:  # P(rank < k) when the right one falls uniformly among the `same` ties: rank = higher + U{0..same}
+            out[f"{d}_r{k}"] = ((k - higher) / (same + 1)).clamp(0, 1).mean().item()
+    return out
+
+
+@torch.no_grad()
+def retrieval(model: CLIP, data: str, batch_size=256, device="cpu", threads=2) -> dict:
+    """Image <-> text retrieval over every image and caption of `data` (module docstring): recall@1/5/10 both ways,
+    their mean, and the counts."""
+    device = torch.device(device)
+    loader = DaliLoader(data, batch_size, model.cfg.vision.image_size, TextReducer("truncate", model.context_length),
+                        train=False, threads=threads, device=device)
+    feats, captions, owner = [], [], []
+    for batch in loader:
+        feats.append(model.encode_image(batch["images"], normalize=True).float())
+        for key, caption, m in zip(batch["keys"], batch["captions"], batch["meta"], strict=True):
+            caps = m.get("captions", [caption])
+            if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+                raise ValueError(f"sample {key!r} in {data!r}: 'captions' in its .json must be a non-empty list of "
+                                 f"non-empty strings, got {caps!r}")
+            owner += [owner[-1] + 1 if owner else 0] * len(caps)  # images numbered in read order
+            captions += caps
+    if not feats:
+        raise ValueError(f"no evaluation samples in {data!r}")
+    img = torch.cat(feats)
+    txt = encode_captions(model, captions, device, batch_size)
+    res = recall_at_k(img, txt, torch.tensor(owner))
+    res["mean_recall"] = sum(res.values()) / len(res)
+    return {**res, "images": img.shape[0], "captions": len(captions), "skipped": loader.skipped}
+
+
+def summary(task: str, data: str, res: dict) -> str:
+    """One line for a result of zero_shot or retrieval."""
+    if task == "retrieval":
+        r = "  ".join(f"{k.replace('_r', ' R@')} {100 * res[k]:.2f}%" for k in res if k[:4] in ("i2t_", "t2i_"))
+        return f"retrieval on {data}: {r}  ({res['images']} images, {res['captions']} captions)"
+    return (f"zero-shot on {data}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
+            f"({res['samples']} samples, {res['classes']} classes, chance {100 / res['classes']:.1f}%)")
+
+
+def evaluate_all(model: CLIP, val_data: str = "", retrieval_data: str = "", device="cpu", threads: int = 2,
+                 say=print) -> dict:
+    """The trainer's evaluations: {"zeroshot": zero_shot(val_data), "retrieval": retrieval(retrieval_data)}, each
+    where its data is given, in eval mode (the model's mode restored after); `say` gets a summary line of each."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        if val_data:
+            out["zeroshot"] = zero_shot(model, val_data, device=device, threads=threads)
+            say(summary("zeroshot", val_data, out["zeroshot"]))
+        if retrieval_data:
+            out["retrieval"] = retrieval(model, retrieval_data, device=device, threads=threads)
+            say(summary("retrieval", retrieval_data, out["retrieval"]))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def scalars(results: dict) -> dict:
+    """evaluate_all's result as flat {"zeroshot/top1": 0.97, "retrieval/i2t_r1": ...} (numbers only), for logs."""
+    return {f"{task}/{k}": v for task, res in results.items() for k, v in res.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="model.pt written by clipfast.train, or its run folder")
-    ap.add_argument("--data", required=True, help="held-out shards with class labels in .json")
+    ap.add_argument("--data", required=True, help="held-out shards: class labels in .json (zeroshot) or captions "
+                                                  "(retrieval)")
+    ap.add_argument("--task", choices=("zeroshot", "retrieval"), default="zeroshot")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--classnames", default="", help="comma-separated, in label order")
-    ap.add_argument("--templates", default="", help="'|'-separated prompts with {} for the class name")
+    ap.add_argument("--classnames", default="", help="comma-separated, in label order; or imagenet")
+    ap.add_argument("--templates", default="", help="'|'-separated prompts with {} for the class name; or openai, "
+                                                    "simple")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=2, help="DALI decoding threads")
     ap.add_argument("--out", default="", help="also write the result as JSON here")
     args = ap.parse_args(argv)
+    try:
+        classnames, templates = named_classnames(args.classnames), named_templates(args.templates)
+    except ValueError as e:
+        ap.error(str(e))
     model = load_model(args.checkpoint, args.device)
-    res = zero_shot(model, args.data, args.batch_size, [c for c in args.classnames.split(",") if c] or None,
-                    [t for t in args.templates.split("|") if t] or None, args.device)
-    print(f"zero-shot on {args.data}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
-          f"({res['samples']} samples, {res['classes']} classes, chance {100 / res['classes']:.1f}%)")
+    if args.task == "retrieval":
+        res = retrieval(model, args.data, args.batch_size, args.device, args.threads)
+    else:
+        res = zero_shot(model, args.data, args.batch_size, classnames, templates, args.device, args.threads)
+    print(summary(args.task, args.data, res))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))

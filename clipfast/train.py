@@ -11,8 +11,10 @@ Writes under out_dir: metrics.jsonl (one JSON line per log step), TensorBoard ev
 checkpoints in ckpt/ (every ckpt_every steps and at the end; `resume=true` continues from the latest, on any number
 of ranks: a checkpoint saved with another world size, ZeRO stage, precision or engine is converted, clipfast.reshard),
 model.pt (a plain state_dict + model config, for clipfast.evaluate and clipfast.export) and, when
-val_data is set, the zero-shot result of the final model in eval.json. A config with `stages` runs each
-stage this way in out_dir/<stage>/, each starting from the previous one's weights (clipfast.stages).
+val_data (zero-shot classification) or retrieval_data (image-text retrieval) is set, the final model's results in
+eval.json; every evaluation (also each eval_every steps) goes to evals.jsonl and TensorBoard's eval/. A config
+with `stages` runs each stage this way in out_dir/<stage>/, each starting from the previous one's weights
+(clipfast.stages).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import torch.distributed as dist
 
 from clipfast import presets, reshard
 from clipfast.config import TrainConfig, load_config, to_dict
-from clipfast.data import DaliLoader
+from clipfast.data import DaliLoader, list_shards
 from clipfast.data.augment import check_augment
 from clipfast.engine import TorchEngine, check_engine, resolve_kernels, resolve_overlap_optimizer, resolve_tower_streams
 from clipfast.flops import flops_per_sample, ssl_flops
@@ -373,6 +375,33 @@ def resume_resharded(run: Run, ckpt_dir: Path, is_main: bool) -> dict:
     return client
 
 
+def evaluate_now(cfg: TrainConfig, run: Run, mcfg, device: torch.device, is_main: bool, step: int, writer, evals: Path,
+                 say=print) -> dict:
+    """Zero-shot classification (val_data) and retrieval (retrieval_data) of the model as it is now, on rank 0 (under
+    ZeRO stage 3 on a whole copy, which every rank helps gather: the engine's module holds slices). The result is
+    appended to `evals` with the step and logged to TensorBoard as eval/...; returns it on rank 0 ({} elsewhere)."""
+    if not (cfg.val_data or cfg.retrieval_data):
+        return {}
+    model = run.engine.module
+    if run.layout.stage == 3:
+        weights = without_head(full_weights(model, 3))  # a collective: every rank
+        if not is_main:
+            return {}
+        model = CLIP(mcfg).to(device)
+        model.load_state_dict(weights)
+    if not is_main:
+        return {}
+    from clipfast.evaluate import evaluate_all, scalars
+
+    res = evaluate_all(model, cfg.val_data, cfg.retrieval_data, device, cfg.data_threads, say=say)
+    with open(evals, "a") as f:
+        f.write(json.dumps({"step": step, **res}) + "\n")
+    if writer:
+        for k, v in scalars(res).items():
+            writer.add_scalar(f"eval/{k}", v, step)
+    return res
+
+
 def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: str = "train") -> dict:
     """One training run (a stage) in cfg.out_dir; returns {"step", "loss", "train_s", "total_s", "top1"}."""
     t_start = time.perf_counter()
@@ -381,6 +410,12 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out_dir)
     is_main = rank == 0
+    for key in ("val_data", "retrieval_data"):  # found now, not after the training
+        if getattr(cfg, key):
+            try:
+                list_shards(getattr(cfg, key))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{key}: {e}") from None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -434,6 +469,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
 
         writer = SummaryWriter(str(out / "tb"))
     metrics = open(out / "metrics.jsonl", "a") if is_main else None
+    evals = out / "evals.jsonl"  # every evaluation's result, by step (eval_every, eval_at_end)
     peak = peak_flops(device)
     from tqdm import tqdm
 
@@ -485,34 +521,30 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                 weights = full_weights(engine.module, run.layout.stage)
             if is_main:
                 save_model(out / "model.pt", engine.module, cfg, step, weights)
+        if cfg.eval_every and step % cfg.eval_every == 0 and not (step == cfg.steps and cfg.eval_at_end):
+            t0 = time.perf_counter()
+            evaluate_now(cfg, run, mcfg, device, is_main, step, writer, evals, say=bar.write)
+            t_last += time.perf_counter() - t0  # not training time: left out of the next line's samples/s
     bar.close()
     train_s = time.perf_counter() - t_loop
     if loader.skipped:
         log.warning("skipped %d corrupt samples: %s", sum(loader.skipped.values()), loader.skipped)
 
-    # --- evaluate the final model (under ZeRO stage 3 a whole copy of it: the engine's holds slices)
+    # --- evaluate the final model
     res = {}
-    whole = None
-    if cfg.val_data and cfg.eval_at_end and run.layout.stage == 3:
-        weights = full_weights(engine.module, 3)  # every rank
-        if is_main:
-            whole = CLIP(mcfg).to(device)
-            whole.load_state_dict(weights)
-    if cfg.val_data and cfg.eval_at_end and is_main:
-        from clipfast.evaluate import zero_shot
-
-        whole = whole or engine.module
-        whole.eval()
-        res = zero_shot(whole, cfg.val_data, device=device, threads=cfg.data_threads)
-        (out / "eval.json").write_text(json.dumps({"step": step, **res}, indent=1))
-        print(f"zero-shot on {cfg.val_data}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
-              f"({res['samples']} samples, chance {100 / res['classes']:.1f}%)", flush=True)
+    if cfg.eval_at_end:
+        res = evaluate_now(cfg, run, mcfg, device, is_main, step, writer, evals, say=lambda m: print(m, flush=True))
+        if res and is_main:  # zero-shot's numbers at the top level, as before retrieval was added
+            final = {"step": step, **res.get("zeroshot", {})}
+            if "retrieval" in res:
+                final["retrieval"] = res["retrieval"]
+            (out / "eval.json").write_text(json.dumps(final, indent=1))
     if writer:
         writer.close()
     if metrics:
         metrics.close()
     return {"step": step, "loss": loss_v, "train_s": train_s, "total_s": time.perf_counter() - t_start,
-            "top1": res.get("top1")}
+            "top1": res.get("zeroshot", {}).get("top1")}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ augmentation"); `views=V` adds V more views of each image for SLIP's self-superv
 whole once and cropped V + 1 times, instead of decoding only the crop.
 
 A batch is {images: uint8 (B,3,H,W), views: uint8 (V,B,3,H,W) or None, text: int32 (T,), cu_seqlens: int32 (B+1,),
-max_len: int, keys: [str], meta: [dict]}, tensors on the training device.
+max_len: int, keys: [str], captions: [str] (as stored, before reduction), meta: [dict]}, tensors on the training
+device.
 """
 from __future__ import annotations
 
@@ -138,6 +139,7 @@ class DaliLoader:
             "cu_seqlens": cu.to(self.device, non_blocking=nb),
             "max_len": max_len,
             "keys": [s.key for s in samples],
+            "captions": [s.caption for s in samples],
             "meta": [s.meta for s in samples],
         }
 
