@@ -172,3 +172,20 @@ def test_a_missing_evaluation_set_is_named_before_training(data, tmp_path):
     r = _train(data, tmp_path / "run", f"retrieval_data={tmp_path / 'nowhere'}")
     assert r.returncode != 0 and "retrieval_data: no .tar shards found" in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_text_classifier_batches_across_classes_as_one_class_at_a_time_does(data):
+    from clipfast.evaluate import encode_captions, text_classifier, zero_shot
+    from clipfast.model import CLIP
+    from clipfast.presets import from_name
+
+    torch.manual_seed(0)
+    model = CLIP(from_name("demo"), kernels="ref").eval()
+    names, templates = ["cat", "dog", "a small bird"], ["a photo of a {}.", "{}", "the {} again"]
+    clf = text_classifier(model, names, templates, "cpu")
+    for c, name in enumerate(names):
+        one = F.normalize(encode_captions(model, [t.format(name) for t in templates], "cpu").mean(0), dim=-1)
+        torch.testing.assert_close(clf[c], one, rtol=1e-5, atol=1e-6)
+    # a bf16 model (the trainer's on a GPU): image features and classifier meet in float32
+    res = zero_shot(model.to(torch.bfloat16), str(data / "val"), batch_size=128, threads=1)
+    assert res["samples"] == 359
