@@ -21,13 +21,15 @@ $(DEMO_DATA)/meta.json: $(STAMP)
 demo: $(STAMP) $(DEMO_DATA)/meta.json
 	rm -rf runs/demo
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed clipfast/train.py --config configs/demo.py
-	@echo "demo done: metrics in runs/demo/metrics.jsonl, zero-shot result in runs/demo/eval.json"
+	$(BIN)/python -m clipfast.plot runs/demo
+	@echo "demo done: metrics in runs/demo/metrics.jsonl, zero-shot result in runs/demo/eval.json, curves in runs/demo/curves.png"
 
 # The CLIPA variant of the demo: pre-train at 16 px / 8 tokens, fine-tune at 32 px / 16 (configs/demo_clipa.py).
 demo-clipa: $(STAMP) $(DEMO_DATA)/meta.json
 	rm -rf runs/demo_clipa
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed clipfast/train.py --config configs/demo_clipa.py
-	@echo "demo-clipa done: per-stage metrics in runs/demo_clipa/<stage>/, summary in runs/demo_clipa/stages.json, zero-shot result in runs/demo_clipa/eval.json"
+	$(BIN)/python -m clipfast.plot runs/demo_clipa
+	@echo "demo-clipa done: per-stage metrics in runs/demo_clipa/<stage>/, summary in runs/demo_clipa/stages.json, zero-shot result in runs/demo_clipa/eval.json, curves in runs/demo_clipa/curves.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q

@@ -1,0 +1,67 @@
+"""clipfast.plot: runs read back (resumed steps, staged runs, evals), series through stages, the PNG and the summary."""
+import json
+
+import pytest
+
+from clipfast.plot import main, read_run, series, summary
+
+
+def _run(folder, steps, batch, loss0=5.0, evals=None, extra_lines=()):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"batch_size": batch}))
+    lines = [json.dumps({"step": s, "loss": loss0 - s / 100, "lr": 1e-3, "samples_per_s": 100.0 + s, "mfu": None})
+             for s in steps]
+    (folder / "metrics.jsonl").write_text("\n".join([*lines, *extra_lines]) + "\n")
+    if evals:
+        (folder / "evals.jsonl").write_text("\n".join(json.dumps(e) for e in evals) + "\n")
+
+
+def test_a_resumed_run_keeps_the_last_line_of_each_step_and_skips_a_cut_line(tmp_path, capsys):
+    # logged to step 30, resumed from the step-20 checkpoint: 30 logged again (loss 9), and a line cut by a crash
+    _run(tmp_path / "a", [10, 20, 30], 64, extra_lines=[json.dumps({"step": 30, "loss": 9.0, "lr": 0, "mfu": None,
+                                                                     "samples_per_s": 1}), '{"step": 40, "lo'])
+    stages = read_run(tmp_path / "a")
+    assert [r["step"] for r in stages[0]["metrics"]] == [10, 20, 30]
+    assert series(stages, "metrics", "loss")[1] == [4.9, 4.8, 9.0]
+    assert "metrics.jsonl:5 is not JSON" in capsys.readouterr().out
+
+
+def test_stages_run_on_one_axis_with_their_starts(tmp_path):
+    run = tmp_path / "clipa"
+    _run(run / "pretrain", [10, 20], 128)
+    _run(run / "finetune", [5, 10], 32, evals=[{"step": 10, "zeroshot": {"top1": 0.75}}])
+    (run / "stages.json").write_text(json.dumps([{"stage": "pretrain"}, {"stage": "finetune"}]))
+    stages = read_run(run)
+    xs, ys, starts = series(stages, "metrics", "loss")
+    assert xs == [10, 20, 25, 30] and starts == [(0, "pretrain"), (20, "finetune")]
+    xs, _, starts = series(stages, "metrics", "loss", x="samples")
+    assert xs == [1280, 2560, 2560 + 160, 2560 + 320] and starts[1] == (2560, "finetune")
+    assert series(stages, "evals", "zeroshot/top1") == ([30], [0.75], starts[:1] + [(20, "finetune")])
+    assert summary("clipa", stages) == ("clipa: 30 steps, final loss 4.9000, median 110 samples/s, "
+                                        "zero-shot top-1 75.00%")
+
+
+def test_the_png_has_a_panel_per_value_the_runs_hold(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _run(tmp_path / "a", [10, 20], 64, evals=[{"step": 20, "zeroshot": {"top1": 0.5},
+                                                "retrieval": {"mean_recall": 0.25}}])
+    _run(tmp_path / "b", [10, 20], 32)
+    (tmp_path / "b" / "eval.json").write_text(json.dumps({"step": 20, "top1": 0.4, "top5": 0.9}))  # an older run
+    out = main([str(tmp_path / "a"), str(tmp_path / "b"), "--x", "samples", "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert f"wrote {out} (training loss, zero-shot top-1, retrieval mean recall, learning rate, samples/s)" in printed
+    assert "b: 20 steps, final loss 4.8000, median 115 samples/s, zero-shot top-1 40.00%" in printed
+    main([str(tmp_path / "b")])  # default: curves.png in the run's folder; no retrieval, no MFU panel
+    assert (tmp_path / "b" / "curves.png").is_file()
+    assert "(training loss, zero-shot top-1, learning rate, samples/s)" in capsys.readouterr().out
+
+
+def test_a_folder_that_is_not_a_run_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "empty")])
+    with pytest.raises(FileNotFoundError, match="not a clipfast run"):
+        read_run(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no run folder"):
+        read_run(tmp_path / "missing")
