@@ -57,6 +57,9 @@ class TrainConfig:
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-6
     grad_clip: float = 1.0
+    # split each rank's batch into this many micro-batches, the loss still over the whole batch (clipfast.accum,
+    # GradCache): the whole batch's gradient at one micro-batch's activation memory, for one forward more per sample
+    accum_steps: int = 1
     zero_stage: int = 1  # on one rank DeepSpeed runs stage 0 (nothing to partition)
     engine: str = "deepspeed"  # "deepspeed", or "torch" (one rank, no DeepSpeed: clipfast.engine)
     cuda_graph: bool = False  # engine=torch on CUDA: the whole step replayed as CUDA graphs (clipfast.graph)

@@ -33,6 +33,7 @@ class TorchEngine:
                              f"{device.type}: set cuda_graph=false")
         self.module = model.to(device)
         self.cfg, self.device, self.bf16 = cfg, device, bf16
+        self._grad_sums: dict = {}  # float32 gradient sums over a step's passes (backward, bf16)
         kw = dict(lr=cfg.effective_lr(), betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
         if cuda_graph:
             kw["capturable"] = True
@@ -58,8 +59,24 @@ class TorchEngine:
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """loss.backward(). Several passes before a step (clipfast.accum; last=False but for the last) sum bf16
+        weights' gradients in float32, rounded to bf16 once after the last, as DeepSpeed's bf16 mode sums them."""
         loss.backward()
+        if not self.bf16 or (last and not self._grad_sums):
+            return
+        for p in self.module.parameters():
+            if p.grad is None:
+                continue
+            if p in self._grad_sums:
+                self._grad_sums[p].add_(p.grad)
+            else:
+                self._grad_sums[p] = p.grad.float()
+            p.grad = None
+        if last:
+            for p, total in self._grad_sums.items():
+                p.grad = total.to(p.dtype)
+            self._grad_sums.clear()
 
     def step(self) -> None:
         with clipped_step(self.optimizer, list(self.module.parameters()), self.cfg.grad_clip):  # fp32: in AdamW

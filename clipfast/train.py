@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from clipfast import presets, reshard
+from clipfast.accum import cached_passes, check_accum, split_batch
 from clipfast.config import TrainConfig, load_config, to_dict
 from clipfast.data import DaliLoader, list_shards
 from clipfast.data.augment import check_augment
@@ -121,8 +122,8 @@ def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks")
     return {
         "train_batch_size": cfg.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.batch_size // world,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": cfg.batch_size // world // cfg.accum_steps,
+        "gradient_accumulation_steps": cfg.accum_steps,  # clipfast.accum's passes, each backward its own
         # set explicitly (DeepSpeed's default is no clipping), unless the trainer clips in the optimizer
         "gradient_clipping": 0.0 if clips_in_optimizer(world, bf16) else cfg.grad_clip,
         "zero_optimization": {"stage": zero_stage(cfg, world)},
@@ -287,6 +288,7 @@ class Run:
 
 def build_engine(cfg: TrainConfig, model: CLIP, device: torch.device, world: int, bf16: bool, ckpt_dir: Path) -> Run:
     check_engine(cfg, world)
+    check_accum(cfg, world)
     if cfg.engine == "torch":
         layout = reshard.Layout(0, bf16, 1, engine="torch")
     else:
@@ -443,23 +445,43 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
 
     parts = {}  # the loss's terms where it has several (SLIP), logged beside it
 
+    def forward(mb: dict):
+        views = {"views": mb["views"]} if cfg.ssl_weight else {}
+        return engine(mb["images"], mb["text"], mb["cu_seqlens"], mb["max_len"], keep=mb["keep"], **views)
+
+    def losses(outs) -> tuple[torch.Tensor, dict]:
+        """The loss over the whole (all ranks') batch, and its terms where it has several."""
+        if not cfg.ssl_weight:
+            img, txt, scale = outs
+            return distributed_clip_loss(img, txt, scale), {}
+        img, txt, scale, z = outs  # SLIP: CLIP's loss plus SimCLR's on the two extra views
+        terms = {"clip_loss": distributed_clip_loss(img, txt, scale),
+                 "ssl_loss": distributed_simclr_loss(z[0], z[1], cfg.ssl_temperature)}
+        return terms["clip_loss"] + cfg.ssl_weight * terms["ssl_loss"], terms
+
+    def backward(loss: torch.Tensor, last: bool = True) -> None:
+        """One backward pass; after the last of a step's (accum_steps), the optimizer step."""
+        if cfg.engine == "torch":
+            engine.backward(loss, last)
+            if last:
+                engine.step()
+            return
+        engine.backward(loss, scale_wrt_gas=False)  # each pass's loss is the whole batch's: summed, not averaged
+        with clipped_step(engine.optimizer, params, clip if last else 0):  # clip 0: nothing to do here
+            engine.step()  # DeepSpeed counts the passes and steps the optimizer after the last
+
     def train_step(batch) -> torch.Tensor:
         keep = image_keep_indices(cfg.image_reduction, batch["images"].shape[0], grid, cfg.mask_ratio,
                                   device=device, generator=gen)
         if cfg.cuda_graph:  # forward, loss, backward, clipping and optimizer in one replay
             return engine.graph_step(batch["images"], batch["text"], batch["cu_seqlens"], keep)
-        if cfg.ssl_weight:  # SLIP: CLIP's loss plus SimCLR's on the two extra views
-            img, txt, scale, z = engine(batch["images"], batch["text"], batch["cu_seqlens"], batch["max_len"],
-                                        keep=keep, views=batch["views"])
-            parts["clip_loss"] = distributed_clip_loss(img, txt, scale)
-            parts["ssl_loss"] = distributed_simclr_loss(z[0], z[1], cfg.ssl_temperature)
-            loss = parts["clip_loss"] + cfg.ssl_weight * parts["ssl_loss"]
+        if cfg.accum_steps > 1:  # the whole batch's loss over micro-batches (clipfast.accum)
+            loss, terms = cached_passes(engine.module, forward, split_batch(batch, keep, cfg.accum_steps), losses,
+                                        backward)
         else:
-            img, txt, scale = engine(batch["images"], batch["text"], batch["cu_seqlens"], batch["max_len"], keep=keep)
-            loss = distributed_clip_loss(img, txt, scale)
-        engine.backward(loss)
-        with clipped_step(engine.optimizer, params, clip):  # clip 0: nothing to do here
-            engine.step()
+            loss, terms = losses(forward({**batch, "keep": keep}))
+            backward(loss)
+        parts.update(terms)
         return loss.detach()
 
     # --- loop
