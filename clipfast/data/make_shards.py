@@ -11,9 +11,9 @@ symlinks followed) is a sample. Each sample's .txt is "a photo of a {classname}.
 prompt) and its .json {"label", "classname", "source"}. OUT/meta.json holds {"classnames", "templates", "counts",
 "class_counts", "folders"}, what clipfast.evaluate reads. Class names: the folder names with "_" as spaces, or
 --classnames imagenet (1000 wnid folders -> open_clip's IMAGENET_CLASSNAMES), or a file with one per line in sorted
-folder order. --templates simple (default: open_clip's 7 SIMPLE_IMAGENET_TEMPLATES, a fast and close stand-in for
-the 80), openai (the 80 of the CLIP paper), none (meta.json then names none and the evaluation uses its default), or
-a file with one template per line, each with {} for the class name.
+folder order. --templates simple (default: open_clip's SIMPLE_IMAGENET_TEMPLATES, the 7 of the 80 that OpenAI's
+prompt-engineering notebook selected: an 11th of the text encoding), openai (all 80 of the CLIP paper), none
+(meta.json then names none and the evaluation uses its default), or a file with one template per line, each with {}.
 
 --csv FILE (training pairs): columns --image-col (filepath) and --caption-col (title), open_clip's CSV convention;
 --sep '\\t' for TSV. Image paths are relative to the CSV's folder (or --root) unless absolute. The .json holds
@@ -27,7 +27,8 @@ sets); --split takes a comma list (train,restval).
 Images: a complete JPEG or PNG in RGB or grayscale is stored byte for byte (key.jpg / key.png). Any other (WebP,
 BMP, GIF, TIFF, CMYK JPEG, palette or 16-bit PNG, ...), and with --max-side N one whose longer side is above N, is
 decoded with PIL, turned upright by its EXIF orientation, converted to RGB, shrunk to a longer side of at most N
-(never enlarged) and re-encoded as JPEG at --quality. Every image is decoded once in full to check it.
+(never enlarged) and re-encoded as JPEG at --quality. Every image is decoded once to check it (a kept JPEG at 1/8
+scale, which still reads all of its data).
 
 Keys are {prefix}{i:08d} with i the input's index (sorted files, CSV row, annotation-file order), so a key names its
 source even across skips; shards are OUT/{prefix}-NNNN.tar, --samples-per-shard each. A missing or undecodable image,
@@ -191,7 +192,7 @@ def write_samples(items, out, prefix: str, *, samples_per_shard=1000, max_side=0
         "command": command, **(extra or {}), "inputs": n_in, "written": n_written, "copied": n_copied,
         "re_encoded": n_written - n_copied, "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
         "skipped_samples": skipped_samples, "shards": shards, "prefix": prefix, "samples_per_shard": samples_per_shard,
-        "max_side": max_side, "quality": quality, "limit": limit,
+        "max_side": max_side, "quality": quality, "limit": limit, "workers": workers, "out": str(out),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     (out / "make_shards.json").write_text(json.dumps(summary, indent=1))
