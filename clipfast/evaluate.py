@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clipfast import prompts
 from clipfast.data import DaliLoader, pack_text
 from clipfast.model import CLIP
 from clipfast.presets import ModelConfig, TextConfig, VisionConfig
@@ -36,27 +37,22 @@ RECALL_AT = (1, 5, 10)
 
 
 def named_classnames(spec: str) -> list[str] | None:
-    """`imagenet` -> the 1000 ImageNet class names in sorted-wnid order (open_clip's), a comma-separated list ->
+    """`imagenet` -> the 1000 ImageNet class names in sorted-wnid order (clipfast.prompts), a comma-separated list ->
     that list, "" -> None (the data's)."""
     if spec == "imagenet":
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-        return list(IMAGENET_CLASSNAMES)
+        return prompts.imagenet_classnames()
     return [c for c in spec.split(",") if c] or None
 
 
 def named_templates(spec: str) -> list[str] | None:
     """`openai` (CLIP's 80 ImageNet prompts) / `simple` (open_clip's 7) -> those templates with {} for the class
-    name, a '|'-separated list -> that list, "" -> None (the data's)."""
-    if spec in ("openai", "simple"):
-        from open_clip import zero_shot_metadata as z
-
-        fns = z.OPENAI_IMAGENET_TEMPLATES if spec == "openai" else z.SIMPLE_IMAGENET_TEMPLATES
-        return [t("{}") for t in fns]
+    name (clipfast.prompts), a '|'-separated list -> that list, "" -> None (the data's)."""
+    if spec in prompts.TEMPLATE_SETS:
+        return prompts.template_set(spec)
     templates = [t for t in spec.split("|") if t]
     for t in templates:
-        if "{}" not in t:
-            raise ValueError(f"template {t!r} has no {{}} for the class name (or name a set: openai, simple)")
+        if prompts.template_problem(t):
+            raise ValueError(f"{prompts.template_problem(t)} (or name a set: {', '.join(prompts.TEMPLATE_SETS)})")
     return templates or None
 
 

@@ -123,7 +123,7 @@ def test_named_prompt_sets():
     openai = named_templates("openai")
     assert len(openai) == 80 and all("{}" in t for t in openai) and len(named_templates("simple")) == 7
     assert named_templates("a {}|the {}") == ["a {}", "the {}"]
-    with pytest.raises(ValueError, match="'a photo' has no"):
+    with pytest.raises(ValueError, match="'a photo' needs one {}"):
         named_templates("a photo")
 
 

@@ -55,6 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipfast import prompts
 from clipfast.data.shards import image_problem, write_shard
 
 log = logging.getLogger("clipfast.data")
@@ -206,20 +207,16 @@ def _lines(path: str, what: str) -> list[str]:
 
 
 def resolve_templates(spec: str) -> list[str]:
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-
-    named = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES, "none": ()}
-    if spec in named:
-        return [t("{}") for t in named[spec]]  # open_clip's templates are lambdas
+    if spec == "none":
+        return []
+    if spec in prompts.TEMPLATE_SETS:
+        return prompts.template_set(spec)
     if not Path(spec).is_file():
-        raise UsageError(f"unknown --templates {spec!r}: openai, simple, none, or a file with one template per line")
+        raise UsageError(f"unknown --templates {spec!r}: {', '.join(prompts.TEMPLATE_SETS)}, none, or a file with one "
+                         "template per line")
     templates = _lines(spec, "--templates")
     for n, t in enumerate(templates, 1):
-        try:
-            ok = "{}" in t and t.format("x")
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
+        if prompts.template_problem(t):
             raise UsageError(f"--templates {spec!r}: template {n} ({t!r}) needs one {{}} for the class name")
     return templates
 
@@ -242,15 +239,14 @@ def resolve_classnames(spec: str | None, folders: list[str]) -> list[str]:
     if not spec:
         return [f.replace("_", " ") for f in folders]
     if spec == "imagenet":
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-        if len(folders) != len(IMAGENET_CLASSNAMES):
-            raise UsageError(f"--classnames imagenet needs the {len(IMAGENET_CLASSNAMES)} ImageNet class folders; "
+        names = prompts.imagenet_classnames()
+        if len(folders) != len(names):
+            raise UsageError(f"--classnames imagenet needs the {len(names)} ImageNet class folders; "
                              f"found {len(folders)}")
         bad = next((f for f in folders if not re.fullmatch(r"n\d{8}", f)), None)
         if bad:  # 1000 folders named otherwise would sort in another order: the names would be wrong, silently
             raise UsageError(f"--classnames imagenet needs wnid folders (n01440764, ...); found {bad!r}")
-        return list(IMAGENET_CLASSNAMES)
+        return names
     names = _lines(spec, "--classnames")
     if len(names) != len(folders):
         raise UsageError(f"--classnames {spec!r} has {len(names)} names for {len(folders)} class folders")

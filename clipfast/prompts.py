@@ -1,0 +1,35 @@
+"""Named zero-shot prompt sets, from open_clip's zero-shot metadata: one place for clipfast.evaluate's --classnames /
+--templates and clipfast.data.make_shards' meta.json.
+
+- templates "openai": the CLIP paper's 80 ImageNet prompts; "simple": the 7 of them that OpenAI's prompt-engineering
+  notebook selected (an 11th of the text encoding);
+- class names "imagenet": ImageNet-1k's 1000 human-readable names in sorted-wnid order (torchvision's label order).
+"""
+from __future__ import annotations
+
+TEMPLATE_SETS = ("openai", "simple")
+
+
+def template_set(name: str) -> list[str]:
+    """The named set's templates, each with {} for the class name."""
+    from open_clip import zero_shot_metadata as z
+
+    sets = {"openai": z.OPENAI_IMAGENET_TEMPLATES, "simple": z.SIMPLE_IMAGENET_TEMPLATES}
+    if name not in sets:
+        raise KeyError(f"no template set {name!r}; named sets: {', '.join(TEMPLATE_SETS)}")
+    return [t("{}") for t in sets[name]]  # open_clip's templates are lambdas
+
+
+def imagenet_classnames() -> list[str]:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
+
+
+def template_problem(template: str) -> str | None:
+    """Why `template` cannot take a class name (it needs exactly one {} and no other fields), or None."""
+    try:
+        ok = "{}" in template and bool(template.format("x"))
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    return None if ok else f"template {template!r} needs one {{}} for the class name"
