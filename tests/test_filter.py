@@ -202,3 +202,24 @@ def test_demo_noise_flips_exactly_that_share_of_train_captions(data, tmp_path):
     assert flipped == 719
     with pytest.raises(ValueError, match="noise"):
         build(tmp_path / "x", noise=1.5)
+
+
+def test_decode_turns_an_image_upright_by_its_exif_orientation():
+    """A 2:1 image stored on its side with EXIF orientation 6 (rotate 90 degrees clockwise to view): decoded upright,
+    as DALI decodes it for training, so its top half (white) is the top of the centre crop."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from clipfast.data.filter import decode
+
+    upright = Image.new("RGB", (32, 64), (0, 0, 0))
+    upright.paste((255, 255, 255), (0, 0, 32, 32))  # white on top
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # on its side: viewing needs 90 degrees clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif)
+    out = decode(buf.getvalue(), 16).astype(np.int32)  # (3, 16, 16): short side 16 -> 16 x 32, centre crop rows 8-24
+    assert out[:, :6].mean() > 200 and out[:, -6:].mean() < 60

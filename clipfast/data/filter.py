@@ -75,11 +75,12 @@ def load_scorer(checkpoint: str, open_clip_name: str | None = None, device="cpu"
 
 
 def decode(data: bytes, size: int) -> np.ndarray:
-    """Encoded image -> uint8 (3, size, size): short side resized to `size` (bicubic), centre crop."""
-    from PIL import Image
+    """Encoded image -> uint8 (3, size, size): turned upright by its EXIF orientation (as DALI's decoders do for
+    training and evaluation), short side resized to `size` (bicubic), centre crop."""
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
+        im = ImageOps.exif_transpose(im).convert("RGB")
         w, h = im.size
         s = size / min(w, h)
         im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
