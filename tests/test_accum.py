@@ -199,3 +199,14 @@ def test_batch_norms_update_once_per_micro_batch():
         var = 0.9 * var + 0.1 * mb["x"].var(0, unbiased=True)
     torch.testing.assert_close(bn.running_mean, mean)
     torch.testing.assert_close(bn.running_var, var)
+
+
+def test_bench_accum_reports_each_point(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench.accum import main as bench_main
+
+    rows = bench_main(["--preset", "demo", "--image-size", "32", "--text-len", "8", "--batch", "16", "--accum", "1",
+                       "4", "--steps", "1", "--out", str(tmp_path)])
+    assert [(r["accum_steps"], r["micro_batch"]) for r in rows] == [(1, 16), (4, 4)]
+    assert all(r["peak_bytes"] > 0 and r["ms"] > 0 for r in rows)
+    assert "| 4 | 4 |" in (tmp_path / "accum.md").read_text() and json.loads((tmp_path / "accum.json").read_text())
