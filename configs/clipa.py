@@ -17,6 +17,8 @@ Each: stage "pretrain", 6 epochs of LAION-400M at a global batch of 32768, base 
 numbers are after that fine-tune. Data and evaluation as configs/clip.py (LAION-400M shards in
 data/laion400m/, ImageNet-1k val shards in data/imagenet/val/). These are the paper's numbers, not ones
 measured with clipfast. Stage fields override on the command line: `stages.finetune.steps=2000`.
+On fewer GPUs, or where a rank's 4096 samples do not fit, `accum_steps=N` keeps the batch of 32768 and its loss
+over all of it, in N micro-batches per rank (clipfast.accum; a forward pass more per sample).
 """
 import dataclasses
 from pathlib import Path
