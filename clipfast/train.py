@@ -481,7 +481,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         else:
             loss, terms = losses(forward({**batch, "keep": keep}))
             backward(loss)
-        parts.update(terms)
+        parts.update({k: v.detach() for k, v in terms.items()})  # (logged; not holding the graph)
         return loss.detach()
 
     # --- loop
