@@ -412,8 +412,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out_dir)
     is_main = rank == 0
-    for key in ("val_data", "retrieval_data"):  # found now, not after the training
-        if getattr(cfg, key):
+    for key in ("val_data", "retrieval_data"):  # found now, not after the training (where it will be evaluated)
+        if getattr(cfg, key) and (cfg.eval_at_end or cfg.eval_every):
             try:
                 list_shards(getattr(cfg, key))
             except FileNotFoundError as e:

@@ -169,9 +169,13 @@ def test_trainer_evaluates_every_eval_every_steps(data, tmp_path):
 
 
 def test_a_missing_evaluation_set_is_named_before_training(data, tmp_path):
-    r = _train(data, tmp_path / "run", f"retrieval_data={tmp_path / 'nowhere'}")
+    r = _train(data, tmp_path / "run", f"val_data={data / 'val'}", f"retrieval_data={tmp_path / 'nowhere'}")
     assert r.returncode != 0 and "retrieval_data: no .tar shards found" in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # where nothing is evaluated, the sets are not looked for (configs/demo.py names data/demo/val, which a fresh
+    # clone has not built)
+    r = _train(data, tmp_path / "run2", f"val_data={tmp_path / 'nowhere'}", "eval_at_end=false", "steps=2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_text_classifier_batches_across_classes_as_one_class_at_a_time_does(data):
