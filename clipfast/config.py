@@ -42,6 +42,9 @@ class TrainConfig:
     ssl_crop_scale: tuple = (0.08, 1.0)  # the SSL views' random-resized-crop area range (SimCLR's)
     # data
     train_data: str = "data/demo/train"  # a folder of .tar shards, a glob, or a comma-separated list
+    # with weights (one per comma-separated entry of train_data): the entries as datasets of their own, each sample from
+    # entry i with probability w_i / sum(w) (clipfast.data.shards.MixedReader); () = the entries as one dataset
+    train_weights: tuple = ()
     val_data: str = ""  # held-out shards with class labels in .json, for zero-shot classification
     retrieval_data: str = ""  # held-out shards with captions (.txt, or .json "captions"), for zero-shot retrieval
     crop_scale: tuple = (0.4, 1.0)  # random-resized-crop area range (CLIPA uses 0.4-1.0)

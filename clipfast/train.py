@@ -439,7 +439,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                         TextReducer(cfg.text_reduction, text_len, seed=cfg.seed * 131 + rank + step),
                         train=True, rank=rank, world=world, seed=cfg.seed + step, crop_scale=tuple(cfg.crop_scale),
                         threads=cfg.data_threads, device=device, augment=cfg.augment, views=2 if cfg.ssl_weight else 0,
-                        view_crop_scale=tuple(cfg.ssl_crop_scale))
+                        view_crop_scale=tuple(cfg.ssl_crop_scale), weights=tuple(cfg.train_weights))
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed * 1009 + rank + step)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from clipfast.data.augment import check_augment, simclr
-from clipfast.data.shards import ShardReader, list_shards
+from clipfast.data.shards import MixedReader, ShardReader, list_shards
 
 log = logging.getLogger("clipfast.data")
 
@@ -45,7 +45,7 @@ class DaliLoader:
 
     def __init__(self, data: str, batch_size: int, image_size: int, text_reducer, *, train=True, rank=0,
                  world=1, seed=0, crop_scale=(0.4, 1.0), threads=2, device: torch.device | str = "cpu",
-                 drop_last=None, augment="none", views=0, view_crop_scale=(0.08, 1.0)):
+                 drop_last=None, augment="none", views=0, view_crop_scale=(0.08, 1.0), weights=()):
         from nvidia.dali import fn, pipeline_def, types
 
         check_augment(augment)
@@ -55,8 +55,13 @@ class DaliLoader:
         self.device = torch.device(device)
         self.batch_size, self.train, self.text_reducer = batch_size, train, text_reducer
         self.drop_last = train if drop_last is None else drop_last
-        self.reader = ShardReader(list_shards(data), rank, world, seed, loop=train,
-                                  shuffle_buffer=1000 if train else 0)
+        if weights and not train:
+            raise ValueError("dataset weights are for training; an evaluation reads its data once, in order")
+        if weights:  # `data`'s comma-separated entries as datasets of their own, drawn by weight
+            self.reader = MixedReader([d.strip() for d in data.split(",") if d.strip()], weights, rank, world, seed)
+        else:
+            self.reader = ShardReader(list_shards(data), rank, world, seed, loop=train,
+                                      shuffle_buffer=1000 if train else 0)
         self._samples = iter(self.reader)
         self._pending: collections.deque = collections.deque()
         self.wait_s = 0.0  # host time spent waiting for batches (stall), for the training log

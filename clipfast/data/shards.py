@@ -195,3 +195,34 @@ class ShardReader:
                 return
             if self.seen == 0:
                 raise RuntimeError(f"no valid samples in {len(shards)} shard(s): {dict(self.skipped)}")
+
+
+class MixedReader:
+    """Training samples drawn from several datasets by weight: each draw picks dataset i with probability
+    w_i / sum(w) (a seeded generator), then that dataset's next sample (a ShardReader of its own, endless, shuffled,
+    its shards split across ranks as usual). The datasets share one count of skipped samples. `drawn` counts the draws
+    per dataset."""
+
+    def __init__(self, specs: list[str], weights, rank=0, world=1, seed=0, shuffle_buffer=1000):
+        if len(weights) != len(specs):
+            raise ValueError(f"{len(weights)} weight(s) for {len(specs)} training dataset(s) ({', '.join(specs)}): "
+                             "give one weight per comma-separated entry")
+        if any(not w > 0 for w in weights):
+            raise ValueError(f"dataset weights must be positive, got {tuple(weights)}")
+        self.specs, self.weights = specs, [float(w) for w in weights]
+        self.readers = [ShardReader(list_shards(spec), rank, world, seed * 7 + i, shuffle_buffer=shuffle_buffer)
+                        for i, spec in enumerate(specs)]
+        self.skipped: Counter = Counter()
+        for r in self.readers:
+            r.skipped = self.skipped  # one count, which the loader's decoder check adds to as well
+        self.rng = random.Random(seed * 1000003 + rank)
+        self.drawn = [0] * len(specs)
+
+    def __iter__(self):
+        sources = [iter(r) for r in self.readers]
+        index = range(len(sources))
+        while True:
+            i = self.rng.choices(index, self.weights)[0]
+            self.drawn[i] += 1
+            yield next(sources[i])
+
