@@ -3,6 +3,7 @@
     python -m clipfast.evaluate --checkpoint runs/demo/model.pt --data data/demo/val
     python -m clipfast.evaluate --checkpoint runs/demo/model.pt --data data/coco_test --task retrieval
     python -m clipfast.evaluate --checkpoint run/ --data data/imagenet_val --classnames imagenet --templates openai
+    python -m clipfast.evaluate --open-clip ViT-B-16 --checkpoint open_clip_b16.bin --data data/imagenet_val ...
 
 Classification: class names × prompt templates -> text classifier. Labels come from each sample's .json
 ("label"). Class names and templates come from --classnames / --templates (a list, or a named set: `imagenet`
@@ -60,8 +61,16 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**{**d, "vision": VisionConfig(**d["vision"]), "text": TextConfig(**d["text"])})
 
 
-def load_model(checkpoint: str, device="cpu", kernels: str = "auto") -> CLIP:
-    """A model saved by clipfast.train (`model.pt`, or a run folder holding one)."""
+def load_model(checkpoint: str, device="cpu", kernels: str = "auto", open_clip_name: str | None = None) -> CLIP:
+    """A model saved by clipfast.train (`model.pt`, or a run folder holding one), in eval mode; with open_clip_name,
+    that open_clip model's state dict in `checkpoint`, through clipfast.interop (architectures clipfast's CLIP has;
+    no download)."""
+    if open_clip_name is not None:
+        from clipfast.interop import config_from_open_clip, load_open_clip_state
+
+        model = CLIP(config_from_open_clip(open_clip_name), kernels=kernels)
+        load_open_clip_state(model, checkpoint, open_clip_model=open_clip_name)
+        return model.to(device).eval()
     path = Path(checkpoint)
     if path.is_dir():
         path = path / "model.pt"
@@ -234,7 +243,10 @@ def scalars(results: dict) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="model.pt written by clipfast.train, or its run folder")
+    ap.add_argument("--checkpoint", required=True, help="model.pt written by clipfast.train, or its run folder; with "
+                    "--open-clip, that model's open_clip state dict")
+    ap.add_argument("--open-clip", default=None, metavar="NAME", help="the open_clip model name of --checkpoint (a "
+                    "baseline evaluated the same way)")
     ap.add_argument("--data", required=True, help="held-out shards: class labels in .json (zeroshot) or captions "
                                                   "(retrieval)")
     ap.add_argument("--task", choices=("zeroshot", "retrieval"), default="zeroshot")
@@ -251,7 +263,7 @@ def main(argv=None):
         classnames, templates = named_classnames(args.classnames), named_templates(args.templates)
     except ValueError as e:
         ap.error(str(e))
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, open_clip_name=args.open_clip)
     if args.task == "retrieval":
         res = retrieval(model, args.data, args.batch_size, args.device, args.threads, progress=not args.no_progress)
     else:

@@ -193,3 +193,30 @@ def test_text_classifier_batches_across_classes_as_one_class_at_a_time_does(data
     # a bf16 model (the trainer's on a GPU): image features and classifier meet in float32
     res = zero_shot(model.to(torch.bfloat16), str(data / "val"), batch_size=128, threads=1)
     assert res["samples"] == 359
+
+
+def test_open_clip_weights_evaluate_as_the_same_clipfast_model(data, tmp_path, monkeypatch):
+    """--open-clip NAME: an open_clip state dict, converted through clipfast.interop, scores as the clipfast model it
+    came from (the baseline and clipfast's own models evaluated the same way)."""
+    import clipfast.interop as interop
+    from clipfast.config import TrainConfig
+    from clipfast.evaluate import main as evaluate_main
+    from clipfast.model import CLIP
+    from clipfast.presets import from_name
+    from clipfast.train import save_model
+
+    def demo_config(name, **kw):  # stands in for an open_clip name: no download, a tiny model
+        assert name == "tiny-test-model"
+        return from_name("demo")
+
+    monkeypatch.setattr(interop, "config_from_open_clip", demo_config)
+    torch.manual_seed(3)
+    model = CLIP(from_name("demo"), kernels="ref")
+    save_model(tmp_path / "model.pt", model, TrainConfig(), step=0)
+    torch.save(interop.to_open_clip(model.state_dict()), tmp_path / "open_clip.pt")
+    common = ["--data", str(data / "val"), "--device", "cpu", "--threads", "1", "--no-progress"]
+    for task in ("zeroshot", "retrieval"):
+        ours = evaluate_main(["--checkpoint", str(tmp_path / "model.pt"), "--task", task, *common])
+        theirs = evaluate_main(["--checkpoint", str(tmp_path / "open_clip.pt"), "--open-clip", "tiny-test-model",
+                                "--task", task, *common])
+        assert ours == theirs

@@ -60,20 +60,6 @@ class _Reader(ShardReader):
             super()._skip(shard, key, reason)
 
 
-def load_scorer(checkpoint: str, open_clip_name: str | None = None, device="cpu"):
-    """A clipfast CLIP in eval mode: from a clipfast model.pt, or from open_clip weights of `open_clip_name`."""
-    if open_clip_name is None:
-        from clipfast.evaluate import load_model
-
-        return load_model(checkpoint, device)
-    from clipfast.interop import config_from_open_clip, load_open_clip_state
-    from clipfast.model import CLIP
-
-    model = CLIP(config_from_open_clip(open_clip_name))
-    load_open_clip_state(model, checkpoint, open_clip_model=open_clip_name)
-    return model.to(device).eval()
-
-
 def decode(data: bytes, size: int) -> np.ndarray:
     """Encoded image -> uint8 (3, size, size): turned upright by its EXIF orientation (as DALI's decoders do for
     training and evaluation), short side resized to `size` (bicubic), centre crop."""
@@ -220,7 +206,9 @@ def run(args, command: str) -> dict:
     shards = list_shards(args.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_scorer(args.checkpoint, args.open_clip, args.device)
+    from clipfast.evaluate import load_model
+
+    model = load_model(args.checkpoint, args.device, open_clip_name=args.open_clip)
     records, skipped, skipped_keys = score_shards(model, shards, args.batch_size, args.device, args.workers,
                                                   progress=not args.no_progress)
     if not records:
