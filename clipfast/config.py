@@ -47,6 +47,7 @@ class TrainConfig:
     train_weights: tuple = ()
     val_data: str = ""  # held-out shards with class labels in .json, for zero-shot classification
     retrieval_data: str = ""  # held-out shards with captions (.txt, or .json "captions"), for zero-shot retrieval
+    # (either: several sets separated by ';', each name=shards: clipfast.evaluate.eval_sets)
     crop_scale: tuple = (0.4, 1.0)  # random-resized-crop area range (CLIPA uses 0.4-1.0)
     data_threads: int = 2
     # optimisation

@@ -216,27 +216,46 @@ def summary(task: str, data: str, res: dict) -> str:
             f"({res['samples']} samples, {res['classes']} classes, chance {100 / res['classes']:.1f}%)")
 
 
+def eval_sets(spec: str, task: str) -> list[tuple[str, str]]:
+    """A `val_data` / `retrieval_data` value -> [(result key, shards)]. One set: key `task`. Several, separated by
+    ';', each `name=shards` or just shards (named by its folder): keys `task:name`."""
+    parts = [p.strip() for p in spec.split(";") if p.strip()]
+    named = []
+    for part in parts:
+        name, eq, data = part.partition("=")
+        if not eq or "/" in name:  # no name given (or an '=' inside a path): the folder names it
+            name, data = Path(part.rstrip("/")).name, part
+        named.append((name.strip(), data.strip()))
+    if len(named) == 1 and "=" not in parts[0]:
+        return [(task, named[0][1])]
+    keys = [f"{task}:{name}" for name, _ in named]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"{task} sets {spec!r}: two have the same name; name them, name=shards;name2=shards2")
+    return [(k, data) for k, (_, data) in zip(keys, named, strict=True)]
+
+
 def evaluate_all(model: CLIP, val_data: str = "", retrieval_data: str = "", device="cpu", threads: int = 2,
                  say=print) -> dict:
-    """The trainer's evaluations: {"zeroshot": zero_shot(val_data), "retrieval": retrieval(retrieval_data)}, each
-    where its data is given, in eval mode (the model's mode restored after); `say` gets a summary line of each."""
+    """The trainer's evaluations: {"zeroshot": zero_shot(val_data), "retrieval": retrieval(retrieval_data)} (with
+    several sets, a key per set: eval_sets), where data is given, in eval mode (the model's mode restored after);
+    `say` gets a summary line of each."""
     was_training = model.training
     model.eval()
     out = {}
     try:
-        if val_data:
-            out["zeroshot"] = zero_shot(model, val_data, device=device, threads=threads)
-            say(summary("zeroshot", val_data, out["zeroshot"]))
-        if retrieval_data:
-            out["retrieval"] = retrieval(model, retrieval_data, device=device, threads=threads)
-            say(summary("retrieval", retrieval_data, out["retrieval"]))
+        for key, data in eval_sets(val_data, "zeroshot"):
+            out[key] = zero_shot(model, data, device=device, threads=threads)
+            say(summary("zeroshot", data, out[key]))
+        for key, data in eval_sets(retrieval_data, "retrieval"):
+            out[key] = retrieval(model, data, device=device, threads=threads)
+            say(summary("retrieval", data, out[key]))
     finally:
         model.train(was_training)
     return out
 
 
 def scalars(results: dict) -> dict:
-    """evaluate_all's result as flat {"zeroshot/top1": 0.97, "retrieval/i2t_r1": ...} (numbers only), for logs."""
+    """evaluate_all's result as flat {"zeroshot/top1": 0.97, "retrieval:coco/i2t_r1": ...} (numbers only), for logs."""
     return {f"{task}/{k}": v for task, res in results.items() for k, v in res.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 

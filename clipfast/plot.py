@@ -17,10 +17,10 @@ import json
 import statistics
 from pathlib import Path
 
-# (panel title, where the value comes from, its key); eval panels only appear when a run has that evaluation
-PANELS = [("training loss", "metrics", "loss"), ("zero-shot top-1", "evals", "zeroshot/top1"),
-          ("retrieval mean recall", "evals", "retrieval/mean_recall"), ("learning rate", "metrics", "lr"),
-          ("samples/s", "metrics", "samples_per_s"), ("MFU", "metrics", "mfu")]
+# (panel title, where the value comes from, its key), after the loss: a panel per evaluation set the runs hold
+# (eval_panels), then these; a panel only where some run has the value
+PANELS = [("learning rate", "metrics", "lr"), ("samples/s", "metrics", "samples_per_s"), ("MFU", "metrics", "mfu")]
+EVAL_VALUES = {"top1": "zero-shot top-1", "mean_recall": "retrieval mean recall"}  # the one value drawn per set
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -42,12 +42,14 @@ def _by_step(records: list[dict]) -> list[dict]:
 
 
 def _flat_eval(rec: dict) -> dict:
-    """An evals.jsonl line ({"step", "zeroshot": {...}, "retrieval": {...}}) or eval.json (zero-shot's keys at the top,
-    "retrieval" nested) -> {"step", "zeroshot/top1", "retrieval/mean_recall", ...}."""
+    """An evals.jsonl line ({"step", "zeroshot": {...}, "retrieval:coco": {...}, ...}) or eval.json (the first
+    zero-shot set's keys at the top, the others nested) -> {"step", "zeroshot/top1", "retrieval:coco/mean_recall",
+    ...}."""
     flat = {"step": rec["step"]}
-    for task in ("zeroshot", "retrieval"):
-        for k, v in rec.get(task, {}).items():
-            flat[f"{task}/{k}"] = v
+    for task, res in rec.items():
+        if isinstance(res, dict):
+            for k, v in res.items():
+                flat[f"{task}/{k}"] = v
     if "top1" in rec:
         flat.update({"zeroshot/top1": rec["top1"], "zeroshot/top5": rec.get("top5")})
     return flat
@@ -92,6 +94,19 @@ def series(stages: list[dict], source: str, key: str, x: str = "step") -> tuple[
     return xs, ys, starts
 
 
+def eval_panels(read: dict) -> list[tuple[str, str, str]]:
+    """A panel per evaluation set and drawn value in the runs, in the order first seen: ("zero-shot top-1", "evals",
+    "zeroshot/top1"), ("retrieval mean recall, coco", "evals", "retrieval:coco/mean_recall"), ..."""
+    keys = dict.fromkeys(k for stages in read.values() for st in stages for r in st["evals"] for k in r
+                         if k.rsplit("/", 1)[-1] in EVAL_VALUES)
+    panels = []
+    for key in keys:
+        task, value = key.rsplit("/", 1)
+        name = task.partition(":")[2]
+        panels.append((EVAL_VALUES[value] + (f", {name}" if name else ""), "evals", key))
+    return panels
+
+
 def summary(name: str, stages: list[dict]) -> str:
     metrics = [r for st in stages for r in st["metrics"]]
     evals = [r for st in stages for r in st["evals"]]
@@ -99,10 +114,9 @@ def summary(name: str, stages: list[dict]) -> str:
     if metrics:
         parts.append(f"final loss {metrics[-1]['loss']:.4f}")
         parts.append(f"median {statistics.median(r['samples_per_s'] for r in metrics):.0f} samples/s")
-    if evals and evals[-1].get("zeroshot/top1") is not None:
-        parts.append(f"zero-shot top-1 {100 * evals[-1]['zeroshot/top1']:.2f}%")
-    if evals and evals[-1].get("retrieval/mean_recall") is not None:
-        parts.append(f"retrieval mean recall {100 * evals[-1]['retrieval/mean_recall']:.2f}%")
+    for title, _, key in eval_panels({name: stages}):  # the last evaluation of each set
+        if evals and evals[-1].get(key) is not None:
+            parts.append(f"{title} {100 * evals[-1][key]:.2f}%")
     return ", ".join(parts)
 
 
@@ -116,7 +130,8 @@ def plot(runs: list[str], out: str, x: str = "step") -> list[str]:
     except ImportError as e:
         raise SystemExit(f"clipfast.plot needs matplotlib ({e}): pip install matplotlib") from None
     read = {r: read_run(r) for r in runs}
-    panels = [p for p in PANELS if any(series(st, p[1], p[2], x)[0] for st in read.values())]
+    candidates = [("training loss", "metrics", "loss"), *eval_panels(read), *PANELS]
+    panels = [p for p in candidates if any(series(st, p[1], p[2], x)[0] for st in read.values())]
     cols = 3 if len(panels) > 4 else 2
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)

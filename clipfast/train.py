@@ -41,6 +41,7 @@ from clipfast.config import TrainConfig, load_config, to_dict
 from clipfast.data import DaliLoader, list_shards
 from clipfast.data.augment import check_augment
 from clipfast.engine import TorchEngine, check_engine, resolve_kernels, resolve_overlap_optimizer, resolve_tower_streams
+from clipfast.evaluate import eval_sets
 from clipfast.flops import flops_per_sample, ssl_flops
 from clipfast.interop import resize_state_dict
 from clipfast.loss import distributed_clip_loss, distributed_simclr_loss
@@ -412,12 +413,13 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out_dir)
     is_main = rank == 0
-    for key in ("val_data", "retrieval_data"):  # found now, not after the training (where it will be evaluated)
-        if getattr(cfg, key) and (cfg.eval_at_end or cfg.eval_every):
-            try:
-                list_shards(getattr(cfg, key))
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{key}: {e}") from None
+    for key, task in (("val_data", "zeroshot"), ("retrieval_data", "retrieval")):  # found now, not after the training
+        if cfg.eval_at_end or cfg.eval_every:  # (where it will be evaluated)
+            for _, data in eval_sets(getattr(cfg, key), task):
+                try:
+                    list_shards(data)
+                except FileNotFoundError as e:
+                    raise FileNotFoundError(f"{key}: {e}") from None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -556,17 +558,16 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     res = {}
     if cfg.eval_at_end:
         res = evaluate_now(cfg, run, mcfg, device, is_main, step, writer, evals, say=lambda m: print(m, flush=True))
-        if res and is_main:  # zero-shot's numbers at the top level, as before retrieval was added
-            final = {"step": step, **res.get("zeroshot", {})}
-            if "retrieval" in res:
-                final["retrieval"] = res["retrieval"]
-            (out / "eval.json").write_text(json.dumps(final, indent=1))
+    first = next((k for k in res if k.split(":")[0] == "zeroshot"), None)
+    if res and is_main:  # the first zero-shot set's numbers at the top level, as before; the other sets by key
+        final = {"step": step, **res.get(first, {}), **{k: v for k, v in res.items() if k != first}}
+        (out / "eval.json").write_text(json.dumps(final, indent=1))
     if writer:
         writer.close()
     if metrics:
         metrics.close()
     return {"step": step, "loss": loss_v, "train_s": train_s, "total_s": time.perf_counter() - t_start,
-            "top1": res.get("zeroshot", {}).get("top1")}
+            "top1": res[first]["top1"] if first else None}
 
 
 if __name__ == "__main__":

@@ -116,6 +116,20 @@ def test_retrieval_over_shards_with_several_captions_per_image(tmp_path):
         retrieval(_Oracle(levels, answer), str(tmp_path), batch_size=4, threads=1)
 
 
+def test_eval_sets_one_plain_or_several_named():
+    from clipfast.evaluate import eval_sets
+
+    assert eval_sets("data/in1k/val", "zeroshot") == [("zeroshot", "data/in1k/val")]
+    assert eval_sets("", "zeroshot") == []
+    assert eval_sets("in1k=data/a/val;c10=data/c10/test", "zeroshot") == [("zeroshot:in1k", "data/a/val"),
+                                                                           ("zeroshot:c10", "data/c10/test")]
+    assert eval_sets("data/coco/; data/flickr", "retrieval") == [("retrieval:coco", "data/coco/"),
+                                                                  ("retrieval:flickr", "data/flickr")]
+    assert eval_sets("coco=data/x", "retrieval") == [("retrieval:coco", "data/x")]  # one set, named: its name kept
+    with pytest.raises(ValueError, match="two have the same name"):
+        eval_sets("data/a/val;data/b/val", "zeroshot")
+
+
 def test_named_prompt_sets():
     names = named_classnames("imagenet")
     assert len(names) == 1000 and names[0] == "tench" and named_classnames("a,b") == ["a", "b"]
@@ -166,6 +180,18 @@ def test_trainer_evaluates_every_eval_every_steps(data, tmp_path):
     final = json.loads((out / "eval.json").read_text())
     assert final["top1"] == evals[-1]["zeroshot"]["top1"] and final["retrieval"] == evals[-1]["retrieval"]
     assert "retrieval on" in r.stdout and "zero-shot on" in r.stdout
+
+    # several sets, named: a result per set, the first zero-shot set's at eval.json's top level
+    out = tmp_path / "run2"
+    r = _train(data, out, "steps=2", f"val_data=digits={data / 'val'};again={data / 'val'}",
+               f"retrieval_data=held_out={data / 'val'}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (ev,) = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert list(ev) == ["step", "zeroshot:digits", "zeroshot:again", "retrieval:held_out"]
+    assert ev["zeroshot:digits"] == ev["zeroshot:again"]  # the same set twice, the same model
+    final = json.loads((out / "eval.json").read_text())
+    assert final["top1"] == ev["zeroshot:digits"]["top1"] and "zeroshot:digits" not in final
+    assert final["zeroshot:again"] == ev["zeroshot:again"] and final["retrieval:held_out"] == ev["retrieval:held_out"]
 
 
 def test_a_missing_evaluation_set_is_named_before_training(data, tmp_path):

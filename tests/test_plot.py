@@ -57,6 +57,17 @@ def test_the_png_has_a_panel_per_value_the_runs_hold(tmp_path, capsys):
     assert "(training loss, zero-shot top-1, learning rate, samples/s)" in capsys.readouterr().out
 
 
+def test_a_panel_per_evaluation_set(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _run(tmp_path / "a", [10, 20], 64, evals=[{"step": 20, "zeroshot:in1k": {"top1": 0.5, "top5": 0.8},
+                                                "zeroshot:c10": {"top1": 0.9}, "retrieval:coco": {"mean_recall": 0.3}}])
+    main([str(tmp_path / "a"), "--out", str(tmp_path / "c.png")])
+    printed = capsys.readouterr().out
+    assert ("(training loss, zero-shot top-1, in1k, zero-shot top-1, c10, retrieval mean recall, coco, learning rate, "
+            "samples/s)") in printed
+    assert "zero-shot top-1, c10 90.00%, retrieval mean recall, coco 30.00%" in printed
+
+
 def test_a_folder_that_is_not_a_run_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
