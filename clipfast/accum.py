@@ -65,10 +65,10 @@ def check_accum(cfg, world: int) -> None:
 def bn_stats_frozen(model: torch.nn.Module):
     """Batch norms normalise with their batch's statistics as in training but leave the running ones unchanged."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    if any(m.momentum is None for m in bns):  # a cumulative average would still count the batch (checked before any
+        raise ValueError("a batch norm with momentum=None cannot skip a batch")  # momentum is changed)
     saved = [m.momentum for m in bns]
     for m in bns:
-        if m.momentum is None:  # a cumulative average would still count the batch
-            raise ValueError(f"{type(m).__name__} with momentum=None cannot skip a batch")
         m.momentum = 0.0
     try:
         yield
@@ -94,7 +94,7 @@ def cached_passes(model, forward, micros: list[dict], loss_fn, backward) -> tupl
     loss0, parts0 = None, {}
     for j, mb in enumerate(micros):
         live = forward(mb)
-        outs = [_splice([c[k] for c in cached], live[k], j, dim) for k, dim in zip(range(len(live)), _SAMPLE_DIM)]
+        outs = [_splice([c[k] for c in cached], live[k], j, dim) for k, dim in enumerate(_SAMPLE_DIM[:len(live)])]
         if j:
             outs[2] = outs[2].detach()  # the logit scale: its whole gradient came with the first pass
         loss, parts = loss_fn(outs)

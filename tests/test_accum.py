@@ -211,3 +211,11 @@ def test_bench_accum_reports_each_point(tmp_path):
     assert [(r["accum_steps"], r["micro_batch"]) for r in rows] == [(1, 16), (4, 4)]
     assert all(r["peak_bytes"] > 0 and r["ms"] > 0 for r in rows)
     assert "| 4 | 4 |" in (tmp_path / "accum.md").read_text() and json.loads((tmp_path / "accum.json").read_text())
+
+
+def test_a_cumulative_batch_norm_is_refused_and_no_momentum_is_left_changed():
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2, momentum=None)).train()
+    with pytest.raises(ValueError, match="momentum=None"):
+        with bn_stats_frozen(model):
+            pass
+    assert model[0].momentum == 0.1
