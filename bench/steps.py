@@ -168,7 +168,7 @@ def _single_process_dist(device) -> None:
         return
     import deepspeed
 
-    from clipfast.train import one_rank_env
+    from clipfast.launch import one_rank_env
 
     one_rank_env()  # the trainer's own defaults: rank 0 of 1 on a free local port
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)

@@ -86,6 +86,7 @@ class TrainConfig:
     out_dir: str = "runs/demo"
     log_every: int = 10
     ckpt_every: int = 200
+    keep_ckpts: int = 0  # keep the newest this many checkpoints in ckpt/ (each holds the optimizer state); 0 = all
     resume: bool = False
     tensorboard: bool = True
     eval_at_end: bool = True

@@ -111,6 +111,9 @@ def run(cfg: TrainConfig, train_fn, *, is_main: bool, barrier=lambda: None) -> l
                    "image_reduction": st.image_reduction, "mask_ratio": st.mask_ratio,
                    "text_reduction": st.text_reduction, **train_fn(st, name)}
         barrier()
+        if summary.get("preempted"):  # stopped by a signal with a checkpoint: resume=true goes on in this stage
+            summaries.append(summary)
+            return summaries
         if is_main:
             (Path(st.out_dir) / DONE).write_text(json.dumps(summary, indent=1))
         summaries.append(summary)

@@ -3,13 +3,15 @@
     deepspeed clipfast/train.py --config configs/demo.py [key=value ...]
     deepspeed --num_gpus 2 clipfast/train.py --config configs/demo.py steps=20   # two ranks (CPU: gloo)
     python clipfast/train.py --config configs/demo.py engine=torch [cuda_graph=true]   # one rank, no DeepSpeed
+    srun python clipfast/train.py --config ...   # one task per GPU under SLURM, no launcher (clipfast.launch)
 
 On one rank DeepSpeed runs ZeRO stage 0 without the gradient all-reduce; engine=torch (clipfast.engine) drops
 the engine altogether, and on CUDA cuda_graph=true replays each whole step as CUDA graphs (clipfast.graph).
 
 Writes under out_dir: metrics.jsonl (one JSON line per log step), TensorBoard events, DeepSpeed
-checkpoints in ckpt/ (every ckpt_every steps and at the end; `resume=true` continues from the latest, on any number
-of ranks: a checkpoint saved with another world size, ZeRO stage, precision or engine is converted, clipfast.reshard),
+checkpoints in ckpt/ (every ckpt_every steps, at the end, and when a SIGTERM / SIGUSR1 stops the run early with exit
+status 75; `resume=true` continues from the latest, on any number of ranks: a checkpoint saved with another world
+size, ZeRO stage, precision or engine is converted, clipfast.reshard; clipfast.checkpoint),
 model.pt (a plain state_dict + model config, for clipfast.evaluate and clipfast.export) and, when
 val_data (zero-shot classification) or retrieval_data (image-text retrieval) is set, the final model's results in
 eval.json; every evaluation (also each eval_every steps) goes to evals.jsonl and TensorBoard's eval/. A config
@@ -24,7 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,13 +38,14 @@ import torch.distributed as dist
 
 from clipfast import presets, reshard
 from clipfast.accum import cached_passes, check_accum, split_batch
+from clipfast.checkpoint import PREEMPTED_EXIT, Preemption, full_weights, load_weights, resume, save
 from clipfast.config import TrainConfig, load_config, to_dict
 from clipfast.data import DaliLoader, list_shards
 from clipfast.data.augment import check_augment
 from clipfast.engine import TorchEngine, check_engine, resolve_kernels, resolve_overlap_optimizer, resolve_tower_streams
 from clipfast.evaluate import eval_sets
 from clipfast.flops import flops_per_sample, ssl_flops
-from clipfast.interop import resize_state_dict
+from clipfast.launch import one_rank_env, release_shm_buffer, slurm_env
 from clipfast.loss import distributed_clip_loss, distributed_simclr_loss
 from clipfast.model import CLIP
 from clipfast.optim import clipped_step
@@ -145,81 +147,14 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def full_weights(module: CLIP, stage: int) -> dict:
-    """The module's state_dict in float32 on the CPU. Under ZeRO stage 3 each rank holds a slice of every parameter
-    (and an empty placeholder for the rest), so they are gathered whole first: a collective, every rank calls it
-    (model.pt under stage 3 had held an empty token embedding)."""
-    if stage != 3:
-        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def save_model(path: Path, model: CLIP, cfg: TrainConfig, step: int, sd: dict | None = None) -> None:
-    """model.pt: the weights (sd from full_weights, or the model's own state_dict) with the model's and the run's
-    configs and the step."""
-    sd = without_head(full_weights(model, 0) if sd is None else sd)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model_config": dataclasses.asdict(model.cfg), "state_dict": sd, "train_config": to_dict(cfg),
-                "step": step}, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half file behind
-
-
-def load_weights(model: CLIP, path: str) -> None:
-    """Start from a clipfast model.pt (or a run folder holding one): position embeddings resized to `model`."""
-    p = Path(path)
-    p = p / "model.pt" if p.is_dir() else p
-    if not p.is_file():
-        raise FileNotFoundError(f"init_from: no model file at {path!r} (expected a model.pt from clipfast.train)")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
-    missing, unexpected = model.load_state_dict(resize_state_dict(without_head(sd), model.cfg), strict=False)
-    missing = without_head(dict.fromkeys(missing))  # a new SSL head starts from its own init
-    if missing or unexpected:
-        raise RuntimeError(f"init_from {p}: missing keys {sorted(missing)}, unexpected keys {unexpected}")
-    log.info("initialised from %s (step %s)", p, ckpt.get("step", "?") if isinstance(ckpt, dict) else "?")
-
-
-def one_rank_env() -> None:
-    """Started without a launcher (`python clipfast/train.py`): one rank on a free local port. A launcher's own
-    RANK / WORLD_SIZE / MASTER_* are kept."""
-    import socket
-
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-
-
-def shm_buffer_path(rank: int) -> Path:
-    """DeepSpeed's shared-memory all-reduce buffer of `rank` (deepspeed/ops/csrc/cpu/comm/shm.cpp names it after the
-    user, MASTER_ADDR and MASTER_PORT)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
-def release_shm_buffer(rank: int) -> None:
-    """DeepSpeed on the CPU with every rank on this machine (its launcher sets LOCAL_SIZE) creates a 69 MB shared-memory
-    all-reduce buffer per rank in init_distributed, maps every rank's, and never unlinks them: each run left its
-    buffers in /dev/shm, RAM that stays taken (300 such files, 20 GB, stalled this 24 GB machine on 2026-11-26).
-    Called on each rank after a barrier that follows init_distributed, when every rank has mapped every buffer: the
-    name goes now, the memory when the last process that maps it exits."""
-    try:
-        shm_buffer_path(rank).unlink()
-    except FileNotFoundError:  # no shared-memory all-reduce (GPUs, one process without a launcher)
-        pass
-
-
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
 
     # --- setup (once per process; each stage of a multi-stage config is one call of train())
+    preempt = Preemption().install()  # from here a SIGTERM / SIGUSR1 stops the run at a step, with a checkpoint
     cuda = torch.cuda.is_available()
+    from_slurm = slurm_env()  # `srun python clipfast/train.py`: the rank from SLURM's variables (clipfast.launch)
     one_rank_env()
     if cfg.engine == "torch":  # no DeepSpeed needed: `python clipfast/train.py ... engine=torch` runs without it
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -237,14 +172,19 @@ def main(argv=None):
         torch.cuda.set_device(device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s")
+    if from_slurm:
+        log.info("%s", from_slurm)
     if cfg.stages:
         from clipfast import stages
 
-        stages.run(cfg, lambda st, name: train(st, device, rank, world, desc=name), is_main=rank == 0,
-                   barrier=dist.barrier)
+        done = stages.run(cfg, lambda st, name: train(st, device, rank, world, desc=name, preempt=preempt),
+                          is_main=rank == 0, barrier=dist.barrier)
     else:
-        train(cfg, device, rank, world)
+        done = [train(cfg, device, rank, world, preempt=preempt)]
     dist.barrier()
+    if any(d.get("preempted") for d in done):
+        dist.destroy_process_group()
+        sys.exit(PREEMPTED_EXIT)
 
 
 def build_model(cfg: TrainConfig, device: torch.device, is_main: bool = True) -> tuple[CLIP, object, int]:
@@ -338,46 +278,6 @@ def undo_init_step(opt) -> None:
                 st["step"] = 0
 
 
-def resume(run: Run, cfg: TrainConfig, ckpt_dir: Path, is_main: bool) -> int:
-    """With resume=true, load the latest checkpoint in ckpt_dir (one saved in another layout is converted first);
-    returns the step to continue from (0 without a checkpoint)."""
-    if not cfg.resume:
-        return 0
-    if not (ckpt_dir / "latest").is_file():
-        log.info("resume=true but no checkpoint in %s: starting from scratch", ckpt_dir)
-        return 0
-    if run.plan and run.plan.convert:  # saved with another number of ranks, ZeRO stage, precision or engine
-        client = resume_resharded(run, ckpt_dir, is_main)
-    else:
-        _, client = run.engine.load_checkpoint(str(ckpt_dir))
-    step = int(client["step"])
-    log.info("resumed from %s at step %d", ckpt_dir, step)
-    return step
-
-
-def resume_resharded(run: Run, ckpt_dir: Path, is_main: bool) -> dict:
-    """Resume a checkpoint saved in another layout (clipfast.reshard): rank 0 writes its universal checkpoint, every
-    rank loads it (ZeRO through DeepSpeed, stage 0 and engine=torch through reshard.load_single), then it is removed.
-    Returns the client state."""
-    tag, saved, layout, engine = run.plan.tag, run.plan.saved, run.layout, run.engine
-    uni = ckpt_dir / f"{tag}_universal"
-    if is_main:
-        log.info("%s/%s was saved with %s; this run is %s: converting it to a universal checkpoint", ckpt_dir, tag,
-                 saved, layout)
-        t0 = time.perf_counter()
-        reshard.to_universal(ckpt_dir / tag, uni, run.names, target=layout)
-        log.info("universal checkpoint written in %.1f s", time.perf_counter() - t0)
-    dist.barrier()
-    if layout.stage:
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=uni.name)
-    else:
-        client = reshard.load_single(uni, engine, run.names, layout)
-    dist.barrier()
-    if is_main:
-        shutil.rmtree(uni, ignore_errors=True)
-    return client
-
-
 def evaluate_now(cfg: TrainConfig, run: Run, mcfg, device: torch.device, is_main: bool, step: int, writer, evals: Path,
                  say=print) -> dict:
     """Zero-shot classification (val_data) and retrieval (retrieval_data) of the model as it is now, on rank 0 (under
@@ -405,8 +305,11 @@ def evaluate_now(cfg: TrainConfig, run: Run, mcfg, device: torch.device, is_main
     return res
 
 
-def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: str = "train") -> dict:
-    """One training run (a stage) in cfg.out_dir; returns {"step", "loss", "train_s", "total_s", "top1"}."""
+def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: str = "train",
+          preempt: Preemption | None = None) -> dict:
+    """One training run (a stage) in cfg.out_dir; returns {"step", "loss", "train_s", "total_s", "top1"}, and
+    "preempted": true where a signal (`preempt`, installed by main) stopped it early with a checkpoint."""
+    preempt = preempt or Preemption()  # (not installed: never signalled)
     t_start = time.perf_counter()
     cuda = device.type == "cuda"
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
@@ -420,6 +323,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                     list_shards(data)
                 except FileNotFoundError as e:
                     raise FileNotFoundError(f"{key}: {e}") from None
+    if cfg.keep_ckpts < 0:
+        raise ValueError(f"keep_ckpts must be >= 0 (0 keeps every checkpoint), got {cfg.keep_ckpts}")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -499,6 +404,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True, desc=desc)
     t_loop = t_last = time.perf_counter()
+    preempted = False
     wait_last, samples_last, text_tokens, loss_v = loader.wait_s, 0, 0, None
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -539,24 +445,32 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                             writer.add_scalar(f"train/{k}", v, step)
                 bar.set_postfix(loss=f"{loss_v:.3f}", sps=f"{sps:.0f}", wait=f"{rec['data_wait_share']:.0%}")
         bar.update(1)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
-            if is_main or run.layout.stage == 3:  # (stage 3: every rank takes part in the gather)
-                weights = full_weights(engine.module, run.layout.stage)
-            if is_main:
-                save_model(out / "model.pt", engine.module, cfg, step, weights)
+        saved = step % cfg.ckpt_every == 0 or step == cfg.steps
+        if saved:
+            save(run, cfg, out, step, is_main)
         if cfg.eval_every and step % cfg.eval_every == 0 and not (step == cfg.steps and cfg.eval_at_end):
             t0 = time.perf_counter()
             evaluate_now(cfg, run, mcfg, device, is_main, step, writer, evals, say=bar.write)
             t_last += time.perf_counter() - t0  # not training time: left out of the next line's samples/s
+        # a scheduler's signal: stop here, every rank at this step (checked where the step already synced: each
+        # log step, and every step on one rank)
+        if (world == 1 or step % cfg.log_every == 0) and preempt.agreed(world, device):
+            if not saved:
+                save(run, cfg, out, step, is_main)
+            if is_main:
+                log.warning("%s received: stopped at step %d of %d with a checkpoint in %s; the same command with "
+                            "resume=true goes on from there (exit status %d)", preempt.signal or "a signal on "
+                            "another rank", step, cfg.steps, out / "ckpt", PREEMPTED_EXIT)
+            preempted = True
+            break
     bar.close()
     train_s = time.perf_counter() - t_loop
     if loader.skipped:
         log.warning("skipped %d corrupt samples: %s", sum(loader.skipped.values()), loader.skipped)
 
-    # --- evaluate the final model
+    # --- evaluate the final model (a preempted run does that when it is resumed at its last step)
     res = {}
-    if cfg.eval_at_end:
+    if cfg.eval_at_end and not preempted:
         res = evaluate_now(cfg, run, mcfg, device, is_main, step, writer, evals, say=lambda m: print(m, flush=True))
     first = next((k for k in res if k.split(":")[0] == "zeroshot"), None)
     if res and is_main:  # the first zero-shot set's numbers at the top level, as before; the other sets by key
@@ -567,7 +481,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     if metrics:
         metrics.close()
     return {"step": step, "loss": loss_v, "train_s": train_s, "total_s": time.perf_counter() - t_start,
-            "top1": res[first]["top1"] if first else None}
+            "top1": res[first]["top1"] if first else None, **({"preempted": True} if preempted else {})}
 
 
 if __name__ == "__main__":

@@ -46,4 +46,5 @@ def config() -> TrainConfig:
         out_dir="runs/clip_b16",
         log_every=50,
         ckpt_every=1000,
+        keep_ckpts=3,  # each: bf16 weights, fp32 masters, AdamW moments (B/16: ~2.1 GB); all ~390 would be ~0.8 TB
     )

@@ -142,12 +142,12 @@ def test_named_prompt_sets():
 
 
 def test_evaluate_cli_retrieval_and_a_label_without_a_class_name(data, tmp_path):
+    from clipfast.checkpoint import save_model
     from clipfast.config import TrainConfig
     from clipfast.evaluate import main as evaluate_main
     from clipfast.evaluate import zero_shot
     from clipfast.model import CLIP
     from clipfast.presets import from_name
-    from clipfast.train import save_model
 
     model = CLIP(from_name("demo"), kernels="ref")
     save_model(tmp_path / "model.pt", model, TrainConfig(), step=0)
@@ -225,11 +225,11 @@ def test_open_clip_weights_evaluate_as_the_same_clipfast_model(data, tmp_path, m
     """--open-clip NAME: an open_clip state dict, converted through clipfast.interop, scores as the clipfast model it
     came from (the baseline and clipfast's own models evaluated the same way)."""
     import clipfast.interop as interop
+    from clipfast.checkpoint import save_model
     from clipfast.config import TrainConfig
     from clipfast.evaluate import main as evaluate_main
     from clipfast.model import CLIP
     from clipfast.presets import from_name
-    from clipfast.train import save_model
 
     def demo_config(name, **kw):  # stands in for an open_clip name: no download, a tiny model
         assert name == "tiny-test-model"

@@ -25,10 +25,10 @@ def _raw(folder):
 
 @pytest.fixture(scope="module")
 def model_pt(tmp_path_factory):
+    from clipfast.checkpoint import save_model
     from clipfast.config import TrainConfig
     from clipfast.model import CLIP
     from clipfast.presets import from_name
-    from clipfast.train import save_model
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("scorer") / "model.pt"

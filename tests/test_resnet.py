@@ -205,9 +205,10 @@ def test_flops_equal_counted_flops_of_both_models(size):
 
 
 def test_demo_rn_trains_through_clipfast_train(data, tmp_path):
+    from clipfast.checkpoint import save_model
     from clipfast.config import TrainConfig
     from clipfast.evaluate import load_model
-    from clipfast.train import save_model, train
+    from clipfast.train import train
 
     torch.manual_seed(0)  # starting weights saved at 64 px (a 2x2 grid): resized on load to 32 px (1x1)
     init = CLIP(from_name("demo-rn", **{"vision.image_size": 64, "text.context_length": 16}), kernels="ref")

@@ -77,7 +77,7 @@ def test_forward_with_views_runs_the_head_per_view():
 
 
 def test_model_pt_leaves_the_head_out_and_init_from_takes_either(tmp_path):
-    from clipfast.train import load_weights, save_model
+    from clipfast.checkpoint import load_weights, save_model
 
     slip = _model()
     save_model(tmp_path / "model.pt", slip, TrainConfig(), step=3)

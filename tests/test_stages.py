@@ -71,6 +71,26 @@ def test_stage_validation_before_anything_runs():
         stages.expand(TrainConfig(stages=(dict(text_reduction="nouns"),)))
 
 
+def test_a_preempted_stage_ends_the_run_unfinished_and_resume_starts_there(tmp_path):
+    """A stage stopped by a signal (train returns preempted) is not marked done and no later stage runs; the resumed
+    run skips the stages done before and runs the stopped one again (with resume=true: from its checkpoint)."""
+    cfg = TrainConfig(out_dir=str(tmp_path), stages=TWO[:1] + TWO[1:] + (dict(name="third", steps=2),))
+    ran = []
+
+    def train_fn(st, name):
+        ran.append((name, st.resume))
+        return {"step": 3, "preempted": True} if name == "fine" and len(ran) == 2 else {"step": st.steps}
+
+    out = stages.run(cfg, train_fn, is_main=True)
+    assert ran == [("pre", False), ("fine", False)] and out[-1]["preempted"]
+    assert (tmp_path / "pre" / stages.DONE).is_file() and not (tmp_path / "fine" / stages.DONE).exists()
+    assert not (tmp_path / "stages.json").exists()
+    ran.clear()
+    out = stages.run(dataclasses.replace(cfg, resume=True), train_fn, is_main=True)
+    assert ran == [("fine", True), ("third", True)] and [s["stage"] for s in out] == ["pre", "fine", "third"]
+    assert (tmp_path / "stages.json").is_file()
+
+
 def test_demo_clipa_config_loads():
     cfg = load_config(str(ROOT / "configs" / "demo_clipa.py"))
     (_, pre), (_, fine) = stages.expand(cfg)
@@ -123,9 +143,9 @@ def test_every_recipe_loads_and_names_a_preset(recipe):
 
 
 def test_load_weights_resizes_position_embeddings(tmp_path):
+    from clipfast.checkpoint import load_weights, save_model
     from clipfast.model import CLIP
     from clipfast.presets import from_name
-    from clipfast.train import load_weights, save_model
 
     small = CLIP(from_name("demo", **{"vision.image_size": 16, "text.context_length": 8}), kernels="ref")
     save_model(tmp_path / "model.pt", small, TrainConfig(), step=3)

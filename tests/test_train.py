@@ -20,8 +20,8 @@ def _free_port():
 
 def _deepspeed(ranks, *overrides, timeout=900):
     """The run through DeepSpeed's launcher; afterwards none of its ranks' shared-memory all-reduce buffers is left in
-    /dev/shm (clipfast.train.release_shm_buffer)."""
-    from clipfast.train import shm_buffer_path
+    /dev/shm (clipfast.launch.release_shm_buffer)."""
+    from clipfast.launch import shm_buffer_path
 
     port = str(_free_port())
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
@@ -72,11 +72,11 @@ def test_unknown_key_fails_listing_valid_keys():
 def test_evaluate_cli(data, tmp_path):
     import torch
 
+    from clipfast.checkpoint import save_model
     from clipfast.config import TrainConfig
     from clipfast.evaluate import main as evaluate_main
     from clipfast.model import CLIP
     from clipfast.presets import from_name
-    from clipfast.train import save_model
 
     model = CLIP(from_name("demo"), kernels="ref")
     save_model(tmp_path / "model.pt", model, TrainConfig(), step=0)

@@ -1,0 +1,175 @@
+"""What a run keeps and how it comes back: model.pt, the engine's checkpoints in ckpt/ (saved, pruned, resumed in
+any layout) and stopping early with a checkpoint when the scheduler says so (SIGTERM / SIGUSR1).
+
+    ckpt/step<N>/      DeepSpeed's (or clipfast.engine's) checkpoint, every ckpt_every steps, at the end and on a
+                       signal; keep_ckpts=K keeps the newest K
+    ckpt/latest        the tag resume=true loads
+    model.pt           plain float32 weights + model and run configs (clipfast.evaluate, clipfast.export, init_from)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from clipfast import reshard
+from clipfast.config import TrainConfig, to_dict
+from clipfast.interop import resize_state_dict
+from clipfast.model import CLIP
+from clipfast.slip import without_head
+
+log = logging.getLogger("clipfast.train")
+
+# The process's exit status after a signal stopped it with a checkpoint: EX_TEMPFAIL ("try again"), apart from 0 (the
+# run finished) and 1 (it failed), so that a job script can requeue itself, `resume=true` on the same command.
+PREEMPTED_EXIT = 75
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+TAG = re.compile(r"step(\d+)$")
+
+
+def full_weights(module: CLIP, stage: int) -> dict:
+    """The module's state_dict in float32 on the CPU. Under ZeRO stage 3 each rank holds a slice of every parameter
+    (and an empty placeholder for the rest), so they are gathered whole first: a collective, every rank calls it
+    (model.pt under stage 3 had held an empty token embedding)."""
+    if stage != 3:
+        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_model(path: Path, model: CLIP, cfg: TrainConfig, step: int, sd: dict | None = None) -> None:
+    """model.pt: the weights (sd from full_weights, or the model's own state_dict) with the model's and the run's
+    configs and the step."""
+    sd = without_head(full_weights(model, 0) if sd is None else sd)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model_config": dataclasses.asdict(model.cfg), "state_dict": sd, "train_config": to_dict(cfg),
+                "step": step}, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half file behind
+
+
+def load_weights(model: CLIP, path: str) -> None:
+    """Start from a clipfast model.pt (or a run folder holding one): position embeddings resized to `model`."""
+    p = Path(path)
+    p = p / "model.pt" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"init_from: no model file at {path!r} (expected a model.pt from clipfast.train)")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+    missing, unexpected = model.load_state_dict(resize_state_dict(without_head(sd), model.cfg), strict=False)
+    missing = without_head(dict.fromkeys(missing))  # a new SSL head starts from its own init
+    if missing or unexpected:
+        raise RuntimeError(f"init_from {p}: missing keys {sorted(missing)}, unexpected keys {unexpected}")
+    log.info("initialised from %s (step %s)", p, ckpt.get("step", "?") if isinstance(ckpt, dict) else "?")
+
+
+def save(run, cfg: TrainConfig, out: Path, step: int, is_main: bool) -> None:
+    """The engine's checkpoint ckpt/step<step> (every rank writes its part), model.pt, and the older checkpoints
+    beyond cfg.keep_ckpts removed."""
+    ckpt_dir = out / "ckpt"
+    run.engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+    if is_main or run.layout.stage == 3:  # (stage 3: every rank takes part in the gather)
+        weights = full_weights(run.engine.module, run.layout.stage)
+    if is_main:
+        save_model(out / "model.pt", run.engine.module, cfg, step, weights)
+    if cfg.keep_ckpts:
+        dist.barrier()  # every rank's part of the new checkpoint is written before an old one goes
+        if is_main:
+            prune(ckpt_dir, cfg.keep_ckpts)
+
+
+def prune(ckpt_dir: Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` step<N> checkpoints (never the one `latest` names); returns the removed."""
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    tags = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := TAG.match(p.name)))
+    gone = [p for _, p in tags[:-keep] if p.name != latest] if keep > 0 else []
+    for p in gone:
+        shutil.rmtree(p)
+    if gone:
+        log.info("removed %d older checkpoint(s) (keep_ckpts=%d): %s", len(gone), keep, ", ".join(p.name for p in gone))
+    return gone
+
+
+def resume(run, cfg: TrainConfig, ckpt_dir: Path, is_main: bool) -> int:
+    """With resume=true, load the latest checkpoint in ckpt_dir (one saved in another layout is converted first);
+    returns the step to continue from (0 without a checkpoint)."""
+    if not cfg.resume:
+        return 0
+    if not (ckpt_dir / "latest").is_file():
+        log.info("resume=true but no checkpoint in %s: starting from scratch", ckpt_dir)
+        return 0
+    if run.plan and run.plan.convert:  # saved with another number of ranks, ZeRO stage, precision or engine
+        client = resume_resharded(run, ckpt_dir, is_main)
+    else:
+        _, client = run.engine.load_checkpoint(str(ckpt_dir))
+    step = int(client["step"])
+    log.info("resumed from %s at step %d", ckpt_dir, step)
+    return step
+
+
+def resume_resharded(run, ckpt_dir: Path, is_main: bool) -> dict:
+    """Resume a checkpoint saved in another layout (clipfast.reshard): rank 0 writes its universal checkpoint, every
+    rank loads it (ZeRO through DeepSpeed, stage 0 and engine=torch through reshard.load_single), then it is removed.
+    Returns the client state."""
+    tag, saved, layout, engine = run.plan.tag, run.plan.saved, run.layout, run.engine
+    uni = ckpt_dir / f"{tag}_universal"
+    if is_main:
+        log.info("%s/%s was saved with %s; this run is %s: converting it to a universal checkpoint", ckpt_dir, tag,
+                 saved, layout)
+        t0 = time.perf_counter()
+        reshard.to_universal(ckpt_dir / tag, uni, run.names, target=layout)
+        log.info("universal checkpoint written in %.1f s", time.perf_counter() - t0)
+    dist.barrier()
+    if layout.stage:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=uni.name)
+    else:
+        client = reshard.load_single(uni, engine, run.names, layout)
+    dist.barrier()
+    if is_main:
+        shutil.rmtree(uni, ignore_errors=True)
+    return client
+
+
+class Preemption:
+    """A scheduler's notice that the job must end (SLURM's `--signal=USR1@120` or its SIGTERM before the kill,
+    Kubernetes' SIGTERM, DeepSpeed's and torchrun's launchers passing on theirs): the handler only notes the signal,
+    and the training loop stops at a step boundary with a checkpoint, every rank at the same step (`agreed`).
+    Installed by clipfast.train.main, in the processes that train; a run called in-process (tests, notebooks) keeps
+    the default handlers."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old = {}
+
+    def install(self) -> Preemption:
+        for name in PREEMPT_SIGNALS:
+            num = getattr(signal, name)
+            self._old[num] = signal.signal(num, self._note)
+        return self
+
+    def restore(self) -> None:
+        for num, old in self._old.items():
+            signal.signal(num, old)
+        self._old = {}
+
+    def _note(self, signum, frame) -> None:  # a signal handler: no logging (not reentrant), only the note
+        self.signal = self.signal or signal.Signals(signum).name
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """Whether any rank has been signalled. A signal reaches ranks at different moments (or only some), so with
+        several ranks the flags are all-reduced: a collective, called by every rank at the same steps (the trainer
+        calls it on its log steps, which are already a host-device sync point; on one rank, every step)."""
+        if world == 1:
+            return self.signal is not None
+        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())  # note: a CPU-GPU sync point
