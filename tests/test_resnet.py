@@ -111,6 +111,58 @@ def test_training_mode_forward_gradients_and_running_statistics_match():
             torch.testing.assert_close(b, bufs[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_stay_float32_in_a_bf16_model(momentum):
+    """A bf16 model's batch norms (DeepSpeed's bf16 mode and clipfast.engine cast every buffer) keep float32 running
+    statistics that follow a float32 batch norm over the same inputs; in bf16 they stalled (68.0 for 70.5)."""
+    from clipfast.resnet import BatchNorm2d
+
+    torch.manual_seed(0)
+    ours = BatchNorm2d(8, momentum=momentum)
+    ours.weight.data.uniform_(0.5, 1.5)
+    ours.bias.data.normal_(0, 0.1)
+    ref = torch.nn.BatchNorm2d(8, momentum=momentum)
+    ref.load_state_dict(ours.state_dict())  # the same names and shapes
+    ours.bfloat16()
+    assert ours.weight.dtype == torch.bfloat16 and ours.running_mean.dtype == ours.running_var.dtype == torch.float32
+    ref.weight.data.copy_(ours.weight.float())  # both start from the bf16 weights
+    ref.bias.data.copy_(ours.bias.float())
+    shift = torch.arange(8.0).view(1, 8, 1, 1) * 10  # channel means up to 70.5: bf16's spacing there is 0.5
+    for _ in range(300):
+        x = (torch.randn(16, 8, 4, 4) * 3 + 0.5 + shift).bfloat16()
+        y, want = ours(x), ref(x.float())
+        assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)  # bf16 output of the same normalisation
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-5)
+    assert ours.num_batches_tracked.item() == 300
+    x = (torch.randn(16, 8, 4, 4) * 3 + 0.5 + shift).bfloat16().requires_grad_()
+    xf = x.detach().float().requires_grad_()
+    dout = torch.randn(16, 8, 4, 4)
+    (ours(x).float() * dout).sum().backward()
+    (ref(xf) * dout).sum().backward()
+    assert ours.weight.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.weight.grad.float(), ref.weight.grad, rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(ours.bias.grad.float(), ref.bias.grad, rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad.float(), xf.grad, rtol=2e-2, atol=2e-2)
+    ours.eval(), ref.eval()  # evaluation normalises with the running statistics
+    x = (torch.randn(4, 8, 4, 4) * 3 + 0.5 + shift).bfloat16()
+    torch.testing.assert_close(ours(x).float(), ref(x.float()), rtol=1e-2, atol=1e-2)
+    assert ours.double().running_mean.dtype == torch.float64  # (casts other than to 16 bits as before)
+
+
+def test_a_bf16_resnet_tower_keeps_float32_statistics_and_its_state_dict():
+    model = CLIP(from_name("demo-rn"), kernels="ref")
+    names = {k: v.dtype for k, v in model.state_dict().items()}
+    model.to(torch.bfloat16)
+    stats = [(k, v.dtype) for k, v in model.visual.named_buffers() if "running" in k]
+    assert len(stats) > 20 and all(d == torch.float32 for _, d in stats)
+    assert {k: v.dtype for k, v in model.state_dict().items() if v.dtype == torch.float32} == \
+        {k: d for k, d in names.items() if "running" in k}  # everything else is bf16
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert model.train().encode_image(images).dtype == torch.bfloat16
+
+
 def test_state_dicts_both_ways_and_the_export_names(tmp_path):
     cfg = from_name("demo-rn")
     name, kwargs = open_clip_name(cfg)
