@@ -212,3 +212,21 @@ def test_jpeg_and_png_sizes_from_their_headers_as_pil_reads_them():
     zero = bytearray(data)
     zero[sof + 5: sof + 9] = b"\x00\x00\x00\x00"  # a frame of 0x0 pixels
     assert image_problem(bytes(zero)) == "JPEG of size 0x0"
+
+
+def test_data_path_bench_writes_its_tables(tmp_path):
+    """bench/data_path.py on a few samples: every stage timed, the tables and JSON written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("data_path", Path(__file__).parents[1] / "bench" / "data_path.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--samples", "60", "--work", str(tmp_path / "shards"), "--out", str(tmp_path / "out"),
+                    "--no-loader"])
+    assert res["meta"]["samples"] == 60 and len(res["us_per_sample"]) == 5
+    assert all(v > 0 for v in res["us_per_sample"].values())
+    assert json.loads((tmp_path / "out" / "data_path.json").read_text())["host_us_per_sample"] == \
+        res["host_us_per_sample"]
+    assert "| read (tar + checks) |" in (tmp_path / "out" / "data_path.md").read_text()
