@@ -8,6 +8,7 @@ any layout) and stopping early with a checkpoint when the scheduler says so (SIG
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -146,9 +147,13 @@ class Preemption:
     Installed by clipfast.train.main, in the processes that train; a run called in-process (tests, notebooks) keeps
     the default handlers."""
 
+    LAG = 2  # steps between a rank's flag and every rank's decision (the all-reduce of the flags, read this late)
+
     def __init__(self):
         self.signal: str | None = None
         self._old = {}
+        self._flags = collections.deque()  # (all-reduced flag on the host, its copy's event), oldest first
+        self._stream = None  # CUDA: the flags' own stream
 
     def install(self) -> Preemption:
         for name in PREEMPT_SIGNALS:
@@ -165,11 +170,37 @@ class Preemption:
         self.signal = self.signal or signal.Signals(signum).name
 
     def agreed(self, world: int, device: torch.device) -> bool:
-        """Whether any rank has been signalled. A signal reaches ranks at different moments (or only some), so with
-        several ranks the flags are all-reduced: a collective, called by every rank at the same steps (the trainer
-        calls it on its log steps, which are already a host-device sync point; on one rank, every step)."""
+        """Whether to stop now: called by every rank after every step. One rank: whether it was signalled. Several: a
+        signal reaches them at different moments (or only some), so each step all-reduces the flags (MAX) and the
+        decision reads the result of LAG steps before, the same on every rank. Nothing waits for the GPU: the flag
+        goes up by a fill kernel, comes back by an asynchronous copy to pinned memory, and is read once its event
+        (LAG steps old) has passed; on its own stream, so that the training stream never waits for the all-reduce.
+        226 us a step on 2 gloo ranks of this CPU; on GPUs untimed (three tiny operations and a 4-byte all-reduce
+        a step)."""
         if world == 1:
             return self.signal is not None
-        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())  # note: a CPU-GPU sync point
+        if device.type == "cuda":
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device)
+            with torch.cuda.stream(self._stream):  # (on a side stream: the next step's work does not wait for it)
+                flag = torch.full((1,), int(self.signal is not None), dtype=torch.int32, device=device)  # no sync
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+                host.copy_(flag, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            self._flags.append((host, event))
+        else:
+            flag = torch.full((1,), int(self.signal is not None), dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self._flags.append((flag, None))
+        if len(self._flags) <= self.LAG:
+            return False
+        host, event = self._flags.popleft()
+        if event is not None:
+            event.synchronize()  # (LAG steps ago: long done unless the host runs that far ahead of the GPU)
+        return bool(host.item())
+
+    def reset(self) -> None:
+        """Forget the flags in flight (a stage's end: the next stage starts its own count)."""
+        self._flags.clear()

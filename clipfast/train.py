@@ -452,9 +452,9 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
             t0 = time.perf_counter()
             evaluate_now(cfg, run, mcfg, device, is_main, step, writer, evals, say=bar.write)
             t_last += time.perf_counter() - t0  # not training time: left out of the next line's samples/s
-        # a scheduler's signal: stop here, every rank at this step (checked where the step already synced: each
-        # log step, and every step on one rank)
-        if (world == 1 or step % cfg.log_every == 0) and preempt.agreed(world, device):
+        # a scheduler's signal: stop here, every rank at this step (on several ranks a signal counts LAG steps
+        # after it came: the ranks' flags are all-reduced each step and read that much later, without a host sync)
+        if preempt.agreed(world, device):
             if not saved:
                 save(run, cfg, out, step, is_main)
             if is_main:
@@ -464,6 +464,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
             preempted = True
             break
     bar.close()
+    preempt.reset()  # (every rank leaves the loop at the same step: the flags in flight are the same everywhere)
     train_s = time.perf_counter() - t_loop
     if loader.skipped:
         log.warning("skipped %d corrupt samples: %s", sum(loader.skipped.values()), loader.skipped)
