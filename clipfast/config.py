@@ -50,6 +50,9 @@ class TrainConfig:
     # (either: several sets separated by ';', each name=shards: clipfast.evaluate.eval_sets)
     crop_scale: tuple = (0.4, 1.0)  # random-resized-crop area range (CLIPA uses 0.4-1.0)
     data_threads: int = 2
+    # reading the shards and tokenising in a child process, off the thread that launches the steps
+    # (clipfast.data.prefetch): "auto" = on where the model trains on a GPU, "on" or "off"
+    reader_process: str = "auto"
     # optimisation
     batch_size: int = 256  # global batch (all ranks)
     steps: int = 1000

@@ -146,11 +146,21 @@ class TextReducer:
         self.strategy, self.length, self.budget = strategy, length, length - 2
         self.tok = get_tokenizer()
         self.rng = random.Random(seed)
-        self.tagger = None
+        self.tagger, self._default_tagger = None, tagger is None
         if strategy == "syntax":
             from clipfast.pos import get_tagger
 
             self.tagger = tagger or get_tagger()
+
+    def __getstate__(self) -> dict:
+        """Picklable (for clipfast.data.prefetch's reader process): the settings and the RNG's state; the tokenizer
+        and the default tagger are made again."""
+        return {"strategy": self.strategy, "length": self.length, "rng": self.rng.getstate(),
+                "tagger": self.tagger if self.tagger is not None and not self._default_tagger else None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["strategy"], state["length"], tagger=state["tagger"])
+        self.rng.setstate(state["rng"])
 
     def __call__(self, caption: str) -> list[int]:
         if self.strategy == "syntax":

@@ -325,6 +325,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                     raise FileNotFoundError(f"{key}: {e}") from None
     if cfg.keep_ckpts < 0:
         raise ValueError(f"keep_ckpts must be >= 0 (0 keeps every checkpoint), got {cfg.keep_ckpts}")
+    if cfg.reader_process not in ("auto", "on", "off"):
+        raise ValueError(f"reader_process must be auto, on or off, got {cfg.reader_process!r}")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -346,7 +348,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                         TextReducer(cfg.text_reduction, text_len, seed=cfg.seed * 131 + rank + step),
                         train=True, rank=rank, world=world, seed=cfg.seed + step, crop_scale=tuple(cfg.crop_scale),
                         threads=cfg.data_threads, device=device, augment=cfg.augment, views=2 if cfg.ssl_weight else 0,
-                        view_crop_scale=tuple(cfg.ssl_crop_scale), weights=tuple(cfg.train_weights))
+                        view_crop_scale=tuple(cfg.ssl_crop_scale), weights=tuple(cfg.train_weights),
+                        reader_process=cfg.reader_process == "on" or (cfg.reader_process == "auto" and cuda))
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed * 1009 + rank + step)
 
@@ -465,6 +468,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
             break
     bar.close()
     preempt.reset()  # (every rank leaves the loop at the same step: the flags in flight are the same everywhere)
+    loader.close()
     train_s = time.perf_counter() - t_loop
     if loader.skipped:
         log.warning("skipped %d corrupt samples: %s", sum(loader.skipped.values()), loader.skipped)

@@ -4,7 +4,8 @@ Images: a validating shard reader (clipfast.data.shards) feeds encoded bytes to 
 `external_source`; DALI decodes with a region of interest (`decoders.image_random_crop`: only the crop
 is decoded) and resizes straight to the training resolution — `mixed` (nvJPEG on the GPU) when there
 is one, the CPU otherwise. Evaluation decodes whole images, resizes the short side and centre-crops.
-Captions: tokenised and reduced on the host (clipfast.reduce.TextReducer), packed end to end.
+Captions: tokenised and reduced on the host (clipfast.reduce.TextReducer), packed end to end. `reader_process=True`
+reads the shards and tokenises in a child process instead of on the training thread (clipfast.data.prefetch).
 `augment="simclr"` adds SimCLR's flip, colour jitter, grayscale and blur to the training images ("CLIP + data
 augmentation"); `views=V` adds V more views of each image for SLIP's self-supervised loss, each its own random crop
 (area `view_crop_scale`) with SimCLR's augmentations (clipfast.data.augment). With views the image is decoded
@@ -45,7 +46,8 @@ class DaliLoader:
 
     def __init__(self, data: str, batch_size: int, image_size: int, text_reducer, *, train=True, rank=0,
                  world=1, seed=0, crop_scale=(0.4, 1.0), threads=2, device: torch.device | str = "cpu",
-                 drop_last=None, augment="none", views=0, view_crop_scale=(0.08, 1.0), weights=()):
+                 drop_last=None, augment="none", views=0, view_crop_scale=(0.08, 1.0), weights=(),
+                 reader_process=False):
         from nvidia.dali import fn, pipeline_def, types
 
         check_augment(augment)
@@ -62,6 +64,10 @@ class DaliLoader:
         else:
             self.reader = ShardReader(list_shards(data), rank, world, seed, loop=train,
                                       shuffle_buffer=1000 if train else 0)
+        if reader_process:  # reading and tokenising in a child process (clipfast.data.prefetch)
+            from clipfast.data.prefetch import ReaderProcess
+
+            self.reader = ReaderProcess(self.reader, text_reducer)
         self._samples = iter(self.reader)
         self._pending: collections.deque = collections.deque()
         self.wait_s = 0.0  # host time spent waiting for batches (stall), for the training log
@@ -126,7 +132,7 @@ class DaliLoader:
             self._recover(e)
             return next(self)
         samples = self._pending.popleft()
-        text, cu, max_len = pack_text([self.text_reducer(s.caption) for s in samples])
+        text, cu, max_len = pack_text([self.text_reducer(s.caption) if s.ids is None else s.ids for s in samples])
         out = self._to_torch(images)
         if views:  # each view copied straight into its slice of one (V, B, 3, H, W) tensor (no stack: one copy fewer)
             buf = torch.empty((len(views), *out.shape), dtype=torch.uint8, device=out.device)
@@ -182,6 +188,12 @@ class DaliLoader:
         self._samples = itertools.chain(good, self._samples)
         self.pipe = self._make_pipe()
         self.pipe.build()
+
+    def close(self) -> None:
+        """Ends the reader process, if there is one (also when the loader is collected)."""
+        close = getattr(self.reader, "close", None)
+        if close:
+            close()
 
     @property
     def skipped(self) -> dict:

@@ -202,6 +202,7 @@ class Sample:
     caption: str
     meta: dict = field(default_factory=dict)
     parts: dict = field(default_factory=dict, repr=False)  # every file of the sample as stored, by extension
+    ids: list | None = field(default=None, repr=False)  # the caption's token ids, where a reader process made them
 
 
 class ShardReader:

@@ -1,0 +1,112 @@
+"""The shard reader and the captions' tokenising in a process of their own, off the thread that launches the steps.
+
+On a GPU, DALI decodes on the device, but reading the shards, checking each sample and tokenising its caption is
+Python (~33 us a web-like sample, bench/data_path.py): 34 ms of a B/16 112 px step of 1024 samples. On the training
+thread that time adds to an eager step, which launches its kernels from the same thread. `ReaderProcess` runs the
+reader (clipfast.data.shards) and the text reducer in a spawned child, in order, and hands the samples over in chunks
+through a pipe; a thread of the parent unpickles them, so the training thread only takes finished samples.
+
+The samples, their order, the token ids and the skip counts are those of the reader in-process: the child runs the
+same reader and reducer (pickled with their seeds and RNG states) one sample after another. Skipped samples are
+logged by the child (its stderr is the parent's) and counted in the parent (`skipped`, with the decoder's own).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing as mp
+import queue
+import signal
+import threading
+from collections import Counter
+
+log = logging.getLogger("clipfast.data")
+
+_END = "end"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _serve(reader, reducer, chunk: int, out) -> None:
+    """The child: the reader's samples with their token ids, `chunk` at a time, then _END (or the exception)."""
+    for sig in STOP_SIGNALS:  # a scheduler signals the whole process group: the trainer decides when to stop
+        signal.signal(sig, signal.SIG_IGN)  # (clipfast.checkpoint) and ends this process (SIGKILL)
+    logging.basicConfig(level=logging.WARNING, format="[reader] %(asctime)s %(name)s: %(message)s")
+    try:
+        buf = []
+        for s in reader:
+            s.ids = reducer(s.caption)
+            buf.append(s)
+            if len(buf) == chunk:
+                out.put((buf, dict(reader.skipped)))
+                buf = []
+        out.put((buf, dict(reader.skipped)))
+        out.put(_END)
+    except BaseException as e:  # the parent raises it where the samples run out
+        out.put(e)
+
+
+def _kill(proc) -> None:
+    if proc.is_alive():
+        proc.kill()  # (it ignores SIGTERM)
+    proc.join(timeout=10)
+
+
+class ReaderProcess:
+    """Iterates `reader`'s samples (ShardReader or MixedReader), each with `ids` = reducer(caption), made in a child
+    process. `chunk` samples travel together; `depth` chunks wait at most (the child stops reading while they do)."""
+
+    def __init__(self, reader, reducer, chunk: int = 256, depth: int = 8):
+        ctx = mp.get_context("spawn")  # (fork would copy CUDA's and DALI's threads' state)
+        self._pipe = ctx.Queue(maxsize=depth)
+        self._proc = ctx.Process(target=_serve, args=(reader, reducer, chunk, self._pipe), daemon=True,
+                                 name="clipfast-reader")
+        # the child is born with the scheduler's signals blocked (a mask survives exec; a SIGTERM to the process
+        # group while it imports would kill it); the parent's are held only while it starts, then delivered
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        # multiprocessing ends daemon children at exit with SIGTERM, which this one ignores, and then waits for it:
+        # killed first (atexit runs the later registered first), or an exit after an error would hang
+        atexit.register(_kill, self._proc)
+        self._ready: queue.Queue = queue.Queue(maxsize=2)
+        self._pull = threading.Thread(target=self._unpickle, daemon=True, name="clipfast-reader-pull")
+        self._pull.start()
+        self.skipped: Counter = Counter()  # the child's counts as of its last chunk, and the parent's own additions
+        self._child_counts: dict = {}
+
+    def _unpickle(self) -> None:
+        while True:
+            try:
+                item = self._pipe.get(timeout=5)
+            except queue.Empty:
+                if not self._proc.is_alive():  # died without a word (killed, out of memory)
+                    self._ready.put(RuntimeError(f"the reader process exited with code {self._proc.exitcode}"))
+                    return
+                continue
+            self._ready.put(item)
+            if not isinstance(item, tuple):
+                return
+
+    def __iter__(self):
+        while True:
+            item = self._ready.get()  # note: a wait here is the data path's stall, counted in the loader's wait_s
+            if isinstance(item, BaseException):
+                raise item
+            if item == _END:
+                return
+            samples, counts = item
+            for k, v in counts.items():
+                self.skipped[k] += v - self._child_counts.get(k, 0)
+            self._child_counts = counts
+            yield from samples
+
+    def close(self) -> None:
+        _kill(self._proc)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # (interpreter shutdown)
+            pass

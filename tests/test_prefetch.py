@@ -1,0 +1,113 @@
+"""clipfast.data.prefetch: the reader and the captions' tokenising in a child process give what they give in-process
+(samples, order, token ids, skip counts), its errors reach the trainer, and the loader's batches are the same."""
+import pickle
+
+import numpy as np
+import pytest
+
+from clipfast.data import DaliLoader, ShardReader, list_shards, write_shard
+from clipfast.data.demo import build, digit_jpeg
+from clipfast.data.prefetch import ReaderProcess
+from clipfast.data.shards import MixedReader
+from clipfast.reduce import TextReducer
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    build(out, seed=0, size=32)
+    good = digit_jpeg(np.eye(8) * 16, 32)  # and a shard with corrupt samples beside the train split's
+    write_shard(out / "train" / "zz-corrupt.tar", [
+        {"__key__": "cut", "jpg": good[: len(good) // 2], "txt": "a cut image"},
+        {"__key__": "nocap", "jpg": good},
+        {"__key__": "fine", "jpg": good, "txt": "the digit one, ok"},
+    ])
+    return out
+
+
+def test_the_text_reducer_pickles_with_its_rng_state():
+    red = TextReducer("random", 6, seed=4)
+    caption = "a very long caption with many words so that the random mask has to drop most of them"
+    red(caption)  # the RNG moved on once
+    twin = pickle.loads(pickle.dumps(red))
+    assert [twin(caption) for _ in range(5)] == [red(caption) for _ in range(5)]
+
+
+@pytest.mark.parametrize("strategy", ["random", "syntax"])
+def test_a_reader_process_yields_the_in_process_samples_ids_and_skips(demo, strategy):
+    shards = list_shards(str(demo / "train"))
+    here, red = ShardReader(shards, seed=3, loop=False), TextReducer(strategy, 8, seed=5)
+    want = [(s.key, s.caption, s.meta, s.image, red(s.caption)) for s in here]
+    there = ReaderProcess(ShardReader(shards, seed=3, loop=False), TextReducer(strategy, 8, seed=5), chunk=100)
+    got = [(s.key, s.caption, s.meta, s.image, s.ids) for s in there]
+    assert len(got) == len(want) > 1000 and got == want
+    assert there.skipped == here.skipped and sum(there.skipped.values()) == 2  # "cut", "nocap"
+    there.close()
+
+
+def test_a_mixed_reader_process_draws_as_in_process(demo):
+    specs = [str(demo / "train"), str(demo / "val")]
+    here, red = MixedReader(specs, (3, 1), seed=2), TextReducer("truncate", 16)
+    it = iter(here)
+    want = [(s.key, red(s.caption)) for s in (next(it) for _ in range(600))]
+    there = ReaderProcess(MixedReader(specs, (3, 1), seed=2), TextReducer("truncate", 16), chunk=64)
+    it = iter(there)
+    assert [(s.key, s.ids) for s in (next(it) for _ in range(600))] == want
+    there.close()
+    assert not there._proc.is_alive()
+
+
+def test_the_reader_process_error_is_raised_in_the_trainer(tmp_path):
+    write_shard(tmp_path / "bad.tar", [{"__key__": "x", "jpg": b"not an image" * 10, "txt": "no"}])
+    there = ReaderProcess(ShardReader([str(tmp_path / "bad.tar")]), TextReducer())
+    with pytest.raises(RuntimeError, match="no valid samples"):
+        next(iter(there))
+
+
+def test_a_reader_process_that_dies_is_an_error_not_a_hang(demo):
+    there = ReaderProcess(ShardReader(list_shards(str(demo / "train"))), TextReducer(), chunk=50, depth=2)
+    it = iter(there)
+    next(it)
+    there._proc.kill()  # (as the out-of-memory killer would)
+    with pytest.raises(RuntimeError, match="the reader process exited with code -9"):
+        for _ in range(10_000):  # the chunks already sent, then the error
+            next(it)
+
+
+def test_the_loader_batches_are_the_same_with_a_reader_process(demo):
+    def batches(reader_process):
+        dl = DaliLoader(str(demo / "train"), 32, 16, TextReducer("block", 6, seed=1), train=True, seed=7, threads=1,
+                        reader_process=reader_process)
+        out = [next(dl) for _ in range(3)]
+        dl.close()
+        return out
+
+    for a, b in zip(batches(False), batches(True), strict=True):
+        assert a["keys"] == b["keys"]
+        assert a["text"].tolist() == b["text"].tolist() and a["cu_seqlens"].tolist() == b["cu_seqlens"].tolist()
+        assert a["images"].equal(b["images"])  # (the same DALI seed: the same crops)
+
+
+def test_an_error_with_a_reader_process_running_ends_the_program(demo, tmp_path):
+    """The child ignores SIGTERM (the trainer decides when to stop), and multiprocessing ends daemon children at exit
+    with SIGTERM, then waits: without the child killed first, an error left the program hanging."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "crash.py"
+    script.write_text(f"""
+from clipfast.data.prefetch import ReaderProcess
+from clipfast.data.shards import ShardReader, list_shards
+from clipfast.reduce import TextReducer
+
+if __name__ == "__main__":
+    there = ReaderProcess(ShardReader(list_shards({str(demo / "train")!r})), TextReducer())
+    next(iter(there))
+    raise SystemExit("an error while the reader runs")
+""")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(root)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "an error while the reader runs" in r.stderr
