@@ -111,3 +111,45 @@ if __name__ == "__main__":
     r = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(root)},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "an error while the reader runs" in r.stderr
+
+
+def test_a_trainer_killed_outright_leaves_no_reader_behind(demo, tmp_path):
+    """SIGKILL to the trainer (or the out-of-memory killer): the child, which ignores the polite signals, goes too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "victim.py"
+    script.write_text(f"""
+import time
+from clipfast.data.prefetch import ReaderProcess
+from clipfast.data.shards import ShardReader, list_shards
+from clipfast.reduce import TextReducer
+
+if __name__ == "__main__":
+    there = ReaderProcess(ShardReader(list_shards({str(demo / "train")!r})), TextReducer(), depth=2)
+    next(iter(there))
+    print(there._proc.pid, flush=True)
+    time.sleep(600)
+""")
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(root)},
+                         stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as f:  # a zombie waiting for its reaper is gone too
+            if f.read().split(") ")[1][0] == "Z":
+                return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the reader process outlived its trainer by 20 s")

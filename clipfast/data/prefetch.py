@@ -30,19 +30,44 @@ def _serve(reader, reducer, chunk: int, out) -> None:
     """The child: the reader's samples with their token ids, `chunk` at a time, then _END (or the exception)."""
     for sig in STOP_SIGNALS:  # a scheduler signals the whole process group: the trainer decides when to stop
         signal.signal(sig, signal.SIG_IGN)  # (clipfast.checkpoint) and ends this process (SIGKILL)
+    _die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="[reader] %(asctime)s %(name)s: %(message)s")
+    parent = mp.parent_process()
+
+    def put(item) -> None:
+        while True:
+            try:
+                return out.put(item, timeout=2)
+            except queue.Full:  # the parent is busy, or gone (killed: then nobody will end this process)
+                if not parent.is_alive():
+                    out.cancel_join_thread()  # (its feeder thread would wait at exit to write to a dead reader)
+                    raise SystemExit(0) from None
+
     try:
         buf = []
         for s in reader:
             s.ids = reducer(s.caption)
             buf.append(s)
             if len(buf) == chunk:
-                out.put((buf, dict(reader.skipped)))
+                put((buf, dict(reader.skipped)))
                 buf = []
-        out.put((buf, dict(reader.skipped)))
-        out.put(_END)
-    except BaseException as e:  # the parent raises it where the samples run out
-        out.put(e)
+        put((buf, dict(reader.skipped)))
+        put(_END)
+    except Exception as e:  # the parent raises it where the samples run out
+        put(e)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG), so that a trainer killed outright
+    (SIGKILL, the out-of-memory killer) leaves no reader behind; elsewhere the full queue's timeout notices."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if mp.parent_process() is not None and not mp.parent_process().is_alive():  # (died before the prctl)
+        raise SystemExit(0)
 
 
 def _kill(proc) -> None:
