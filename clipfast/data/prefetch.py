@@ -20,8 +20,6 @@ import signal
 import threading
 from collections import Counter
 
-log = logging.getLogger("clipfast.data")
-
 _END = "end"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -59,7 +57,8 @@ def _serve(reader, reducer, chunk: int, out) -> None:
 
 def _die_with_parent() -> None:
     """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG), so that a trainer killed outright
-    (SIGKILL, the out-of-memory killer) leaves no reader behind; elsewhere the full queue's timeout notices."""
+    (SIGKILL, the out-of-memory killer) leaves no reader behind; elsewhere the full queue's timeout notices. (The
+    signal follows the parent's thread that started this process: the trainer's main thread.)"""
     try:
         import ctypes
 
@@ -95,6 +94,7 @@ class ReaderProcess:
         # multiprocessing ends daemon children at exit with SIGTERM, which this one ignores, and then waits for it:
         # killed first (atexit runs the later registered first), or an exit after an error would hang
         atexit.register(_kill, self._proc)
+        self._closed = False
         self._ready: queue.Queue = queue.Queue(maxsize=2)
         self._pull = threading.Thread(target=self._unpickle, daemon=True, name="clipfast-reader-pull")
         self._pull.start()
@@ -102,10 +102,12 @@ class ReaderProcess:
         self._child_counts: dict = {}
 
     def _unpickle(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 item = self._pipe.get(timeout=5)
             except queue.Empty:
+                if self._closed:
+                    return
                 if not self._proc.is_alive():  # died without a word (killed, out of memory)
                     self._ready.put(RuntimeError(f"the reader process exited with code {self._proc.exitcode}"))
                     return
@@ -128,6 +130,7 @@ class ReaderProcess:
             yield from samples
 
     def close(self) -> None:
+        self._closed = True  # (the pull thread ends within its 5 s wait)
         _kill(self._proc)
 
     def __del__(self):
