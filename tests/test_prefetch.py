@@ -153,3 +153,29 @@ if __name__ == "__main__":
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the reader process outlived its trainer by 20 s")
+
+
+@pytest.mark.parametrize("mode", ["train", "views", "eval"])
+def test_dali_reads_the_encoded_bytes_in_place_and_gives_what_a_copy_gives(demo, mode, monkeypatch):
+    """copy_input=False (DALI's no_copy): the samples' bytes must live until their iteration's outputs are taken.
+    With the memory churned between batches (freed buffers overwritten), the images equal those of a copying loader,
+    batch for batch, in training (with and without SLIP's extra views), and in evaluation."""
+    import gc
+
+    def batches(copy):
+        monkeypatch.setattr(DaliLoader, "copy_input", copy)
+        kw = {"train": mode != "eval", "views": 2 if mode == "views" else 0, "seed": 5, "threads": 1}
+        dl = DaliLoader(str(demo / ("val" if mode == "eval" else "train")), 24, 16, TextReducer("truncate", 8), **kw)
+        out = []
+        for _ in range(5):
+            b = next(dl)
+            out.append((b["keys"], b["images"].clone(), None if b["views"] is None else b["views"].clone()))
+            gc.collect()
+            junk = [bytes([i % 251]) * 4096 for i in range(2000)]  # reuse whatever was freed
+            del junk
+        dl.close()
+        return out
+
+    for (ka, ia, va), (kb, ib, vb) in zip(batches(True), batches(False), strict=True):
+        assert ka == kb and ia.equal(ib)
+        assert (va is None and vb is None) or va.equal(vb)

@@ -44,6 +44,11 @@ def pack_text(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
 class DaliLoader:
     """Iterator of batches. `train=True`: endless, shuffled, random-resized-crop; else one ordered pass."""
 
+    # False: DALI reads each batch's encoded bytes where they are (no_copy), instead of copying them on the training
+    # thread (13 us a web-like sample, most of what that thread still spent in the loader with the reader process).
+    # DALI may use them until the outputs of their iteration are taken; _pending holds their samples until then.
+    copy_input = False
+
     def __init__(self, data: str, batch_size: int, image_size: int, text_reducer, *, train=True, rank=0,
                  world=1, seed=0, crop_scale=(0.4, 1.0), threads=2, device: torch.device | str = "cpu",
                  drop_last=None, augment="none", views=0, view_crop_scale=(0.08, 1.0), weights=(),
@@ -89,7 +94,8 @@ class DaliLoader:
                       seed=seed * 7919 + rank, prefetch_queue_depth=2, exec_dynamic=True,
                       enable_conditionals=augment != "none" or views > 0)
         def pipe():
-            jpegs = fn.external_source(source=self._next_encoded, batch=True, dtype=types.UINT8, no_copy=False)
+            jpegs = fn.external_source(source=self._next_encoded, batch=True, dtype=types.UINT8,
+                                       no_copy=not self.copy_input)
             if not train:
                 images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
                 images = fn.resize(images, device=op_device, resize_shorter=image_size, antialias=True)
