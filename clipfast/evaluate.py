@@ -37,6 +37,51 @@ DEFAULT_TEMPLATES = ["a photo of a {}."]
 RECALL_AT = (1, 5, 10)
 
 
+def gather_rows(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's rows of `t` (N_r, ...), concatenated in rank order on every rank (all_gather, padded to the
+    largest N_r). A collective: every rank calls it."""
+    if world == 1:
+        return t
+    import torch.distributed as dist
+
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(x) for x in sizes]
+    full = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    full[: t.shape[0]] = t
+    parts = [torch.empty_like(full) for _ in range(world)]
+    dist.all_gather(parts, full)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes, strict=True)])
+
+
+def gather_objects(obj, world: int) -> list:
+    """[every rank's obj] on every rank (a collective)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def raise_any(error: Exception | None, world: int) -> None:
+    """Raise on every rank the first rank's error, if any rank had one: a rank that raised alone would leave the others
+    waiting in the next collective."""
+    errors = [e for e in gather_objects(error, world) if e is not None]
+    if errors:
+        raise errors[0]
+
+
+def summed(counts: dict, world: int) -> dict:
+    total: dict = {}
+    for c in gather_objects(dict(counts), world):
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def named_classnames(spec: str) -> list[str] | None:
     """`imagenet` -> the 1000 ImageNet class names in sorted-wnid order (clipfast.prompts), a comma-separated list ->
     that list, "" -> None (the data's)."""
@@ -112,45 +157,54 @@ def text_classifier(model: CLIP, classnames: list[str], templates: list[str], de
     of 1024 across classes (ImageNet's 1000 x 80: 79 batches, not 1000 of 80)."""
     prompts = [t.format(name) for name in classnames for t in templates]
     emb = encode_captions(model, prompts, device, batch_size=1024, progress=progress)
-    return F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+    return F.normalize(emb.view(len(classnames), len(templates), emb.shape[-1]).mean(dim=1), dim=-1)
 
 
 @torch.no_grad()
 def zero_shot(model: CLIP, data: str, batch_size=256, classnames=None, templates=None, device="cpu",
-              threads=2, progress: bool = False) -> dict:
+              threads=2, progress: bool = False, rank: int = 0, world: int = 1) -> dict:
+    """Top-1 / top-5 over `data`. With world > 1 every rank (a collective) encodes its share of the images (the
+    shards split as for training) and of the classes, and every rank returns the whole set's result."""
     from tqdm import tqdm
 
     device = torch.device(device)
     meta = dataset_meta(data)
     templates = templates or meta.get("templates") or DEFAULT_TEMPLATES
     loader = DaliLoader(data, batch_size, model.cfg.vision.image_size, TextReducer("truncate", model.context_length),
-                        train=False, threads=threads, device=device)
-    feats, labels, names = [], [], {}
+                        train=False, threads=threads, device=device, rank=rank, world=world)
+    feats, labels, names, error = [], [], {}, None
     for batch in tqdm(loader, desc="images", unit="batch", disable=not progress):
         feats.append(model.encode_image(batch["images"], normalize=True).float())
         for m in batch["meta"]:
             if "label" not in m:
-                raise ValueError(f"evaluation sample without a 'label' in its .json: {m}")
+                error = error or ValueError(f"evaluation sample without a 'label' in its .json: {m}")
+                continue
             labels.append(int(m["label"]))
             if "classname" in m:
                 names[int(m["label"])] = m["classname"]
-    if not labels:
+    raise_any(error, world)
+    img = torch.cat(feats) if feats else torch.empty(0, model.cfg.embed_dim, device=device)
+    img = gather_rows(img, world)  # (N, E), every rank's in rank order
+    y = gather_rows(torch.tensor(labels, dtype=torch.long, device=device), world)
+    for part in gather_objects(names, world)[::-1]:  # (rank 0's names last: they win, as one rank reading all)
+        names.update(part)
+    if not y.numel():
         raise ValueError(f"no evaluation samples in {data!r}")
     classnames = classnames or meta.get("classnames") or [names[i] for i in sorted(names)]
-    if max(labels) >= len(classnames) or min(labels) < 0:
-        bad = max(labels) if max(labels) >= len(classnames) else min(labels)
+    if int(y.max()) >= len(classnames) or int(y.min()) < 0:
+        bad = int(y.max()) if int(y.max()) >= len(classnames) else int(y.min())
         raise ValueError(f"label {bad} in {data!r} has no class name: {len(classnames)} class names given "
                          f"(--classnames, meta.json or the samples' 'classname')")
-    clf = text_classifier(model, classnames, templates, device, progress)
-    logits = torch.cat(feats) @ clf.T  # (N, C)
-    y = torch.tensor(labels, device=logits.device)
+    lo, hi = len(classnames) * rank // world, len(classnames) * (rank + 1) // world  # this rank's classes
+    clf = gather_rows(text_classifier(model, classnames[lo:hi], templates, device, progress), world)
+    logits = img @ clf.T  # (N, C)
     topk = logits.topk(min(5, len(classnames)), dim=1).indices
     return {
         "top1": (topk[:, 0] == y).float().mean().item(),
         "top5": (topk == y[:, None]).any(dim=1).float().mean().item(),
-        "samples": len(labels),
+        "samples": int(y.numel()),
         "classes": len(classnames),
-        "skipped": loader.skipped,
+        "skipped": summed(loader.skipped, world),
     }
 
 
@@ -180,31 +234,38 @@ def recall_at_k(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, ks=RE
 
 
 @torch.no_grad()
-def retrieval(model: CLIP, data: str, batch_size=256, device="cpu", threads=2, progress: bool = False) -> dict:
+def retrieval(model: CLIP, data: str, batch_size=256, device="cpu", threads=2, progress: bool = False, rank: int = 0,
+              world: int = 1) -> dict:
     """Image <-> text retrieval over every image and caption of `data` (module docstring): recall@1/5/10 both ways,
-    their mean, and the counts."""
+    their mean, and the counts. With world > 1 every rank (a collective) encodes its share of the images and their
+    captions, and every rank returns the whole set's result."""
     device = torch.device(device)
     loader = DaliLoader(data, batch_size, model.cfg.vision.image_size, TextReducer("truncate", model.context_length),
-                        train=False, threads=threads, device=device)
+                        train=False, threads=threads, device=device, rank=rank, world=world)
     from tqdm import tqdm
 
-    feats, captions, owner = [], [], []
+    feats, captions, owner, error = [], [], [], None
     for batch in tqdm(loader, desc="images", unit="batch", disable=not progress):
         feats.append(model.encode_image(batch["images"], normalize=True).float())
         for key, caption, m in zip(batch["keys"], batch["captions"], batch["meta"], strict=True):
             caps = m.get("captions", [caption])
             if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-                raise ValueError(f"sample {key!r} in {data!r}: 'captions' in its .json must be a non-empty list of "
-                                 f"non-empty strings, got {caps!r}")
+                error = error or ValueError(f"sample {key!r} in {data!r}: 'captions' in its .json must be a non-empty "
+                                            f"list of non-empty strings, got {caps!r}")
+                caps = [caption]
             owner += [owner[-1] + 1 if owner else 0] * len(caps)  # images numbered in read order
             captions += caps
-    if not feats:
+    raise_any(error, world)
+    img = torch.cat(feats) if feats else torch.empty(0, model.cfg.embed_dim, device=device)
+    before = sum(gather_objects(img.shape[0], world)[:rank])  # the images of the ranks before this one
+    owner = gather_rows(torch.tensor(owner, dtype=torch.long, device=device) + before, world)
+    img = gather_rows(img, world)
+    if not img.shape[0]:
         raise ValueError(f"no evaluation samples in {data!r}")
-    img = torch.cat(feats)
-    txt = encode_captions(model, captions, device, batch_size, progress)
-    res = recall_at_k(img, txt, torch.tensor(owner))
+    txt = gather_rows(encode_captions(model, captions, device, batch_size, progress), world)
+    res = recall_at_k(img, txt, owner)
     res["mean_recall"] = sum(res.values()) / len(res)
-    return {**res, "images": img.shape[0], "captions": len(captions), "skipped": loader.skipped}
+    return {**res, "images": img.shape[0], "captions": txt.shape[0], "skipped": summed(loader.skipped, world)}
 
 
 def summary(task: str, data: str, res: dict) -> str:
@@ -235,19 +296,19 @@ def eval_sets(spec: str, task: str) -> list[tuple[str, str]]:
 
 
 def evaluate_all(model: CLIP, val_data: str = "", retrieval_data: str = "", device="cpu", threads: int = 2,
-                 say=print) -> dict:
+                 say=print, rank: int = 0, world: int = 1) -> dict:
     """The trainer's evaluations: {"zeroshot": zero_shot(val_data), "retrieval": retrieval(retrieval_data)} (with
     several sets, a key per set: eval_sets), where data is given, in eval mode (the model's mode restored after);
-    `say` gets a summary line of each."""
+    `say` gets a summary line of each. world > 1: every rank calls it and takes a share of the work (a collective)."""
     was_training = model.training
     model.eval()
     out = {}
     try:
         for key, data in eval_sets(val_data, "zeroshot"):
-            out[key] = zero_shot(model, data, device=device, threads=threads)
+            out[key] = zero_shot(model, data, device=device, threads=threads, rank=rank, world=world)
             say(summary("zeroshot", data, out[key]))
         for key, data in eval_sets(retrieval_data, "retrieval"):
-            out[key] = retrieval(model, data, device=device, threads=threads)
+            out[key] = retrieval(model, data, device=device, threads=threads, rank=rank, world=world)
             say(summary("retrieval", data, out[key]))
     finally:
         model.train(was_training)

@@ -279,10 +279,11 @@ def undo_init_step(opt) -> None:
 
 
 def evaluate_now(cfg: TrainConfig, run: Run, mcfg, device: torch.device, is_main: bool, step: int, writer, evals: Path,
-                 say=print) -> dict:
-    """Zero-shot classification (val_data) and retrieval (retrieval_data) of the model as it is now, on rank 0 (under
-    ZeRO stage 3 on a whole copy, which every rank helps gather: the engine's module holds slices). The result is
-    appended to `evals` with the step and logged to TensorBoard as eval/...; returns it on rank 0 ({} elsewhere)."""
+                 say=print, rank: int = 0, world: int = 1) -> dict:
+    """Zero-shot classification (val_data) and retrieval (retrieval_data) of the model as it is now, every rank
+    encoding its share of the images and prompts (clipfast.evaluate; under ZeRO stage 3 on rank 0 alone, on a whole
+    copy that every rank helps gather: the engine's module holds slices). The result is appended to `evals` with the
+    step and logged to TensorBoard as eval/...; returns it on rank 0 ({} elsewhere)."""
     if not (cfg.val_data or cfg.retrieval_data):
         return {}
     model = run.engine.module
@@ -292,11 +293,13 @@ def evaluate_now(cfg: TrainConfig, run: Run, mcfg, device: torch.device, is_main
             return {}
         model = CLIP(mcfg).to(device)
         model.load_state_dict(weights)
-    if not is_main:
-        return {}
+        rank, world = 0, 1
     from clipfast.evaluate import evaluate_all, scalars
 
-    res = evaluate_all(model, cfg.val_data, cfg.retrieval_data, device, cfg.data_threads, say=say)
+    res = evaluate_all(model, cfg.val_data, cfg.retrieval_data, device, cfg.data_threads,
+                       say=say if is_main else lambda line: None, rank=rank, world=world)
+    if not is_main:
+        return {}
     with open(evals, "a") as f:
         f.write(json.dumps({"step": step, **res}) + "\n")
     if writer:
@@ -453,7 +456,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
             save(run, cfg, out, step, is_main)
         if cfg.eval_every and step % cfg.eval_every == 0 and not (step == cfg.steps and cfg.eval_at_end):
             t0 = time.perf_counter()
-            evaluate_now(cfg, run, mcfg, device, is_main, step, writer, evals, say=bar.write)
+            evaluate_now(cfg, run, mcfg, device, is_main, step, writer, evals, say=bar.write, rank=rank, world=world)
             t_last += time.perf_counter() - t0  # not training time: left out of the next line's samples/s
         # a scheduler's signal: stop here, every rank at this step (on several ranks a signal counts LAG steps
         # after it came: the ranks' flags are all-reduced each step and read that much later, without a host sync)
@@ -476,7 +479,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     # --- evaluate the final model (a preempted run does that when it is resumed at its last step)
     res = {}
     if cfg.eval_at_end and not preempted:
-        res = evaluate_now(cfg, run, mcfg, device, is_main, step, writer, evals, say=lambda m: print(m, flush=True))
+        res = evaluate_now(cfg, run, mcfg, device, is_main, step, writer, evals, say=lambda m: print(m, flush=True),
+                           rank=rank, world=world)
     first = next((k for k in res if k.split(":")[0] == "zeroshot"), None)
     if res and is_main:  # the first zero-shot set's numbers at the top level, as before; the other sets by key
         final = {"step": step, **res.get(first, {}), **{k: v for k, v in res.items() if k != first}}
