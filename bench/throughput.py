@@ -343,8 +343,10 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
         from clipfast.data import DaliLoader
         from clipfast.reduce import TextReducer
 
-        loader = DaliLoader(args.data, bs, pt.size, TextReducer(length=pt.text_len), device=device, seed=args.seed)
+        loader = DaliLoader(args.data, bs, pt.size, TextReducer(length=pt.text_len), device=device, seed=args.seed,
+                            reader_process=device.type == "cuda")  # (as the trainer's reader_process=auto)
         wall, text_tokens = data_step_times(steps["clipfast"], loader, args.warmup, args.steps, device)
+        loader.close()
         times = wall = {"clipfast": wall}
     else:
         wall, cpu_times = _time_dropping_on_oom(steps, batches, args, device, impls, mem, row)
