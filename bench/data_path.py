@@ -41,7 +41,6 @@ EXTRA_WORDS = ("a photo of", "close-up", "vintage", "on a white background", "fo
 def make_shards(work: Path, samples: int, per_shard: int = 1000, seed: int = 0) -> list[str]:
     """Web-like shards (kept: the same seed gives the same files)."""
     from PIL import Image
-    from sklearn.datasets import load_sample_images
 
     from clipfast.data.shards import write_shard
     from clipfast.prompts import imagenet_classnames, template_set
@@ -51,7 +50,7 @@ def make_shards(work: Path, samples: int, per_shard: int = 1000, seed: int = 0) 
     if all(p.is_file() for p in want):
         return [str(p) for p in want]
     rng = random.Random(seed)
-    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    photos = [Image.fromarray(a) for a in sample_photos(seed)]
     names, templates = imagenet_classnames(), template_set("openai")
     n = 0
     for path in want:
@@ -73,6 +72,25 @@ def make_shards(work: Path, samples: int, per_shard: int = 1000, seed: int = 0) 
             n += 1
         write_shard(path, batch)
     return [str(p) for p in want]
+
+
+def sample_photos(seed: int) -> list:
+    """scikit-learn's two sample photos (427x640); where scikit-learn is missing (a GPU image), two made-up ones of
+    the same size: smooth colour fields with noise, which JPEG compresses about as much."""
+    try:
+        from sklearn.datasets import load_sample_images
+
+        return list(load_sample_images().images)
+    except ImportError:
+        import numpy as np
+
+        g = np.random.default_rng(seed)
+        y, x = np.mgrid[0:427, 0:640] / 64.0
+        out = []
+        for k in range(2):
+            base = np.stack([np.sin(x * (1 + k) + c) * np.cos(y + c * k) for c in range(3)], -1) * 80 + 128
+            out.append(np.clip(base + g.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
+        return out
 
 
 def timed(fn, repeat: int = 3) -> float:

@@ -39,6 +39,8 @@
 #     graph.OVERLAP_OPTIMIZER=0 ; adamw.SLOTS=1 _common.FINISH=torch"), into kernels_ab1/, kernels_ab2/, ...)
 #   T_GRID=0 (--grid gpu: 3 points fit in 40 s, and clipa/ carries the comparison); GRID_ARGS replaces the grid's
 #     arguments (default "--grid gpu")
+#   T_DATA=0 (>0: bench/data_path.py --no-loader on the GPU host's CPU into data_path/: the shard reader's and the
+#     tokeniser's cost per sample beside the H100 steps' need; ~20 s; no DALI needed)
 # plus a few seconds for the wheels. PYTHON (default python3) is the interpreter.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
@@ -62,6 +64,7 @@ T_AB=${T_AB:-0}  # >30: the kernels part's two points again per AB_KNOBS variant
 T_PROFILE=${T_PROFILE:-40}  # 0: no step profile
 T_PROFILE_L=${T_PROFILE_L:-0}  # >0: also profile L/16 96 px / 8 tokens (clipfast with the kernels, open_clip)
 T_GRID=${T_GRID:-0}  # 0: no --grid gpu
+T_DATA=${T_DATA:-0}  # >0: bench/data_path.py on this host's CPU (the data path's host cost per sample)
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
 read -r -a CLIPA_ARGS <<<"${CLIPA_ARGS:---grid clipa}"
 SUITE_BUDGET=${SUITE_BUDGET:-585}  # seconds for the whole suite: the device tool stops a command at 600
@@ -235,6 +238,9 @@ if [ "$T_PROFILE_L" -gt 0 ]; then
 fi
 if [ "$T_GRID" -gt 30 ]; then
     part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget $(( T_GRID - 30 ))
+fi
+if [ "$T_DATA" -gt 0 ]; then
+    part data_path "$T_DATA" "$PY" bench/data_path.py --no-loader --samples 2000 --out "$DIR/data_path"
 fi
 
 {
