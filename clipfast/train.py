@@ -42,6 +42,7 @@ from clipfast.checkpoint import PREEMPTED_EXIT, Preemption, full_weights, load_w
 from clipfast.config import TrainConfig, load_config, to_dict
 from clipfast.data import DaliLoader, list_shards
 from clipfast.data.augment import check_augment
+from clipfast.data.prefetch import resolve_reader_process
 from clipfast.engine import TorchEngine, check_engine, resolve_kernels, resolve_overlap_optimizer, resolve_tower_streams
 from clipfast.evaluate import eval_sets
 from clipfast.flops import flops_per_sample, ssl_flops
@@ -328,8 +329,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                     raise FileNotFoundError(f"{key}: {e}") from None
     if cfg.keep_ckpts < 0:
         raise ValueError(f"keep_ckpts must be >= 0 (0 keeps every checkpoint), got {cfg.keep_ckpts}")
-    if cfg.reader_process not in ("auto", "on", "off"):
-        raise ValueError(f"reader_process must be auto, on or off, got {cfg.reader_process!r}")
+    reader_process = resolve_reader_process(cfg, device)  # (a bad value is an error before anything is built)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -352,7 +352,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                         train=True, rank=rank, world=world, seed=cfg.seed + step, crop_scale=tuple(cfg.crop_scale),
                         threads=cfg.data_threads, device=device, augment=cfg.augment, views=2 if cfg.ssl_weight else 0,
                         view_crop_scale=tuple(cfg.ssl_crop_scale), weights=tuple(cfg.train_weights),
-                        reader_process=cfg.reader_process == "on" or (cfg.reader_process == "auto" and cuda))
+                        reader_process=reader_process)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed * 1009 + rank + step)
 

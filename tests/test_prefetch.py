@@ -179,3 +179,17 @@ def test_dali_reads_the_encoded_bytes_in_place_and_gives_what_a_copy_gives(demo,
     for (ka, ia, va), (kb, ib, vb) in zip(batches(True), batches(False), strict=True):
         assert ka == kb and ia.equal(ib)
         assert (va is None and vb is None) or va.equal(vb)
+
+
+def test_reader_process_resolves_by_device_and_refuses_a_bad_value():
+    import torch
+
+    from clipfast.config import TrainConfig
+    from clipfast.data.prefetch import resolve_reader_process
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert not resolve_reader_process(TrainConfig(), cpu) and resolve_reader_process(TrainConfig(), gpu)
+    assert resolve_reader_process(TrainConfig(reader_process="on"), cpu)
+    assert not resolve_reader_process(TrainConfig(reader_process="off"), gpu)
+    with pytest.raises(ValueError, match=r"reader_process must be one of \('auto', 'off', 'on'\), got 'yes'"):
+        resolve_reader_process(TrainConfig(reader_process="yes"), cpu)

@@ -65,7 +65,8 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if mp.parent_process() is not None and not mp.parent_process().is_alive():  # (died before the prctl)
+    parent = mp.parent_process()
+    if parent is not None and not parent.is_alive():  # (died before the prctl)
         raise SystemExit(0)
 
 
@@ -73,6 +74,19 @@ def _kill(proc) -> None:
     if proc.is_alive():
         proc.kill()  # (it ignores SIGTERM)
     proc.join(timeout=10)
+
+
+READER_PROCESS = ("auto", "off", "on")
+
+
+def resolve_reader_process(cfg, device) -> bool:  # device: a torch.device
+    """Whether the trainer's loader reads in a child process: "auto" where the model trains on a GPU (there the
+    training thread launches the steps; on the CPU the child competes with DALI's decoding threads for the cores:
+    322 -> 340 us a sample on the 2-core machine, bench/results/data-path-2026-11-27), "on" or "off"."""
+    value = getattr(cfg, "reader_process", "auto")
+    if value not in READER_PROCESS:
+        raise ValueError(f"reader_process must be one of {READER_PROCESS}, got {value!r}")
+    return value == "on" or (value == "auto" and device.type == "cuda")
 
 
 class ReaderProcess:

@@ -132,6 +132,15 @@ def _tar_number(field: bytes) -> int:
     return int(digits, 8) if digits else 0
 
 
+def _member_name(hdr: bytes) -> str:
+    """A header's own name field (POSIX ustar: its prefix field, then the name)."""
+    name = hdr[:100].split(b"\0", 1)[0]
+    if hdr[257:263] == b"ustar\0":
+        prefix = hdr[345:500].split(b"\0", 1)[0]
+        name = prefix + b"/" + name if prefix else name
+    return name.decode("utf-8", "surrogateescape")
+
+
 def _pax_path(records: bytes) -> str | None:
     """The `path` record of a pax extended header ("<len> path=<value>\\n" records)."""
     i = 0
@@ -171,8 +180,7 @@ def tar_files(data: bytes):
         size, kind = _tar_number(hdr[124:136]), hdr[156:157]
         start = off + 512
         if start + size > n:
-            name = long_name or hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            raise ShardError(f"{name} at byte {off} needs {size} bytes, {n - start} left")
+            raise ShardError(f"{long_name or _member_name(hdr)} at byte {off} needs {size} bytes, {n - start} left")
         off = start + (size + 511) // 512 * 512
         if kind == b"L":  # GNU: the next member's long name
             long_name = data[start:start + size].rstrip(b"\0").decode("utf-8", "surrogateescape")
@@ -183,13 +191,7 @@ def tar_files(data: bytes):
         if kind not in (b"0", b"\0", b"7"):  # directories, links, pax global headers, ...
             long_name = None
             continue
-        if long_name is None:
-            name = hdr[:100].split(b"\0", 1)[0]
-            if hdr[257:263] == b"ustar\0":  # POSIX ustar: a prefix field before the name
-                prefix = hdr[345:500].split(b"\0", 1)[0]
-                name = prefix + b"/" + name if prefix else name
-            long_name = name.decode("utf-8", "surrogateescape")
-        yield long_name, data[start:start + size]
+        yield long_name or _member_name(hdr), data[start:start + size]
         long_name = None
     if off < n:
         raise ShardError(f"ends inside a header at byte {off}")
