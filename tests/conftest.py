@@ -27,6 +27,15 @@ def device():
 requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
 
 
+def free_port() -> int:
+    """A local TCP port free now (for a test's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     """The demo dataset at 32 px (clipfast.data.demo): train/ and val/ shards, built once per session."""

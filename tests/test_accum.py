@@ -2,7 +2,6 @@
 batch norms update once per micro-batch; the trainer's runs with and without accumulation take the same steps."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from clipfast.data import pack_text
 from clipfast.loss import distributed_clip_loss
 from clipfast.model import CLIP
 from clipfast.presets import from_name
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,9 +140,7 @@ def _rank(rank, port, out):
 
 
 def test_two_ranks_of_micro_batches_give_the_one_rank_whole_batch_gradient(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank, args=(port, tmp_path / "g.pt"), nprocs=2)
     model = _model()
     batch, keep = _batch(12)
@@ -159,9 +157,7 @@ def test_runs_with_and_without_accumulation_take_the_same_steps(data, tmp_path, 
     (partitioned weights gathered for every pass; micro-batches of 4), or engine=torch on one (micro-batches of 8)."""
     losses = {}
     for n in (1, 4):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
+        port = str(free_port())
         out = tmp_path / f"a{n}"
         launch = (["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port]
                   if engine.startswith("deepspeed") else [])

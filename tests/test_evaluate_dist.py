@@ -2,7 +2,6 @@
 gets the one-rank result (two gloo ranks, spawned); an error on one rank is raised on both, not a hang."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -11,12 +10,7 @@ import torch.multiprocessing as mp
 
 from clipfast.data import write_shard
 from clipfast.data.demo import build
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def _model():
@@ -71,8 +65,8 @@ def sets(tmp_path_factory):
 def test_two_ranks_evaluate_as_one(sets, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    mp.spawn(_evaluate, args=(1, _port(), sets, one), nprocs=1)
-    mp.spawn(_evaluate, args=(2, _port(), sets, two), nprocs=2)
+    mp.spawn(_evaluate, args=(1, free_port(), sets, one), nprocs=1)
+    mp.spawn(_evaluate, args=(2, free_port(), sets, two), nprocs=2)
     want = json.loads((one / "rank0.json").read_text())
     got = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert got[0] == got[1]  # every rank has the whole set's result

@@ -3,7 +3,6 @@ and the same command resuming it (clipfast.checkpoint.Preemption), and old check
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,15 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import requires_cuda
+from tests.conftest import free_port, requires_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_slurm_env_sets_the_rank_variables_and_a_master_shared_by_the_job(tmp_path):
@@ -120,7 +114,7 @@ def test_ranks_agree_to_stop_lag_steps_after_one_of_them_is_signalled(tmp_path):
 
     from clipfast.checkpoint import Preemption
 
-    mp.spawn(_agree_rank, args=(_free_port(), tmp_path), nprocs=2)
+    mp.spawn(_agree_rank, args=(free_port(), tmp_path), nprocs=2)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     first = 3 + Preemption.LAG  # rank 1's flag from step 3, read LAG steps later
     assert got[0] == got[1] == [step >= first for step in range(1, 9)] + [False], got
@@ -134,7 +128,7 @@ def test_the_flags_side_stream_path_on_cuda(tmp_path):
 
     from clipfast.checkpoint import Preemption
 
-    mp.spawn(_agree_rank, args=(_free_port(), tmp_path, "nccl", 1), nprocs=1)
+    mp.spawn(_agree_rank, args=(free_port(), tmp_path, "nccl", 1), nprocs=1)
     first = 3 + Preemption.LAG
     assert json.loads((tmp_path / "rank0.json").read_text()) == [s >= first for s in range(1, 9)] + [False]
 
@@ -183,7 +177,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint_and
     out = tmp_path / "run"
     common = [f"train_data={data / 'train'}", "batch_size=16", "log_every=2", "ckpt_every=4", "keep_ckpts=2",
               "warmup_steps=2", "tensorboard=false", "data_threads=1", "eval_at_end=false"]
-    procs = _slurm_tasks(2, out, _free_port(), "steps=100000", *common)
+    procs = _slurm_tasks(2, out, free_port(), "steps=100000", *common)
     deadline = time.monotonic() + 300
     while len(_metrics(out)) < 3 and time.monotonic() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.2)
@@ -204,7 +198,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint_and
     assert stop - 2 < _metrics(out)[-1]["step"] <= stop and not (out / "eval.json").exists()  # (log_every=2)
 
     end = stop + 4
-    codes, log = _finish(_slurm_tasks(2, out, _free_port(), f"steps={end}", "resume=true", *common))
+    codes, log = _finish(_slurm_tasks(2, out, free_port(), f"steps={end}", "resume=true", *common))
     assert codes == [0, 0], log[-3000:]
     assert f"at step {stop}" in log
     steps = [m["step"] for m in _metrics(out)]

@@ -1,7 +1,6 @@
 """End to end through the DeepSpeed launcher: two CPU ranks (gloo), checkpoints, resume, evaluation."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,13 +8,10 @@ from unittest import mock
 
 import pytest
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _deepspeed(ranks, *overrides, timeout=900):
@@ -23,7 +19,7 @@ def _deepspeed(ranks, *overrides, timeout=900):
     /dev/shm (clipfast.launch.release_shm_buffer)."""
     from clipfast.launch import shm_buffer_path
 
-    port = str(_free_port())
+    port = str(free_port())
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
            "clipfast/train.py", "--config", "configs/demo.py", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
