@@ -15,7 +15,8 @@ import torch
 
 from clipfast import reshard
 from clipfast.reshard import Layout
-from tests.test_train import ROOT, _deepspeed, _free_port, _metrics
+from tests.conftest import free_port
+from tests.test_train import ROOT, _deepspeed, _metrics
 
 
 def test_layouts_that_need_a_conversion():
@@ -53,7 +54,7 @@ def test_latest_naming_a_missing_checkpoint_is_an_error(tmp_path):
 
 def _probe(ranks, out, dump, *overrides, resume=True):
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(_free_port()), "tests/_reshard_probe.py", "--dump", str(dump), "--config", "configs/demo.py",
+           str(free_port()), "tests/_reshard_probe.py", "--dump", str(dump), "--config", "configs/demo.py",
            f"out_dir={out}", f"resume={str(resume).lower()}", "tensorboard=false", "data_threads=1", "min_lr=1e-4",
            *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
