@@ -65,6 +65,7 @@ class _FusedCastAdamW(torch.optim.AdamW):
         self._hooks = []  # post-accumulate-grad hook handles while overlap is on
         self._armed = False  # a begin_step() whose step() has not come yet
         self._pending: dict[int, list] = {}  # group index -> masters whose gradients are complete, not yet launched
+        self._streams: dict[int, list] = {}  # group index -> the streams those gradients were made on (CUDA)
         self._done: set[int] = set()  # id(master) of those launched during this backward
         self._stream = None  # CUDA: the stream the in-backward launches run on
         self._forked = False  # work went to that stream in this backward (step() joins it then, and only then)
@@ -166,7 +167,7 @@ class _FusedCastAdamW(torch.optim.AdamW):
     def begin_step(self) -> None:
         if self.grad_scale is not None:
             raise ValueError("MasterAdamW.begin_step: a grad_scale (clipping) needs every gradient before any update")
-        self._armed, self._pending, self._done, self._forked = True, {}, set(), False
+        self._armed, self._pending, self._streams, self._done, self._forked = True, {}, {}, set(), False
         dev = self.param_groups[0]["params"][0].device
         if dev.type == "cuda" and self._stream is None:
             self._stream = torch.cuda.Stream(dev)  # made here, outside any capture (a graph's first step is eager)
@@ -174,8 +175,8 @@ class _FusedCastAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def _on_grad(self, p) -> None:
         """p's gradient is complete: queue its master; a group's queue is launched when it holds SLOTS tensors or
-        FLUSH_NUMEL elements, on the optimizer's stream after the work so far on the current one (autograd's stream
-        for this parameter, where its gradient was made)."""
+        FLUSH_NUMEL elements, on the optimizer's stream after the work so far on each stream a queued gradient was
+        made on (the current stream in its hook: autograd's stream for that parameter)."""
         if not self._armed:
             return
         import kernels.adamw as ka
@@ -183,16 +184,26 @@ class _FusedCastAdamW(torch.optim.AdamW):
         gi, m = self._where[id(p)]
         queue = self._pending.setdefault(gi, [])
         queue.append(m)
+        if self._stream is not None:  # each queued gradient's stream (the towers' come on streams of their own)
+            here = torch.cuda.current_stream(self._stream.device)
+            streams = self._streams.setdefault(gi, [])
+            if all(here != s for s in streams):
+                streams.append(here)
         if len(queue) < ka.SLOTS and sum(x.numel() for x in queue) < FLUSH_NUMEL:
             return
         del self._pending[gi]
+        streams = self._streams.pop(gi, [])
         group = self.param_groups[gi]
         todo = self._todo(group, queue)  # (a state made here is zero-filled on the current stream, before the wait)
         self._done.update(id(x) for x in queue)
         if self._stream is None:
             self._launch(group, todo)
             return
-        self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+        # every queued gradient's stream, not only this hook's: one made earlier on another stream may still be
+        # running (waiting on this hook's alone gave non-finite losses on an H200 at bdf2175, B/16 with the text tower
+        # on its own stream: updates read image-tower gradients not yet written)
+        for s in streams:
+            self._stream.wait_stream(s)
         self._forked = True
         with torch.cuda.stream(self._stream):
             self._launch(group, todo)
@@ -201,7 +212,7 @@ class _FusedCastAdamW(torch.optim.AdamW):
         """At step(): the queued rest goes to _triton_step (on the current stream, after the optimizer stream)."""
         if not self._armed:
             return
-        self._armed, self._pending = False, {}
+        self._armed, self._pending, self._streams = False, {}, {}
         if self.grad_scale is not None:
             raise ValueError("MasterAdamW: a step that began inside the backward (begin_step) cannot be clipped: "
                              "parameters were updated before the global gradient norm was known")

@@ -1,6 +1,7 @@
 """kernels.adamw (one-pass AdamW over fp32 masters of bf16/fp16 weights) against torch.optim.AdamW, and MasterAdamW's
 Triton step (what the CUDA-graph step runs): groups, an LR schedule held in a device tensor, a parameter that skips a
 step, checkpoints that the other steps load, clipping folded into the kernel. On CPU under the Triton interpreter."""
+import contextlib
 import copy
 
 import pytest
@@ -292,6 +293,51 @@ def test_step_inside_the_backward_equals_the_step_after_it(grad_checkpointing):
         sa, sb = o0.state[a], o1.state[b]
         assert all(torch.equal(sa[k], sb[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
     assert float(o1.state[o1.master[0]]["step"]) == 3
+
+
+def test_step_inside_the_backward_waits_on_every_queued_gradients_stream(monkeypatch):
+    """A group's queue fills from hooks on several streams (the towers' gradients are made on streams of their own);
+    its launch on the optimizer's stream must come after the work on every one of them, not only on the stream of the
+    hook that filled it: waiting on that one alone let the update read image-tower gradients not yet written
+    (non-finite losses on an H200). Streams stand in here as names; the launches are recorded, not run."""
+    import kernels.adamw as ka
+
+    w16, _ = _params([(4, 3)] * 5, 7)
+    opt = MasterAdamW(w16, lr=1e-2, capturable=True, impl="triton").set_overlap()
+    inner = opt.opt
+    events = []
+
+    class Stream:
+        device = torch.device("cpu")
+
+        def __init__(self, name):
+            self.name = name
+
+        def __eq__(self, other):
+            return self.name == other.name
+
+        def __hash__(self):
+            return hash(self.name)
+
+        def wait_stream(self, other):
+            events.append(("wait", other.name))
+
+    current = [Stream("main")]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(type(inner), "_launch", lambda self, group, todo: events.append(("launch", len(todo))))
+    monkeypatch.setattr(ka, "SLOTS", 3)
+    opt.begin_step()
+    inner._stream = Stream("optimizer")
+    for p, stream in zip(w16, ["main", "text", "main", "main", "text"], strict=True):
+        current[0] = Stream(stream)
+        p.grad = torch.ones_like(p)
+        inner._on_grad(p)
+    # the first launch holds gradients from "main" and "text" and is filled in a "main" hook; the second queue
+    # (two tensors, not launched before step()) has seen both streams again but is not waited on here
+    assert events == [("wait", "main"), ("wait", "text"), ("launch", 3)], events
+    assert inner._pending and inner._streams == {0: [Stream("main"), Stream("text")]}
+    inner._armed = False  # (step() would launch the rest on the current stream after joining the optimizer's)
 
 
 def test_step_inside_the_backward_errors():
