@@ -332,11 +332,14 @@ def _tile(n: int) -> int:
 
 
 # (sequence, head) pairs per program of the one-tile kernels, and the software-pipelining depth of their loop over
-# them. FWD_HEADS 0: the forward runs _short_attn_fwd_kernel (its key loop, one pair per program), as measured on the
-# H100 at dab88c7; k >= 1: _short_attn_fwd_tile_kernel, k pairs per program. BWD_HEADS 1: one pair per program, as
-# measured. Larger values let a program load the next pair while this one's tile products run; they are untimed on
-# a GPU so far: bench/sweep_kernels.py --kernels attention tries 1, 2 and 4 pairs at 1-3 stages.
-FWD_HEADS, FWD_STAGES = 0, 2
+# them. FWD_HEADS 0: the forward runs _short_attn_fwd_kernel (its key loop, one pair per program); k >= 1:
+# _short_attn_fwd_tile_kernel, k pairs per program. Default 1 pair, 1 stage: on an H200 at bdf2175
+# (bench/results/nvidia-h200-2026-11-27-bdf2175/sweep/sweep.md) the one-tile forward took 0.094 against the key
+# loop's 0.136 ms at B/16 112 px (N = 50) and 0.060 against 0.091 ms at L/16 96 px (N = 37); 2 or 4 pairs per
+# program were slower than 1 (0.112-0.122 ms at N = 50); in the graphed step at 981a94d, 65.02 against 65.75 ms at
+# B/16 112/16 and 75.51 against 76.46 ms at L/16 96/8 (bench/results/nvidia-h200-2026-11-27-981a94d, kernels_ab2 vs
+# kernels_ab1). BWD_HEADS 1: one pair per program (2 pairs: 0.347 against 0.261 ms at N = 50).
+FWD_HEADS, FWD_STAGES = 1, 1
 BWD_HEADS, BWD_STAGES = 1, 2
 
 

@@ -29,10 +29,13 @@ CASES += [(f"{kind} N={n} d=64 causal", kind, n, 64, True) for kind in ("fwd", "
 CASES += [(f"{kind} N={n} d={d} bias", kind, n, d, "bias") for kind in ("fwd", "bwd") for n in (37, 50)
           for d in (64, 128)]  # fmt: skip
 
-# the looped one-tile kernels (FWD_HEADS / BWD_HEADS > 0 / 1, untimed so far): pairs per program x pipelining stages
+# the one-tile forward (the default for N <= 64 since the H200 runs of 2026-11-27: FWD_HEADS 1, FWD_STAGES 1) at
+# every head size, and the looped one-tile kernels (FWD_HEADS / BWD_HEADS > 1): pairs per program x pipelining stages
 # (the backward at 2+ pairs per program took 238-255 registers, with spills at 2 stages: left out)
-LOOPED = [(f"fwd_tile N={n} d=64 bias x{hpp} stages={st}", "fwd_tile", n, 64, ("bias", hpp, st))
-          for n in (37, 50) for hpp in (1, 2, 4) for st in (1, 2)]  # fmt: skip
+LOOPED = [(f"fwd_tile N={n} d={d} {tag} x1 stages=1", "fwd_tile", n, d, (causal, 1, 1))
+          for n in (17, 50) for d in (64, 80, 128) for tag, causal in (("bias", "bias"), ("causal", True))]
+LOOPED += [(f"fwd_tile N={n} d=64 bias x{hpp} stages={st}", "fwd_tile", n, 64, ("bias", hpp, st))
+           for n in (37, 50) for hpp in (2, 4) for st in (1, 2)]  # fmt: skip
 # (a register cap of 128 on the one-tile backward with the bias, for 4 programs per SM, compiled without spills on
 # Triton 3.8 but spilled 112 bytes on 3.6, the GPU image's: not offered)
 CASES += LOOPED

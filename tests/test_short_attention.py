@@ -108,14 +108,14 @@ def test_projection_bias_in_the_kernel(n, causal, dtype):
         short_attention_qkvpacked(qkv, causal, bias=bias[:5], impl="triton")
 
 
-@pytest.mark.parametrize("fwd_heads,bwd_heads", [(1, 2), (2, 4), (4, 1)])
+@pytest.mark.parametrize("fwd_heads,bwd_heads", [(0, 1), (1, 2), (2, 4), (4, 1)])
 @pytest.mark.parametrize("causal,n,dtype", [(False, 50, torch.bfloat16), (True, 17, torch.float32),
                                             (False, 37, torch.float16)])
 def test_pairs_per_program(fwd_heads, bwd_heads, causal, n, dtype, monkeypatch):
     """The one-tile forward kernel and the backward looping over several (sequence, head) pairs per program
-    (FWD_HEADS, BWD_HEADS; B * H = 6 pairs: 4 halves to 2, so no program runs past the last pair), with the
-    projection's bias in the kernels: output, dqkv and dbias against float64 by the tolerance rule, and the launch
-    grids as asked."""
+    (FWD_HEADS, BWD_HEADS; B * H = 6 pairs: 4 halves to 2, so no program runs past the last pair), or the forward
+    with its key loop (FWD_HEADS 0), with the projection's bias in the kernels: output, dqkv and dbias against
+    float64 by the tolerance rule, and the launch grids as asked."""
     import sys
 
     import kernels.short_attention  # noqa: F401 (kernels/__init__ re-exports functions under the module names)
@@ -133,7 +133,10 @@ def test_pairs_per_program(fwd_heads, bwd_heads, causal, n, dtype, monkeypatch):
     monkeypatch.setattr(sa, "_launch", launch)
     _check_bias(n, causal, dtype, seed=n + fwd_heads)  # B * H = 3 * 2
     per = {1: 6, 2: 3, 4: 3}  # programs for 6 pairs
-    assert (sa._short_attn_fwd_tile_kernel, (per[fwd_heads],)) in launched
+    if fwd_heads:
+        assert (sa._short_attn_fwd_tile_kernel, (per[fwd_heads],)) in launched
+    else:  # one query block (N <= 64) per pair
+        assert (sa._short_attn_fwd_kernel, (1, 6)) in launched
     assert (sa._short_attn_bwd_tile_kernel, (per[bwd_heads],)) in launched
 
 
