@@ -206,8 +206,9 @@ def sweep_gelu(s, device, dtype, timer, smoke):
 
 def sweep_attention(s, device, dtype, timer, smoke):
     """The model's path: the qkv projection's bias added in the kernels, its gradient's column sums in the backward.
-    Forward: _short_attn_fwd_kernel (the default) over warps x stages, and the one-tile forward without a key loop
-    (_short_attn_fwd_tile_kernel) at 1, 2 and 4 (sequence, head) pairs per program x pipelining stages (FWD_HEADS);
+    Forward: _short_attn_fwd_kernel (its key loop) over warps x stages, and the one-tile forward without a key loop
+    (_short_attn_fwd_tile_kernel; 1 pair and 1 stage the default since 2026-11-27) at 1, 2 and 4 (sequence, head)
+    pairs per program x pipelining stages (FWD_HEADS);
     backward: warps x stages, and 2 pairs per program (BWD_HEADS)."""
     B, N, H, d = s["batch"], s["tokens"], s["heads"], 64 if not smoke else 16
     g = torch.Generator(device="cpu").manual_seed(2)
@@ -217,7 +218,7 @@ def sweep_attention(s, device, dtype, timer, smoke):
     scale = d**-0.5
     interp = not qkv.is_cuda
     fcfg, bcfg = sa._fwd_config(N, d), sa._bwd_config(N, d)
-    fcfg.pop("HPP", None)
+    ftile = (fcfg.pop("HPP", 0), fcfg.pop("STAGES", 1))  # the default's one-tile pairs and stages (0: the key loop)
     o0 = torch.empty(B, N, H, d, device=device, dtype=dtype)
     lse0 = torch.empty(B * H, N, device=device)
     sa._launch(sa._short_attn_fwd_kernel, *sa._fwd_launch(qkv, o0, lse0, False, scale, fcfg, interp, bias))
@@ -250,11 +251,13 @@ def sweep_attention(s, device, dtype, timer, smoke):
 
     cand = list(itertools.product((4, 8), (1, 2, 3))) if not smoke else [(2, 1)]
     fdef, bdef = (fcfg["num_warps"], fcfg["num_stages"]), (bcfg["num_warps"], bcfg["num_stages"])
-    fwd_rows = [_measure(f"warps={nw} stages={ns}", fwd(nw, ns), timer, (nw, ns) == fdef)
+    fwd_rows = [_measure(f"warps={nw} stages={ns}", fwd(nw, ns), timer, not ftile[0] and (nw, ns) == fdef)
                 for nw, ns in _with(cand, fdef)]
     tiles = [(4, st, hpp) for hpp in (1, 2, 4) for st in (1, 2)] + [(8, 1, 1)] if not smoke else [(2, 1, 2)]
+    if ftile[0] and (fdef[0], ftile[1], ftile[0]) not in tiles:  # the default's own row
+        tiles.insert(0, (fdef[0], ftile[1], ftile[0]))
     fwd_rows += [_measure(f"one-tile kernel, {hpp} pair(s) per program, loop stages={st}, warps={nw}",
-                          fwd(nw, st, hpp), timer, False) for nw, st, hpp in tiles]
+                          fwd(nw, st, hpp), timer, (hpp, st, nw) == (*ftile, fdef[0])) for nw, st, hpp in tiles]
     bwd_rows = [_measure(f"warps={nw} stages={ns}", bwd(nw, ns), timer, (nw, ns) == bdef)
                 for nw, ns in _with(cand, bdef)]
     pairs = [(bdef[0], st, 2) for st in (1, 2)] if not smoke else [(2, 1, 2)]
