@@ -74,6 +74,41 @@ def test_a_reader_process_that_dies_is_an_error_not_a_hang(demo):
             next(it)
 
 
+def _dies_in_the_middle_of_a_chunk(reader, reducer, chunk, out):
+    """A reader process's stand-in that is killed while it sends: the length of a 1 MB message, 10 bytes of it."""
+    import os
+    import signal
+    import struct
+
+    os.write(out.fileno(), struct.pack("!i", 1 << 20) + b"x" * 10)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_reader_process_killed_while_it_sends_is_an_error_not_a_hang(demo, monkeypatch):
+    """Killed in the middle of a chunk (the out-of-memory killer does not wait for a message's end): the parent, which
+    has read the start of it, gets the error. It waited forever for the rest while it held a write end of the pipe
+    too (a multiprocessing Queue): a full test run hung there once."""
+    import threading
+
+    import clipfast.data.prefetch as prefetch
+
+    monkeypatch.setattr(prefetch, "_serve", _dies_in_the_middle_of_a_chunk)
+    there = ReaderProcess(ShardReader(list_shards(str(demo / "train"))), TextReducer())
+    raised = []
+
+    def take():
+        try:
+            next(iter(there))
+        except RuntimeError as e:
+            raised.append(str(e))
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "the parent still waits for a chunk from a dead reader process after 60 s"
+    assert raised == ["the reader process exited with code -9"]
+
+
 def test_the_loader_batches_are_the_same_with_a_reader_process(demo):
     def batches(reader_process):
         dl = DaliLoader(str(demo / "train"), 32, 16, TextReducer("block", 6, seed=1), train=True, seed=7, threads=1,
@@ -153,6 +188,61 @@ if __name__ == "__main__":
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the reader process outlived its trainer by 20 s")
+
+
+def test_a_reader_process_without_the_death_signal_ends_when_its_trainer_is_killed(demo, tmp_path):
+    """Where PR_SET_PDEATHSIG does not exist (not Linux) the child learns of a trainer killed outright from its next
+    send, which fails once the pipe's read end has gone with the trainer. Here the death signal is turned off in the
+    child, the trainer reads two chunks and is killed, and the child must end within 20 s."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "victim_no_pdeathsig.py"
+    script.write_text(f"""
+import time
+import clipfast.data.prefetch as prefetch
+from clipfast.data.shards import ShardReader, list_shards
+from clipfast.reduce import TextReducer
+
+
+def serve_without_the_death_signal(*args):
+    import clipfast.data.prefetch as p
+
+    p._die_with_parent = lambda: None
+    p._serve(*args)
+
+
+if __name__ == "__main__":
+    prefetch._serve = serve_without_the_death_signal  # (the spawned child finds it in this script)
+    there = prefetch.ReaderProcess(ShardReader(list_shards({str(demo / "train")!r})), TextReducer(), chunk=16,
+                                   depth=2)
+    next(iter(there))
+    print(there._proc.pid, flush=True)
+    time.sleep(600)
+""")
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(root)},
+                         stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    time.sleep(1)  # (the child fills the pipe and waits in its send)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as f:
+            if f.read().split(") ")[1][0] == "Z":
+                return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the reader process (no death signal) outlived its trainer by 20 s")
 
 
 @pytest.mark.parametrize("mode", ["train", "views", "eval"])

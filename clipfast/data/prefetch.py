@@ -25,21 +25,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def _serve(reader, reducer, chunk: int, out) -> None:
-    """The child: the reader's samples with their token ids, `chunk` at a time, then _END (or the exception)."""
+    """The child: the reader's samples with their token ids, `chunk` at a time, then _END (or the exception), sent on
+    `out`, the write end of a one-way pipe that only this process holds."""
     for sig in STOP_SIGNALS:  # a scheduler signals the whole process group: the trainer decides when to stop
         signal.signal(sig, signal.SIG_IGN)  # (clipfast.checkpoint) and ends this process (SIGKILL)
     _die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="[reader] %(asctime)s %(name)s: %(message)s")
-    parent = mp.parent_process()
 
     def put(item) -> None:
-        while True:
-            try:
-                return out.put(item, timeout=2)
-            except queue.Full:  # the parent is busy, or gone (killed: then nobody will end this process)
-                if not parent.is_alive():
-                    out.cancel_join_thread()  # (its feeder thread would wait at exit to write to a dead reader)
-                    raise SystemExit(0) from None
+        try:
+            out.send(item)  # blocks while the parent's side is full: the child reads no further ahead
+        except OSError:  # (BrokenPipeError) the parent is gone: nobody will read on
+            raise SystemExit(0) from None
 
     try:
         buf = []
@@ -57,7 +54,7 @@ def _serve(reader, reducer, chunk: int, out) -> None:
 
 def _die_with_parent() -> None:
     """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG), so that a trainer killed outright
-    (SIGKILL, the out-of-memory killer) leaves no reader behind; elsewhere the full queue's timeout notices. (The
+    (SIGKILL, the out-of-memory killer) leaves no reader behind; elsewhere its next send fails. (The
     signal follows the parent's thread that started this process: the trainer's main thread.)"""
     try:
         import ctypes
@@ -91,12 +88,13 @@ def resolve_reader_process(cfg, device) -> bool:  # device: a torch.device
 
 class ReaderProcess:
     """Iterates `reader`'s samples (ShardReader or MixedReader), each with `ids` = reducer(caption), made in a child
-    process. `chunk` samples travel together; `depth` chunks wait at most (the child stops reading while they do)."""
+    process. `chunk` samples travel together; `depth` chunks wait at most in the parent, and what the pipe holds
+    (the child stops reading while they do)."""
 
     def __init__(self, reader, reducer, chunk: int = 256, depth: int = 8):
         ctx = mp.get_context("spawn")  # (fork would copy CUDA's and DALI's threads' state)
-        self._pipe = ctx.Queue(maxsize=depth)
-        self._proc = ctx.Process(target=_serve, args=(reader, reducer, chunk, self._pipe), daemon=True,
+        self._conn, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_serve, args=(reader, reducer, chunk, send), daemon=True,
                                  name="clipfast-reader")
         # the child is born with the scheduler's signals blocked (a mask survives exec; a SIGTERM to the process
         # group while it imports would kill it); the parent's are held only while it starts, then delivered
@@ -105,11 +103,15 @@ class ReaderProcess:
             self._proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        # the child holds the pipe's only write end, so its death is the end of the pipe, also in the middle of a
+        # chunk: with the parent holding one too (a multiprocessing Queue), a reader killed while it sent left the
+        # parent waiting forever for the rest of that chunk
+        send.close()
         # multiprocessing ends daemon children at exit with SIGTERM, which this one ignores, and then waits for it:
         # killed first (atexit runs the later registered first), or an exit after an error would hang
         atexit.register(_kill, self._proc)
         self._closed = False
-        self._ready: queue.Queue = queue.Queue(maxsize=2)
+        self._ready: queue.Queue = queue.Queue(maxsize=depth)
         self._pull = threading.Thread(target=self._unpickle, daemon=True, name="clipfast-reader-pull")
         self._pull.start()
         self.skipped: Counter = Counter()  # the child's counts as of its last chunk, and the parent's own additions
@@ -118,14 +120,12 @@ class ReaderProcess:
     def _unpickle(self) -> None:
         while not self._closed:
             try:
-                item = self._pipe.get(timeout=5)
-            except queue.Empty:
-                if self._closed:
-                    return
-                if not self._proc.is_alive():  # died without a word (killed, out of memory)
+                item = self._conn.recv()
+            except (EOFError, OSError):  # the child is gone: killed (out of memory), or close()
+                if not self._closed:
+                    self._proc.join(timeout=10)
                     self._ready.put(RuntimeError(f"the reader process exited with code {self._proc.exitcode}"))
-                    return
-                continue
+                return
             self._ready.put(item)
             if not isinstance(item, tuple):
                 return
@@ -144,8 +144,8 @@ class ReaderProcess:
             yield from samples
 
     def close(self) -> None:
-        self._closed = True  # (the pull thread ends within its 5 s wait)
-        _kill(self._proc)
+        self._closed = True
+        _kill(self._proc)  # (the pull thread's read then ends)
 
     def __del__(self):
         try:
