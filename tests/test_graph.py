@@ -1,5 +1,6 @@
 """clipfast.graph: the padded text layout (CPU), and graph replay against eager steps (CUDA only)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -193,6 +194,38 @@ def test_graphed_step_inside_the_backward_equals_the_step_after_it(monkeypatch, 
 
     monkeypatch.setattr(clipfast.graph, "OVERLAP_OPTIMIZER", 0)  # the knob bench/throughput.py's --knob sets
     assert not GraphedTrainStep(model, opt).overlap and not opt.overlap
+
+
+@requires_cuda
+def test_graphed_step_inside_the_backward_equals_the_step_after_it_at_b16_scale():
+    """The same equality at the scale where the race showed (ViT-B/16 at 112 px, text 16, both towers 12 layers, the
+    text tower on its own stream), with no sleeps: three steps of batch 64, the optimizer inside the backward against
+    after it, losses and weights bit for bit. At bdf2175 the B/16 112/16 point of bench/throughput.py gave
+    non-finite losses there."""
+    cfg = from_name("ViT-B-16", **{"vision.image_size": 112, "text.context_length": 16})
+    B, dev = 64, torch.device("cuda")
+    gen = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(3):
+        seqs = [[49406, *torch.randint(1, 49406, (int(n),), generator=gen).tolist(), 49407]
+                for n in torch.randint(0, 14, (B,), generator=gen)]
+        text, cu, _ = pack_text(seqs)
+        images = torch.randint(0, 256, (B, 3, 112, 112), dtype=torch.uint8, generator=gen)
+        batches.append((images.to(dev), text.to(dev), cu.to(dev)))
+    runs = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = CLIP(cfg).to(dev, torch.bfloat16).train().set_tower_streams(True)
+        opt = MasterAdamW(model.parameters(), lr=1e-3, eps=1e-6, capturable=True)
+        step = GraphedTrainStep(model, opt, autocast_dtype=None, text_bucket=default_text_bucket(B, 16),
+                                overlap_optimizer=overlap)
+        losses = [step(*b).item() for b in batches]
+        runs.append((losses, {k: v.clone() for k, v in model.state_dict().items()}))
+        del model, opt, step
+    assert all(map(math.isfinite, runs[1][0])), runs[1][0]
+    assert runs[0][0] == runs[1][0]
+    for name, a in runs[0][1].items():
+        assert torch.equal(a, runs[1][1][name]), name
 
 
 @requires_cuda
