@@ -148,13 +148,33 @@ if __name__ == "__main__":
     assert r.returncode == 1 and "an error while the reader runs" in r.stderr
 
 
+def _assert_gone_within(pid: int, seconds: float, what: str) -> None:
+    """Process `pid` ends within `seconds` (a zombie waiting for its reaper counts as gone); else it is killed and
+    the test fails with `what`."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(") ")[1][0] == "Z":
+                return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail(f"{what} by {seconds} s")
+
+
 def test_a_trainer_killed_outright_leaves_no_reader_behind(demo, tmp_path):
     """SIGKILL to the trainer (or the out-of-memory killer): the child, which ignores the polite signals, goes too."""
     import os
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     script = tmp_path / "victim.py"
@@ -176,18 +196,7 @@ if __name__ == "__main__":
     child = int(p.stdout.readline())
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=30)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return
-        with open(f"/proc/{child}/stat") as f:  # a zombie waiting for its reaper is gone too
-            if f.read().split(") ")[1][0] == "Z":
-                return
-        time.sleep(0.2)
-    os.kill(child, signal.SIGKILL)
-    pytest.fail("the reader process outlived its trainer by 20 s")
+    _assert_gone_within(child, 20, "the reader process outlived its trainer")
 
 
 def test_a_reader_process_without_the_death_signal_ends_when_its_trainer_is_killed(demo, tmp_path):
@@ -231,18 +240,7 @@ if __name__ == "__main__":
     time.sleep(1)  # (the child fills the pipe and waits in its send)
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=30)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return
-        with open(f"/proc/{child}/stat") as f:
-            if f.read().split(") ")[1][0] == "Z":
-                return
-        time.sleep(0.2)
-    os.kill(child, signal.SIGKILL)
-    pytest.fail("the reader process (no death signal) outlived its trainer by 20 s")
+    _assert_gone_within(child, 20, "the reader process (no death signal) outlived its trainer")
 
 
 @pytest.mark.parametrize("mode", ["train", "views", "eval"])
