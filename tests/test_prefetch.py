@@ -169,40 +169,11 @@ def _assert_gone_within(pid: int, seconds: float, what: str) -> None:
     pytest.fail(f"{what} by {seconds} s")
 
 
-def test_a_trainer_killed_outright_leaves_no_reader_behind(demo, tmp_path):
-    """SIGKILL to the trainer (or the out-of-memory killer): the child, which ignores the polite signals, goes too."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = tmp_path / "victim.py"
-    script.write_text(f"""
-import time
-from clipfast.data.prefetch import ReaderProcess
-from clipfast.data.shards import ShardReader, list_shards
-from clipfast.reduce import TextReducer
-
-if __name__ == "__main__":
-    there = ReaderProcess(ShardReader(list_shards({str(demo / "train")!r})), TextReducer(), depth=2)
-    next(iter(there))
-    print(there._proc.pid, flush=True)
-    time.sleep(600)
-""")
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(root)},
-                         stdout=subprocess.PIPE, text=True)
-    child = int(p.stdout.readline())
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait(timeout=30)
-    _assert_gone_within(child, 20, "the reader process outlived its trainer")
-
-
-def test_a_reader_process_without_the_death_signal_ends_when_its_trainer_is_killed(demo, tmp_path):
-    """Where PR_SET_PDEATHSIG does not exist (not Linux) the child learns of a trainer killed outright from its next
-    send, which fails once the pipe's read end has gone with the trainer. Here the death signal is turned off in the
-    child, the trainer reads two chunks and is killed, and the child must end within 20 s."""
+@pytest.mark.parametrize("death_signal", [True, False])
+def test_a_trainer_killed_outright_leaves_no_reader_behind(demo, tmp_path, death_signal):
+    """SIGKILL to the trainer (or the out-of-memory killer): the child, which ignores the polite signals, goes too:
+    by Linux's parent-death signal, or, where that does not exist (here turned off in the child), by its next send,
+    which fails once the pipe's read end has gone with the trainer."""
     import os
     import signal
     import subprocess
@@ -210,7 +181,7 @@ def test_a_reader_process_without_the_death_signal_ends_when_its_trainer_is_kill
     import time
     from pathlib import Path
 
-    script = tmp_path / "victim_no_pdeathsig.py"
+    script = tmp_path / "victim.py"
     script.write_text(f"""
 import time
 import clipfast.data.prefetch as prefetch
@@ -226,7 +197,8 @@ def serve_without_the_death_signal(*args):
 
 
 if __name__ == "__main__":
-    prefetch._serve = serve_without_the_death_signal  # (the spawned child finds it in this script)
+    if not {death_signal}:
+        prefetch._serve = serve_without_the_death_signal  # (the spawned child finds it in this script)
     there = prefetch.ReaderProcess(ShardReader(list_shards({str(demo / "train")!r})), TextReducer(), chunk=16,
                                    depth=2)
     next(iter(there))
@@ -240,7 +212,7 @@ if __name__ == "__main__":
     time.sleep(1)  # (the child fills the pipe and waits in its send)
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=30)
-    _assert_gone_within(child, 20, "the reader process (no death signal) outlived its trainer")
+    _assert_gone_within(child, 20, "the reader process outlived its trainer")
 
 
 @pytest.mark.parametrize("mode", ["train", "views", "eval"])
