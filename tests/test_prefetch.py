@@ -123,6 +123,39 @@ def test_the_loader_batches_are_the_same_with_a_reader_process(demo):
         assert a["images"].equal(b["images"])  # (the same DALI seed: the same crops)
 
 
+def test_the_reader_process_outlives_a_group_signal_while_it_starts(demo, tmp_path):
+    """A scheduler's SIGTERM to the process group can come while the child imports (spawn: seconds on a busy
+    machine): it is born with the signal blocked, and then ignores it. In a fresh interpreter, as the trainer is: the
+    first start() also starts multiprocessing's resource tracker, which unblocked SIGINT and SIGTERM in the parent's
+    thread before the child was spawned (a full test run lost its reader to a SIGTERM that way)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "group_signal.py"
+    script.write_text(f"""
+import os
+import signal
+import time
+from clipfast.data.prefetch import ReaderProcess
+from clipfast.data.shards import ShardReader, list_shards
+from clipfast.reduce import TextReducer
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *a: None)  # (the trainer's own handler: clipfast.checkpoint.Preemption)
+    there = ReaderProcess(ShardReader(list_shards({str(demo / "train")!r})), TextReducer())
+    for _ in range(20):  # from its first moment, while it imports, and after
+        os.kill(there._proc.pid, signal.SIGTERM)
+        time.sleep(0.1)
+    print("a sample:", next(iter(there)).key, flush=True)
+""")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(root)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "a sample:" in r.stdout, (r.stdout + r.stderr)[-2000:]
+
+
 def test_an_error_with_a_reader_process_running_ends_the_program(demo, tmp_path):
     """The child ignores SIGTERM (the trainer decides when to stop), and multiprocessing ends daemon children at exit
     with SIGTERM, then waits: without the child killed first, an error left the program hanging."""

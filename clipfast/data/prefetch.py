@@ -19,6 +19,7 @@ import queue
 import signal
 import threading
 from collections import Counter
+from multiprocessing import resource_tracker
 
 _END = "end"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -97,7 +98,10 @@ class ReaderProcess:
         self._proc = ctx.Process(target=_serve, args=(reader, reducer, chunk, send), daemon=True,
                                  name="clipfast-reader")
         # the child is born with the scheduler's signals blocked (a mask survives exec; a SIGTERM to the process
-        # group while it imports would kill it); the parent's are held only while it starts, then delivered
+        # group while it imports would kill it); the parent's are held only while it starts, then delivered. The
+        # resource tracker first: started inside the first start(), it unblocks SIGINT and SIGTERM in this thread
+        # after spawning itself (multiprocessing.resource_tracker), and the child was born with them open
+        resource_tracker.ensure_running()
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self._proc.start()
