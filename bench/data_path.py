@@ -150,6 +150,23 @@ def main(argv=None) -> dict:
     per = {k: v / n * 1e6 for k, v in stages.items()}  # us / sample
     host = {mode: per["read (tar + checks)"] + per[f"text: {mode}"] + per["pack (batches of 512)"]
             for mode in ("truncate to 77", "truncate to 16", "syntax to 8")}
+    from clipfast.data.prefetch import ReaderProcess
+
+    def through_reader_process() -> float:
+        """us a sample that the trainer receives from a ReaderProcess (reading and truncating to 16 in the child),
+        after the first chunks: the child's pace, unless this process is the slower side."""
+        rp = ReaderProcess(ShardReader(shards, loop=True, seed=0), TextReducer("truncate", 16))
+        it = iter(rp)
+        for _ in range(min(n, 512)):
+            next(it)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(it)
+        wall = time.perf_counter() - t0
+        rp.close()
+        return wall / n * 1e6
+
+    child_us = min(through_reader_process() for _ in range(2))
     loader = {}
     if not args.no_loader:
         from clipfast.data import DaliLoader
@@ -182,8 +199,8 @@ def main(argv=None) -> dict:
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
             "samples": n, "shards": len(shards), "mb": round(mb, 1), "mean_kb": round(mb * 1024 / n, 1),
             "mean_words": round(sum(len(c.split()) for c in captions) / n, 1)}
-    res = {"meta": meta, "us_per_sample": per, "host_us_per_sample": host, "loader": loader,
-           "gpu_demand": gpu_demand()}
+    res = {"meta": meta, "us_per_sample": per, "host_us_per_sample": host, "reader_process_us_per_sample": child_us,
+           "loader": loader, "gpu_demand": gpu_demand()}
     lines = [f"# Data path, host cost per sample ({meta['date']}, commit {commit})", "",
              f"{n} samples in {len(shards)} shards, {meta['mb']} MB (mean {meta['mean_kb']} KB a JPEG, "
              f"{meta['mean_words']} words a caption); one process, one thread, best of 3; {meta['cpu']}, "
@@ -192,6 +209,8 @@ def main(argv=None) -> dict:
     lines += [f"| {k} | {v:.1f} | {1e6 / v:,.0f} |" for k, v in per.items()]
     lines += ["", "| host total (read + text + pack) | us / sample | samples/s (one thread) |", "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {1e6 / v:,.0f} |" for k, v in host.items()]
+    lines += [f"| reader process: read + truncate to 16 in a child, received here (best of 2) | {child_us:.1f} | "
+              f"{1e6 / child_us:,.0f} |"]
     if loader:
         lines += ["", "DaliLoader on this CPU (decode, crop, resize to 64 px on the CPU with 2 DALI threads, batch "
                       "256; truncate to 16); the training thread's CPU time is what a GPU run's step shares its "

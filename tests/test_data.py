@@ -229,4 +229,6 @@ def test_data_path_bench_writes_its_tables(tmp_path):
     assert all(v > 0 for v in res["us_per_sample"].values())
     assert json.loads((tmp_path / "out" / "data_path.json").read_text())["host_us_per_sample"] == \
         res["host_us_per_sample"]
-    assert "| read (tar + checks) |" in (tmp_path / "out" / "data_path.md").read_text()
+    assert res["reader_process_us_per_sample"] > 0
+    md = (tmp_path / "out" / "data_path.md").read_text()
+    assert "| read (tar + checks) |" in md and "| reader process: read + truncate to 16" in md

@@ -74,6 +74,27 @@ def test_a_reader_process_that_dies_is_an_error_not_a_hang(demo):
             next(it)
 
 
+def _first_error(there, seconds: float = 60) -> str | None:
+    """The RuntimeError that taking `there`'s first sample raises (None if it gives one), failing the test if the
+    parent still waits after `seconds` rather than hanging it."""
+    import threading
+
+    raised = []
+
+    def take():
+        try:
+            next(iter(there))
+            raised.append(None)
+        except RuntimeError as e:
+            raised.append(str(e))
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    t.join(timeout=seconds)
+    assert not t.is_alive(), f"the parent still waits for the reader process after {seconds} s"
+    return raised[0]
+
+
 def _dies_in_the_middle_of_a_chunk(reader, reducer, chunk, out):
     """A reader process's stand-in that is killed while it sends: the length of a 1 MB message, 10 bytes of it."""
     import os
@@ -88,25 +109,31 @@ def test_a_reader_process_killed_while_it_sends_is_an_error_not_a_hang(demo, mon
     """Killed in the middle of a chunk (the out-of-memory killer does not wait for a message's end): the parent, which
     has read the start of it, gets the error. It waited forever for the rest while it held a write end of the pipe
     too (a multiprocessing Queue): a full test run hung there once."""
-    import threading
 
     import clipfast.data.prefetch as prefetch
 
     monkeypatch.setattr(prefetch, "_serve", _dies_in_the_middle_of_a_chunk)
     there = ReaderProcess(ShardReader(list_shards(str(demo / "train"))), TextReducer())
-    raised = []
+    assert _first_error(there) == "the reader process exited with code -9"
 
-    def take():
-        try:
-            next(iter(there))
-        except RuntimeError as e:
-            raised.append(str(e))
 
-    t = threading.Thread(target=take, daemon=True)
-    t.start()
-    t.join(timeout=60)
-    assert not t.is_alive(), "the parent still waits for a chunk from a dead reader process after 60 s"
-    assert raised == ["the reader process exited with code -9"]
+class _SampleThatDoesNotPickle:
+    """A reader (picklable itself) whose one sample holds a lambda: the child cannot send it."""
+
+    skipped: dict = {}
+
+    def __iter__(self):
+        import types
+
+        yield types.SimpleNamespace(key="x", caption="a photo", fn=lambda: None)
+
+
+def test_a_sample_the_child_cannot_send_is_an_error_not_a_hang():
+    """The child's sending thread fails to pickle a chunk: the child ends with code 1 (the traceback on its stderr)
+    and the trainer gets the error, instead of the child's reading thread waiting forever for its sender."""
+
+    there = ReaderProcess(_SampleThatDoesNotPickle(), TextReducer(), chunk=1)
+    assert _first_error(there) == "the reader process exited with code 1"
 
 
 def test_the_loader_batches_are_the_same_with_a_reader_process(demo):
