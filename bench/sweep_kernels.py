@@ -412,7 +412,7 @@ def sweep_finish(s, device, dtype, timer, smoke):
         part = torch.randn(shape, generator=g).to(device)
         ref = part.sum(0).to(dtype)
         part2d = part.view(shape[0], -1)
-        default = co.colsum_config(part2d.shape[1], sms)
+        default = co.colsum_config(part2d.shape[1], sms, part2d.shape[0])
 
         def colsum(bc, br, nw, part2d=part2d, ref=ref):
             res = torch.empty(part2d.shape[1], dtype=dtype, device=device)
@@ -427,7 +427,7 @@ def sweep_finish(s, device, dtype, timer, smoke):
 
         rows = []
         grid = itertools.product((16, 32, 64), (2048, 4096, 8192), (4,)) if not smoke else [(16, 16, 1)]
-        cdef = (default["BLOCK_C"], 4096, default["num_warps"])
+        cdef = (default["BLOCK_C"], default["BLOCK_C"] * default["BLOCK_R"], default["num_warps"])
         for bc, tile, nw in _with(grid, cdef):
             br = max(1, tile // bc)
             rows.append(_measure(f"BLOCK_C={bc} BLOCK_R={br} warps={nw}", colsum(bc, br, nw), timer,

@@ -80,17 +80,25 @@ def _sm_count_of(device: torch.device) -> int:
     return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def colsum_config(cols: int, sms: int) -> dict:
+LONG_ROWS = 512  # from this many partial rows on, 16-column blocks step 512 rows at a time (below)
+
+
+def colsum_config(cols: int, sms: int, rows: int = 0) -> dict:
     """The widest column block (64, 32 or 16 fp32: 256, 128 or 64 contiguous bytes per row) that still gives every
-    SM a program, rows per step so a tile holds 4,096 values (32 per thread with 4 warps)."""
+    SM a program, rows per step so a tile holds 4,096 values (32 per thread with 4 warps); with 16-column blocks and
+    at least LONG_ROWS rows, 512 rows per step (8,192 values): twice the loads in flight in each of the few programs.
+    On an H200 (bench/results/nvidia-h200-2026-11-27-bdf2175/sweep/sweep.md) 512 rows took 0.0105 against 0.0124 ms
+    at the layer norm's (1,024 x 2,304) partials and 0.0100 against 0.0121 ms at the qkv bias's (1,024 x 2,304), and
+    0.0071 against 0.0047 ms at the GELU bias's 22 rows, where most of the tile is masked off."""
     block_c = next((b for b in (64, 32) if triton.cdiv(cols, b) >= sms), 16)
-    return {"BLOCK_R": 4096 // block_c, "BLOCK_C": block_c, "num_warps": 4}
+    block_r = 512 if block_c == 16 and rows >= LONG_ROWS else 4096 // block_c
+    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 4}
 
 
 def _colsum_launch(part2d: torch.Tensor, out: torch.Tensor, sms: int):
     """(grid, runtime args, constexprs, launch options) of _colsum_kernel; the AOT test compiles the same."""
     R, C = part2d.shape
-    cfg = colsum_config(C, sms)
+    cfg = colsum_config(C, sms, R)
     args = dict(P=part2d, OUT=out, R=R, C=C, stride_r=part2d.stride(0))
     const = dict(BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
                  INTERP_BF16=interpreting() and out.dtype == torch.bfloat16)  # fmt: skip

@@ -9,9 +9,10 @@ from tests.conftest import DEVICE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 5), (7, 3, 40), (70, 2, 33), (300, 17), (5, 3, 4, 16)])
+@pytest.mark.parametrize("shape", [(1, 5), (7, 3, 40), (70, 2, 33), (300, 17), (5, 3, 4, 16), (600, 40)])
 def test_finish_sums_equal_a_float64_sum(shape, dtype):
-    """Rows not a multiple of the row block, columns not of the column block, parts of 2-4 dims: the sum over the
+    """Rows not a multiple of the row block, columns not of the column block, parts of 2-4 dims (600 rows: the
+    512-row step, one whole and one partial): the sum over the
     first dim in fp32, rounded once (bf16: to nearest even, within half an ulp of the fp64 sum plus fp32 rounding)."""
     g = torch.Generator().manual_seed(sum(shape))
     part = (torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[-1])).to(DEVICE)
@@ -53,3 +54,11 @@ def test_colsum_config_gives_every_sm_a_program():
         assert cfg["BLOCK_R"] * cfg["BLOCK_C"] == 4096
         assert cfg["BLOCK_C"] == 16 or -(-cols // cfg["BLOCK_C"]) >= 132
     assert colsum_config(15360, 132)["BLOCK_C"] == 64 and colsum_config(3072, 132)["BLOCK_C"] == 16
+
+
+def test_colsum_config_steps_512_rows_through_long_narrow_parts():
+    """16-column blocks over LONG_ROWS rows or more take 512 rows a step; fewer rows, or wider blocks, 4,096 values."""
+    assert colsum_config(2304, 132, 1024) == {"BLOCK_R": 512, "BLOCK_C": 16, "num_warps": 4}
+    assert colsum_config(2304, 132, common.LONG_ROWS - 1)["BLOCK_R"] == 256
+    assert colsum_config(3072, 132, 22)["BLOCK_R"] == 256
+    assert colsum_config(15360, 132, 1024)["BLOCK_R"] == 64
