@@ -13,7 +13,8 @@ is reported as wrong, never as a winner.
 Kernels and shapes (bf16, the vision tower at the goal points: B/16 112 px batch 1024 = 51,200 rows x 768, MLP
 3,072; L/16 96 px batch 512 = 18,944 rows x 1,024, MLP 4,096):
 - add_layer_norm backward (HAS_RES, HAS_RB: the pre-norm blocks' path, the residual's bias gradient too): BLOCK_M x
-  num_warps x programs per SM; timed with its partial-sum finish (kernels._common.finish_sums), as the model runs
+  num_warps x programs per SM, and the row loop's loads pipelined 2-3 tiles deep (kernels.layer_norm.BWD_STAGES) at
+  a few of them; timed with its partial-sum finish (kernels._common.finish_sums), as the model runs
   it; torch: F.layer_norm backward + the add + the bias gradient's sum
 - add_layer_norm forward (with the residual's bias): BLOCK_M x num_warps; torch: the adds + F.layer_norm
 - GELU backward with the bias gradient: BLOCK_M x BLOCK_N x num_warps x programs per SM, with its finish; torch:
@@ -125,12 +126,12 @@ def sweep_add_ln(s, device, dtype, timer, smoke):
 
     dx0, dw0, db0, drb0 = ln._bwd(dy, s0, w, mean, rstd, ds, b)  # with the residual bias's gradient, as the blocks
 
-    def bwd(bm, nw, per_sm):
+    def bwd(bm, nw, per_sm, stages):
         progs, rows = ln._bwd_programs(M, bm, device, per_sm)
         dx = torch.empty_like(x)
         part = torch.empty(progs, 3, N, device=device)
         grid, args, const, opts = ln._bwd_launch(s0, w, dy, dx, mean, rstd, part, rows, ds)
-        const["BLOCK_M"], opts["num_warps"] = bm, nw
+        const["BLOCK_M"], const["STAGES"], opts["num_warps"] = bm, stages, nw
         out = {}
 
         def run():
@@ -141,12 +142,14 @@ def sweep_add_ln(s, device, dtype, timer, smoke):
                              or _close(out["drb"], drb0, "drb"))
 
     bwd_rows = []
-    grid = itertools.product((2, 4, 8), (4, 8, 16), (2, 4, 8, 16)) if not smoke else [(1, 1, 4)]
+    # stages > 1: the row loop's loads pipelined (kernels.layer_norm.BWD_STAGES), at the tiles that fit 4 programs
+    grid = [*itertools.product((2, 4, 8), (4, 8, 16), (2, 4, 8, 16), (1,)),
+            *itertools.product((1, 2), (4,), (4, 8, 16), (2, 3)), (4, 8, 8, 2)] if not smoke else [(1, 1, 4, 2)]
     bdef = ln._bwd_config(N)
-    bdef = (bdef["BLOCK_M"], bdef["num_warps"], ln.PROGRAMS_PER_SM)
-    for bm, nw, per_sm in _with(grid, bdef):
-        bwd_rows.append(_measure(f"BLOCK_M={bm} warps={nw} programs/SM={per_sm}", bwd(bm, nw, per_sm), timer,
-                                 (bm, nw, per_sm) == bdef))
+    bdef = (bdef["BLOCK_M"], bdef["num_warps"], ln.PROGRAMS_PER_SM, ln.BWD_STAGES)
+    for bm, nw, per_sm, st in _with(grid, bdef):
+        bwd_rows.append(_measure(f"BLOCK_M={bm} warps={nw} programs/SM={per_sm} stages={st}",
+                                 bwd(bm, nw, per_sm, st), timer, (bm, nw, per_sm, st) == bdef))
     s_t = s0.detach().clone().requires_grad_()
     w_t, b_t = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     y_t = F.layer_norm(s_t, (N,), w_t, b_t, 1e-5)

@@ -70,20 +70,21 @@ def _layer_norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, stride_x, stride_y, eps
 @triton.jit
 def _layer_norm_bwd_kernel(X, W, DY, DX, MEAN, RSTD, PART, M, N, stride_x, stride_dy, stride_dx, stride_part,
                            rows_per_prog, DS, stride_ds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           HAS_RES: tl.constexpr, HAS_RB: tl.constexpr):  # fmt: skip
+                           HAS_RES: tl.constexpr, HAS_RB: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """dx and one row of partial sums per program in PART (programs, 2 or 3, N): dW, dB and, HAS_RB, d rb (the sum of
     dx over the rows, in fp32 before dx's rounding); HAS_RES: dx += ds (the gradient that reached s = x + r directly).
+    STAGES > 1: the row loop's loads run that many tiles ahead through shared memory (tl.range's pipeline, cp.async).
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    drb = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)  # (a tile's rows summed as they come: 128 -> 114 registers a thread
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)  # at B/16's width, sm_90, where (BLOCK_M, BLOCK_N) sums held 128)
+    drb = tl.zeros([BLOCK_N], dtype=tl.float32)
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, M)
-    for r0 in range(start, end, BLOCK_M):
+    for r0 in tl.range(start, end, BLOCK_M, num_stages=STAGES):
         rows = r0 + tl.arange(0, BLOCK_M)
         rmask = rows < end
         mask = rmask[:, None] & cmask[None, :]
@@ -100,15 +101,15 @@ def _layer_norm_bwd_kernel(X, W, DY, DX, MEAN, RSTD, PART, M, N, stride_x, strid
         if HAS_RES:
             dx += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * xhat
-        db += dy
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
         if HAS_RB:
-            drb += dx  # rows past the end add 0; the masked columns are not stored
+            drb += tl.sum(dx, axis=0)  # rows past the end add 0; the masked columns are not stored
     part = PART + pid * stride_part + cols
-    tl.store(part, tl.sum(dw, axis=0), mask=cmask)
-    tl.store(part + N, tl.sum(db, axis=0), mask=cmask)
+    tl.store(part, dw, mask=cmask)
+    tl.store(part + N, db, mask=cmask)
     if HAS_RB:
-        tl.store(part + 2 * N, tl.sum(drb, axis=0), mask=cmask)
+        tl.store(part + 2 * N, drb, mask=cmask)
 
 
 def _config(n: int) -> dict:
@@ -132,6 +133,11 @@ def _sm_count(index: int) -> int:
 
 
 PROGRAMS_PER_SM = 8  # the backward kernels' programs on CUDA (here and kernels.gelu); bench/sweep_kernels.py varies it
+# the backward's row loop: 1 loads each tile after the one before it is done; 2 or 3 pipeline the loads that many tiles
+# ahead through shared memory (sm_90 compile at B/16's width: 108 registers and 12 / 24 KiB a program, against 114 and
+# 4 KiB). Not yet timed on a GPU: bench/sweep_kernels.py --kernels add_ln sets them side by side, and
+# `bench/throughput.py --knob layer_norm.BWD_STAGES=2` in a whole step
+BWD_STAGES = 1
 
 
 def _bwd_programs(m: int, block_m: int, device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int]:
@@ -165,7 +171,8 @@ def _bwd_launch(x2, w, dy2, dx, mean, rstd, part, rows, ds2=None):
     args = dict(X=x2, W=w, DY=dy2, DX=dx, MEAN=mean, RSTD=rstd, PART=part, M=M, N=N, stride_x=x2.stride(0),
                 stride_dy=dy2.stride(0), stride_dx=dx.stride(0), stride_part=part.stride(0), rows_per_prog=rows,
                 DS=ds2 if res else dy2, stride_ds=ds2.stride(0) if res else 0)  # fmt: skip
-    const = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RES=res, HAS_RB=part.shape[1] == 3)
+    const = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RES=res, HAS_RB=part.shape[1] == 3,
+                 STAGES=BWD_STAGES)
     return (part.shape[0],), args, const, {"num_warps": cfg["num_warps"]}
 
 

@@ -1,6 +1,8 @@
 """kernels.layer_norm against F.layer_norm: forward and all three gradients under one random dout, over odd shapes
 and dtypes, rows split over several backward programs, strided rows, and the fallbacks; kernels.add_layer_norm (the
 residual add fused in) against the add followed by F.layer_norm."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,6 +64,27 @@ def test_backward_is_deterministic_and_splits_rows():
     for u, v in zip(a, c, strict=True):
         assert torch.equal(u, v)
 
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipelined_backward_gives_the_same_bits(stages, monkeypatch):
+    """BWD_STAGES 2 or 3 (the row loop's loads a tile or two ahead, through shared memory on a GPU) computes what 1
+    does, in the same order: dx, dr, dW, dB and the residual bias's gradient equal bit for bit, in bf16, with rows
+    split over several programs (47 rows: the last program's run partial)."""
+    ln = sys.modules["kernels.layer_norm"]
+    x, w, b, dy = _inputs((47, 130), torch.bfloat16, seed=7)
+    r, _, rb, ds = _inputs((47, 130), torch.bfloat16, seed=8)
+
+    def run():
+        t = [v.detach().clone().requires_grad_() for v in (x, r, w, b, rb)]
+        s, y = add_layer_norm(*t[:4], rb=t[4], impl="triton")
+        torch.autograd.backward((s, y), (ds, dy))
+        return [v.grad for v in t]
+
+    one = run()
+    monkeypatch.setattr(ln, "BWD_STAGES", stages)
+    for name, a, e in zip(("dx", "dr", "dw", "db", "drb"), run(), one, strict=True):
+        assert torch.equal(a, e), name
 
 def test_default_and_fallbacks_take_the_reference():
     x, w, b, _ = _inputs((4, 8), torch.float32)

@@ -23,7 +23,8 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
     marked = {name: next(r["config"] for r in rows if r.get("default")) for name, rows in kernels.items()}
     bwd, gelu = ln._bwd_config(sk.SMOKE["smoke"]["width"]), ge._config()
     # "default" is what the kernel runs today: the launchers' own configs, 8 programs per SM
-    assert marked["add_layer_norm backward"] == f"BLOCK_M={bwd['BLOCK_M']} warps={bwd['num_warps']} programs/SM=8"
+    assert marked["add_layer_norm backward"] == (f"BLOCK_M={bwd['BLOCK_M']} warps={bwd['num_warps']} programs/SM=8 "
+                                                 f"stages={ln.BWD_STAGES}")
     assert marked["GELU backward + bias grad"] == (f"BLOCK_M={gelu['BLOCK_M']} BLOCK_N={gelu['BLOCK_N']} "
                                                    f"warps={gelu['num_warps']} programs/SM=8")
     finishes = [name for name in kernels if name.startswith("finish ")]
