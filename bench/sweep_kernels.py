@@ -142,8 +142,9 @@ def sweep_add_ln(s, device, dtype, timer, smoke):
                              or _close(out["drb"], drb0, "drb"))
 
     bwd_rows = []
-    # stages > 1: the row loop's loads pipelined (kernels.layer_norm.BWD_STAGES), at the tiles that fit 4 programs
-    grid = [*itertools.product((2, 4, 8), (4, 8, 16), (2, 4, 8, 16), (1,)),
+    # stages > 1: the row loop's loads pipelined (kernels.layer_norm.BWD_STAGES); the unpipelined grid is the part of
+    # the dab88c7 sweep's 36 configs (BLOCK_M 2-8, warps 4-16, programs per SM 2-16) around its winner
+    grid = [*itertools.product((2, 4), (4, 8), (4, 8, 16), (1,)),
             *itertools.product((1, 2), (4,), (4, 8, 16), (2, 3)), (4, 8, 8, 2)] if not smoke else [(1, 1, 4, 2)]
     bdef = ln._bwd_config(N)
     bdef = (bdef["BLOCK_M"], bdef["num_warps"], ln.PROGRAMS_PER_SM, ln.BWD_STAGES)
