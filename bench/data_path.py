@@ -45,6 +45,8 @@ def make_shards(work: Path, samples: int, per_shard: int = 1000, seed: int = 0) 
     from clipfast.data.shards import write_shard
     from clipfast.prompts import imagenet_classnames, template_set
 
+    if per_shard != 1000:  # (the kept files are found by name: another split gets a folder of its own)
+        work = work / f"{per_shard}-a-shard"
     work.mkdir(parents=True, exist_ok=True)
     want = [work / f"{i:05d}.tar" for i in range((samples + per_shard - 1) // per_shard)]
     if all(p.is_file() for p in want):
@@ -125,12 +127,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", default="/tmp/clipfast-data-path", help="where the generated shards are kept")
     ap.add_argument("--out", default=None, help="default bench/results/data-path-<date>")
     ap.add_argument("--no-loader", action="store_true", help="skip the DALI loader timing (CPU decode)")
+    ap.add_argument("--per-shard", type=int, default=1000, help="samples a shard")
+    ap.add_argument("--reader-processes", type=int, nargs="*", default=[2],
+                    help="also time the reader process with this many children (at most one per shard)")
     args = ap.parse_args(argv)
     from clipfast.data.loader import pack_text
     from clipfast.data.shards import ShardReader
     from clipfast.reduce import TextReducer
 
-    shards = make_shards(Path(args.work), args.samples)
+    shards = make_shards(Path(args.work), args.samples, args.per_shard)
     mb = sum(os.path.getsize(s) for s in shards) / 2**20
     n = args.samples
 
@@ -152,10 +157,11 @@ def main(argv=None) -> dict:
             for mode in ("truncate to 77", "truncate to 16", "syntax to 8")}
     from clipfast.data.prefetch import ReaderProcess
 
-    def through_reader_process() -> float:
-        """us a sample that the trainer receives from a ReaderProcess (reading and truncating to 16 in the child),
-        after the first chunks: the child's pace, unless this process is the slower side."""
-        rp = ReaderProcess(ShardReader(shards, loop=True, seed=0), TextReducer("truncate", 16))
+    def through_reader_process(processes: int = 1) -> float:
+        """us a sample that the trainer receives from a ReaderProcess (reading and truncating to 16 in the children,
+        the shards dealt out among them), after the first chunks: the children's pace, unless this process (which
+        unpickles every chunk) is the slower side."""
+        rp = ReaderProcess(ShardReader(shards, loop=True, seed=0), TextReducer("truncate", 16), processes=processes)
         it = iter(rp)
         for _ in range(min(n, 512)):
             next(it)
@@ -166,7 +172,9 @@ def main(argv=None) -> dict:
         rp.close()
         return wall / n * 1e6
 
-    child_us = min(through_reader_process() for _ in range(2))
+    counts = sorted({1, *[k for k in args.reader_processes if 1 <= k <= len(shards)]})
+    children_us = {k: min(through_reader_process(k) for _ in range(2)) for k in counts}
+    child_us = children_us[1]
     loader = {}
     if not args.no_loader:
         from clipfast.data import DaliLoader
@@ -200,7 +208,7 @@ def main(argv=None) -> dict:
             "samples": n, "shards": len(shards), "mb": round(mb, 1), "mean_kb": round(mb * 1024 / n, 1),
             "mean_words": round(sum(len(c.split()) for c in captions) / n, 1)}
     res = {"meta": meta, "us_per_sample": per, "host_us_per_sample": host, "reader_process_us_per_sample": child_us,
-           "loader": loader, "gpu_demand": gpu_demand()}
+           "reader_processes_us_per_sample": children_us, "loader": loader, "gpu_demand": gpu_demand()}
     lines = [f"# Data path, host cost per sample ({meta['date']}, commit {commit})", "",
              f"{n} samples in {len(shards)} shards, {meta['mb']} MB (mean {meta['mean_kb']} KB a JPEG, "
              f"{meta['mean_words']} words a caption); one process, one thread, best of 3; {meta['cpu']}, "
@@ -211,6 +219,8 @@ def main(argv=None) -> dict:
     lines += [f"| {k} | {v:.1f} | {1e6 / v:,.0f} |" for k, v in host.items()]
     lines += [f"| reader process: read + truncate to 16 in a child, received here (best of 2) | {child_us:.1f} | "
               f"{1e6 / child_us:,.0f} |"]
+    lines += [f"| reader processes: the same in {k} children, the shards dealt out (best of 2; {os.cpu_count()} "
+              f"cores here) | {us:.1f} | {1e6 / us:,.0f} |" for k, us in children_us.items() if k > 1]
     if loader:
         lines += ["", "DaliLoader on this CPU (decode, crop, resize to 64 px on the CPU with 2 DALI threads, batch "
                       "256; truncate to 16); the training thread's CPU time is what a GPU run's step shares its "

@@ -53,6 +53,7 @@ class TrainConfig:
     # reading the shards and tokenising in a child process, off the thread that launches the steps
     # (clipfast.data.prefetch): "auto" = on where the model trains on a GPU, "on" or "off"
     reader_process: str = "auto"
+    reader_processes: int = 1  # how many, where it is on: the rank's shards dealt out among them (a fast GPU's need)
     # optimisation
     batch_size: int = 256  # global batch (all ranks)
     steps: int = 1000

@@ -33,6 +33,8 @@ the highest-ranked word passed over. The kept tokens are emitted in caption orde
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 import random
 from functools import lru_cache
@@ -161,6 +163,15 @@ class TextReducer:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["strategy"], state["length"], tagger=state["tagger"])
         self.rng.setstate(state["rng"])
+
+    def for_worker(self, j: int) -> "TextReducer":
+        """A copy with the same settings whose random choices are its own: worker j of several reader processes
+        (clipfast.data.prefetch), its RNG seeded from this one's state and j (the same each run; copies sharing this
+        RNG's state would mask their captions alike)."""
+        twin = copy.deepcopy(self)  # (through __getstate__: the tokenizer is made again, the tagger kept)
+        state = hashlib.sha256(repr(self.rng.getstate()).encode()).hexdigest()
+        twin.rng = random.Random(f"{state}/{j}")
+        return twin
 
     def __call__(self, caption: str) -> list[int]:
         if self.strategy == "syntax":

@@ -353,6 +353,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                         threads=cfg.data_threads, device=device, augment=cfg.augment, views=2 if cfg.ssl_weight else 0,
                         view_crop_scale=tuple(cfg.ssl_crop_scale), weights=tuple(cfg.train_weights),
                         reader_process=reader_process)
+    if reader_process and is_main:
+        log.info("reading the shards in %d child process(es) per rank", getattr(loader.reader, "processes", 1))
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed * 1009 + rank + step)
 

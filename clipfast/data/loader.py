@@ -5,7 +5,8 @@ Images: a validating shard reader (clipfast.data.shards) feeds encoded bytes to 
 is decoded) and resizes straight to the training resolution — `mixed` (nvJPEG on the GPU) when there
 is one, the CPU otherwise. Evaluation decodes whole images, resizes the short side and centre-crops.
 Captions: tokenised and reduced on the host (clipfast.reduce.TextReducer), packed end to end. `reader_process=True`
-reads the shards and tokenises in a child process instead of on the training thread (clipfast.data.prefetch).
+(or a number of processes) reads the shards and tokenises in child processes instead of on the training thread
+(clipfast.data.prefetch).
 `augment="simclr"` adds SimCLR's flip, colour jitter, grayscale and blur to the training images ("CLIP + data
 augmentation"); `views=V` adds V more views of each image for SLIP's self-supervised loss, each its own random crop
 (area `view_crop_scale`) with SimCLR's augmentations (clipfast.data.augment). With views the image is decoded
@@ -69,10 +70,10 @@ class DaliLoader:
         else:
             self.reader = ShardReader(list_shards(data), rank, world, seed, loop=train,
                                       shuffle_buffer=1000 if train else 0)
-        if reader_process:  # reading and tokenising in a child process (clipfast.data.prefetch)
+        if reader_process:  # reading and tokenising in child processes (clipfast.data.prefetch); True: one
             from clipfast.data.prefetch import ReaderProcess
 
-            self.reader = ReaderProcess(self.reader, text_reducer)
+            self.reader = ReaderProcess(self.reader, text_reducer, processes=int(reader_process))
         self._samples = iter(self.reader)
         self._pending: collections.deque = collections.deque()
         self.wait_s = 0.0  # host time spent waiting for batches (stall), for the training log

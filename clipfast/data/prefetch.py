@@ -93,28 +93,58 @@ def _kill(proc) -> None:
 
 
 READER_PROCESS = ("auto", "off", "on")
+log = logging.getLogger("clipfast.data")
 
 
-def resolve_reader_process(cfg, device) -> bool:  # device: a torch.device
-    """Whether the trainer's loader reads in a child process: "auto" where the model trains on a GPU (there the
-    training thread launches the steps; on the CPU the child competes with DALI's decoding threads for the cores:
-    322 -> 340 us a sample on the 2-core machine, bench/results/data-path-2026-11-27), "on" or "off"."""
+def resolve_reader_process(cfg, device) -> int:  # device: a torch.device
+    """How many child processes the trainer's loader reads in (0: none, the training thread reads): with
+    `reader_process` "auto" where the model trains on a GPU (there the training thread launches the steps; on the CPU
+    the child competes with DALI's decoding threads for the cores: 322 -> 340 us a sample on the 2-core machine,
+    bench/results/data-path-2026-11-27), or "on", `reader_processes` of them (default 1)."""
     value = getattr(cfg, "reader_process", "auto")
     if value not in READER_PROCESS:
         raise ValueError(f"reader_process must be one of {READER_PROCESS}, got {value!r}")
-    return value == "on" or (value == "auto" and device.type == "cuda")
+    n = getattr(cfg, "reader_processes", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"reader_processes must be a whole number, 1 or more, got {n!r}")
+    on = value == "on" or (value == "auto" and device.type == "cuda")
+    if not on and n > 1:
+        log.warning("reader_processes=%d is unused: the reader process is off (reader_process=%r on %s)", n, value,
+                    device.type)
+    return n if on else 0
 
 
-class ReaderProcess:
-    """Iterates `reader`'s samples (ShardReader or MixedReader), each with `ids` = reducer(caption), made in a child
-    process. `chunk` samples travel together; `depth` chunks wait at most in the parent, and what the pipe holds
-    (the child stops reading while they do)."""
+def split_reader(reader, n: int) -> list:
+    """`reader` (ShardReader or MixedReader) as n readers whose samples, together, are its samples: rank r of
+    `world` becomes ranks r, r + world, ... of world x n, so its shards are dealt out among them and the other ranks'
+    stay theirs; each reader shuffles on its own. Where the ranks read whole shards, n is cut to shards // world, so
+    that the readers do too (the same cut on every rank: otherwise a rank whose readers outnumbered the shards would
+    read every shard's share of samples, ShardReader's way with fewer shards than ranks, beside ranks reading whole
+    shards). With fewer shards than ranks, every reader reads them all and keeps every (world x n)-th sample. A
+    MixedReader's datasets are split alike, with the same n for each: one with fewer shards than world x n is read
+    the second way (its shards read by each reader, each keeping its share)."""
+    from clipfast.data.shards import MixedReader, ShardReader
 
-    def __init__(self, reader, reducer, chunk: int = 256, depth: int = 8):
-        ctx = mp.get_context("spawn")  # (fork would copy CUDA's and DALI's threads' state)
-        self._conn, send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_serve, args=(reader, reducer, chunk, send), daemon=True,
-                                 name="clipfast-reader")
+    if n <= 1:
+        return [reader]
+    if not isinstance(reader, (ShardReader, MixedReader)):
+        raise TypeError(f"cannot split a {type(reader).__name__} over reader processes (a ShardReader or MixedReader)")
+    rank, world = reader.rank, reader.world
+    if isinstance(reader, ShardReader):
+        if not reader.split_samples:
+            n = max(1, min(n, len(reader.shards) // world))
+        return [ShardReader(reader.shards, rank + j * world, world * n, reader.seed * 1009 + j,
+                            shuffle_buffer=reader.shuffle_buffer, loop=reader.loop) for j in range(n)]
+    return [MixedReader(reader.specs, reader.weights, rank + j * world, world * n, reader.seed * 1009 + j,
+                        shuffle_buffer=reader.shuffle_buffer) for j in range(n)]
+
+
+class _Child:
+    """One reader process: the child, the pipe's read end, and the thread that unpickles what comes through it."""
+
+    def __init__(self, ctx, reader, reducer, chunk: int, depth: int, name: str):
+        self.conn, send = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_serve, args=(reader, reducer, chunk, send), daemon=True, name=name)
         # the child is born with the scheduler's signals blocked (a mask survives exec; a SIGTERM to the process
         # group while it imports would kill it); the parent's are held only while it starts, then delivered. The
         # resource tracker first: started inside the first start(), it unblocks SIGINT and SIGTERM in this thread
@@ -122,7 +152,7 @@ class ReaderProcess:
         resource_tracker.ensure_running()
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            self._proc.start()
+            self.proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         # the child holds the pipe's only write end, so its death is the end of the pipe, also in the middle of a
@@ -131,43 +161,77 @@ class ReaderProcess:
         send.close()
         # multiprocessing ends daemon children at exit with SIGTERM, which this one ignores, and then waits for it:
         # killed first (atexit runs the later registered first), or an exit after an error would hang
-        atexit.register(_kill, self._proc)
-        self._closed = False
-        self._ready: queue.Queue = queue.Queue(maxsize=depth)
-        self._pull = threading.Thread(target=self._unpickle, daemon=True, name="clipfast-reader-pull")
-        self._pull.start()
-        self.skipped: Counter = Counter()  # the child's counts as of its last chunk, and the parent's own additions
-        self._child_counts: dict = {}
+        atexit.register(_kill, self.proc)
+        self.closed = False
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.counts: dict = {}  # the child's skip counts as of its last chunk
+        self.pull = threading.Thread(target=self._unpickle, daemon=True, name=f"{name}-pull")
+        self.pull.start()
 
     def _unpickle(self) -> None:
-        while not self._closed:
-            try:
-                item = self._conn.recv()
-            except (EOFError, OSError):  # the child is gone: killed (out of memory), or close()
-                if not self._closed:
-                    self._proc.join(timeout=10)
-                    self._ready.put(RuntimeError(f"the reader process exited with code {self._proc.exitcode}"))
-                return
-            self._ready.put(item)
-            if not isinstance(item, tuple):
-                return
-
-    def __iter__(self):
-        while True:
-            item = self._ready.get()  # note: a wait here is the data path's stall, counted in the loader's wait_s
-            if isinstance(item, BaseException):
-                raise item
-            if item == _END:
-                return
-            samples, counts = item
-            for k, v in counts.items():
-                self.skipped[k] += v - self._child_counts.get(k, 0)
-            self._child_counts = counts
-            yield from samples
+        try:
+            while not self.closed:
+                try:
+                    item = self.conn.recv()
+                except (EOFError, OSError):  # the child is gone: killed (out of memory), or close()
+                    if not self.closed:
+                        self.proc.join(timeout=10)
+                        self.ready.put(RuntimeError(f"the reader process exited with code {self.proc.exitcode}"))
+                    return
+                self.ready.put(item)
+                if not isinstance(item, tuple):
+                    return
+        finally:
+            self.conn.close()  # (its file descriptor now, not when the collector gets to it)
 
     def close(self) -> None:
-        self._closed = True
-        _kill(self._proc)  # (the pull thread's read then ends)
+        self.closed = True
+        _kill(self.proc)  # (the pull thread's read then ends)
+
+
+class ReaderProcess:
+    """Iterates `reader`'s samples (ShardReader or MixedReader), each with `ids` = reducer(caption), made in a child
+    process. `chunk` samples travel together; `depth` chunks wait at most in the parent, and what the pipe holds
+    (the child stops reading while they do).
+
+    `processes` > 1: that many children, the reader's shards dealt out among them (`split_reader`), each with the
+    reducer reseeded (`TextReducer.for_worker`), for hosts where one child cannot keep up with the GPU; their chunks
+    are taken in turn (child 0's first, child 1's first, ...), so a run is the same from run to run, and a child that
+    runs out (a reader that does not loop) leaves the turn to the others."""
+
+    def __init__(self, reader, reducer, chunk: int = 256, depth: int = 8, processes: int = 1):
+        ctx = mp.get_context("spawn")  # (fork would copy CUDA's and DALI's threads' state)
+        readers = split_reader(reader, processes)
+        reducers = [reducer] if len(readers) == 1 else [reducer.for_worker(j) for j in range(len(readers))]
+        per_child = max(2, depth // len(readers))
+        self._children = [_Child(ctx, r, red, chunk, per_child, "clipfast-reader" + (f"-{j}" if j else ""))
+                          for j, (r, red) in enumerate(zip(readers, reducers, strict=True))]
+        self._proc = self._children[0].proc  # (the first child's process)
+        self.skipped: Counter = Counter()  # the children's counts as of their last chunks, and the parent's additions
+
+    @property
+    def processes(self) -> int:
+        return len(self._children)
+
+    def __iter__(self):
+        turn = list(self._children)
+        while turn:
+            for child in list(turn):
+                item = child.ready.get()  # note: a wait here is the data path's stall, counted in the loader's wait_s
+                if isinstance(item, BaseException):
+                    raise item
+                if item == _END:
+                    turn.remove(child)
+                    continue
+                samples, counts = item
+                for k, v in counts.items():
+                    self.skipped[k] += v - child.counts.get(k, 0)
+                child.counts = counts
+                yield from samples
+
+    def close(self) -> None:
+        for child in self._children:
+            child.close()
 
     def __del__(self):
         try:

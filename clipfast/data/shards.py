@@ -326,6 +326,7 @@ class MixedReader:
         if any(not w > 0 for w in weights):
             raise ValueError(f"dataset weights must be positive, got {tuple(weights)}")
         self.specs, self.weights = specs, [float(w) for w in weights]
+        self.rank, self.world, self.seed, self.shuffle_buffer = rank, world, seed, shuffle_buffer
         self.readers = [ShardReader(list_shards(spec), rank, world, seed * 7 + i, shuffle_buffer=shuffle_buffer)
                         for i, spec in enumerate(specs)]
         self.skipped: Counter = Counter()
