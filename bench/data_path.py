@@ -207,12 +207,13 @@ def main(argv=None) -> dict:
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
             "samples": n, "shards": len(shards), "mb": round(mb, 1), "mean_kb": round(mb * 1024 / n, 1),
             "mean_words": round(sum(len(c.split()) for c in captions) / n, 1)}
+    command = " ".join(["python bench/data_path.py", *(sys.argv[1:] if argv is None else argv)])
     res = {"meta": meta, "us_per_sample": per, "host_us_per_sample": host, "reader_process_us_per_sample": child_us,
            "reader_processes_us_per_sample": children_us, "loader": loader, "gpu_demand": gpu_demand()}
     lines = [f"# Data path, host cost per sample ({meta['date']}, commit {commit})", "",
              f"{n} samples in {len(shards)} shards, {meta['mb']} MB (mean {meta['mean_kb']} KB a JPEG, "
              f"{meta['mean_words']} words a caption); one process, one thread, best of 3; {meta['cpu']}, "
-             f"Python {meta['python']}. Command: `python bench/data_path.py --samples {n}`.", "",
+             f"Python {meta['python']}. Command: `{command}`.", "",
              "| stage | us / sample | samples/s (one thread) |", "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {1e6 / v:,.0f} |" for k, v in per.items()]
     lines += ["", "| host total (read + text + pack) | us / sample | samples/s (one thread) |", "|---|---|---|"]

@@ -9,6 +9,9 @@ through a pipe; a thread of the parent unpickles them, so the training thread on
 The samples, their order, the token ids and the skip counts are those of the reader in-process: the child runs the
 same reader and reducer (pickled with their seeds and RNG states) one sample after another. Skipped samples are
 logged by the child (its stderr is the parent's) and counted in the parent (`skipped`, with the decoder's own).
+With `processes` > 1 (the trainer's `reader_processes`) the rank's shards are dealt out among that many children
+(`split_reader`), each reducer draws from its own seed, and their chunks are taken in turn: every sample once, in
+an order that repeats from run to run, but not the in-process order.
 """
 from __future__ import annotations
 
@@ -187,6 +190,11 @@ class _Child:
     def close(self) -> None:
         self.closed = True
         _kill(self.proc)  # (the pull thread's read then ends)
+        try:  # and a pull thread waiting to hand over a chunk goes on to that end, closing its pipe end
+            while True:
+                self.ready.get_nowait()
+        except queue.Empty:
+            pass
 
 
 class ReaderProcess:
