@@ -40,7 +40,8 @@
 #   T_GRID=0 (--grid gpu: 3 points fit in 40 s, and clipa/ carries the comparison); GRID_ARGS replaces the grid's
 #     arguments (default "--grid gpu")
 #   T_DATA=0 (>0: bench/data_path.py --no-loader on the GPU host's CPU into data_path/: the shard reader's and the
-#     tokeniser's cost per sample beside the H100 steps' need; ~20 s; no DALI needed)
+#     tokeniser's cost per sample beside the H100 steps' need, and what 1, 2 and 4 reader processes deliver; 31 s
+#     on the 2-core CPU machine with the shards made; no DALI needed)
 # plus a few seconds for the wheels. PYTHON (default python3) is the interpreter.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
@@ -240,7 +241,8 @@ if [ "$T_GRID" -gt 30 ]; then
     part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget $(( T_GRID - 30 ))
 fi
 if [ "$T_DATA" -gt 0 ]; then
-    part data_path "$T_DATA" "$PY" bench/data_path.py --no-loader --samples 2000 --out "$DIR/data_path"
+    part data_path "$T_DATA" "$PY" bench/data_path.py --no-loader --samples 2000 --per-shard 250 \
+        --reader-processes 2 4 --out "$DIR/data_path"
 fi
 
 {
