@@ -70,7 +70,8 @@ def test_backward_is_deterministic_and_splits_rows():
 def test_pipelined_backward_gives_the_same_bits(stages, monkeypatch):
     """BWD_STAGES 2 or 3 (the row loop's loads a tile or two ahead, through shared memory on a GPU) computes what 1
     does, in the same order: dx, dr, dW, dB and the residual bias's gradient equal bit for bit, in bf16, with rows
-    split over several programs (47 rows: the last program's run partial)."""
+    split over several programs (47 rows: the last program's run partial). The interpreter runs the loop as a plain
+    one, so here this checks the switch's path; natively (the GPU suite runs this file) it checks the pipeline."""
     ln = sys.modules["kernels.layer_norm"]
     x, w, b, dy = _inputs((47, 130), torch.bfloat16, seed=7)
     r, _, rb, ds = _inputs((47, 130), torch.bfloat16, seed=8)
