@@ -17,7 +17,8 @@ Kernels and shapes (bf16, the vision tower at the goal points: B/16 112 px batch
   a few of them; timed with its partial-sum finish (kernels._common.finish_sums), as the model runs
   it; torch: F.layer_norm backward + the add + the bias gradient's sum
 - add_layer_norm forward (with the residual's bias): BLOCK_M x num_warps; torch: the adds + F.layer_norm
-- GELU backward with the bias gradient: BLOCK_M x BLOCK_N x num_warps x programs per SM, with its finish; torch:
+- GELU backward with the bias gradient: BLOCK_M x BLOCK_N x num_warps x programs per SM (and the loads pipelined,
+  kernels.gelu.BWD_STAGES, at a few), with its finish; torch:
   GeluBackward + the bias-gradient sum
 - short attention (N = 50 and 37, d = 64, one tile per sequence and head, the qkv bias in the kernels as the model
   runs them): forward and backward num_warps x num_stages, the one-tile forward kernel and several (sequence, head)
@@ -173,13 +174,13 @@ def sweep_gelu(s, device, dtype, timer, smoke):
     dh0, db0 = ge.gelu_bwd(da, h)
     default = ge._config()
 
-    def bwd(bm, bn, nw, per_sm):
+    def bwd(bm, bn, nw, per_sm, stages):
         col_blocks = triton.cdiv(N, bn)
         groups, rows = ge._row_groups(M, N, bm, bn, device, per_sm)
         dh = torch.empty_like(h)
         db_part = torch.empty(groups, N, device=device)
         grid, args, const, opts = ge._bwd_launch(da, h, dh, db_part, rows)
-        const.update(BLOCK_M=bm, BLOCK_N=bn)
+        const.update(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages)
         opts["num_warps"] = nw
         out = {}
 
@@ -190,14 +191,16 @@ def sweep_gelu(s, device, dtype, timer, smoke):
         return run, lambda: _close(dh, dh0, "dh") or _close(out["db"], db0, "db")
 
     rows_out = []
-    grid = itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (4, 8, 16)) if not smoke else [(8, 16, 1, 4)]
-    gdef = (default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], ln.PROGRAMS_PER_SM)
-    for bm, bn, nw, per_sm in _with(grid, gdef):
+    # stages > 1: the loads pipelined (kernels.gelu.BWD_STAGES); the unpipelined grid is the part of the dab88c7
+    # sweep's 54 configs (BLOCK_M 16-64, BLOCK_N 64-256, warps 4-8, programs per SM 4-16) around its winner
+    grid = [*itertools.product((16, 32), (64, 128), (8,), (4, 8, 16), (1,)),
+            *itertools.product((16, 32), (64,), (8,), (8, 16), (2, 3))] if not smoke else [(8, 16, 1, 4, 2)]
+    gdef = (default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], ln.PROGRAMS_PER_SM, ge.BWD_STAGES)
+    for bm, bn, nw, per_sm, st in _with(grid, gdef):
         if bm * bn > 16384 or bm * bn < 32 * nw:  # tiles too big for registers, or too small for the warps
             continue
-        rows_out.append(_measure(f"BLOCK_M={bm} BLOCK_N={bn} warps={nw} programs/SM={per_sm}",
-                                 bwd(bm, bn, nw, per_sm), timer,
-                                 (bm, bn, nw, per_sm) == gdef))
+        rows_out.append(_measure(f"BLOCK_M={bm} BLOCK_N={bn} warps={nw} programs/SM={per_sm} stages={st}",
+                                 bwd(bm, bn, nw, per_sm, st), timer, (bm, bn, nw, per_sm, st) == gdef))
 
     def torch_bwd():
         torch.ops.aten.gelu_backward(da, h).sum(0)

@@ -32,16 +32,16 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 @triton.jit
 def _gelu_bwd_kernel(DA, H, DH, DB_PART, M, N, stride_da, stride_h, stride_dh, rows_per_prog,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """Program (column block, row group): dh = da * GELU'(h) for its tile run, and the column sums of dh (fp32) into
-    DB_PART[row group]."""
+    DB_PART[row group]. STAGES > 1: the loads run that many tiles ahead through shared memory (tl.range's pipeline)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
     cmask = cols < N
     start = g * rows_per_prog
     end = tl.minimum(start + rows_per_prog, M)
     db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_M):
+    for r0 in tl.range(start, end, BLOCK_M, num_stages=STAGES):
         rows = r0 + tl.arange(0, BLOCK_M)
         mask = (rows < end)[:, None] & cmask[None, :]
         r64 = rows.to(tl.int64)[:, None]
@@ -53,6 +53,12 @@ def _gelu_bwd_kernel(DA, H, DH, DB_PART, M, N, stride_da, stride_h, stride_dh, r
         tl.store(DH + r64 * stride_dh + cols[None, :], dh.to(DH.dtype.element_ty), mask=mask)
         db += dh
     tl.store(DB_PART + g * N + cols, tl.sum(db, axis=0), mask=cmask)
+
+
+# the row loop: 1 loads each tile after the one before it; 2 or 3 pipeline the loads that many tiles ahead (sm_90
+# compile at B/16's 3,072: 40 or 32 registers and 4 or 8 KiB a program, against 32 and 2 KiB). Not yet timed on a
+# GPU: bench/sweep_kernels.py --kernels gelu, and `bench/throughput.py --knob gelu.BWD_STAGES=2` in a whole step
+BWD_STAGES = 1
 
 
 def _config() -> dict:
@@ -82,7 +88,8 @@ def _bwd_launch(da2, h2, dh, db_part, rows):
     args = dict(DA=da2, H=h2, DH=dh, DB_PART=db_part, M=M, N=N, stride_da=da2.stride(0), stride_h=h2.stride(0),
                 stride_dh=dh.stride(0), rows_per_prog=rows)  # fmt: skip
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), db_part.shape[0])
-    return grid, args, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]), {"num_warps": cfg["num_warps"]}
+    return grid, args, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=BWD_STAGES), \
+        {"num_warps": cfg["num_warps"]}
 
 
 def gelu_bwd(da2, h2, db_dtype=torch.float32):

@@ -1,6 +1,8 @@
 """kernels.linear_gelu against F.gelu(F.linear(...)): the output and the gradients of x, weight and bias under one
 random dout, over odd shapes (columns not a multiple of the 128-wide tile, rows split over several row groups) and
 dtypes; the fallbacks and bad shapes."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,20 @@ def test_deterministic_and_only_needed_grads():
     wf = w.clone().requires_grad_()
     linear_gelu(x, wf, b, impl="triton").backward(dout)  # x and b need no gradient: only dW is made
     torch.testing.assert_close(wf.grad, a[2])
+
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipelined_backward_gives_the_same_bits(stages, monkeypatch):
+    """BWD_STAGES 2 or 3 (the loads a tile or two ahead, through shared memory on a GPU) computes what 1 does: dx, dW
+    and the bias gradient equal bit for bit, in bf16, over several row groups (the last one partial). The interpreter
+    runs the loop as a plain one, so here this checks the switch's path; natively (the GPU suite) the pipeline."""
+    ge = sys.modules["kernels.gelu"]
+    x, w, b, dout = _inputs((70, 16), 129, torch.bfloat16, seed=2)
+    one = _fwd_bwd(lambda *t: linear_gelu(*t, impl="triton"), x, w, b, dout)
+    monkeypatch.setattr(ge, "BWD_STAGES", stages)
+    for u, v in zip(_fwd_bwd(lambda *t: linear_gelu(*t, impl="triton"), x, w, b, dout), one, strict=True):
+        assert torch.equal(u, v)
 
 
 def test_fallbacks_and_errors():

@@ -26,7 +26,7 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
     assert marked["add_layer_norm backward"] == (f"BLOCK_M={bwd['BLOCK_M']} warps={bwd['num_warps']} programs/SM=8 "
                                                  f"stages={ln.BWD_STAGES}")
     assert marked["GELU backward + bias grad"] == (f"BLOCK_M={gelu['BLOCK_M']} BLOCK_N={gelu['BLOCK_N']} "
-                                                   f"warps={gelu['num_warps']} programs/SM=8")
+                                                   f"warps={gelu['num_warps']} programs/SM=8 stages={ge.BWD_STAGES}")
     finishes = [name for name in kernels if name.startswith("finish ")]
     assert len(finishes) == 3 and all(marked[f].endswith("warps=4") for f in finishes)
     md = (tmp_path / "sweep.md").read_text()

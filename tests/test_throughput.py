@@ -381,10 +381,13 @@ def test_knobs_set_kernel_switches_and_reject_unknown_ones(monkeypatch):
         module, name = steps.knob_module(key), key.split(".")[1]
         monkeypatch.setattr(module, name, getattr(module, name))
     got = steps.set_knobs(["short_attention.FWD_HEADS=2", "adamw.SLOTS=1", "_common.FINISH=torch",
-                           "model.TEXT_STREAM_PRIORITY=-1", "graph.OVERLAP_OPTIMIZER=0", "layer_norm.BWD_STAGES=2"])
+                           "model.TEXT_STREAM_PRIORITY=-1", "graph.OVERLAP_OPTIMIZER=0", "layer_norm.BWD_STAGES=2",
+                           "gelu.BWD_STAGES=3"])
     assert got == {"short_attention.FWD_HEADS": 2, "adamw.SLOTS": 1, "_common.FINISH": "torch",
-                   "model.TEXT_STREAM_PRIORITY": -1, "graph.OVERLAP_OPTIMIZER": 0, "layer_norm.BWD_STAGES": 2}
+                   "model.TEXT_STREAM_PRIORITY": -1, "graph.OVERLAP_OPTIMIZER": 0, "layer_norm.BWD_STAGES": 2,
+                   "gelu.BWD_STAGES": 3}
     assert importlib.import_module("kernels.layer_norm").BWD_STAGES == 2
+    assert importlib.import_module("kernels.gelu").BWD_STAGES == 3
     assert importlib.import_module("clipfast.graph").OVERLAP_OPTIMIZER == 0
     assert importlib.import_module("clipfast.model").TEXT_STREAM_PRIORITY == -1
     assert importlib.import_module("kernels.short_attention").FWD_HEADS == 2
