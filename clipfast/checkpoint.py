@@ -36,16 +36,47 @@ PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 TAG = re.compile(r"step(\d+)$")
 
 
-def full_weights(module: CLIP, stage: int) -> dict:
-    """The module's state_dict in float32 on the CPU. Under ZeRO stage 3 each rank holds a slice of every parameter
-    (and an empty placeholder for the rest), so they are gathered whole first: a collective, every rank calls it
-    (model.pt under stage 3 had held an empty token embedding)."""
+GATHER_NUMEL = 1 << 27  # parameters gathered whole at once under ZeRO stage 3 (full_weights): 512 MB in float32
+
+
+def full_weights(module: CLIP, stage: int, keep: bool = True, gather_numel: int = GATHER_NUMEL) -> dict:
+    """The module's state_dict in float32 on the CPU ({} where keep is False). Under ZeRO stage 3 each rank holds a
+    slice of every parameter (and an empty placeholder for the rest), so they are gathered whole first: a collective,
+    every rank calls it, in groups of at most `gather_numel` elements (a parameter larger than that alone), so that a
+    model that fits the GPUs only in slices is never whole on one of them; only where keep is True (the rank that
+    writes model.pt or evaluates) are the gathered weights copied out. (model.pt under stage 3 had held an empty token
+    embedding, before the gather.)"""
+    sd = module.state_dict(keep_vars=True)
     if stage != 3:
-        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+        return {k: v.detach().float().cpu() for k, v in sd.items()} if keep else {}
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    names: dict[int, list[str]] = {}  # each parameter once, under all its names (a shared one has several)
+    params = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    out, group, size = {}, [], 0
+
+    def gather(ps):
+        with deepspeed.zero.GatheredParameters(ps, modifier_rank=None):
+            if keep:
+                for p in ps:
+                    w = p.detach().float().cpu().clone()
+                    out.update(dict.fromkeys(names[id(p)], w))
+
+    for p in params.values():
+        n = getattr(p, "ds_numel", p.numel())  # (under stage 3 numel() is the placeholder's)
+        if group and size + n > gather_numel:
+            gather(group)
+            group, size = [], 0
+        group.append(p)
+        size += n
+    if group:
+        gather(group)
+    if not keep:
+        return {}
+    return {k: out[k] if k in out else v.detach().float().cpu() for k, v in sd.items()}
 
 
 def save_model(path: Path, model: CLIP, cfg: TrainConfig, step: int, sd: dict | None = None) -> None:
@@ -79,7 +110,7 @@ def save(run, cfg: TrainConfig, out: Path, step: int, is_main: bool) -> None:
     ckpt_dir = out / "ckpt"
     run.engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
     if is_main or run.layout.stage == 3:  # (stage 3: every rank takes part in the gather)
-        weights = full_weights(run.engine.module, run.layout.stage)
+        weights = full_weights(run.engine.module, run.layout.stage, keep=is_main)
     if is_main:
         save_model(out / "model.pt", run.engine.module, cfg, step, weights)
     if cfg.keep_ckpts:

@@ -289,7 +289,7 @@ def evaluate_now(cfg: TrainConfig, run: Run, mcfg, device: torch.device, is_main
         return {}
     model = run.engine.module
     if run.layout.stage == 3:
-        weights = without_head(full_weights(model, 3))  # a collective: every rank
+        weights = without_head(full_weights(model, 3, keep=is_main))  # a collective: every rank
         if not is_main:
             return {}
         model = CLIP(mcfg).to(device)

@@ -136,3 +136,41 @@ def test_one_rank_torch_engine_trains_resumes_without_deepspeed(data, tmp_path):
     assert json.loads((out / "config.json").read_text())["compile"] is True
     r = _deepspeed(1, "steps=2", *common[:-1], "cuda_graph=true")  # DeepSpeed's engine cannot be captured
     assert r.returncode != 0 and "cuda_graph=true needs engine=torch" in r.stdout + r.stderr
+
+
+def test_full_weights_gathers_zero3_slices_a_group_at_a_time(monkeypatch):
+    """Under ZeRO stage 3 full_weights gathers the parameters in groups of at most gather_numel elements (one larger
+    parameter alone), the same groups on every rank (a collective), and only the rank that keeps them copies them out:
+    the state_dict, buffers included, a shared parameter under each of its names. (Here DeepSpeed's
+    GatheredParameters is a stand-in that records its groups; tests/test_reshard.py gathers real slices on 2 ranks.)"""
+    import contextlib
+
+    import deepspeed
+    import torch
+
+    from clipfast.checkpoint import full_weights
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 30), torch.nn.Linear(30, 2)
+            self.norm = torch.nn.BatchNorm1d(2)  # buffers: running stats and a count
+            self.tied = self.a  # the same parameters under a second name
+
+    net = Net()
+    groups = []
+
+    @contextlib.contextmanager
+    def gathered(params, modifier_rank=None):
+        groups.append([p.numel() for p in params])
+        yield
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", gathered)
+    got = full_weights(net, 3, gather_numel=100)
+    assert groups == [[64, 8], [240], [30, 60, 2, 2, 2]]  # a; b.weight (240 > 100: alone); b.bias, c and the norm
+    want = net.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k].float()) for k in want)
+    assert got["tied.weight"] is got["a.weight"]
+    mine, groups[:] = groups[:], []
+    assert full_weights(net, 3, keep=False, gather_numel=100) == {} and groups == mine
+    assert full_weights(net, 1, keep=False) == {} and groups == mine  # stages 0-2: no gather
