@@ -63,3 +63,23 @@ def aot_module(module: str, cases, compile_one):
 
     resources = pytest.fixture(scope="module", name="resources")(lambda: without_interpreter(module))
     return mark, compile_all, resources
+
+
+@pytest.fixture(scope="session")
+def corrupt_demo(tmp_path_factory):
+    """The demo dataset at 32 px with one more training shard beside train/'s: a cut image ("cut", no end marker), a
+    sample without a caption ("nocap") and a good one ("fine"): two skips that readers must count."""
+    import numpy as np
+
+    from clipfast.data import write_shard
+    from clipfast.data.demo import build, digit_jpeg
+
+    out = tmp_path_factory.mktemp("demo")
+    build(out, seed=0, size=32)
+    good = digit_jpeg(np.eye(8) * 16, 32)
+    write_shard(out / "train" / "zz-corrupt.tar", [
+        {"__key__": "cut", "jpg": good[: len(good) // 2], "txt": "a cut image"},
+        {"__key__": "nocap", "jpg": good},
+        {"__key__": "fine", "jpg": good, "txt": "the digit one, ok"},
+    ])
+    return out

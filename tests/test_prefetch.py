@@ -2,27 +2,12 @@
 (samples, order, token ids, skip counts), its errors reach the trainer, and the loader's batches are the same."""
 import pickle
 
-import numpy as np
 import pytest
 
 from clipfast.data import DaliLoader, ShardReader, list_shards, write_shard
-from clipfast.data.demo import build, digit_jpeg
 from clipfast.data.prefetch import ReaderProcess
 from clipfast.data.shards import MixedReader
 from clipfast.reduce import TextReducer
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    build(out, seed=0, size=32)
-    good = digit_jpeg(np.eye(8) * 16, 32)  # and a shard with corrupt samples beside the train split's
-    write_shard(out / "train" / "zz-corrupt.tar", [
-        {"__key__": "cut", "jpg": good[: len(good) // 2], "txt": "a cut image"},
-        {"__key__": "nocap", "jpg": good},
-        {"__key__": "fine", "jpg": good, "txt": "the digit one, ok"},
-    ])
-    return out
 
 
 def test_the_text_reducer_pickles_with_its_rng_state():
@@ -34,8 +19,8 @@ def test_the_text_reducer_pickles_with_its_rng_state():
 
 
 @pytest.mark.parametrize("strategy", ["random", "syntax"])
-def test_a_reader_process_yields_the_in_process_samples_ids_and_skips(demo, strategy):
-    shards = list_shards(str(demo / "train"))
+def test_a_reader_process_yields_the_in_process_samples_ids_and_skips(corrupt_demo, strategy):
+    shards = list_shards(str(corrupt_demo / "train"))
     here, red = ShardReader(shards, seed=3, loop=False), TextReducer(strategy, 8, seed=5)
     want = [(s.key, s.caption, s.meta, s.image, red(s.caption)) for s in here]
     there = ReaderProcess(ShardReader(shards, seed=3, loop=False), TextReducer(strategy, 8, seed=5), chunk=100)
@@ -45,8 +30,8 @@ def test_a_reader_process_yields_the_in_process_samples_ids_and_skips(demo, stra
     there.close()
 
 
-def test_a_mixed_reader_process_draws_as_in_process(demo):
-    specs = [str(demo / "train"), str(demo / "val")]
+def test_a_mixed_reader_process_draws_as_in_process(corrupt_demo):
+    specs = [str(corrupt_demo / "train"), str(corrupt_demo / "val")]
     here, red = MixedReader(specs, (3, 1), seed=2), TextReducer("truncate", 16)
     it = iter(here)
     want = [(s.key, red(s.caption)) for s in (next(it) for _ in range(600))]
@@ -58,88 +43,6 @@ def test_a_mixed_reader_process_draws_as_in_process(demo):
 
 
 
-def test_several_reader_processes_deal_out_the_shards(demo):
-    """processes=3: every sample of the in-process reader once (the shards dealt out among the children), its ids
-    the reducer's, the skips counted once; chunks taken in turn, so two runs give the same order; close ends all."""
-    shards = list_shards(str(demo / "train"))
-    red, here = TextReducer("truncate", 8), ShardReader(shards, seed=3, loop=False)
-    want = {s.key: red(s.caption) for s in here}
-
-    def run():
-        there = ReaderProcess(ShardReader(shards, seed=3, loop=False), TextReducer("truncate", 8), chunk=100,
-                              processes=3)
-        got = [(s.key, s.ids) for s in there]
-        there.close()
-        assert there.processes == 3 and not any(c.proc.is_alive() for c in there._children)
-        assert there.skipped == here.skipped and sum(here.skipped.values()) == 2  # "cut", "nocap"
-        return got
-
-    first = run()
-    assert len(first) == len(want) and dict(first) == want
-    assert run() == first
-    # the first chunk is child 0's, the second child 1's: samples of different shards
-    shard_of = {s.key: sh for sh in shards for s in ShardReader([sh], loop=False)}
-    assert {shard_of[k] for k, _ in first[:100]}.isdisjoint({shard_of[k] for k, _ in first[100:200]})
-
-
-@pytest.mark.parametrize("n_shards,world", [(7, 1), (7, 2), (5, 2), (2, 1), (3, 4)])
-def test_split_reader_keeps_each_rank_share(demo, tmp_path, n_shards, world):
-    """split_reader: the readers of rank r together read rank r's samples, each once, at any world size. Ranks that
-    read whole shards: at most shards // world readers, the same number on every rank (5 shards over 2 ranks: rank 0
-    has 3, but 3 readers would need 6 shards to read whole ones); fewer shards than ranks (every rank reads them all
-    and keeps its share of the samples): the share dealt out sample by sample."""
-    from clipfast.data.prefetch import split_reader
-
-    shards = list_shards(str(demo / "train"))[:n_shards]
-    for rank in range(world):
-        whole = ShardReader(shards, rank, world, seed=1, loop=False)
-        parts = split_reader(whole, 3)
-        keys = [[s.key for s in p] for p in parts]
-        assert sorted(k for ks in keys for k in ks) == sorted(s.key for s in whole), rank
-        assert len(parts) == (min(3, n_shards // world) if not whole.split_samples else 3)
-        assert all(p.split_samples == whole.split_samples for p in parts)
-        assert all(keys), "a reader without samples"
-
-
-def test_split_reader_deals_out_each_dataset_of_a_mixture(demo):
-    """Each dataset of a mixture split as a ShardReader is, with the same n: over both ranks and their readers, every
-    sample of each dataset once (train: 7 shards, read whole by 2 x 2 readers; val: 2 shards, fewer than 4 readers,
-    read by each, keeping its share); the weights kept, the draws each reader's own."""
-    from clipfast.data.prefetch import split_reader
-
-    specs = [str(demo / "train"), str(demo / "val")]
-    parts = [p for rank in (0, 1) for p in split_reader(MixedReader(specs, (3, 1), rank, 2, seed=2), 2)]
-    for i, spec in enumerate(specs):
-        keys = [s.key for p in parts for s in ShardReader(p.readers[i].shards, p.readers[i].rank, p.readers[i].world,
-                                                          loop=False)]
-        assert sorted(keys) == sorted(s.key for s in ShardReader(list_shards(spec), loop=False)), spec
-    assert [p.weights for p in parts] == [[3.0, 1.0]] * 4 and parts[0].rng.random() != parts[1].rng.random()
-    with pytest.raises(TypeError, match="cannot split a list over reader processes"):
-        split_reader([], 2)
-
-
-def test_each_reader_process_masks_captions_with_its_own_rng():
-    """for_worker(j): the same settings, an RNG of its own (seeded from the original's state and j): workers mask the
-    same caption differently, and the same worker of the same reducer masks it the same way in every run."""
-    caption = "a very long caption with many words so that the random mask has to drop most of them"
-    a, b = TextReducer("random", 6, seed=4).for_worker(0), TextReducer("random", 6, seed=4).for_worker(1)
-    twin = TextReducer("random", 6, seed=4).for_worker(1)
-    runs = [[w(caption) for _ in range(5)] for w in (a, b, twin)]
-    assert runs[0] != runs[1] and runs[1] == runs[2]
-    assert (a.strategy, a.length) == ("random", 6)
-
-
-def test_one_of_several_reader_processes_dying_is_an_error(demo):
-    there = ReaderProcess(ShardReader(list_shards(str(demo / "train"))), TextReducer(), chunk=50, depth=4,
-                          processes=2)
-    it = iter(there)
-    next(it)
-    there._children[1].proc.kill()
-    with pytest.raises(RuntimeError, match="the reader process exited with code -9"):
-        for _ in range(10_000):
-            next(it)
-    there.close()
-
 def test_the_reader_process_error_is_raised_in_the_trainer(tmp_path):
     write_shard(tmp_path / "bad.tar", [{"__key__": "x", "jpg": b"not an image" * 10, "txt": "no"}])
     there = ReaderProcess(ShardReader([str(tmp_path / "bad.tar")]), TextReducer())
@@ -147,8 +50,8 @@ def test_the_reader_process_error_is_raised_in_the_trainer(tmp_path):
         next(iter(there))
 
 
-def test_a_reader_process_that_dies_is_an_error_not_a_hang(demo):
-    there = ReaderProcess(ShardReader(list_shards(str(demo / "train"))), TextReducer(), chunk=50, depth=2)
+def test_a_reader_process_that_dies_is_an_error_not_a_hang(corrupt_demo):
+    there = ReaderProcess(ShardReader(list_shards(str(corrupt_demo / "train"))), TextReducer(), chunk=50, depth=2)
     it = iter(there)
     next(it)
     there._proc.kill()  # (as the out-of-memory killer would)
@@ -188,7 +91,7 @@ def _dies_in_the_middle_of_a_chunk(reader, reducer, chunk, out):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_a_reader_process_killed_while_it_sends_is_an_error_not_a_hang(demo, monkeypatch):
+def test_a_reader_process_killed_while_it_sends_is_an_error_not_a_hang(corrupt_demo, monkeypatch):
     """Killed in the middle of a chunk (the out-of-memory killer does not wait for a message's end): the parent, which
     has read the start of it, gets the error. It waited forever for the rest while it held a write end of the pipe
     too (a multiprocessing Queue): a full test run hung there once."""
@@ -196,7 +99,7 @@ def test_a_reader_process_killed_while_it_sends_is_an_error_not_a_hang(demo, mon
     import clipfast.data.prefetch as prefetch
 
     monkeypatch.setattr(prefetch, "_serve", _dies_in_the_middle_of_a_chunk)
-    there = ReaderProcess(ShardReader(list_shards(str(demo / "train"))), TextReducer())
+    there = ReaderProcess(ShardReader(list_shards(str(corrupt_demo / "train"))), TextReducer())
     assert _first_error(there) == "the reader process exited with code -9"
 
 
@@ -219,10 +122,10 @@ def test_a_sample_the_child_cannot_send_is_an_error_not_a_hang():
     assert _first_error(there) == "the reader process exited with code 1"
 
 
-def test_the_loader_batches_are_the_same_with_a_reader_process(demo):
+def test_the_loader_batches_are_the_same_with_a_reader_process(corrupt_demo):
     def batches(reader_process):
-        dl = DaliLoader(str(demo / "train"), 32, 16, TextReducer("block", 6, seed=1), train=True, seed=7, threads=1,
-                        reader_process=reader_process)
+        dl = DaliLoader(str(corrupt_demo / "train"), 32, 16, TextReducer("block", 6, seed=1), train=True, seed=7,
+                        threads=1, reader_process=reader_process)
         out = [next(dl) for _ in range(3)]
         dl.close()
         return out
@@ -233,7 +136,7 @@ def test_the_loader_batches_are_the_same_with_a_reader_process(demo):
         assert a["images"].equal(b["images"])  # (the same DALI seed: the same crops)
 
 
-def test_the_reader_process_outlives_a_group_signal_while_it_starts(demo, tmp_path):
+def test_the_reader_process_outlives_a_group_signal_while_it_starts(corrupt_demo, tmp_path):
     """A scheduler's SIGTERM to the process group can come while the child imports (spawn: seconds on a busy
     machine): it is born with the signal blocked, and then ignores it. In a fresh interpreter, as the trainer is: the
     first start() also starts multiprocessing's resource tracker, which unblocked SIGINT and SIGTERM in the parent's
@@ -254,7 +157,7 @@ from clipfast.reduce import TextReducer
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *a: None)  # (the trainer's own handler: clipfast.checkpoint.Preemption)
-    there = ReaderProcess(ShardReader(list_shards({str(demo / "train")!r})), TextReducer())
+    there = ReaderProcess(ShardReader(list_shards({str(corrupt_demo / "train")!r})), TextReducer())
     for _ in range(20):  # from its first moment, while it imports, and after
         os.kill(there._proc.pid, signal.SIGTERM)
         time.sleep(0.1)
@@ -266,7 +169,7 @@ if __name__ == "__main__":
     assert r.returncode == 0 and "a sample:" in r.stdout, (r.stdout + r.stderr)[-2000:]
 
 
-def test_an_error_with_a_reader_process_running_ends_the_program(demo, tmp_path):
+def test_an_error_with_a_reader_process_running_ends_the_program(corrupt_demo, tmp_path):
     """The child ignores SIGTERM (the trainer decides when to stop), and multiprocessing ends daemon children at exit
     with SIGTERM, then waits: without the child killed first, an error left the program hanging."""
     import os
@@ -281,7 +184,7 @@ from clipfast.data.shards import ShardReader, list_shards
 from clipfast.reduce import TextReducer
 
 if __name__ == "__main__":
-    there = ReaderProcess(ShardReader(list_shards({str(demo / "train")!r})), TextReducer())
+    there = ReaderProcess(ShardReader(list_shards({str(corrupt_demo / "train")!r})), TextReducer())
     next(iter(there))
     raise SystemExit("an error while the reader runs")
 """)
@@ -313,7 +216,7 @@ def _assert_gone_within(pid: int, seconds: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("death_signal", [True, False])
-def test_a_trainer_killed_outright_leaves_no_reader_behind(demo, tmp_path, death_signal):
+def test_a_trainer_killed_outright_leaves_no_reader_behind(corrupt_demo, tmp_path, death_signal):
     """SIGKILL to the trainer (or the out-of-memory killer): the child, which ignores the polite signals, goes too:
     by Linux's parent-death signal, or, where that does not exist (here turned off in the child), by its next send,
     which fails once the pipe's read end has gone with the trainer."""
@@ -342,7 +245,7 @@ def serve_without_the_death_signal(*args):
 if __name__ == "__main__":
     if not {death_signal}:
         prefetch._serve = serve_without_the_death_signal  # (the spawned child finds it in this script)
-    there = prefetch.ReaderProcess(ShardReader(list_shards({str(demo / "train")!r})), TextReducer(), chunk=16,
+    there = prefetch.ReaderProcess(ShardReader(list_shards({str(corrupt_demo / "train")!r})), TextReducer(), chunk=16,
                                    depth=2)
     next(iter(there))
     print(there._proc.pid, flush=True)
@@ -359,7 +262,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("mode", ["train", "views", "eval"])
-def test_dali_reads_the_encoded_bytes_in_place_and_gives_what_a_copy_gives(demo, mode, monkeypatch):
+def test_dali_reads_the_encoded_bytes_in_place_and_gives_what_a_copy_gives(corrupt_demo, mode, monkeypatch):
     """copy_input=False (DALI's no_copy): the samples' bytes must live until their iteration's outputs are taken.
     With the memory churned between batches (freed buffers overwritten), the images equal those of a copying loader,
     batch for batch, in training (with and without SLIP's extra views), and in evaluation."""
@@ -368,7 +271,8 @@ def test_dali_reads_the_encoded_bytes_in_place_and_gives_what_a_copy_gives(demo,
     def batches(copy):
         monkeypatch.setattr(DaliLoader, "copy_input", copy)
         kw = {"train": mode != "eval", "views": 2 if mode == "views" else 0, "seed": 5, "threads": 1}
-        dl = DaliLoader(str(demo / ("val" if mode == "eval" else "train")), 24, 16, TextReducer("truncate", 8), **kw)
+        dl = DaliLoader(str(corrupt_demo / ("val" if mode == "eval" else "train")), 24, 16, TextReducer("truncate", 8),
+                        **kw)
         out = []
         for _ in range(5):
             b = next(dl)
