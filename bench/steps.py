@@ -181,10 +181,10 @@ def clipfast_ds_step_fn(cfg: ModelConfig, pt, device, precision, batch_size):
     own step."""
     import deepspeed
 
+    from clipfast.build import deepspeed_config, make_optimizer, trainer_clip
     from clipfast.config import TrainConfig
     from clipfast.loss import distributed_clip_loss
     from clipfast.optim import clipped_step
-    from clipfast.train import deepspeed_config, make_optimizer, trainer_clip
 
     _single_process_dist(device)
     tc = TrainConfig(batch_size=batch_size, lr=1e-5, lr_scaled_by_batch=False)

@@ -429,7 +429,7 @@ def parse_args(argv=None):
     ap.add_argument("--clipfast-vision-attention", choices=["sdpa", "triton"], default="sdpa",
                     help="clipfast's image-tower attention (CLIP.set_vision_attention): SDPA, or "
                          "kernels.short_attention on CUDA for <= 64 tokens")
-    ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: clipfast.train.peak_flops)")
+    ap.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: clipfast.build.peak_flops)")
     ap.add_argument("--no-open-clip", action="store_true", help="skip the open_clip column")
     ap.add_argument("--skip", nargs="+", default=[], choices=sorted(OPTIONAL_COLUMNS),
                     help="leave out these optional columns (e.g. all but graphs+kernels, for a quick A/B of a --knob)")
@@ -482,7 +482,7 @@ def main(argv=None) -> list[dict]:
         args.peak = args.peak_tflops * 1e12
     else:
         try:
-            from clipfast.train import peak_flops
+            from clipfast.build import peak_flops
 
             args.peak = peak_flops(device)
         except ImportError:

@@ -26,7 +26,7 @@ from clipfast.optim import MasterAdamW, clipped_step, run_as_own
 
 class TorchEngine:
     def __init__(self, model, cfg, device: torch.device, bf16: bool, cuda_graph: bool = False):
-        from clipfast.train import lr_lambda, make_optimizer, param_groups
+        from clipfast.build import lr_lambda, make_optimizer, param_groups
 
         if cuda_graph and device.type != "cuda":
             raise ValueError("cuda_graph=true needs a CUDA device (CUDA graphs); this run is on "

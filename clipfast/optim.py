@@ -224,7 +224,7 @@ class _FusedCastAdamW(torch.optim.AdamW):
 class MasterAdamW:
     """AdamW over fp32 masters of `params` (bf16 or fp16 leaves): step() = cast grads up, update, copy down.
 
-    params: tensors or param-group dicts (e.g. clipfast.train.param_groups), as torch.optim takes them.
+    params: tensors or param-group dicts (e.g. clipfast.build.param_groups), as torch.optim takes them.
     fused_cast: do each parameter's cast up, update and copy down in one pass, reading and writing 28 bytes per
     parameter where torch's fused AdamW between two casts moves 40. On CUDA the Triton kernel kernels.adamw
     (impl="triton" forces it, e.g. under TRITON_INTERPRET=1), which a CUDA graph can capture; on the CPU a compiled

@@ -108,7 +108,7 @@ def needs_conversion(saved: Layout, current: Layout) -> bool:
 
 
 def optimizer_names(model: torch.nn.Module, groups: list[dict]) -> list[str]:
-    """The parameter names in the order of `groups`' parameters (clipfast.train.param_groups): the order in which a
+    """The parameter names in the order of `groups`' parameters (clipfast.build.param_groups): the order in which a
     stage-0 optimizer numbers its state."""
     name_of = {id(p): n for n, p in model.named_parameters()}
     return [name_of[id(p)] for g in groups for p in g["params"]]

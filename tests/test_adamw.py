@@ -259,9 +259,9 @@ def test_step_inside_the_backward_equals_the_step_after_it(grad_checkpointing):
     three steps, two groups, one parameter frozen, equal weights, masters and moments bit for bit. Parameters are
     seen updated before step() is called, so the overlap is real; recomputing blocks in the backward (gradient
     checkpointing) reads no weight already updated."""
+    from clipfast.build import param_groups
     from clipfast.loss import clip_loss
     from clipfast.model import CLIP
-    from clipfast.train import param_groups
 
     cfg, batches = _tiny_clip_batches(3)
     runs = []

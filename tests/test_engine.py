@@ -56,7 +56,7 @@ def test_steps_follow_the_schedule_and_a_checkpoint_resumes_exactly(bf16, tmp_pa
     losses = [_eager_step(e, b) for _ in range(3)]
     assert e.scheduler.last_epoch == 3
     if not bf16:  # the same step written out with torch: param groups, clipping, fused AdamW, warmup schedule
-        from clipfast.train import lr_lambda, param_groups
+        from clipfast.build import lr_lambda, param_groups
 
         ref = _engine("cpu").module  # same seed, same weights
         opt = torch.optim.AdamW(param_groups(ref, e.cfg.weight_decay), lr=1e-3, betas=e.cfg.betas, eps=e.cfg.eps,

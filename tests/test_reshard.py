@@ -161,7 +161,7 @@ def test_resume_on_other_ranks_stages_precisions_and_engines(data, tmp_path):
 
 @pytest.mark.slow
 def test_bf16_stage_0_starts_from_adamw_step_0(data, tmp_path):
-    """DeepSpeed's bf16 stage-0 optimizer steps once with zero gradients at initialize (clipfast.train.undo_init_step
+    """DeepSpeed's bf16 stage-0 optimizer steps once with zero gradients at initialize (clipfast.build.undo_init_step
     undoes it): a fresh engine holds no step yet and masters equal to its weights."""
     fresh = _probe(1, tmp_path / "fresh", tmp_path / "f.pt", f"train_data={data / 'train'}", "precision=bf16",
                    resume=False)

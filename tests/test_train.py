@@ -88,8 +88,8 @@ def test_evaluate_cli(data, tmp_path):
 
 
 def test_one_rank_runs_zero_stage_0_and_more_ranks_the_configured_stage():
+    from clipfast.build import deepspeed_config
     from clipfast.config import TrainConfig
-    from clipfast.train import deepspeed_config
 
     cfg = TrainConfig(batch_size=8, zero_stage=2)
     assert deepspeed_config(cfg, 1, bf16=False)["zero_optimization"]["stage"] == 0
@@ -99,7 +99,7 @@ def test_one_rank_runs_zero_stage_0_and_more_ranks_the_configured_stage():
     assert deepspeed_config(cfg, 1, bf16=False)["gradient_clipping"] == 0.0
     assert deepspeed_config(cfg, 1, bf16=True)["gradient_clipping"] == cfg.grad_clip
     assert deepspeed_config(cfg, 2, bf16=False)["gradient_clipping"] == cfg.grad_clip > 0
-    from clipfast.train import trainer_clip  # exactly one of the two clips
+    from clipfast.build import trainer_clip  # exactly one of the two clips
 
     for world, bf16 in ((1, False), (1, True), (2, False)):
         assert (trainer_clip(cfg, world, bf16) > 0) != (deepspeed_config(cfg, world, bf16)["gradient_clipping"] > 0)
