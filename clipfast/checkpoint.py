@@ -42,10 +42,10 @@ GATHER_NUMEL = 1 << 27  # parameters gathered whole at once under ZeRO stage 3 (
 def full_weights(module: CLIP, stage: int, keep: bool = True, gather_numel: int = GATHER_NUMEL) -> dict:
     """The module's state_dict in float32 on the CPU ({} where keep is False). Under ZeRO stage 3 each rank holds a
     slice of every parameter (and an empty placeholder for the rest), so they are gathered whole first: a collective,
-    every rank calls it, in groups of at most `gather_numel` elements (a parameter larger than that alone), so that a
-    model that fits the GPUs only in slices is never whole on one of them; only where keep is True (the rank that
-    writes model.pt or evaluates) are the gathered weights copied out. (model.pt under stage 3 had held an empty token
-    embedding, before the gather.)"""
+    every rank calls it, in groups of at most `gather_numel` elements (a parameter larger than that alone), so that the
+    gather never holds a model that fits the GPUs only in slices whole on one of them; only where keep is True (the
+    rank that writes model.pt or evaluates) are the gathered weights copied out. (model.pt under stage 3 had held an
+    empty token embedding, before the gather.)"""
     sd = module.state_dict(keep_vars=True)
     if stage != 3:
         return {k: v.detach().float().cpu() for k, v in sd.items()} if keep else {}
