@@ -53,18 +53,21 @@ def test_split_reader_keeps_each_rank_share(corrupt_demo, tmp_path, n_shards, wo
 
 
 def test_split_reader_deals_out_each_dataset_of_a_mixture(corrupt_demo):
-    """Each dataset of a mixture split as a ShardReader is, with the same n: over both ranks and their readers, every
-    sample of each dataset once (train: 7 shards, read whole by 2 x 2 readers; val: 2 shards, fewer than 4 readers,
-    read by each, keeping its share); the weights kept, the draws each reader's own."""
+    """Each dataset of a mixture split as a ShardReader is, with one n for all: on one rank, 2 readers (train: 7
+    shards, val: 2), over both readers every sample of each dataset once, the weights kept, the draws each reader's
+    own. On 2 ranks val's 2 shards allow one reader a rank: n is cut to 1 (2 readers would each read all of val)."""
     from clipfast.data.prefetch import split_reader
 
     specs = [str(corrupt_demo / "train"), str(corrupt_demo / "val")]
-    parts = [p for rank in (0, 1) for p in split_reader(MixedReader(specs, (3, 1), rank, 2, seed=2), 2)]
+    parts = split_reader(MixedReader(specs, (3, 1), seed=2), 2)
+    assert len(parts) == 2 and not any(r.split_samples for p in parts for r in p.readers)
     for i, spec in enumerate(specs):
         keys = [s.key for p in parts for s in ShardReader(p.readers[i].shards, p.readers[i].rank, p.readers[i].world,
                                                           loop=False)]
         assert sorted(keys) == sorted(s.key for s in ShardReader(list_shards(spec), loop=False)), spec
-    assert [p.weights for p in parts] == [[3.0, 1.0]] * 4 and parts[0].rng.random() != parts[1].rng.random()
+    assert [p.weights for p in parts] == [[3.0, 1.0]] * 2 and parts[0].rng.random() != parts[1].rng.random()
+    two_ranks = MixedReader(specs, (3, 1), rank=1, world=2, seed=2)
+    assert split_reader(two_ranks, 2) == [two_ranks]
     with pytest.raises(TypeError, match="cannot split a list over reader processes"):
         split_reader([], 2)
 

@@ -124,8 +124,8 @@ def split_reader(reader, n: int) -> list:
     that the readers do too (the same cut on every rank: otherwise a rank whose readers outnumbered the shards would
     read every shard's share of samples, ShardReader's way with fewer shards than ranks, beside ranks reading whole
     shards). With fewer shards than ranks, every reader reads them all and keeps every (world x n)-th sample. A
-    MixedReader's datasets are split alike, with the same n for each: one with fewer shards than world x n is read
-    the second way (its shards read by each reader, each keeping its share)."""
+    MixedReader's datasets are split alike, with one n for all, cut to the smallest shards // world among those read
+    in whole shards (otherwise such a dataset would be read in full by every reader of every rank)."""
     from clipfast.data.shards import MixedReader, ShardReader
 
     if n <= 1:
@@ -133,9 +133,12 @@ def split_reader(reader, n: int) -> list:
     if not isinstance(reader, (ShardReader, MixedReader)):
         raise TypeError(f"cannot split a {type(reader).__name__} over reader processes (a ShardReader or MixedReader)")
     rank, world = reader.rank, reader.world
+    whole = [len(r.shards) // world for r in (reader.readers if isinstance(reader, MixedReader) else [reader])
+             if not r.split_samples]
+    n = max(1, min(n, *whole)) if whole else n
+    if n == 1:
+        return [reader]
     if isinstance(reader, ShardReader):
-        if not reader.split_samples:
-            n = max(1, min(n, len(reader.shards) // world))
         return [ShardReader(reader.shards, rank + j * world, world * n, reader.seed * 1009 + j,
                             shuffle_buffer=reader.shuffle_buffer, loop=reader.loop) for j in range(n)]
     return [MixedReader(reader.specs, reader.weights, rank + j * world, world * n, reader.seed * 1009 + j,
