@@ -50,7 +50,6 @@ def test_deterministic_and_only_needed_grads():
     torch.testing.assert_close(wf.grad, a[2])
 
 
-
 @pytest.mark.parametrize("stages", [2, 3])
 def test_pipelined_backward_gives_the_same_bits(stages, monkeypatch):
     """BWD_STAGES 2 or 3 (the loads a tile or two ahead, through shared memory on a GPU) computes what 1 does: dx, dW

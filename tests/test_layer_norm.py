@@ -65,7 +65,6 @@ def test_backward_is_deterministic_and_splits_rows():
         assert torch.equal(u, v)
 
 
-
 @pytest.mark.parametrize("stages", [2, 3])
 def test_pipelined_backward_gives_the_same_bits(stages, monkeypatch):
     """BWD_STAGES 2 or 3 (the row loop's loads a tile or two ahead, through shared memory on a GPU) computes what 1
