@@ -4,7 +4,7 @@
 
 Prints the matmul throughput in float32 and bf16 first (bf16 is the fast one on a CPU with AMX), then a markdown
 table: milliseconds per forward + backward for float32 inputs, bf16 inputs through torch's bf16
-kernel (the baseline: what open_clip's amp_bf16 runs), and bf16 inputs upcast to float32 (clipfast.model.sdpa),
+kernel (the baseline: what open_clip's amp_bf16 runs), and bf16 inputs upcast to float32 (clipfast.layers.sdpa),
 with the speed-up of the last over the baseline.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from clipfast.model import sdpa
+from clipfast.layers import sdpa
 
 # (batch, heads, tokens, head dim): ViT-S/16 at 64 / 112 / 224 px with a class token, and a packed-text bound
 SHAPES = [(8, 6, 17, 64), (8, 6, 50, 64), (8, 6, 197, 64), (8, 6, 8, 64), (64, 12, 50, 64)]

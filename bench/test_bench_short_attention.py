@@ -1,6 +1,6 @@
 """Microbenchmarks: the image tower's attention, clipfast's short-sequence kernel (`kernels.short_attention`) against
-torch's SDPA the way clipfast.model's SDPA path calls it (unbind the qkv projection, transpose, SDPA, transpose back;
-backward into the projection's gradient, which stacks dq, dk, dv).
+torch's SDPA the way clipfast.layers.Attention's SDPA path calls it (unbind the qkv projection, transpose, SDPA,
+transpose back; backward into the projection's gradient, which stacks dq, dk, dv).
 
     pytest bench/test_bench_short_attention.py --benchmark-only [--benchmark-json bench/results/<file>.json]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
-from clipfast.model import LAYER_NORMS, MLPS, VISION_ATTENTIONS
+from clipfast.layers import LAYER_NORMS, MLPS, VISION_ATTENTIONS
 from clipfast.optim import MasterAdamW, clipped_step, run_as_own
 
 

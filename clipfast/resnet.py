@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipfast.model import IMAGE_MEAN, IMAGE_STD, sdpa
+from clipfast.layers import sdpa
+from clipfast.model import IMAGE_MEAN, IMAGE_STD
 from clipfast.presets import VisionConfig
 
 EXPANSION = 4

@@ -456,7 +456,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, softmax_scal
         raise ValueError(f"q, k, v must share one (T_total, heads, head_dim) shape: {q.shape}, {k.shape}, {v.shape}")
     scale = _scale(q.shape[-1], softmax_scale)
     if not use_triton(q, impl):
-        # on the CPU, in float32: torch's bf16 SDPA there is up to ~5x slower (see clipfast.model.sdpa)
+        # on the CPU, in float32: torch's bf16 SDPA there is up to ~5x slower (see clipfast.layers.sdpa)
         upcast = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
             return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, causal, scale, upcast=upcast)

@@ -24,7 +24,7 @@ B_AOT, H_AOT = 512, 12
 CASES = [(f"{kind} N={n} d={d}", kind, n, d, False) for kind in ("fwd", "bwd") for n in (17, 37, 50, 99)
          for d in (64, 80, 128)]  # fmt: skip
 CASES += [(f"{kind} N={n} d=64 causal", kind, n, 64, True) for kind in ("fwd", "bwd") for n in (50, 99)]
-# the model's path (clipfast.model.Attention.fuses_qkv_bias): the projection's bias added in the kernels, its gradient
+# the model's path (clipfast.layers.Attention.fuses_qkv_bias): the projection's bias added in the kernels, its gradient
 # summed in the one-tile backward
 CASES += [(f"{kind} N={n} d={d} bias", kind, n, d, "bias") for kind in ("fwd", "bwd") for n in (37, 50)
           for d in (64, 128)]  # fmt: skip

@@ -95,11 +95,11 @@ def test_grad_checkpointing_same_gradients():
 
 
 def test_cpu_attention_of_bf16_runs_in_float32():
-    """clipfast.model.sdpa: bf16 on the CPU is computed in float32 (torch's CPU bf16 kernel is up to ~5x slower),
+    """clipfast.layers.sdpa: bf16 on the CPU is computed in float32 (torch's CPU bf16 kernel is up to ~5x slower),
     with or without autocast, and differentiably; float32 is torch's own."""
     import torch.nn.functional as F
 
-    from clipfast.model import sdpa
+    from clipfast.layers import sdpa
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -186,7 +186,7 @@ def test_triton_layer_norm_matches_torch_and_keeps_the_state_dict():
     """set_layer_norm("triton"): every layer norm through kernels.layer_norm, or kernels.add_layer_norm with the
     residual add before it (under the interpreter on the CPU, natively on a GPU): the same features and gradients as
     the add and F.layer_norm to float32 rounding, the same state_dict."""
-    from clipfast.model import LayerNorm
+    from clipfast.layers import LayerNorm
 
     model, images, ids, cu = _kernel_batch()
     norms = [m for m in model.modules() if isinstance(m, LayerNorm)]
@@ -215,7 +215,7 @@ def test_triton_vision_attention_matches_sdpa():
     (FLIP) token counts: the same features and gradients as SDPA to float32 rounding; the text tower and the
     state_dict are untouched."""
     import kernels.short_attention as sa
-    from clipfast.model import Attention
+    from clipfast.layers import Attention
 
     model, images, ids, cu = _kernel_batch()
     keep = torch.tensor([[0, 9], [1, 15], [7, 0]], device=images.device)  # 2 of the 16 patches kept per image
@@ -240,7 +240,7 @@ def test_triton_mlp_matches_torch_and_keeps_the_state_dict():
     """set_mlp("triton"): every MLP's c_fc + GELU through kernels.linear_gelu (under the interpreter on the CPU,
     natively on a GPU), both towers: the same features and gradients as nn.Linear + nn.GELU to float32 rounding, the
     same state_dict keys."""
-    from clipfast.model import MLP
+    from clipfast.layers import MLP
 
     model, images, ids, cu = _kernel_batch()
     keys = list(model.state_dict())
@@ -258,7 +258,7 @@ def test_triton_gemm_mlp_matches_torch_and_leaves_c_proj_bias_to_the_norm():
     """set_mlp("triton_gemm"): every MLP through kernels.mlp (the GELU in the matmuls' epilogues), both towers: the same
     features and gradients as nn.Linear + nn.GELU to float32 rounding; c_proj's bias goes to the kernel only where no
     add_layer_norm takes it (here, with torch's layer norms, everywhere)."""
-    from clipfast.model import MLP
+    from clipfast.layers import MLP
 
     model, images, ids, cu = _kernel_batch()
     ref = _step_grads(model, images, ids, cu, 7)

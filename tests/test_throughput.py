@@ -246,7 +246,7 @@ def test_kernels_column_runs_the_opt_in_kernels_beside_plain_clipfast(tmp_path, 
     torch's ops), with their ratio in the row, the table and the summary."""
     import bench.steps as steps
     import kernels.short_attention as sa
-    from clipfast.model import MLP, Attention, LayerNorm
+    from clipfast.layers import MLP, Attention, LayerNorm
 
     built, calls = [], []
     real, real_apply = steps._clipfast_model, sa.ShortAttentionQKVFn.apply
@@ -283,7 +283,7 @@ def test_clipfast_kernel_flag_reaches_every_clipfast_model(tmp_path, monkeypatch
     """--clipfast-layer-norm / --clipfast-vision-attention triton: the clipfast columns' models run the kernel (under
     the interpreter here; the vision attention in the image tower only), and the run's header says so."""
     import bench.steps as steps
-    import clipfast.model as cm
+    import clipfast.layers as cm
 
     built = []
     real = steps._clipfast_model
@@ -307,7 +307,7 @@ def test_graph_kernels_column_builds_the_graphed_step_with_every_kernel_and_repo
     """graphs+kernels (CUDA only, so its builder is checked here with a stand-in for GraphedTrainStep): the graphed
     model runs every opt-in kernel while the plain graphs column's keeps torch's ops; the report gives graphs+kernels
     against open_clip (bold) and against the plain graphs, in the table and the summary."""
-    from clipfast.model import MLP, Attention, LayerNorm
+    from clipfast.layers import MLP, Attention, LayerNorm
     from clipfast.presets import from_name
 
     graphed = []
