@@ -34,7 +34,7 @@ def test_master_adamw_keeps_fp32_masters_and_rounds_into_bf16(fused_cast):
         MasterAdamW([torch.nn.Parameter(torch.zeros(2), requires_grad=False)])
 
 
-def test_master_adamw_fused_cast_follows_torch_adamw_groups_schedule_and_checkpoints():
+def test_master_adamw_fused_cast_follows_torch_adamw_groups_schedule_and_checkpoints(monkeypatch):
     """The compiled one-pass step (opt-in on the CPU) against torch.optim.AdamW on the fp32 masters: two groups (one
     without decay), an LR that changes every step, a parameter that misses a step, and a checkpoint that the
     unfused optimizer loads and continues from."""
@@ -49,7 +49,10 @@ def test_master_adamw_fused_cast_follows_torch_adamw_groups_schedule_and_checkpo
     kw = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
     ref = torch.optim.AdamW(groups(w32), **kw)
     opt = MasterAdamW(groups(w16), fused_cast=True, **kw)
-    assert not MasterAdamW(groups(w16), **kw).fused_cast  # CPU parameters: unfused by default (the faster there)
+    for threads in (2, 1):  # CPU parameters: unfused by default with several threads (the faster there), fused on one
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
+        assert MasterAdamW(groups(w16), **kw).fused_cast == (threads == 1)
+    monkeypatch.undo()
     assert not MasterAdamW(groups(w16), capturable=True, **kw).fused_cast
     with pytest.raises(ValueError, match="fused_cast"):
         MasterAdamW(groups(w16), fused_cast=True, capturable=True, **kw)
