@@ -140,7 +140,7 @@ T_ENV=${T_ENV:-60}  # 0: no environment report (nvidia-smi, versions: ~20 s; the
 TESTS=(tests/test_graph.py tests/test_engine.py tests/test_patch_embed.py tests/test_varlen_attention.py
        tests/test_short_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py tests/test_presets.py
        tests/test_interop.py tests/test_layer_norm.py tests/test_gelu.py tests/test_adamw.py tests/test_finish_sums.py
-       tests/test_mlp.py)  # kernels.mlp (benchmarks only) last
+       tests/test_overlap_optimizer.py tests/test_mlp.py)  # kernels.mlp (benchmarks only) last
 [ -n "${SUITE_TESTS:-}" ] && read -r -a TESTS <<<"$SUITE_TESTS"  # e.g. only the files a change touched
 EXISTING=()
 for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done
