@@ -2,20 +2,27 @@
 
 The vocabulary is open_clip's `bpe_simple_vocab_16e6.txt.gz` (read from the installed package). Faster
 than open_clip's tokenizer because: each word's id list is cached (not its merged string, which must be
-split and looked up again), ftfy runs only on non-ASCII text (on ASCII it changes nothing that
-html.unescape and the whitespace clean-up do not), and merges use an integer-rank loop without `min()`
-over a freshly built pair set per step.
+split and looked up again), ftfy runs only where it can change something (non-ASCII text, an '&' it may unescape,
+a control character it removes), and merges use an integer-rank loop without `min()` over a freshly built pair set
+per step.
 """
 from __future__ import annotations
 
 import gzip
 import html
 import importlib.resources
+import re as std_re
 from functools import lru_cache
 
 import regex as re
 
 SOT, EOT = "<start_of_text>", "<end_of_text>"
+# what ftfy.fix_text can change in ASCII text, beyond line breaks (whitespace here either way): HTML entities (where
+# the text has no "<" it unescapes them until none is left, so "&amp;amp;amp;" ends as "&", where open_clip's own two
+# html.unescape alone leave "&amp;") and the control characters it removes (ftfy.chardata.CONTROL_CHARS below 128:
+# ESC, so terminal escapes, NUL, DEL, and \x0b, \x1c-\x1f, which str.split() would take as spaces). ASCII text
+# without any of them skips ftfy (~20 us a caption)
+_FTFY_ASCII = std_re.compile(r"[&\x00-\x08\x0b\x0e-\x1f\x7f]")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -54,7 +61,7 @@ class Tokenizer:
 
     @staticmethod
     def clean(text: str) -> str:
-        if not text.isascii():
+        if not text.isascii() or _FTFY_ASCII.search(text):
             import ftfy
 
             text = ftfy.fix_text(text)

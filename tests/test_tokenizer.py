@@ -13,6 +13,13 @@ CAPTIONS = [
     "",
     "Ünïcödé 日本語 テスト 🙂",
     "CamelCase and UPPER and 12345 digits",
+    # ASCII that ftfy changes: entities unescaped until none is left (no "<"), control characters removed
+    "tom &amp;amp;amp; jerry",
+    "tom &amp;amp; jerry <b>",
+    "a\x00b c\x7fd e\x08f",
+    "x\x0by x\x1cy x\x1fy",
+    "hello\x1b[31mred\x1b[0m world",
+    "form\x0cfeed and\r\nline breaks",
 ]
 
 
@@ -36,3 +43,16 @@ def test_encode_words_and_decode_roundtrip():
     assert [w for w, _ in words] == ["a", "red", "bicycle", ",", "leaning"]
     assert [i for _, ids in words for i in ids] == tok.encode("A red bicycle, leaning")
     assert tok.decode(tok.encode("a red bicycle")).strip() == "a red bicycle"
+
+
+def test_same_ids_as_open_clip_on_random_ascii():
+    """Every ASCII character, entities among words: the ASCII path that skips ftfy must give open_clip's ids."""
+    import random
+
+    rng = random.Random(0)
+    pieces = [chr(i) for i in range(128)] + ["&amp;", "&amp;amp;", "&lt;", "<", " photo ", "&#39;", "\x1b[1m"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) for _ in range(300)]
+    ours = get_tokenizer()(texts, context_length=77)
+    ref = open_clip.get_tokenizer("ViT-B-16")(texts)
+    bad = [t for t, a, b in zip(texts, ours, ref) if not torch.equal(a, b)]
+    assert not bad, f"{len(bad)} of {len(texts)} differ, e.g. {bad[:3]!r}"
