@@ -30,7 +30,8 @@
 #   T_KERNELS=100 (the two goal points with --kernels, into kernels/); KERNELS_ARGS adds arguments
 #   T_PROFILE=40 (bench/profile_step.py: B/16 112 px / 16 tokens, batch 1024; PROFILE_IMPLS the steps, default
 #     "clipfast clipfast_kernels open_clip"; "clipfast_graph_kernels" profiles the goal column's graphed step)
-#   T_PROFILE_L=0 (>0: the same at L/16 96 px / 8 tokens, batch 512, with the graphed step too, into profile_l16/)
+#   T_PROFILE_L=0 (>0: the same at L/16 96 px / 8 tokens, batch 512, into profile_l16/; PROFILE_L_IMPLS the steps,
+#     default "clipfast_kernels clipfast_graph_kernels open_clip")
 #   T_COMPILE=0 (>30: the two goal points, eager beside compiled blocks, into compile/; compiled was slower, 105.0
 #     vs 93.5 ms, at 5cc21e3)
 #   T_SWEEP=0 (>0: bench/sweep_kernels.py into sweep/, ~50 s); SWEEP_ARGS adds arguments (e.g. "--kernels mlp")
@@ -234,8 +235,9 @@ fi
 # the kernels (what the goal column runs: its optimizer is kernels.adamw, the eager step's torch's AdamW between two
 # casts). Untried on a GPU as of f0bc99c: if the profiler misses kernels replayed from a graph, that table shows it
 if [ "$T_PROFILE_L" -gt 0 ]; then
+    read -r -a PROFILE_L_IMPLS <<<"${PROFILE_L_IMPLS:-clipfast_kernels clipfast_graph_kernels open_clip}"
     part profile_l16 "$T_PROFILE_L" "$PY" bench/profile_step.py --preset L/16 --size 96 --text-len 8 --batch 512 \
-        --impls clipfast_kernels clipfast_graph_kernels open_clip --out "$DIR/profile_l16"
+        --impls "${PROFILE_L_IMPLS[@]}" --out "$DIR/profile_l16"
 fi
 if [ "$T_GRID" -gt 30 ]; then
     part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget $(( T_GRID - 30 ))
