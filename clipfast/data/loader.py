@@ -54,8 +54,8 @@ def eval_resize_crop(encoded, size: int, decode_device: str, op_device: str):
     images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, adjust_orientation=False)
     images = fn.resize(images, device=op_device, resize_x=fn.cast(nw, dtype=types.FLOAT),
                        resize_y=fn.cast(nh, dtype=types.FLOAT), interp_type=types.INTERP_CUBIC, antialias=True)
-    return fn.slice(images, fn.cast(fn.stack(top, left), dtype=types.FLOAT), np.array([size, size], np.float32),
-                    axes=[0, 1], normalized_anchor=False, normalized_shape=False, device=op_device)
+    start = fn.cast(fn.stack(top, left), dtype=types.INT32)
+    return fn.slice(images, start=start, shape=[size, size], axes=[0, 1], device=op_device)
 
 
 def pack_text(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
