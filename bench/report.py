@@ -83,6 +83,7 @@ def markdown_table(rows: list[dict]) -> str:
             ("graphs+kernels ms", "clipfast_graph_kernels_ms", 1),
             ("graphs+kernels samples/s", "clipfast_graph_kernels_samples_s", 1),
             ("graphs+kernels MFU", "clipfast_graph_kernels_mfu", 3),
+            ("graphs+kernels scaling eff", "clipfast_graph_kernels_scaling_eff", 2),
             ("graphs+kernels MiB", "clipfast_graph_kernels_peak_mib", 0),
             ("graphs+kernels / graphs", "graph_kernels_vs_graph", 3),
             ("graphs+kernels / open_clip", "graph_kernels_vs_open_clip", 2),
@@ -142,6 +143,46 @@ def summary(rows: list[dict], mlp: str = "kernels.linear_gelu") -> str:
     if ds:
         out.append(f"Through DeepSpeed's engine (clipfast.train's step) / open_clip: {_stats(ds, 'ds_vs_open_clip')}.")
     return " ".join(out) + kernels
+
+
+# issue 7's GPU goals: at these (preset, px, mask, text length) points, clipfast's fastest column at least RATIO x
+# open_clip's samples/s, MFU and scaling efficiency (its speed-up over the preset's full-token point / the FLOP ratio)
+# at least these
+GOAL_POINTS = (("ViT-B-16", 112, 0.0, 16), ("ViT-L-16", 96, 0.0, 8))
+GOAL_RATIO, GOAL_MFU, GOAL_SCALING = 2.0, 0.45, 0.85
+CLIPFAST_COLUMNS = (("clipfast", "clipfast"), ("clipfast_compiled", "compiled blocks"),
+                    ("clipfast_kernels", "opt-in kernels"), ("clipfast_graph", "CUDA graphs"),
+                    ("clipfast_graph_kernels", "graphs+kernels"), ("clipfast_ds", "DeepSpeed"))
+
+
+def goals(rows: list[dict]) -> str:
+    """Issue 7's GPU goals, met or not, at the goal points this run measured with MFU (a GPU) and open_clip's column:
+    per point the fastest clipfast column's ratio to open_clip, MFU and scaling efficiency. "" where there is none."""
+    lines = []
+    for r in rows:
+        point = (r["preset"], r["image_px"], r["mask"], r["text_len"])
+        if point not in GOAL_POINTS or not r.get("open_clip_samples_s"):
+            continue
+        timed = [(impl, name) for impl, name in CLIPFAST_COLUMNS if r.get(f"{impl}_samples_s") and r.get(f"{impl}_mfu")]
+        if not timed:
+            continue
+        impl, name = max(timed, key=lambda c: r[f"{c[0]}_samples_s"])
+        ratio, mfu = r[f"{impl}_samples_s"] / r["open_clip_samples_s"], r[f"{impl}_mfu"]
+        eff = r.get(f"{impl}_scaling_eff")
+
+        def mark(ok):
+            return "met" if ok else "**not met**"
+
+        lines.append(f"| {r['preset']} {r['image_px']} px / {r['text_len']}, batch {r['batch']} | {name} | "
+                     f"{r[f'{impl}_ms']:.1f} | {ratio:.2f}x ({mark(ratio >= GOAL_RATIO)}) | "
+                     f"{mfu:.3f} ({mark(mfu >= GOAL_MFU)}) | "
+                     + (f"{eff:.2f} ({mark(eff >= GOAL_SCALING)})" if eff is not None else "– (no full-token point)")
+                     + " |")
+    if not lines:
+        return ""
+    return (f"Issue 7's GPU goals ({GOAL_RATIO:g}x open_clip, MFU >= {GOAL_MFU:g}, scaling efficiency >= "
+            f"{GOAL_SCALING:g}), the fastest clipfast column at each goal point:\n\n"
+            "| point | column | ms | / open_clip | MFU | scaling eff |\n|---|---|---|---|---|---|\n" + "\n".join(lines))
 
 
 # the columns a plot draws, in order: (implementation, label)
@@ -363,6 +404,9 @@ def write_outputs(rows: list[dict], meta: dict, skipped: list[str], out: Path, t
               f"{min(loads, default=0):.1f}–{max(loads, default=0):.1f}. Captions: {meta['captions']}. "
               f"Timing: {meta['timing']}.")
     md = header + "\n\n" + markdown_table(rows) + "\n\n" + meta["summary"]
+    verdict = goals(rows)
+    if verdict:
+        md += "\n\n" + verdict
     if skipped:
         md += f"\n\nNot measured: {'; '.join(skipped)}."
     (out / "throughput.md").write_text(md + "\n")

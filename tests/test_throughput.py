@@ -306,3 +306,36 @@ def test_ab_table_puts_the_variants_side_by_side(tmp_path):
     assert "| kernels_ab3 | not recorded | 66.00 ms (0.50), MFU 0.400, +10.0%, 2.27x open_clip |" in md
     with pytest.raises(ValueError, match="no folders"):
         report.ab_table([])
+
+
+def test_goal_verdict_takes_the_fastest_column_at_each_goal_point():
+    """report.goals: issue 7's marks (2x open_clip, MFU 0.45, scaling efficiency 0.85) judged on the fastest clipfast
+    column at each goal point, its scaling efficiency from its own full-token point; nothing without MFU (CPU)."""
+    from clipfast.presets import from_name
+
+    def row(preset, px, text, batch, **cols):
+        return {"preset": preset, "image_px": px, "mask": 0.0, "text_len": text, "batch": batch, **cols}
+
+    full = from_name("ViT-B-16")
+    rows = [row("ViT-B-16", 112, 16, 1024, gflop_per_sample=1.0, clipfast_samples_s=11000, clipfast_ms=93.0,
+                clipfast_mfu=0.32, clipfast_graph_kernels_samples_s=16000, clipfast_graph_kernels_ms=64.0,
+                clipfast_graph_kernels_mfu=0.46, open_clip_samples_s=7000),
+            row("ViT-B-16", full.vision.image_size, full.text.context_length, 256, gflop_per_sample=3.8,
+                clipfast_samples_s=2900, clipfast_graph_kernels_samples_s=3900, open_clip_samples_s=1800),
+            row("ViT-L-16", 96, 8, 512, gflop_per_sample=1.0, clipfast_samples_s=6500, clipfast_ms=78.8,
+                clipfast_mfu=0.44, clipfast_graph_kernels_samples_s=6400, clipfast_graph_kernels_mfu=0.43,
+                open_clip_samples_s=3300),
+            row("ViT-L-16", 112, 8, 512, gflop_per_sample=0.9, clipfast_samples_s=9000, clipfast_mfu=0.9,
+                open_clip_samples_s=1000)]  # not a goal point
+    report.add_scaling(rows)
+    text = report.goals(rows)
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ViT")]
+    assert len(lines) == 2
+    assert "graphs+kernels | 64.0 | 2.29x (met) | 0.460 (met) | 1.08 (met)" in lines[0]  # 16000/3900/3.8
+    assert "| clipfast | 78.8 | 1.97x (**not met**) | 0.440 (**not met**) | – (no full-token point)" in lines[1]
+    assert not any("112 px / 8" in ln for ln in lines)
+    for r in rows:
+        for key in ("clipfast_mfu", "clipfast_graph_kernels_mfu"):
+            r.pop(key, None)
+    assert report.goals(rows) == ""
+
