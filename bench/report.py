@@ -428,6 +428,7 @@ if __name__ == "__main__":  # python bench/report.py --replot bench/results/<fol
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--replot", nargs="+", type=Path)
     what.add_argument("--ab", nargs="+", type=Path, help="A/B folders (gpu_suite.sh's kernels_ab*), the first the base")
+    what.add_argument("--goals", nargs="+", type=Path, help="print issue 7's goals, met or not, for each folder's run")
     ap.add_argument("--commit", help="the commit to name in the titles, where the run recorded a wrong one")
     ap.add_argument("--open-clip", type=Path, help="with --ab: a folder of the same points with open_clip's column")
     args = ap.parse_args()
@@ -435,3 +436,7 @@ if __name__ == "__main__":  # python bench/report.py --replot bench/results/<fol
         print(ab_table(args.ab, args.open_clip))
     for f in args.replot or ():
         print("wrote", replot(f, args.commit))
+    for f in args.goals or ():
+        rows = json.loads((f / "throughput.json").read_text())["rows"]
+        add_scaling(rows)
+        print(f"{f}:\n\n{goals(rows) or 'no goal point with MFU and an open_clip column'}\n")
