@@ -331,7 +331,7 @@ def test_goal_verdict_takes_the_fastest_column_at_each_goal_point():
     text = report.goals(rows)
     lines = [ln for ln in text.splitlines() if ln.startswith("| ViT")]
     assert len(lines) == 2
-    assert "graphs+kernels | 64.0 | 2.29x (met) | 0.460 (met) | 1.08 (met)" in lines[0]  # 16000/3900/3.8
+    assert "CUDA graphs + kernels | 64.0 | 2.29x (met) | 0.460 (met) | 1.08 (met)" in lines[0]  # 16000/3900/3.8
     assert "| clipfast | 78.8 | 1.97x (**not met**) | 0.440 (**not met**) | – (no full-token point)" in lines[1]
     assert not any("112 px / 8" in ln for ln in lines)
     for r in rows:
