@@ -223,3 +223,26 @@ def test_decode_turns_an_image_upright_by_its_exif_orientation():
     stored.save(buf, format="JPEG", quality=95, exif=exif)
     out = decode(buf.getvalue(), 16).astype(np.int32)  # (3, 16, 16): short side 16 -> 16 x 32, centre crop rows 8-24
     assert out[:, :6].mean() > 200 and out[:, -6:].mean() < 60
+
+
+def test_decode_gives_open_clips_evaluation_pixels():
+    """Without an orientation tag, decode is open_clip's evaluation transform to the pixel (both PIL's bicubic):
+    landscape, portrait, square, smaller and larger than the size, offsets that round half to even."""
+    import io
+
+    import numpy as np
+    import open_clip.transform
+    import torch
+    from PIL import Image
+
+    from clipfast.data.filter import decode
+
+    rng = np.random.default_rng(4)
+    for w, h in [(291, 270), (509, 180), (268, 303), (40, 97), (33, 33), (300, 301), (150, 77), (17, 29)]:
+        im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        for size in (32, 48):
+            ref = open_clip.transform.image_transform(size, is_train=False, mean=(0, 0, 0), std=(1, 1, 1))(im)
+            assert torch.equal(torch.from_numpy(decode(buf.getvalue(), size)), (ref * 255).round().to(torch.uint8)), \
+                (w, h, size)

@@ -10,8 +10,9 @@ DataComp's CLIP-score baseline; "Scaling (Down) CLIP", Li, Xie & Cubuk 2024: at 
 pairs beat more, noisier ones). The scorer is a clipfast `model.pt` (clipfast.evaluate.load_model) or, with
 --open-clip NAME, an open_clip state dict for that model name loaded through clipfast.interop (architectures
 clipfast's CLIP has; no download: give the weights file). Images are decoded on the host (threads), resized on
-their short side and centre-cropped to the model's image size, as the evaluation does; captions are BPE'd and
-truncated to the model's text length. Batches run in float32 on CUDA if there is one.
+their short side and centre-cropped to the model's image size, as the evaluation does (open_clip's evaluation
+transform), but turned upright by their EXIF orientation, as training sees them; captions are BPE'd and truncated to
+the model's text length. Batches run in float32 on CUDA if there is one.
 
 --keep-fraction F keeps the round(F * n) best of the n valid samples (ties: the earlier sample in read order
 first); --min-score S keeps those scoring >= S. Kept samples are written in read order, each with all its files
@@ -62,16 +63,17 @@ class _Reader(ShardReader):
 
 def decode(data: bytes, size: int) -> np.ndarray:
     """Encoded image -> uint8 (3, size, size): turned upright by its EXIF orientation (as DALI's decoders do for
-    training and evaluation), short side resized to `size` (bicubic), centre crop."""
+    training; the evaluation, as open_clip's, leaves it as stored), then open_clip's evaluation transform: the short
+    side to `size` and the long to int(size * long / short), bicubic, and a centre crop at round((n - size) / 2)
+    (Python's round, half to even), so that an image without an orientation tag gets open_clip's pixels exactly."""
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
         w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
+        w, h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        im = im.resize((w, h), Image.BICUBIC)
+        left, top = int(round((w - size) / 2)), int(round((h - size) / 2))
         im = im.crop((left, top, left + size, top + size))
         return np.array(im, dtype=np.uint8).transpose(2, 0, 1)  # a copy: writable, for torch.from_numpy
 
