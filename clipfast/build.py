@@ -157,8 +157,8 @@ def build_engine(cfg: TrainConfig, model: CLIP, device: torch.device, world: int
     # both engines' optimizers number their parameters as param_groups lists them
     names = reshard.optimizer_names(model, param_groups(model, cfg.weight_decay))
     plan = reshard.resume_plan(ckpt_dir, layout) if cfg.resume else None
-    if cfg.engine == "torch":  # one rank, plain PyTorch, optionally CUDA graphs (clipfast.engine)
-        engine = TorchEngine(model, cfg, device, bf16, cuda_graph=cfg.cuda_graph)
+    if cfg.engine == "torch":  # plain PyTorch, data parallel on several ranks, CUDA graphs optional (clipfast.engine)
+        engine = TorchEngine(model, cfg, device, bf16, cuda_graph=cfg.cuda_graph, world=world)
         return Run(engine, engine.scheduler, names, layout, plan)
     import deepspeed
 

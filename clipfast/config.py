@@ -69,7 +69,7 @@ class TrainConfig:
     # GradCache): the whole batch's gradient at one micro-batch's activation memory, for one forward more per sample
     accum_steps: int = 1
     zero_stage: int = 1  # on one rank DeepSpeed runs stage 0 (nothing to partition)
-    engine: str = "deepspeed"  # "deepspeed", or "torch" (one rank, no DeepSpeed: clipfast.engine)
+    engine: str = "deepspeed"  # "deepspeed", or "torch" (no DeepSpeed; data parallel on several ranks: clipfast.engine)
     cuda_graph: bool = False  # engine=torch on CUDA: the whole step replayed as CUDA graphs (clipfast.graph)
     compile: bool = False  # torch.compile each transformer block's layer norms, projections, MLP (CLIP.compile_blocks)
     # the opt-in kernels; "auto": the kernel when the step runs as CUDA graphs on CUDA, else the plain op

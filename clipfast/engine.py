@@ -1,16 +1,22 @@
-"""One-rank training without DeepSpeed (`engine="torch"`): the part of DeepSpeedEngine that clipfast.train uses.
+"""Training without DeepSpeed (`engine="torch"`): the part of DeepSpeedEngine that clipfast.train uses.
 
 On one rank DeepSpeed has nothing to partition or reduce, and its engine still adds per-step work (hooks,
 bucketed copies, per-parameter norms: on the demo model on CPU the engine's step took 24.5 ms where the same
-model, loss and fused AdamW took ~21 ms eagerly). TorchEngine runs the same step with plain PyTorch:
+model, loss and fused AdamW took ~21 ms eagerly); and DeepSpeed's step cannot be captured as a CUDA graph.
+TorchEngine runs the same step with plain PyTorch:
 
 - precision as DeepSpeed's: bf16 weights and activations with fp32 masters (clipfast.optim.MasterAdamW) when
   bf16, else fp32 weights with fused AdamW; the same param groups, LR schedule and gradient clipping;
 - `cuda_graph=True` (CUDA only): the whole step - forward, loss, backward, clipping, AdamW - is replayed as CUDA
   graphs (clipfast.graph.GraphedTrainStep, text padded to buckets); the learning rate lives in a device
   tensor that the scheduler updates in place, so the graphs follow the schedule;
+- several ranks (`world` > 1): data parallelism with the whole model and optimizer state on every rank (ZeRO stage
+  0, as DDP; clipfast.dp): the ranks start from rank 0's weights and average their gradients after the backward,
+  inside the graph where the step is one; the optimizer's update inside the backward (overlap_optimizer) is off, since
+  it would update before the average;
 - checkpoints: `save_checkpoint(dir, tag, client_state)` writes dir/tag/state.pt (model, optimizer, scheduler,
-  client state) and dir/latest, as DeepSpeed lays them out; `load_checkpoint(dir)` reads the latest back.
+  client state) and dir/latest, as DeepSpeed lays them out (on several ranks rank 0 writes the one copy: every rank
+  holds the same state, so the layout is one rank's, clipfast.reshard); `load_checkpoint(dir)` reads the latest back.
 """
 from __future__ import annotations
 
@@ -18,21 +24,27 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from clipfast.dp import average_gradients, broadcast_module
 from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
 from clipfast.layers import LAYER_NORMS, MLPS, VISION_ATTENTIONS
 from clipfast.optim import MasterAdamW, clipped_step, run_as_own
 
 
 class TorchEngine:
-    def __init__(self, model, cfg, device: torch.device, bf16: bool, cuda_graph: bool = False):
+    def __init__(self, model, cfg, device: torch.device, bf16: bool, cuda_graph: bool = False, world: int = 1):
         from clipfast.build import lr_lambda, make_optimizer, param_groups
 
         if cuda_graph and device.type != "cuda":
             raise ValueError("cuda_graph=true needs a CUDA device (CUDA graphs); this run is on "
                              f"{device.type}: set cuda_graph=false")
         self.module = model.to(device)
-        self.cfg, self.device, self.bf16 = cfg, device, bf16
+        self.cfg, self.device, self.bf16, self.world = cfg, device, bf16, world
+        self.rank = dist.get_rank() if world > 1 else 0
+        if world > 1:  # before the optimizer copies the weights into its masters
+            broadcast_module(self.module)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         self._grad_sums: dict = {}  # float32 gradient sums over a step's passes (backward, bf16)
         kw = dict(lr=cfg.effective_lr(), betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
         if cuda_graph:
@@ -52,19 +64,24 @@ class TorchEngine:
         if cuda_graph:
             ctx = self.module.context_length
             self.graph = GraphedTrainStep(self.module, self.optimizer, autocast_dtype=None,
-                                          text_bucket=default_text_bucket(cfg.batch_size, ctx),
+                                          text_bucket=default_text_bucket(cfg.batch_size // world, ctx),
                                           clip_grad_norm=cfg.grad_clip or None,
-                                          overlap_optimizer=resolve_overlap_optimizer(cfg, device))
+                                          overlap_optimizer=resolve_overlap_optimizer(cfg, device), world=world)
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         """loss.backward(). Several passes before a step (clipfast.accum; last=False but for the last) sum bf16
-        weights' gradients in float32, rounded to bf16 once after the last, as DeepSpeed's bf16 mode sums them."""
+        weights' gradients in float32, rounded to bf16 once after the last, as DeepSpeed's bf16 mode sums them. On
+        several ranks the last pass ends with every gradient averaged over the ranks."""
         loss.backward()
-        if not self.bf16 or (last and not self._grad_sums):
-            return
+        if self.bf16 and (self._grad_sums or not last):
+            self._sum_passes(last)
+        if last:
+            average_gradients(self.params, self.world)
+
+    def _sum_passes(self, last: bool) -> None:
         for p in self.module.parameters():
             if p.grad is None:
                 continue
@@ -92,13 +109,18 @@ class TorchEngine:
 
     # --- checkpoints (DeepSpeed's layout: dir/<tag>/..., dir/latest holds the tag)
     def save_checkpoint(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
-        path = Path(ckpt_dir) / tag
-        path.mkdir(parents=True, exist_ok=True)
-        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "client_state": client_state}
-        torch.save(state, path / "state.tmp")
-        os.replace(path / "state.tmp", path / "state.pt")  # a crash mid-write leaves the previous checkpoint
-        (Path(ckpt_dir) / "latest").write_text(tag)
+        """Rank 0 writes the state (every rank holds the same); on several ranks every rank returns once it is
+        written, as from DeepSpeed's save_checkpoint."""
+        if self.rank == 0:
+            path = Path(ckpt_dir) / tag
+            path.mkdir(parents=True, exist_ok=True)
+            state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "client_state": client_state}
+            torch.save(state, path / "state.tmp")
+            os.replace(path / "state.tmp", path / "state.pt")  # a crash mid-write leaves the previous checkpoint
+            (Path(ckpt_dir) / "latest").write_text(tag)
+        if self.world > 1:
+            dist.barrier()
 
     def load_checkpoint(self, ckpt_dir: str) -> tuple[str, dict]:
         tag = (Path(ckpt_dir) / "latest").read_text().strip()
@@ -161,11 +183,12 @@ def resolve_overlap_optimizer(cfg, device) -> bool | None:
 
 
 def check_engine(cfg, world: int) -> None:
-    """engine is "deepspeed" or "torch"; torch runs one rank only; cuda_graph needs engine="torch"."""
+    """engine is "deepspeed" or "torch"; cuda_graph needs engine="torch"; overlap_optimizer=on needs one rank."""
     if cfg.engine not in ("deepspeed", "torch"):
         raise ValueError(f"engine must be 'deepspeed' or 'torch', got {cfg.engine!r}")
-    if cfg.engine == "torch" and world > 1:
-        raise ValueError(f"engine='torch' runs one rank; this launch has {world}: use engine=deepspeed")
+    if world > 1 and getattr(cfg, "overlap_optimizer", "auto") == "on":
+        raise ValueError(f"overlap_optimizer=on runs one rank (it would update each parameter before its gradient is "
+                         f"averaged over the ranks); this launch has {world}: set overlap_optimizer=auto or off")
     if cfg.cuda_graph and cfg.engine != "torch":
         raise ValueError("cuda_graph=true needs engine=torch (DeepSpeed's engine step cannot be captured)")
 

@@ -23,6 +23,11 @@ rate that changes must be a device tensor updated in place (`lr_on_device`; torc
 clipfast.optim.MasterAdamW (bf16 weights, fp32 masters: how clipfast.train runs under DeepSpeed bf16) is
 capturable with capturable=True; without clipping its update then runs inside the backward by default (each
 parameter once its gradient is complete, a branch of the graph beside the backward: overlap_optimizer).
+On several ranks (world > 1, clipfast.dp) the loss gathers every rank's features and the gradients are averaged over
+the ranks after the backward, both captured as collectives. NCCL allows that where every rank captures the collective
+together and replays the graph made from that capture: the ranks agree on each step's text bucket (one all-reduce of
+three host integers over a gloo group, `agree_text_layout`), so they capture and replay the same graphs at the same
+steps. The update inside the backward is off there.
 Autocast runs with its weight-cast cache off, as graphs require. All graphs share one memory pool; each keeps its
 static inputs, outputs and gradients referenced, so no graph's live tensors are reused by another.
 """
@@ -33,7 +38,8 @@ import math
 
 import torch
 
-from clipfast.loss import clip_loss
+from clipfast.dp import average_gradients
+from clipfast.loss import distributed_clip_loss
 from clipfast.optim import MasterAdamW, clipped_step
 
 # GraphedTrainStep's default for overlap_optimizer (1: on where it can be, 0: off); bench/throughput.py
@@ -56,14 +62,46 @@ def padded_text_layout(total: int, num_seqs: int, bucket: int, context_length: i
     """
     p = pad_segments(bucket, context_length)
     cap = -(-(total + p) // bucket) * bucket
-    pad = cap - total
-    base, extra = divmod(pad, p)
+    return cap, pad_ends(total, cap, p, context_length)
+
+
+def pad_ends(total: int, cap: int, p: int, context_length: int) -> list[int]:
+    """The end offsets of P = `p` padding captions that fill `total` tokens up to `cap`, as evenly as they can."""
+    base, extra = divmod(cap - total, p)
     ends, off = [], total
     for i in range(p):
         off += base + (i < extra)
         ends.append(off)
-    assert ends[-1] == cap and base >= 1 and base + (extra > 0) <= context_length, (total, bucket, context_length)
-    return cap, ends
+    assert ends[-1] == cap and base >= 1 and base + (extra > 0) <= context_length, (total, cap, p, context_length)
+    return ends
+
+
+def shared_text_layout(cap: int, t_min: int, t_max: int, bucket: int, context_length: int) -> tuple[int, int]:
+    """(T_cap, P) that every data-parallel rank can pad its text to, from the largest of the ranks' own T_cap and the
+    fewest and most real tokens a rank has: a multiple of `bucket` and a padding-caption count such that every rank's
+    padding splits into P captions of 1..context_length tokens. P stays pad_segments' (one rank's) unless the ranks'
+    token counts differ by more than about a bucket; then T_cap grows by buckets until P captions fit both ends.
+
+    Why agreed: NCCL requires a collective captured in a CUDA graph to be captured, and replayed, by every rank of
+    the communicator alike, so every rank must capture a new graph at the same step and replay the same one after."""
+    p_min = pad_segments(bucket, context_length)
+    while True:
+        p = max(p_min, -(-(cap - t_min) // context_length))  # the rank with the fewest tokens pads the most
+        if cap - t_max >= p:  # and the rank with the most still gives every padding caption a token
+            return cap, p
+        cap += bucket
+
+
+def agree_text_layout(total: int, bucket: int, context_length: int, group=None) -> tuple[int, list[int]]:
+    """padded_text_layout's (T_cap, ends) for this rank, padded to the layout every rank of `group` agrees on
+    (shared_text_layout). One all-reduce of three host integers: on a CPU (gloo) group it costs no device sync."""
+    import torch.distributed as dist
+
+    cap, _ = padded_text_layout(total, 0, bucket, context_length)
+    x = torch.tensor([cap, -total, total], dtype=torch.int64)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    cap, p = shared_text_layout(int(x[0]), -int(x[1]), int(x[2]), bucket, context_length)
+    return cap, pad_ends(total, cap, p, context_length)
 
 
 def pad_packed_text(text: torch.Tensor, cu_seqlens: torch.Tensor, bucket: int, context_length: int):
@@ -83,11 +121,12 @@ class GraphedTrainStep:
     .clone() it) before the next call. clip_grad_norm clips inside the graph (the norm never leaves the device).
     overlap_optimizer: update each parameter inside the backward as soon as its gradient is complete, on a stream
     of its own (MasterAdamW.set_overlap; in the graph a branch beside the backward): True needs MasterAdamW's Triton
-    step and no clipping; None (default): on where that holds and OVERLAP_OPTIMIZER is 1.
+    step and no clipping; None (default): on where that holds and OVERLAP_OPTIMIZER is 1. world > 1: one of that many
+    data-parallel ranks (torch.distributed initialised; every rank calls step with its own batch of the same shapes).
     """
 
     def __init__(self, model, optimizer, *, autocast_dtype=torch.bfloat16, text_bucket: int = 256,
-                 clip_grad_norm: float | None = None, overlap_optimizer: bool | None = None):
+                 clip_grad_norm: float | None = None, overlap_optimizer: bool | None = None, world: int = 1):
         if not next(model.parameters()).is_cuda:
             raise ValueError("GraphedTrainStep needs a model on a CUDA device (CUDA graphs)")
         for group in optimizer.param_groups:
@@ -96,12 +135,22 @@ class GraphedTrainStep:
                                  f"(..., capturable=True)")
         self.model, self.opt = model, optimizer
         self.autocast_dtype, self.bucket, self.clip = autocast_dtype, int(text_bucket), clip_grad_norm
+        self.world, self.params = int(world), [p for p in model.parameters() if p.requires_grad]
+        # the ranks agree on each step's text layout over a CPU group: host integers, no device sync (every rank
+        # makes it here, as new_group requires)
+        self.host_group = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.host_group = dist.new_group(backend="gloo")
         triton = isinstance(optimizer, MasterAdamW) and optimizer.triton
-        can = triton and not clip_grad_norm
+        can = triton and not clip_grad_norm and self.world == 1
         if overlap_optimizer and not can:
-            why = f"clip_grad_norm={clip_grad_norm}" if triton else f"a {type(optimizer).__name__} without it"
-            raise ValueError(f"GraphedTrainStep(overlap_optimizer=True) needs MasterAdamW's Triton step and no "
-                             f"clipping (the global norm comes after the whole backward), got {why}")
+            why = (f"world={world}" if self.world > 1 else f"clip_grad_norm={clip_grad_norm}" if triton
+                   else f"a {type(optimizer).__name__} without it")
+            raise ValueError(f"GraphedTrainStep(overlap_optimizer=True) needs MasterAdamW's Triton step, no "
+                             f"clipping (the global norm comes after the whole backward) and one rank (the gradients "
+                             f"are averaged after it), got {why}")
         self.overlap = can and (bool(OVERLAP_OPTIMIZER) if overlap_optimizer is None else overlap_optimizer)
         if can:
             optimizer.set_overlap(self.overlap)
@@ -118,19 +167,23 @@ class GraphedTrainStep:
     def _step(self, s):
         with self._autocast():
             img, txt, scale = self.model(s["images"], s["text"], s["cu_seqlens"], self.ctx, s["keep"])
-            loss = clip_loss(img, txt[: img.shape[0]], scale)  # the padding captions' features are dropped
+            loss = distributed_clip_loss(img, txt[: img.shape[0]], scale)  # the padding captions' features dropped
         if self.overlap:
             self.opt.begin_step()
         loss.backward()
+        average_gradients(self.params, self.world)  # (one rank: nothing)
         # clipping folded into MasterAdamW's Triton step where it can be (the norm is read, the gradients not rewritten)
         with clipped_step(self.opt, list(self.model.parameters()), self.clip):
             self.opt.step()
         return loss
 
     def __call__(self, images, text, cu_seqlens, keep=None) -> torch.Tensor:
-        cap, ends = padded_text_layout(text.numel(), cu_seqlens.numel() - 1, self.bucket, self.ctx)
+        if self.world > 1:  # every rank the same graph (NCCL's rule for captured collectives)
+            cap, ends = agree_text_layout(text.numel(), self.bucket, self.ctx, self.host_group)
+        else:
+            cap, ends = padded_text_layout(text.numel(), cu_seqlens.numel() - 1, self.bucket, self.ctx)
         key = (tuple(images.shape), images.dtype, None if keep is None else tuple(keep.shape), cap,
-               cu_seqlens.numel())
+               cu_seqlens.numel(), len(ends))
         g = self.graphs.get(key)
         first = g is None
         if first:

@@ -3,10 +3,12 @@
     deepspeed clipfast/train.py --config configs/demo.py [key=value ...]
     deepspeed --num_gpus 2 clipfast/train.py --config configs/demo.py steps=20   # two ranks (CPU: gloo)
     python clipfast/train.py --config configs/demo.py engine=torch [cuda_graph=true]   # one rank, no DeepSpeed
+    torchrun --nproc_per_node 8 clipfast/train.py --config ... engine=torch cuda_graph=true   # 8 data-parallel ranks
     srun python clipfast/train.py --config ...   # one task per GPU under SLURM, no launcher (clipfast.launch)
 
 On one rank DeepSpeed runs ZeRO stage 0 without the gradient all-reduce; engine=torch (clipfast.engine) drops
-the engine altogether, and on CUDA cuda_graph=true replays each whole step as CUDA graphs (clipfast.graph).
+the engine altogether (on several ranks as data parallelism, clipfast.dp), and on CUDA cuda_graph=true replays each
+whole step as CUDA graphs (clipfast.graph).
 
 Writes under out_dir: metrics.jsonl (one JSON line per log step), TensorBoard events, DeepSpeed
 checkpoints in ckpt/ (every ckpt_every steps, at the end, and when a SIGTERM / SIGUSR1 stops the run early with exit

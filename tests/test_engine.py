@@ -20,11 +20,11 @@ def _batch(device, n=6, seed=0):
     return images.to(device), text.to(device), cu.to(device), max_len
 
 
-def _engine(device, bf16=False, cuda_graph=False, **kw):
-    cfg = TrainConfig(batch_size=6, steps=10, warmup_steps=2, lr=1e-3, **kw)
-    torch.manual_seed(0)
+def _engine(device, bf16=False, cuda_graph=False, world=1, seed_offset=0, **kw):
+    cfg = TrainConfig(batch_size=6 * world, steps=10, warmup_steps=2, lr=1e-3, **kw)
+    torch.manual_seed(seed_offset)
     model = CLIP(from_name("demo", **{"vision.layers": 1, "text.layers": 1}), kernels="ref")
-    return TorchEngine(model, cfg, torch.device(device), bf16=bf16, cuda_graph=cuda_graph)
+    return TorchEngine(model, cfg, torch.device(device), bf16=bf16, cuda_graph=cuda_graph, world=world)
 
 
 def _eager_step(engine, b):
@@ -40,8 +40,10 @@ def test_check_engine_names_the_bad_setting():
     check_engine(TrainConfig(engine="torch", cuda_graph=True), 1)
     with pytest.raises(ValueError, match="engine must be"):
         check_engine(TrainConfig(engine="jax"), 1)
-    with pytest.raises(ValueError, match="one rank"):
-        check_engine(TrainConfig(engine="torch"), 2)
+    check_engine(TrainConfig(engine="torch"), 2)  # data parallel (clipfast.dp)
+    check_engine(TrainConfig(engine="torch", overlap_optimizer="on"), 1)
+    with pytest.raises(ValueError, match="overlap_optimizer=on runs one rank.*has 2"):
+        check_engine(TrainConfig(engine="torch", overlap_optimizer="on"), 2)
     with pytest.raises(ValueError, match="needs engine=torch"):
         check_engine(TrainConfig(cuda_graph=True), 1)
     with pytest.raises(ValueError, match="CUDA"):
