@@ -151,22 +151,25 @@ def test_two_ranks_of_micro_batches_give_the_one_rank_whole_batch_gradient(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["deepspeed", "deepspeed-zero3", "torch"])
+@pytest.mark.parametrize("engine", ["deepspeed", "deepspeed-zero3", "torch", "torch-2"])
 def test_runs_with_and_without_accumulation_take_the_same_steps(data, tmp_path, engine):
     """3 steps with accum_steps=4 log the losses of the plain run: two CPU ranks under DeepSpeed ZeRO-1 or ZeRO-3
-    (partitioned weights gathered for every pass; micro-batches of 4), or engine=torch on one (micro-batches of 8)."""
+    (partitioned weights gathered for every pass; micro-batches of 4), engine=torch on one (micro-batches of 8) or on
+    two under torchrun (clipfast.dp: the gradients averaged after the last pass; micro-batches of 4)."""
     losses = {}
     for n in (1, 4):
         port = str(free_port())
         out = tmp_path / f"a{n}"
         launch = (["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port]
-                  if engine.startswith("deepspeed") else [])
+                  if engine.startswith("deepspeed") else
+                  ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+                  if engine == "torch-2" else [])
         cmd = [sys.executable, *launch, "clipfast/train.py", "--config", "configs/demo.py", "steps=3", "log_every=1",
                "batch_size=32", "warmup_steps=1", "tensorboard=false", "data_threads=1", "val_data=",
                f"accum_steps={n}", f"train_data={data / 'train'}", f"out_dir={out}",
                # AdamW with eps 1 and no clipping: the update scales with the gradient (with eps 1e-6 it would not
                # see a gradient summed at a quarter of its size)
-               "eps=1.0", "grad_clip=0", "lr=0.05", *(["engine=torch"] if engine == "torch" else []),
+               "eps=1.0", "grad_clip=0", "lr=0.05", *(["engine=torch"] if engine.startswith("torch") else []),
                *(["zero_stage=3"] if engine == "deepspeed-zero3" else [])]
         r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
                            capture_output=True, text=True, timeout=900)
