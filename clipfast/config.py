@@ -81,7 +81,7 @@ class TrainConfig:
     # engine=torch on CUDA (clipfast.engine.resolve_tower_streams), "on" or "off"
     tower_streams: str = "auto"
     # the optimizer's update inside the backward, each parameter once its gradient is complete (MasterAdamW.set_overlap;
-    # engine=torch cuda_graph=true, bf16, grad_clip=0): "auto" = on where it can be, "on" (an error where it cannot)
+    # engine=torch cuda_graph=true, bf16, grad_clip=0, one rank): "auto" = on where it can be, "on" (an error where not)
     # or "off" (clipfast.engine.resolve_overlap_optimizer)
     overlap_optimizer: str = "auto"
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
