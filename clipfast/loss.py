@@ -27,15 +27,44 @@ def clip_loss(img, txt, logit_scale, img_all=None, txt_all=None, offset: int = 0
     return 0.5 * (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels))
 
 
+# torch 2.14 names them *_single and deprecates the old names, which torch 2.11 (the GPU image's) alone has
+_all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """(b, ...) on each rank -> (world * b, ...), every rank's rows in rank order. Backward: the sum over the ranks of
+    the gradient reaching this rank's rows (each rank's loss uses every rank's features): a reduce-scatter on NCCL, an
+    all-reduce and a slice on gloo, which has no reduce-scatter. In place of torch.distributed.nn's all_gather
+    (deprecated in torch 2.14; a list of tensors to concatenate, a copy more)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        world = dist.get_world_size()
+        x = x.contiguous()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        _all_gather(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        grad = grad.contiguous()
+        b = grad.shape[0] // world
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((b, *grad.shape[1:]))
+            _reduce_scatter(out, grad)
+            return out
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad[rank * b:(rank + 1) * b]
+
+
 def gather_features(img, txt):
     """All ranks' features, with gradient. Returns (img_all, txt_all, offset of this rank's rows)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None, None, 0
-    from torch.distributed.nn.functional import all_gather
-
-    img_all = torch.cat(all_gather(img.contiguous()), dim=0)
-    txt_all = torch.cat(all_gather(txt.contiguous()), dim=0)
-    return img_all, txt_all, dist.get_rank() * img.shape[0]
+    return GatherWithGrad.apply(img), GatherWithGrad.apply(txt), dist.get_rank() * img.shape[0]
 
 
 def distributed_clip_loss(img, txt, logit_scale):

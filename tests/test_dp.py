@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from clipfast.data import pack_text
 from clipfast.dp import average_gradients, broadcast_module, buckets
 from clipfast.graph import agree_text_layout, pad_ends, pad_segments, padded_text_layout, shared_text_layout
-from clipfast.loss import clip_loss, distributed_clip_loss
+from clipfast.loss import GatherWithGrad, clip_loss, distributed_clip_loss
 from tests.conftest import free_port, requires_cuda
 from tests.test_engine import _engine
 from tests.test_train import ROOT, _deepspeed, _metrics
@@ -248,7 +248,11 @@ def _graph_rank(rank, port, out):
         p.grad.copy_(g)
     graph.replay()
     torch.cuda.synchronize()
-    torch.save({"got": [p.grad.cpu() for p in params], "want": [(g / 2).cpu() for g in new]}, out / "graph.pt")
+    x = torch.randn(4, 3, device="cuda", requires_grad=True)  # the loss's gather on NCCL: reduce-scatter backward
+    w = torch.randn(4, 3, device="cuda")
+    (GatherWithGrad.apply(x) * w).sum().backward()
+    torch.save({"got": [p.grad.cpu() for p in params], "want": [(g / 2).cpu() for g in new],
+                "gather_grad": x.grad.cpu(), "w": w.cpu()}, out / "graph.pt")
     dist.destroy_process_group()
     os._exit(0)
 
@@ -256,11 +260,13 @@ def _graph_rank(rank, port, out):
 @requires_cuda
 def test_the_gradient_all_reduce_replays_in_a_cuda_graph(tmp_path):
     """NCCL's all-reduce captured in a CUDA graph (as GraphedTrainStep does on several ranks), on a one-rank group with
-    world=2 so the replay's result shows: each gradient, rewritten after the capture, comes back halved."""
+    world=2 so the replay's result shows: each gradient, rewritten after the capture, comes back halved. And the
+    loss's feature gather on NCCL (its backward a reduce-scatter) passes the gradient through on one rank."""
     mp.spawn(_graph_rank, args=(free_port(), tmp_path), nprocs=1)
     r = torch.load(tmp_path / "graph.pt")
     for got, want in zip(r["got"], r["want"]):
         assert torch.equal(got, want)
+    assert torch.equal(r["gather_grad"], r["w"])
 
 
 def _graphed_rank(rank, port, out):
