@@ -30,11 +30,11 @@ def _rank(rank: int, world: int, port: int, calls: int, bucket: int, ctx: int) -
     group = dist.new_group(backend="gloo")
     total = 12_000 + 37 * rank
     for _ in range(50):
-        agree_text_layout(total, bucket, ctx, group)
+        agree_text_layout([total], bucket, ctx, group)
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()
-        agree_text_layout(total, bucket, ctx, group)
+        agree_text_layout([total], bucket, ctx, group)
         times.append(time.perf_counter() - t0)
     times.sort()
     if rank == 0:

@@ -138,7 +138,7 @@ T_ENV=${T_ENV:-60}  # 0: no environment report (nvidia-smi, versions: ~20 s; the
 # leaves TRITON_INTERPRET unset, so the kernels compile and run natively
 # (not the tests/test_aot_*.py files: they compile for sm_90 without a GPU, so CI's run, and a local one on the GPU
 # image's Triton with PYTHONPATH, say all they can; they took part of the 150 s that cut the 62cbe1a run short)
-TESTS=(tests/test_graph.py tests/test_engine.py tests/test_dp.py tests/test_patch_embed.py tests/test_varlen_attention.py
+TESTS=(tests/test_graph.py tests/test_graph_accum.py tests/test_engine.py tests/test_dp.py tests/test_patch_embed.py tests/test_varlen_attention.py
        tests/test_short_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py tests/test_presets.py
        tests/test_interop.py tests/test_layer_norm.py tests/test_gelu.py tests/test_adamw.py tests/test_finish_sums.py
        tests/test_overlap_optimizer.py tests/test_mlp.py)  # kernels.mlp (benchmarks only) last

@@ -49,13 +49,11 @@ def split_batch(batch: dict, keep: torch.Tensor | None, n: int) -> list[dict]:
 
 
 def check_accum(cfg, world: int) -> None:
-    """accum_steps: a positive divisor of the per-rank batch; not with cuda_graph (the graph captures one pass)."""
+    """accum_steps: a positive divisor of the per-rank batch (with cuda_graph too: clipfast.graph captures both passes
+    over the micro-batches in one graph)."""
     n = cfg.accum_steps
     if n < 1:
         raise ValueError(f"accum_steps must be 1 (no accumulation) or more, got {n}")
-    if n > 1 and cfg.cuda_graph:
-        raise ValueError(f"accum_steps={n} with cuda_graph=true: the graphed step is one pass; set cuda_graph=false "
-                         "or accum_steps=1")
     if (cfg.batch_size // world) % n:
         raise ValueError(f"accum_steps={n} does not divide the per-rank batch: batch_size {cfg.batch_size} over "
                          f"{world} rank(s) is {cfg.batch_size // world} samples each")

@@ -63,10 +63,12 @@ class TorchEngine:
         self.graph = None
         if cuda_graph:
             ctx = self.module.context_length
+            accum = max(1, getattr(cfg, "accum_steps", 1))
             self.graph = GraphedTrainStep(self.module, self.optimizer, autocast_dtype=None,
-                                          text_bucket=default_text_bucket(cfg.batch_size // world, ctx),
+                                          text_bucket=default_text_bucket(cfg.batch_size // world // accum, ctx),
                                           clip_grad_norm=cfg.grad_clip or None,
-                                          overlap_optimizer=resolve_overlap_optimizer(cfg, device), world=world)
+                                          overlap_optimizer=resolve_overlap_optimizer(cfg, device), world=world,
+                                          accum_steps=accum)
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -101,9 +103,10 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
-    def graph_step(self, images, text, cu_seqlens, keep=None) -> torch.Tensor:
-        """cuda_graph=True: one whole step replayed (captured on a new text bucket); returns the loss."""
-        loss = self.graph(images, text, cu_seqlens, keep).clone()  # the graph's output is overwritten next step
+    def graph_step(self, images, text, cu_seqlens, keep=None, cu_host=None) -> torch.Tensor:
+        """cuda_graph=True: one whole step replayed (captured on a new text bucket); returns the loss. cu_host: the
+        cu_seqlens on the host (accum_steps > 1 splits the text there without a sync)."""
+        loss = self.graph(images, text, cu_seqlens, keep, cu_host=cu_host).clone()  # overwritten by the next step
         self.scheduler.step()
         return loss
 
@@ -176,7 +179,9 @@ def resolve_overlap_optimizer(cfg, device) -> bool | None:
         need = [what for what, ok in (("engine=torch cuda_graph=true", cfg.engine == "torch" and cfg.cuda_graph),
                                       ("bf16 weights (precision=bf16 or auto on CUDA)", bf16),
                                       (f"grad_clip=0 (is {cfg.grad_clip}: clipping needs the global norm before any "
-                                       "update)", not cfg.grad_clip)) if not ok]
+                                       "update)", not cfg.grad_clip),
+                                      (f"accum_steps=1 (is {cfg.accum_steps}: the update comes after the last pass)",
+                                       cfg.accum_steps == 1)) if not ok]
         if need:
             raise ValueError(f"overlap_optimizer=on needs {'; '.join(need)}")
     return {"auto": None, "on": True, "off": False}[value]

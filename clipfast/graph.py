@@ -38,6 +38,7 @@ import math
 
 import torch
 
+from clipfast.accum import cached_passes
 from clipfast.dp import average_gradients
 from clipfast.loss import distributed_clip_loss
 from clipfast.optim import MasterAdamW, clipped_step
@@ -92,16 +93,34 @@ def shared_text_layout(cap: int, t_min: int, t_max: int, bucket: int, context_le
         cap += bucket
 
 
-def agree_text_layout(total: int, bucket: int, context_length: int, group=None) -> tuple[int, list[int]]:
-    """padded_text_layout's (T_cap, ends) for this rank, padded to the layout every rank of `group` agrees on
-    (shared_text_layout). One all-reduce of three host integers: on a CPU (gloo) group it costs no device sync."""
-    import torch.distributed as dist
+def agree_text_layout(totals: list[int], bucket: int, context_length: int, group=None) -> tuple[int, list[list[int]]]:
+    """(T_cap, each text's padding ends): one layout (shared_text_layout) for texts of `totals` tokens (a step's
+    micro-batches) and, with a process `group`, for every rank's. One all-reduce of three host integers over the
+    group: on a CPU (gloo) group it costs no device sync. One text and no group: padded_text_layout's."""
+    cap = max(padded_text_layout(t, 0, bucket, context_length)[0] for t in totals)
+    t_min, t_max = min(totals), max(totals)
+    if group is not None:
+        import torch.distributed as dist
 
-    cap, _ = padded_text_layout(total, 0, bucket, context_length)
-    x = torch.tensor([cap, -total, total], dtype=torch.int64)
-    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
-    cap, p = shared_text_layout(int(x[0]), -int(x[1]), int(x[2]), bucket, context_length)
-    return cap, pad_ends(total, cap, p, context_length)
+        x = torch.tensor([cap, -t_min, t_max], dtype=torch.int64)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+        cap, t_min, t_max = int(x[0]), -int(x[1]), int(x[2])
+    cap, p = shared_text_layout(cap, t_min, t_max, bucket, context_length)
+    return cap, [pad_ends(t, cap, p, context_length) for t in totals]
+
+
+def fill_micro_text(text_out, cu_out, text, cu_seqlens, bounds: list[int], ends: list[list[int]]) -> None:
+    """Packed text (T,) and cu_seqlens (B+1,) as n micro-batches of m = B / n captions, each padded to T_cap:
+    text_out (n, T_cap) the micro-batch's ids then zeros, cu_out (n, m + 1 + P) its cu_seqlens from 0 then the padding
+    captions' ends. bounds: the n + 1 micro-batches' first tokens (host ints). Device copies, no sync."""
+    n = len(ends)
+    m = (cu_seqlens.numel() - 1) // n
+    text_out.zero_()
+    for j in range(n):
+        lo, hi = bounds[j], bounds[j + 1]
+        text_out[j, : hi - lo].copy_(text[lo:hi], non_blocking=True)
+        torch.sub(cu_seqlens[j * m:(j + 1) * m + 1], lo, out=cu_out[j, : m + 1])
+    cu_out[:, m + 1:].copy_(torch.tensor(ends, dtype=cu_out.dtype), non_blocking=True)  # (from each text's 0)
 
 
 def pad_packed_text(text: torch.Tensor, cu_seqlens: torch.Tensor, bucket: int, context_length: int):
@@ -126,7 +145,8 @@ class GraphedTrainStep:
     """
 
     def __init__(self, model, optimizer, *, autocast_dtype=torch.bfloat16, text_bucket: int = 256,
-                 clip_grad_norm: float | None = None, overlap_optimizer: bool | None = None, world: int = 1):
+                 clip_grad_norm: float | None = None, overlap_optimizer: bool | None = None, world: int = 1,
+                 accum_steps: int = 1):
         if not next(model.parameters()).is_cuda:
             raise ValueError("GraphedTrainStep needs a model on a CUDA device (CUDA graphs)")
         for group in optimizer.param_groups:
@@ -136,6 +156,9 @@ class GraphedTrainStep:
         self.model, self.opt = model, optimizer
         self.autocast_dtype, self.bucket, self.clip = autocast_dtype, int(text_bucket), clip_grad_norm
         self.world, self.params = int(world), [p for p in model.parameters() if p.requires_grad]
+        self.accum = int(accum_steps)
+        if self.accum < 1:
+            raise ValueError(f"accum_steps must be 1 or more, got {accum_steps}")
         # the ranks agree on each step's text layout over a CPU group: host integers, no device sync (every rank
         # makes it here, as new_group requires)
         self.host_group = None
@@ -144,13 +167,13 @@ class GraphedTrainStep:
 
             self.host_group = dist.new_group(backend="gloo")
         triton = isinstance(optimizer, MasterAdamW) and optimizer.triton
-        can = triton and not clip_grad_norm and self.world == 1
+        can = triton and not clip_grad_norm and self.world == 1 and self.accum == 1
         if overlap_optimizer and not can:
-            why = (f"world={world}" if self.world > 1 else f"clip_grad_norm={clip_grad_norm}" if triton
-                   else f"a {type(optimizer).__name__} without it")
+            why = (f"world={world}" if self.world > 1 else f"accum_steps={accum_steps}" if self.accum > 1
+                   else f"clip_grad_norm={clip_grad_norm}" if triton else f"a {type(optimizer).__name__} without it")
             raise ValueError(f"GraphedTrainStep(overlap_optimizer=True) needs MasterAdamW's Triton step, no "
-                             f"clipping (the global norm comes after the whole backward) and one rank (the gradients "
-                             f"are averaged after it), got {why}")
+                             f"clipping (the global norm comes after the whole backward), one rank (the gradients "
+                             f"are averaged after it) and one pass (accum_steps=1), got {why}")
         self.overlap = can and (bool(OVERLAP_OPTIMIZER) if overlap_optimizer is None else overlap_optimizer)
         if can:
             optimizer.set_overlap(self.overlap)
@@ -164,44 +187,37 @@ class GraphedTrainStep:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
 
-    def _step(self, s):
+    def _forward(self, images, text, cu_seqlens, keep):
         with self._autocast():
-            img, txt, scale = self.model(s["images"], s["text"], s["cu_seqlens"], self.ctx, s["keep"])
-            loss = distributed_clip_loss(img, txt[: img.shape[0]], scale)  # the padding captions' features dropped
-        if self.overlap:
-            self.opt.begin_step()
-        loss.backward()
+            img, txt, scale = self.model(images, text, cu_seqlens, self.ctx, keep)
+        return img, txt[: img.shape[0]], scale  # the padding captions' features dropped
+
+    def _loss(self, outs):
+        with self._autocast():
+            return distributed_clip_loss(*outs), {}
+
+    def _step(self, s):
+        if self.accum == 1:
+            loss, _ = self._loss(self._forward(s["images"], s["text"][0], s["cu_seqlens"][0], s["keep"]))
+            if self.overlap:
+                self.opt.begin_step()
+            loss.backward()
+        else:  # clipfast.accum's two passes over the micro-batches, the loss over the whole batch; gradients summed
+            m = s["images"].shape[0] // self.accum
+            micros = [(s["images"][j * m:(j + 1) * m], s["text"][j], s["cu_seqlens"][j],
+                       None if s["keep"] is None else s["keep"][j * m:(j + 1) * m]) for j in range(self.accum)]
+            loss, _ = cached_passes(self.model, lambda mb: self._forward(*mb), micros, self._loss,
+                                    lambda loss, last: loss.backward())
         average_gradients(self.params, self.world)  # (one rank: nothing)
         # clipping folded into MasterAdamW's Triton step where it can be (the norm is read, the gradients not rewritten)
         with clipped_step(self.opt, list(self.model.parameters()), self.clip):
             self.opt.step()
         return loss
 
-    def __call__(self, images, text, cu_seqlens, keep=None) -> torch.Tensor:
-        if self.world > 1:  # every rank the same graph (NCCL's rule for captured collectives)
-            cap, ends = agree_text_layout(text.numel(), self.bucket, self.ctx, self.host_group)
-        else:
-            cap, ends = padded_text_layout(text.numel(), cu_seqlens.numel() - 1, self.bucket, self.ctx)
-        key = (tuple(images.shape), images.dtype, None if keep is None else tuple(keep.shape), cap,
-               cu_seqlens.numel(), len(ends))
-        g = self.graphs.get(key)
-        first = g is None
-        if first:
-            g = self.graphs[key] = {
-                "images": torch.empty_like(images), "keep": None if keep is None else torch.empty_like(keep),
-                "text": torch.zeros(cap, dtype=text.dtype, device=text.device),
-                "cu_seqlens": torch.empty(cu_seqlens.numel() + len(ends), dtype=cu_seqlens.dtype,
-                                          device=cu_seqlens.device),
-            }
-        # inputs into the graph's static buffers (device copies, no sync)
-        g["images"].copy_(images, non_blocking=True)
-        if keep is not None:
-            g["keep"].copy_(keep, non_blocking=True)
-        T, S1 = text.numel(), cu_seqlens.numel()
-        g["text"][:T].copy_(text, non_blocking=True)
-        g["text"][T:].zero_()
-        g["cu_seqlens"][:S1].copy_(cu_seqlens, non_blocking=True)
-        g["cu_seqlens"][S1:].copy_(torch.tensor(ends, dtype=cu_seqlens.dtype), non_blocking=True)
+    def __call__(self, images, text, cu_seqlens, keep=None, cu_host=None) -> torch.Tensor:
+        """One step. cu_host: cu_seqlens on the host, where accum_steps > 1 splits the text into micro-batches (without
+        it, read from the device: a sync that waits for the step before)."""
+        first, g = self._inputs(images, text, cu_seqlens, keep, cu_host)
         if not first:
             g["graph"].replay()
             return g["loss"]
@@ -222,6 +238,39 @@ class GraphedTrainStep:
         g["grads"] = [p.grad for p in self.model.parameters()]  # keep the graph's gradients out of others' reach
         self.captures += 1
         return loss
+
+    def _inputs(self, images, text, cu_seqlens, keep, cu_host) -> tuple[bool, dict]:
+        """(whether the shape is new, its graph's static inputs filled with this batch): the text as accum_steps
+        micro-batches, each padded to the step's (and the ranks') one layout."""
+        n = self.accum
+        if images.shape[0] % n:
+            raise ValueError(f"accum_steps={n} does not divide the batch of {images.shape[0]} samples")
+        if n == 1:
+            bounds = [0, text.numel()]
+        else:
+            cu_host = cu_seqlens.cpu() if cu_host is None else cu_host  # (a sync where not given)
+            bounds = cu_host[:: images.shape[0] // n].tolist()
+        # every micro-batch, and on several ranks every rank, padded to one layout (NCCL's rule for captured
+        # collectives: every rank captures and replays the same graph)
+        cap, ends = agree_text_layout([b - a for a, b in zip(bounds, bounds[1:])], self.bucket, self.ctx,
+                                      self.host_group)
+        key = (tuple(images.shape), images.dtype, None if keep is None else tuple(keep.shape), cap,
+               cu_seqlens.numel(), len(ends[0]))
+        g = self.graphs.get(key)
+        first = g is None
+        if first:
+            g = self.graphs[key] = {
+                "images": torch.empty_like(images), "keep": None if keep is None else torch.empty_like(keep),
+                "text": torch.zeros((n, cap), dtype=text.dtype, device=text.device),
+                "cu_seqlens": torch.empty((n, (cu_seqlens.numel() - 1) // n + 1 + len(ends[0])),
+                                          dtype=cu_seqlens.dtype, device=cu_seqlens.device),
+            }
+        # inputs into the graph's static buffers (device copies, no sync)
+        g["images"].copy_(images, non_blocking=True)
+        if keep is not None:
+            g["keep"].copy_(keep, non_blocking=True)
+        fill_micro_text(g["text"], g["cu_seqlens"], text, cu_seqlens, bounds, ends)
+        return first, g
 
 
 def lr_on_device(optimizer, device) -> None:

@@ -212,7 +212,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         keep = image_keep_indices(cfg.image_reduction, batch["images"].shape[0], grid, cfg.mask_ratio,
                                   device=device, generator=gen)
         if cfg.cuda_graph:  # forward, loss, backward, clipping and optimizer in one replay
-            return engine.graph_step(batch["images"], batch["text"], batch["cu_seqlens"], keep)
+            return engine.graph_step(batch["images"], batch["text"], batch["cu_seqlens"], keep,
+                                     cu_host=batch.get("cu_seqlens_host"))
         if cfg.accum_steps > 1:  # the whole batch's loss over micro-batches (clipfast.accum)
             loss, terms = cached_passes(engine.module, forward, split_batch(batch, keep, cfg.accum_steps), losses,
                                         backward)

@@ -179,8 +179,8 @@ def test_the_ranks_text_layout_fits_every_rank(bucket, ctx):
 
 def _agree_rank(rank, port, out):
     _init(rank, port)
-    total = [100, 1333][rank]
-    torch.save(agree_text_layout(total, 64, 16), out / f"{rank}.pt")
+    totals = [[100, 140], [1333, 700]][rank]  # two micro-batches each
+    torch.save(agree_text_layout(totals, 64, 16, dist.group.WORLD), out / f"{rank}.pt")
     dist.destroy_process_group()
     os._exit(0)
 
@@ -188,8 +188,11 @@ def _agree_rank(rank, port, out):
 def test_two_ranks_agree_on_one_text_layout(tmp_path):
     mp.spawn(_agree_rank, args=(free_port(), tmp_path), nprocs=2)
     (cap0, ends0), (cap1, ends1) = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
-    assert cap0 == cap1 and len(ends0) == len(ends1) and ends0[-1] == ends1[-1] == cap0
-    assert (cap0, len(ends0)) == shared_text_layout(padded_text_layout(1333, 0, 64, 16)[0], 100, 1333, 64, 16)
+    want = shared_text_layout(padded_text_layout(1333, 0, 64, 16)[0], 100, 1333, 64, 16)
+    assert cap0 == cap1 and [len(e) for e in ends0 + ends1] == [want[1]] * 4 and (cap0, len(ends0[0])) == want
+    assert all(e[-1] == cap0 for e in ends0 + ends1)
+    assert agree_text_layout([1333], 64, 16) == padded_text_layout(1333, 0, 64, 16)[:1] + ([
+        padded_text_layout(1333, 0, 64, 16)[1]],)  # one text, no group: one rank's layout
 
 
 def _torchrun(ranks, *overrides, timeout=900):

@@ -174,5 +174,7 @@ def test_overlap_optimizer_auto_on_and_off():
         resolve_overlap_optimizer(TrainConfig(overlap_optimizer="on", grad_clip=0.0), "cpu")
     with pytest.raises(ValueError, match=r"needs bf16 weights"):
         resolve_overlap_optimizer(TrainConfig(overlap_optimizer="on", precision="fp32", **graphed), "cuda")
+    with pytest.raises(ValueError, match=r"needs accum_steps=1 \(is 4"):
+        resolve_overlap_optimizer(TrainConfig(overlap_optimizer="on", accum_steps=4, **graphed), "cuda")
     with pytest.raises(ValueError, match=r"overlap_optimizer must be one of \('auto', 'off', 'on'\), got 'yes'"):
         resolve_overlap_optimizer(TrainConfig(overlap_optimizer="yes"), "cpu")

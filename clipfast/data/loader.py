@@ -14,8 +14,8 @@ augmentation"); `views=V` adds V more views of each image for SLIP's self-superv
 whole once and cropped V + 1 times, instead of decoding only the crop.
 
 A batch is {images: uint8 (B,3,H,W), views: uint8 (V,B,3,H,W) or None, text: int32 (T,), cu_seqlens: int32 (B+1,),
-max_len: int, keys: [str], captions: [str] (as stored, before reduction), meta: [dict]}, tensors on the training
-device.
+cu_seqlens_host: the same on the CPU, max_len: int, keys: [str], captions: [str] (as stored, before reduction),
+meta: [dict]}, tensors on the training device but cu_seqlens_host.
 """
 from __future__ import annotations
 
@@ -178,6 +178,7 @@ class DaliLoader:
             "views": views,
             "text": text.to(self.device, non_blocking=nb),
             "cu_seqlens": cu.to(self.device, non_blocking=nb),
+            "cu_seqlens_host": cu,  # (where the graphed step splits micro-batches: no device read)
             "max_len": max_len,
             "keys": [s.key for s in samples],
             "captions": [s.caption for s in samples],
