@@ -3,16 +3,21 @@ micro-batches (clipfast.accum), its transient memory peak and its time.
 
     python bench/accum.py                                     # CPU: ViT-S-16 at 64 px, text 16, batch 256 (~2 min)
     python bench/accum.py --preset B/16 --image-size 112 --text-len 16 --batch 1024 --accum 1 4 16   # a GPU
+    python bench/accum.py ... --graph             # CUDA: also each point as one CUDA graph (clipfast.graph)
 
 A step: the passes of clipfast.accum.cached_passes (or, at 1, one forward and backward), then AdamW. Peak: the step's
 transient memory above what was allocated before it (activations, gradients, features; CUDA's allocator on a GPU,
 the profiler's allocation trace on the CPU: bench/measure.py). Time: median of --steps after one warm-up step, the
 points interleaved step by step (bench/measure.time_interleaved). Batches are synthetic, as in bench/throughput.py.
 Prints a markdown table; --out DIR also writes accum.md and accum.json there with the device and the commit.
+--graph (CUDA) adds a row per point for GraphedTrainStep(accum_steps=N) on a copy of the model, with fused capturable
+AdamW: both passes and the update replayed as one graph; its memory is the graph pool's, what the capture kept
+(the replays allocate nothing), above what was allocated before it.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -52,6 +57,29 @@ def step_fn(model, opt, n: int):
     return step
 
 
+def graph_step_fn(model, n: int, text_len: int, batch: int):
+    """(step, pool bytes): GraphedTrainStep(accum_steps=n) over `model`; the pool is measured at its first call."""
+    from clipfast.graph import GraphedTrainStep, default_text_bucket
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=True)
+    graph = GraphedTrainStep(model, opt, autocast_dtype=None, text_bucket=default_text_bucket(batch // n, text_len),
+                             accum_steps=n)
+    pool = {}
+
+    def step(b):
+        cu_host = torch.cat([torch.zeros(1, dtype=torch.int64), b.lengths.cumsum(0)]).to(torch.int32)
+        if not graph.graphs:  # the capture: what it allocates stays the graph's
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            graph(b.images, b.text, b.cu_seqlens, None, cu_host=cu_host)
+            torch.cuda.synchronize()
+            pool["bytes"] = torch.cuda.memory_allocated() - before
+            return
+        graph(b.images, b.text, b.cu_seqlens, None, cu_host=cu_host)
+
+    return step, pool
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="S/16")
@@ -62,6 +90,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed steps per point, after one warm-up")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="", help="also write accum.md / accum.json here")
+    ap.add_argument("--graph", action="store_true", help="CUDA: also each point as one CUDA graph")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cfg = from_name(args.preset, **{"text.context_length": args.text_len})
@@ -79,6 +108,13 @@ def main(argv=None):
     for n, step in steps.items():
         step(batch)  # warm-up (optimizer state made, kernels chosen)
         peaks[n] = step_peak_bytes(step, batch, device)
+    if args.graph:
+        if device.type != "cuda":
+            raise SystemExit("--graph needs a CUDA device (CUDA graphs)")
+        for n in args.accum:
+            step, pool = graph_step_fn(copy.deepcopy(model), n, args.text_len, args.batch)
+            step(batch)  # the capture (after an eager step inside it)
+            steps[f"graph {n}"], peaks[f"graph {n}"] = step, pool["bytes"]
     wall, _ = time_interleaved(steps, [batch], args.steps, device)
     times = {n: statistics.median(v) for n, v in wall.items()}
     name, _ = device_info(device)
@@ -88,12 +124,14 @@ def main(argv=None):
              "|---|---|---|---|---|---|---|"]
     base = args.accum[0]
     rows = []
-    for n in args.accum:
-        ms = 1e3 * times[n]
-        rows.append({"accum_steps": n, "micro_batch": args.batch // n, "peak_bytes": peaks[n], "ms": ms,
-                     "samples_per_s": args.batch / times[n]})
-        lines.append(f"| {n} | {args.batch // n} | {peaks[n] / 2**20:,.0f} MiB | {peaks[n] / peaks[base]:.2f}x | "
-                     f"{ms:,.0f} | {args.batch / times[n]:,.0f} | {times[base] / times[n]:.2f}x |")
+    for key in steps:
+        n = key if isinstance(key, int) else int(key.split()[-1])
+        ref = base if isinstance(key, int) else f"graph {base}"
+        ms = 1e3 * times[key]
+        rows.append({"accum_steps": n, "graph": not isinstance(key, int), "micro_batch": args.batch // n,
+                     "peak_bytes": peaks[key], "ms": ms, "samples_per_s": args.batch / times[key]})
+        lines.append(f"| {key} | {args.batch // n} | {peaks[key] / 2**20:,.0f} MiB | {peaks[key] / peaks[ref]:.2f}x | "
+                     f"{ms:,.0f} | {args.batch / times[key]:,.0f} | {times[ref] / times[key]:.2f}x |")
     print("\n".join(lines))
     if args.out:
         out = Path(args.out)

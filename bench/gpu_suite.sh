@@ -43,6 +43,8 @@
 #   T_DATA=0 (>0: bench/data_path.py --no-loader on the GPU host's CPU into data_path/: the shard reader's and the
 #     tokeniser's cost per sample beside the H100 steps' need, and what 1, 2 and 4 reader processes deliver; 31 s
 #     on the 2-core CPU machine with the shards made; no DALI needed)
+#   T_ACCUM=0 (>0: bench/accum.py --graph at B/16 112 px / 16 tokens, batch 1024, 1 and 4 micro-batches, eager and as
+#     one CUDA graph each, into accum/: the graphed accumulation's time and its graph pool's size)
 # plus a few seconds for the wheels. PYTHON (default python3) is the interpreter.
 #
 # open_clip (and ftfy, wcwidth; regex, timm, huggingface-hub, safetensors, tqdm, torchvision are already in the
@@ -67,6 +69,7 @@ T_PROFILE=${T_PROFILE:-40}  # 0: no step profile
 T_PROFILE_L=${T_PROFILE_L:-0}  # >0: also profile L/16 96 px / 8 tokens (clipfast with the kernels, open_clip)
 T_GRID=${T_GRID:-0}  # 0: no --grid gpu
 T_DATA=${T_DATA:-0}  # >0: bench/data_path.py on this host's CPU (the data path's host cost per sample)
+T_ACCUM=${T_ACCUM:-0}  # >0: bench/accum.py --graph (accumulation eager and as CUDA graphs)
 read -r -a GRID_ARGS <<<"${GRID_ARGS:---grid gpu}"  # e.g. GRID_ARGS="--presets demo --sizes 32" for a dry run
 read -r -a CLIPA_ARGS <<<"${CLIPA_ARGS:---grid clipa}"
 SUITE_BUDGET=${SUITE_BUDGET:-585}  # seconds for the whole suite: the device tool stops a command at 600
@@ -246,6 +249,10 @@ if [ "$T_DATA" -gt 0 ]; then
     part data_path "$T_DATA" "$PY" bench/data_path.py --no-loader --samples 2000 --per-shard 250 \
         --reader-processes 2 4 --out "$DIR/data_path"
 fi
+if [ "$T_ACCUM" -gt 0 ]; then
+    part accum "$T_ACCUM" "$PY" bench/accum.py --preset B/16 --image-size 112 --text-len 16 --batch 1024 --accum 1 4 \
+        --steps 5 --graph --out "$DIR/accum"
+fi
 
 {
     echo "# GPU suite: $DEVICE, $DATE, commit $COMMIT"
@@ -272,6 +279,7 @@ fi
     [ -f "$DIR/profile_l16/profile.md" ] && { echo "## Step profile, L/16"; echo; cat "$DIR/profile_l16/profile.md"
                                                echo; }
     [ -f "$DIR/sweep/sweep.md" ] && { echo "## Kernel launch configs"; echo; cat "$DIR/sweep/sweep.md"; echo; }
+    [ -f "$DIR/accum/accum.md" ] && { echo "## Accumulation, eager and graphed"; echo; cat "$DIR/accum/accum.md"; echo; }
     [ -f "$DIR/throughput.md" ] && { echo "## Grid"; echo; cat "$DIR/throughput.md"; }
 } >"$DIR/summary.md"
 log "wrote $DIR (total $(( $(date +%s) - SUITE_START )) s)"

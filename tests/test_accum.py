@@ -211,6 +211,9 @@ def test_bench_accum_reports_each_point(tmp_path):
     assert [(r["accum_steps"], r["micro_batch"]) for r in rows] == [(1, 16), (4, 4)]
     assert all(r["peak_bytes"] > 0 and r["ms"] > 0 for r in rows)
     assert "| 4 | 4 |" in (tmp_path / "accum.md").read_text() and json.loads((tmp_path / "accum.json").read_text())
+    with pytest.raises(SystemExit, match="--graph needs a CUDA device"):
+        bench_main(["--preset", "demo", "--image-size", "32", "--text-len", "8", "--batch", "16", "--accum", "1",
+                    "--steps", "1", "--device", "cpu", "--graph"])
 
 
 def test_a_cumulative_batch_norm_is_refused_and_no_momentum_is_left_changed():

@@ -1,6 +1,7 @@
 """clipfast.graph with accum_steps > 1: the graphed step's micro-batches (one padded text layout for all of them) and
 its two passes, run eagerly on the CPU (the capture itself needs CUDA: the CUDA test at the end)."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,18 @@ def test_a_graph_of_micro_batches_replays_eager_accumulation():
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(eager_model.state_dict().items(), model.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@requires_cuda
+def test_bench_accum_times_the_graphed_points(tmp_path):
+    """bench/accum.py --graph: a row per point for the CUDA graph too, with its pool's size and its time."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.accum import main as bench_main
+
+    rows = bench_main(["--preset", "demo", "--image-size", "32", "--text-len", "8", "--batch", "16", "--accum", "1",
+                       "4", "--steps", "2", "--graph", "--out", str(tmp_path)])
+    assert [(r["accum_steps"], r["graph"]) for r in rows] == [(1, False), (4, False), (1, True), (4, True)]
+    assert all(r["peak_bytes"] > 0 and r["ms"] > 0 for r in rows)
+    assert "| graph 4 | 4 |" in (tmp_path / "accum.md").read_text()
