@@ -50,14 +50,11 @@ def main(argv=None) -> None:
     ap.add_argument("--bucket", type=int, default=512, help="text bucket, tokens")
     ap.add_argument("--context-length", type=int, default=16)
     args = ap.parse_args(argv)
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:  # a free local port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(args.ranks, port, args.calls, args.bucket, args.context_length), nprocs=args.ranks)
+    from clipfast.launch import free_port
+
+    mp.spawn(_rank, args=(args.ranks, free_port(), args.calls, args.bucket, args.context_length), nprocs=args.ranks)
 
 
 if __name__ == "__main__":

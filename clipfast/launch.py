@@ -53,15 +53,20 @@ def first_node(environ=os.environ) -> str:
                        "job script, e.g. export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)")
 
 
+def free_port() -> int:
+    """A local TCP port free now (a MASTER_PORT for ranks of this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def one_rank_env() -> None:
     """Started without a launcher (`python clipfast/train.py`): one rank on a free local port. A launcher's own
     RANK / WORLD_SIZE / MASTER_* are kept."""
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
 
 
 def shm_buffer_path(rank: int) -> Path:

@@ -27,13 +27,7 @@ def device():
 requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
 
 
-def free_port() -> int:
-    """A local TCP port free now (for a test's MASTER_PORT)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from clipfast.launch import free_port  # noqa: E402,F401  (a test's MASTER_PORT; tests import it from here)
 
 
 @pytest.fixture(scope="session")
