@@ -48,11 +48,11 @@ def test_micro_batches_are_the_split_text_each_padded_to_one_layout():
         assert lens.min() >= 1 and lens.max() <= ctx
 
 
-def _graph_step(model, opt, accum, bucket=16):
+def _graph_step(model, opt, accum, bucket=16, world=1, host_group=None):
     """A GraphedTrainStep whose inputs and step run eagerly (its constructor needs CUDA; _inputs and _step do not)."""
     s = GraphedTrainStep.__new__(GraphedTrainStep)
     s.model, s.opt, s.autocast_dtype, s.bucket, s.clip = model, opt, None, bucket, None
-    s.world, s.params, s.accum, s.host_group, s.overlap = 1, list(model.parameters()), accum, None, False
+    s.world, s.params, s.accum, s.host_group, s.overlap = world, list(model.parameters()), accum, host_group, False
     s.ctx, s.graphs, s.captures = model.context_length, {}, 0
     return s
 
@@ -153,3 +153,62 @@ def test_bench_accum_times_the_graphed_points(tmp_path):
     assert [(r["accum_steps"], r["graph"]) for r in rows] == [(1, False), (4, False), (1, True), (4, True)]
     assert all(r["peak_bytes"] > 0 and r["ms"] > 0 for r in rows)
     assert "| graph 4 | 4 |" in (tmp_path / "accum.md").read_text()
+
+
+def _uneven_batch(n=12):
+    """The first half's captions short, the second half's long: two ranks' own text layouts differ."""
+    g = torch.Generator().manual_seed(5)
+    ks = [int(k) for k in torch.randint(0, 3, (n // 2,), generator=g)] + \
+         [int(k) for k in torch.randint(10, CFG.text.context_length - 1, (n // 2,), generator=g)]
+    seqs = [[49406, *torch.randint(1, 49406, (k,), generator=g).tolist(), 49407] for k in ks]
+    text, cu, max_len = pack_text(seqs)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return {"images": images, "text": text, "cu_seqlens": cu, "max_len": max_len}
+
+
+def _dp_rank(rank, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = CLIP(CFG, kernels="ref").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-3)
+    half = split_batch(_uneven_batch(), None, 2)[rank]  # this rank's 6 samples
+    s = _graph_step(model, opt, 3, world=2, host_group=dist.new_group(backend="gloo"))  # 3 micro-batches of 2
+    _, g = s._inputs(half["images"], half["text"], half["cu_seqlens"], None, half["cu_seqlens"])
+    loss = s._step(g)
+    own = agree_text_layout([int(b - a) for a, b in zip(half["cu_seqlens"][::2], half["cu_seqlens"][2::2])], 16,
+                            CFG.text.context_length)
+    torch.save({"loss": loss.item(), "shapes": (tuple(g["text"].shape), tuple(g["cu_seqlens"].shape)),
+                "own": (own[0], len(own[1][0])), "params": model.state_dict()}, out / f"{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_two_ranks_graphed_step_bodies_take_the_whole_batch_step(tmp_path):
+    """GraphedTrainStep's body (run eagerly) on 2 gloo ranks, each with half of a batch whose halves pad differently
+    on their own, 3 micro-batches each: the ranks agree on one text layout (the same static shapes), and their mean
+    loss and updated weights are one rank's whole-batch step's (float32)."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    mp.spawn(_dp_rank, args=(free_port(), tmp_path), nprocs=2)
+    got = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    assert got[0]["own"] != got[1]["own"]  # alone, the two ranks would have padded to different shapes
+    assert got[0]["shapes"] == got[1]["shapes"]
+    torch.manual_seed(0)
+    model = CLIP(CFG, kernels="ref").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-3)
+    b = _uneven_batch()
+    loss = clip_loss(*model(b["images"], b["text"], b["cu_seqlens"], b["max_len"]))
+    loss.backward()
+    opt.step()
+    assert (got[0]["loss"] + got[1]["loss"]) / 2 == pytest.approx(loss.item(), rel=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[0]["params"][k], got[1]["params"][k]), k
+        torch.testing.assert_close(got[0]["params"][k], v, rtol=1e-4, atol=1e-5, msg=k)
