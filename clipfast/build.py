@@ -120,7 +120,8 @@ def build_model(cfg: TrainConfig, device: torch.device, is_main: bool = True) ->
     model = CLIP(mcfg, kernels=cfg.kernels).set_layer_norm(impls["layer_norm"])
     model.set_vision_attention(impls["vision_attention"]).set_mlp(impls["mlp"])
     model.set_tower_streams(resolve_tower_streams(cfg, device))
-    resolve_overlap_optimizer(cfg, device)  # a bad value or an "on" that cannot be is an error now, not at the step
+    resolve_overlap_optimizer(cfg, device)  # a bad value or an "on" that cannot be is an error now (the rank count:
+    # when TorchEngine builds the graphed step), not at the step
     if is_main:
         log.info("layer_norm=%s vision_attention=%s mlp=%s tower_streams=%s", impls["layer_norm"],
                  impls["vision_attention"], impls["mlp"], model.tower_streams)

@@ -67,7 +67,7 @@ class TorchEngine:
             self.graph = GraphedTrainStep(self.module, self.optimizer, autocast_dtype=None,
                                           text_bucket=default_text_bucket(cfg.batch_size // world // accum, ctx),
                                           clip_grad_norm=cfg.grad_clip or None,
-                                          overlap_optimizer=resolve_overlap_optimizer(cfg, device), world=world,
+                                          overlap_optimizer=resolve_overlap_optimizer(cfg, device, world), world=world,
                                           accum_steps=accum)
 
     def __call__(self, *args, **kwargs):
@@ -167,7 +167,7 @@ def resolve_tower_streams(cfg, device) -> bool:
 OVERLAP_OPTIMIZER = ("auto", "off", "on")
 
 
-def resolve_overlap_optimizer(cfg, device) -> bool | None:
+def resolve_overlap_optimizer(cfg, device, world: int = 1) -> bool | None:
     """GraphedTrainStep's overlap_optimizer for the config: None for "auto" (on where it can be: MasterAdamW's
     Triton step, i.e. bf16 weights, and no clipping), True for "on", False for "off". "on" where it cannot be is an
     error naming the keys to change; a bad value lists the choices."""
@@ -181,19 +181,18 @@ def resolve_overlap_optimizer(cfg, device) -> bool | None:
                                       (f"grad_clip=0 (is {cfg.grad_clip}: clipping needs the global norm before any "
                                        "update)", not cfg.grad_clip),
                                       (f"accum_steps=1 (is {cfg.accum_steps}: the update comes after the last pass)",
-                                       cfg.accum_steps == 1)) if not ok]
+                                       cfg.accum_steps == 1),
+                                      (f"one rank (this launch has {world}: each parameter would be updated before its "
+                                       "gradient is averaged over the ranks)", world == 1)) if not ok]
         if need:
             raise ValueError(f"overlap_optimizer=on needs {'; '.join(need)}")
     return {"auto": None, "on": True, "off": False}[value]
 
 
 def check_engine(cfg, world: int) -> None:
-    """engine is "deepspeed" or "torch"; cuda_graph needs engine="torch"; overlap_optimizer=on needs one rank."""
+    """engine is "deepspeed" or "torch"; cuda_graph needs engine="torch"."""
     if cfg.engine not in ("deepspeed", "torch"):
         raise ValueError(f"engine must be 'deepspeed' or 'torch', got {cfg.engine!r}")
-    if world > 1 and getattr(cfg, "overlap_optimizer", "auto") == "on":
-        raise ValueError(f"overlap_optimizer=on runs one rank (it would update each parameter before its gradient is "
-                         f"averaged over the ranks); this launch has {world}: set overlap_optimizer=auto or off")
     if cfg.cuda_graph and cfg.engine != "torch":
         raise ValueError("cuda_graph=true needs engine=torch (DeepSpeed's engine step cannot be captured)")
 

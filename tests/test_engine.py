@@ -41,9 +41,6 @@ def test_check_engine_names_the_bad_setting():
     with pytest.raises(ValueError, match="engine must be"):
         check_engine(TrainConfig(engine="jax"), 1)
     check_engine(TrainConfig(engine="torch"), 2)  # data parallel (clipfast.dp)
-    check_engine(TrainConfig(engine="torch", overlap_optimizer="on"), 1)
-    with pytest.raises(ValueError, match="overlap_optimizer=on runs one rank.*has 2"):
-        check_engine(TrainConfig(engine="torch", overlap_optimizer="on"), 2)
     with pytest.raises(ValueError, match="needs engine=torch"):
         check_engine(TrainConfig(cuda_graph=True), 1)
     with pytest.raises(ValueError, match="CUDA"):
@@ -176,5 +173,8 @@ def test_overlap_optimizer_auto_on_and_off():
         resolve_overlap_optimizer(TrainConfig(overlap_optimizer="on", precision="fp32", **graphed), "cuda")
     with pytest.raises(ValueError, match=r"needs accum_steps=1 \(is 4"):
         resolve_overlap_optimizer(TrainConfig(overlap_optimizer="on", accum_steps=4, **graphed), "cuda")
+    assert resolve_overlap_optimizer(TrainConfig(overlap_optimizer="auto", **graphed), "cuda", world=2) is None
+    with pytest.raises(ValueError, match=r"needs one rank \(this launch has 2"):
+        resolve_overlap_optimizer(TrainConfig(overlap_optimizer="on", **graphed), "cuda", world=2)
     with pytest.raises(ValueError, match=r"overlap_optimizer must be one of \('auto', 'off', 'on'\), got 'yes'"):
         resolve_overlap_optimizer(TrainConfig(overlap_optimizer="yes"), "cpu")
