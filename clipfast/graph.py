@@ -62,8 +62,13 @@ def padded_text_layout(total: int, num_seqs: int, bucket: int, context_length: i
     and the padding splits as evenly as possible: every part has 1..context_length tokens.
     """
     p = pad_segments(bucket, context_length)
-    cap = -(-(total + p) // bucket) * bucket
+    cap = _own_cap(total, p, bucket)
     return cap, pad_ends(total, cap, p, context_length)
+
+
+def _own_cap(total: int, p: int, bucket: int) -> int:
+    """The smallest multiple of `bucket` holding `total` tokens and P = `p` padding captions of one token or more."""
+    return -(-(total + p) // bucket) * bucket
 
 
 def pad_ends(total: int, cap: int, p: int, context_length: int) -> list[int]:
@@ -97,8 +102,8 @@ def agree_text_layout(totals: list[int], bucket: int, context_length: int, group
     """(T_cap, each text's padding ends): one layout (shared_text_layout) for texts of `totals` tokens (a step's
     micro-batches) and, with a process `group`, for every rank's. One all-reduce of three host integers over the
     group: on a CPU (gloo) group it costs no device sync. One text and no group: padded_text_layout's."""
-    cap = max(padded_text_layout(t, 0, bucket, context_length)[0] for t in totals)
     t_min, t_max = min(totals), max(totals)
+    cap = _own_cap(t_max, pad_segments(bucket, context_length), bucket)  # the fullest text's own layout
     if group is not None:
         import torch.distributed as dist
 
