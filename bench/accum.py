@@ -30,8 +30,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench.measure import step_peak_bytes, time_interleaved  # noqa: E402
+from bench.points import make_batch  # noqa: E402
 from bench.report import device_info, git_commit  # noqa: E402
-from bench.throughput import make_batch  # noqa: E402
 from clipfast.accum import cached_passes, split_batch  # noqa: E402
 from clipfast.loss import clip_loss  # noqa: E402
 from clipfast.model import CLIP  # noqa: E402

@@ -26,9 +26,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import bench.steps as bench_steps  # noqa: E402
+from bench.points import Point, make_batch, snap  # noqa: E402
 from bench.report import device_info, git_commit  # noqa: E402
 from bench.steps import BUILDERS  # noqa: E402
-from bench.throughput import Point, make_batch, snap  # noqa: E402
 from clipfast.presets import from_name  # noqa: E402
 
 # first match wins; names of cuBLAS/CUTLASS/Triton/ATen kernels and CPU ops

@@ -370,7 +370,8 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "clipfast", "kernels", "bench/throughput.py"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "clipfast", "kernels", "bench/throughput.py",
+                                "bench/points.py", "bench/steps.py", "bench/measure.py"],
                                cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from bench import report, steps
+from bench import points, report, steps
 from bench import throughput as tp
 from clipfast.reduce import num_kept
 
@@ -16,32 +16,32 @@ TINY = ["--presets", "demo", "--sizes", "16", "--masks", "0.5", "--text-lens", "
 
 def test_caption_lengths_lognormal_median_12_clipped():
     gen = torch.Generator().manual_seed(0)
-    n = tp.caption_lengths(20000, 77, gen)
+    n = points.caption_lengths(20000, 77, gen)
     assert n.min() >= 2 and n.max() <= 77
     assert 11 <= n.median().item() <= 13
-    short = tp.caption_lengths(20000, 8, gen)
+    short = points.caption_lengths(20000, 8, gen)
     assert short.max() == 8 and (short == 8).float().mean() > 0.6  # most captions are cut at a short text length
 
 
 def test_batch_packed_and_padded_hold_the_same_captions():
     gen = torch.Generator().manual_seed(1)
-    b = tp.make_batch(5, 32, 16, gen, "cpu", torch.float32)
+    b = points.make_batch(5, 32, 16, gen, "cpu", torch.float32)
     assert b.cu_seqlens[-1] == b.text.numel() == int(b.lengths.sum()) and b.max_len == int(b.lengths.max())
     for i in range(5):
         row = b.text[b.cu_seqlens[i]:b.cu_seqlens[i + 1]].long()
         assert torch.equal(b.padded[i, : len(row)], row) and not b.padded[i, len(row):].any()
-        assert row[0] == tp.SOT_ID and row[-1] == tp.EOT_ID and b.padded[i].argmax() == len(row) - 1
+        assert row[0] == points.SOT_ID and row[-1] == points.EOT_ID and b.padded[i].argmax() == len(row) - 1
     assert b.images.dtype == torch.uint8 and b.pixels.shape == b.images.shape
 
 
 def test_grid_snaps_to_patch_and_puts_full_point_first():
-    groups = tp.grid_points(["H/14", "demo"], [64, 160, 224], [0.5], [8, 77])
+    groups = points.grid_points(["H/14", "demo"], [64, 160, 224], [0.5], [8, 77])
     h = groups["ViT-H-14"]
-    assert h[0] == tp.Point("ViT-H-14", 224, 0.0, 77)
+    assert h[0] == points.Point("ViT-H-14", 224, 0.0, 77)
     assert sorted({p.size for p in h}) == [70, 154, 224] and all(p.size % 14 == 0 for p in h)
     assert len(h) == len(set(h)) == 3 * 2 + 2  # the full point (224, 77) is not measured twice
     assert {p.mask for p in h if p.mask} == {0.5} and all(p.size == 224 for p in h if p.mask)
-    assert groups["demo"][0] == tp.Point("demo", 32, 0.0, 16)
+    assert groups["demo"][0] == points.Point("demo", 32, 0.0, 16)
 
 
 @pytest.mark.parametrize("mask", [0.3, 0.5, 0.75, 0.9])
@@ -98,15 +98,15 @@ def test_update_readme_replaces_only_the_bench_section(tmp_path):
 def test_point_batch_grows_by_powers_of_two_with_fewer_image_tokens():
     args = tp.parse_args(["--grid", "clipa", "--device", "cpu"])
     assert args.max_batch_scale == 4 and args.batch is None
-    full = tp.Point("ViT-B-16", 224, 0.0, 77)
-    assert tp.point_batch(args, full, 196) == 256
-    assert tp.point_batch(args, tp.Point("ViT-B-16", 160, 0.0, 77), 100) == 256  # 1.96x fewer: not yet 2
-    assert tp.point_batch(args, tp.Point("ViT-B-16", 112, 0.0, 16), 49) == 1024  # 4x fewer
-    assert tp.point_batch(args, tp.Point("ViT-B-16", 112, 0.5, 16), 24) == 1024  # capped at 4x
+    full = points.Point("ViT-B-16", 224, 0.0, 77)
+    assert points.point_batch(args, full, 196) == 256
+    assert points.point_batch(args, points.Point("ViT-B-16", 160, 0.0, 77), 100) == 256  # 1.96x fewer: not yet 2
+    assert points.point_batch(args, points.Point("ViT-B-16", 112, 0.0, 16), 49) == 1024  # 4x fewer
+    assert points.point_batch(args, points.Point("ViT-B-16", 112, 0.5, 16), 24) == 1024  # capped at 4x
     args.batch = 32
-    assert tp.point_batch(args, full, 196) == 32
+    assert points.point_batch(args, full, 196) == 32
     cpu = tp.parse_args(["--device", "cpu"])
-    assert cpu.max_batch_scale == 1 and tp.point_batch(cpu, tp.Point("ViT-S-16", 64, 0.0, 8), 16) == cpu.batch
+    assert cpu.max_batch_scale == 1 and points.point_batch(cpu, points.Point("ViT-S-16", 64, 0.0, 8), 16) == cpu.batch
 
 
 def test_deepspeed_column_times_the_trainers_engine(tmp_path):
@@ -225,14 +225,14 @@ def test_out_of_memory_while_timing_drops_the_last_optional_column(tmp_path, mon
 
 
 def test_points_measure_exactly_those_points_then_each_full_point(tmp_path):
-    groups = tp.parse_points(["B/16:112:16", "L/16:96:8:0.5", "B/16:96:8"])
+    groups = points.parse_points(["B/16:112:16", "L/16:96:8:0.5", "B/16:96:8"])
     assert [(p.size, p.mask, p.text_len) for p in groups["ViT-B-16"]] == [(112, 0.0, 16), (96, 0.0, 8), (224, 0.0, 77)]
     assert [(p.size, p.mask, p.text_len) for p in groups["ViT-L-16"]] == [(96, 0.5, 8), (224, 0.0, 77)]
-    assert list(tp.parse_points(["B/16:224:77"])["ViT-B-16"]) == [tp.Point("ViT-B-16", 224, 0.0, 77)]  # once
+    assert list(points.parse_points(["B/16:224:77"])["ViT-B-16"]) == [points.Point("ViT-B-16", 224, 0.0, 77)]  # once
     for bad, why in (("B/16:112", "PRESET:SIZE:TEXT"), ("Z/99:112:16", "unknown model preset"),
                      ("B/16:112:16:1.5", "mask"), ("B/16:big:16", "invalid literal")):
         with pytest.raises(SystemExit, match=why):
-            tp.parse_points([bad])
+            points.parse_points([bad])
     rows = tp.main(TINY + ["--points", "demo:16:8:0.5", "--no-open-clip", "--out", str(tmp_path)])
     assert sorted((r["image_px"], r["mask"], r["text_len"]) for r in rows) == [(16, 0.5, 8), (32, 0.0, 16)]
     masked, full = sorted(rows, key=lambda r: r["mask"], reverse=True)  # the full point, measured last, still counts:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from bench import report, steps
+from bench import points, report, steps
 from bench import throughput as tp
 from tests.test_throughput import TINY
 
@@ -80,7 +80,7 @@ def test_graph_kernels_column_builds_the_graphed_step_with_every_kernel_and_repo
             assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)  # as the trainer's graphed step
 
     monkeypatch.setattr(steps, "GraphedTrainStep", FakeGraphed)
-    cfg, pt = from_name("demo"), tp.Point("demo", 16, 0.0, 8)
+    cfg, pt = from_name("demo"), points.Point("demo", 16, 0.0, 8)
     steps.BUILDERS["clipfast_graph"](cfg, pt, torch.device("cpu"), "fp32", 4)
     steps.BUILDERS["clipfast_graph_kernels"](cfg, pt, torch.device("cpu"), "fp32", 4)
     plain, kern = graphed
