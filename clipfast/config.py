@@ -41,7 +41,7 @@ class TrainConfig:
     ssl_dim: int = 256
     ssl_crop_scale: tuple = (0.08, 1.0)  # the SSL views' random-resized-crop area range (SimCLR's)
     # data
-    train_data: str = "data/demo/train"  # a folder of .tar shards, a glob, or a comma-separated list
+    train_data: str = "data/demo/train"  # .tar shards: a folder, a glob, a-{0000..0041}.tar, or a comma list
     # with weights (one per comma-separated entry of train_data): the entries as datasets of their own, each sample from
     # entry i with probability w_i / sum(w) (clipfast.data.shards.MixedReader); () = the entries as one dataset
     train_weights: tuple = ()

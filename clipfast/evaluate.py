@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -29,9 +30,12 @@ import torch.nn.functional as F
 
 from clipfast import prompts
 from clipfast.data import DaliLoader, pack_text
+from clipfast.data.shards import list_shards
 from clipfast.model import CLIP
 from clipfast.presets import ModelConfig, TextConfig, VisionConfig
 from clipfast.reduce import TextReducer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 RECALL_AT = (1, 5, 10)
@@ -130,10 +134,29 @@ def load_model(checkpoint: str, device="cpu", kernels: str = "auto", open_clip_n
 
 
 def dataset_meta(data: str) -> dict:
-    for folder in (Path(data), Path(data).parent):
-        if (folder / "meta.json").is_file():
-            return json.loads((folder / "meta.json").read_text())
-    return {}
+    """The meta.json (class names, templates) of an evaluation set: in the folder of its shards or the one above
+    (make_shards writes it beside them, clipfast.data.demo one level up), however `data` names the shards (a folder,
+    a glob, a brace pattern, a list); {} where there is none. Several that differ: the first, with a warning."""
+    try:
+        folders = list(dict.fromkeys(Path(s).parent for s in list_shards(data)))
+    except (FileNotFoundError, ValueError):
+        folders = [Path(data)]  # (the loader will name what is missing)
+    found = {}
+    for folder in folders:
+        path = next((f / "meta.json" for f in (folder, folder.parent) if (f / "meta.json").is_file()), None)
+        if path is not None and path not in found:
+            try:
+                found[path] = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} (the evaluation set's class names and templates) does not parse: {e}") \
+                    from None
+    if not found:
+        return {}
+    (first, meta), *others = found.items()
+    differ = [str(p) for p, m in others if m != meta]
+    if differ:
+        log.warning("evaluation set %r: %s and %s differ; using the first", data, first, ", ".join(differ))
+    return meta
 
 
 @torch.no_grad()
@@ -175,9 +198,10 @@ def zero_shot(model: CLIP, data: str, batch_size=256, classnames=None, templates
     feats, labels, names, error = [], [], {}, None
     for batch in tqdm(loader, desc="images", unit="batch", disable=not progress):
         feats.append(model.encode_image(batch["images"], normalize=True).float())
-        for m in batch["meta"]:
+        for key, m in zip(batch["keys"], batch["meta"], strict=True):
             if "label" not in m:
-                error = error or ValueError(f"evaluation sample without a 'label' in its .json: {m}")
+                error = error or ValueError(f"evaluation sample {key!r} in {data!r} has no 'label' in its .json "
+                                            f"({m}): zero-shot classification needs labelled samples")
                 continue
             labels.append(int(m["label"]))
             if "classname" in m:

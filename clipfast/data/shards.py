@@ -2,7 +2,8 @@
 
 A shard is a .tar of samples grouped by key: `key.jpg` + `key.txt` [+ `key.json`]. The reader checks
 each sample before it reaches the decoder; a corrupt one (missing image or caption, caption not UTF-8
-or empty, bytes that are not a complete JPEG/PNG) is skipped, counted by reason and logged by key —
+or empty, bytes that are not a complete JPEG/PNG, a .json that is not an object, a key used twice in a
+shard, the last sample of a shard that ends early) is skipped, counted by reason and logged by key —
 never a crash, never a silent loss.
 """
 from __future__ import annotations
@@ -23,20 +24,74 @@ log = logging.getLogger("clipfast.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-def list_shards(spec: str) -> list[str]:
-    """A folder of .tar files, a glob, or a comma-separated list of either -> sorted shard paths."""
-    paths: list[str] = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+def _top_level_split(spec: str) -> list[str]:
+    """spec split at the commas outside braces."""
+    out, depth, cur = [], 0, []
+    for ch in spec:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
         else:
-            found = sorted(glob.glob(part))
-        if not found:
-            raise FileNotFoundError(f"no .tar shards found at {part!r} (a folder of shards, a glob, or a list)")
-        paths.extend(found)
+            cur.append(ch)
+    if depth:
+        raise ValueError(f"unbalanced braces in data spec {spec!r}")
+    return out + ["".join(cur)]
+
+
+def brace_expand(pattern: str) -> list[str]:
+    """webdataset's / open_clip's shard patterns: `a-{0000..0041}.tar` (a numeric range, zero-padded as written),
+    `a-{x,y}.tar` (alternatives, which may hold ranges and braces themselves); several braces multiply out."""
+    i = pattern.find("{")
+    if i < 0:
+        return [pattern]
+    depth = 0
+    for j in range(i, len(pattern)):
+        depth += (pattern[j] == "{") - (pattern[j] == "}")
+        if depth == 0:
+            break
+    else:
+        raise ValueError(f"unbalanced braces in shard pattern {pattern!r}")
+    body, head, tail = pattern[i + 1:j], pattern[:i], pattern[j + 1:]
+    lo, dots, hi = body.partition("..")
+    if dots and lo.isdigit() and hi.isdigit():
+        padded = any(len(x) > 1 and x[0] == "0" for x in (lo, hi))  # bash's rule: a leading zero pads all
+        width = max(len(lo), len(hi)) if padded else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        choices = [str(k).zfill(width) for k in range(int(lo), int(hi) + step, step)]
+    else:
+        choices = [c for alt in _top_level_split(body) for c in brace_expand(alt)]
+    return [head + c + rest for c in choices for rest in brace_expand(tail)]
+
+
+def list_shards(spec: str) -> list[str]:
+    """A folder of .tar files, a glob, a brace pattern (`train-{0000..0041}.tar`), or a comma-separated list of
+    these -> shard paths (each entry's sorted; a brace pattern's in its own order)."""
+    paths: list[str] = []
+    for entry in [p.strip() for p in _top_level_split(spec) if p.strip()]:
+        if "{" not in entry:
+            paths.extend(_found(entry))
+            continue
+        expanded = brace_expand(entry)
+        missing = [p for p in expanded if not glob.glob(p)]
+        if missing:
+            raise FileNotFoundError(f"no shard at {missing[0]!r}, from the pattern {entry!r}"
+                                    + (f" ({len(missing)} of its {len(expanded)} names missing)"
+                                       if len(missing) > 1 else ""))
+        for p in expanded:
+            paths.extend(_found(p))
     if not paths:
         raise FileNotFoundError(f"no shards in data spec {spec!r}")
     return paths
+
+
+def _found(part: str) -> list[str]:
+    """The shards of one entry: a folder's .tar files or a glob's matches, sorted."""
+    found = sorted(glob.glob(os.path.join(part, "*.tar") if os.path.isdir(part) else part))
+    if not found:
+        raise FileNotFoundError(f"no .tar shards found at {part!r} (a folder of shards, a glob, a brace pattern, or "
+                                f"a list)")
+    return found
 
 
 def write_shard(path: str | Path, samples: list[dict]) -> None:
@@ -87,17 +142,36 @@ def jpeg_size(data: bytes) -> tuple[int, int] | str:
     return "headers run past the end"
 
 
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and its CRC (always these 8 bytes)
+
+
+def _first_scan(data: bytes) -> int:
+    """Offset of a JPEG's first start-of-scan marker (FFDA) found by walking the segments, or len(data)."""
+    i, n = 2, len(data)
+    while i + 4 <= n and data[i] == 0xFF:
+        m = data[i + 1]
+        if m == 0xDA:
+            return i
+        if m == 0xFF or m == 0x01 or 0xD0 <= m <= 0xD8:
+            i += 1 if m == 0xFF else 2
+            continue
+        i += 2 + (data[i + 2] << 8 | data[i + 3])
+    return n
+
+
 def image_problem(data: bytes) -> str | None:
     """Why these bytes would not decode as a whole image, or None. Cheap: header, end marker, size (JPEG's from its
     frame header, PNG's from IHDR, WebP's through PIL)."""
     if len(data) < 64:
         return f"image of only {len(data)} bytes"
     if data[:3] == b"\xff\xd8\xff":
-        if b"\xff\xd9" not in data[-1024:]:
-            return "JPEG without its end marker (truncated)"
+        # an end marker after the first scan (searched from the end: found at once in a whole file); bytes after it
+        # are allowed (motion photos, padding), an EXIF thumbnail's end marker (before the scan) does not count
         kind, size = "JPEG", jpeg_size(data)
+        if not isinstance(size, str) and data.rfind(b"\xff\xd9", _first_scan(data)) < 0:
+            return "JPEG without its end marker (truncated)"
     elif data[:8] == b"\x89PNG\r\n\x1a\n":
-        if b"IEND" not in data[-64:]:
+        if _PNG_END not in data[-64:] and data.rfind(_PNG_END) < 0:  # (trailing bytes allowed, as for a JPEG)
             return "PNG without its IEND chunk (truncated)"
         kind = "PNG"
         size = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) if data[12:16] == b"IHDR" \
@@ -148,7 +222,12 @@ def _pax_path(records: bytes) -> str | None:
         sp = records.find(b" ", i)
         if sp < 0:
             break
-        length = int(records[i:sp])
+        try:  # (the records are data, outside the header's checksum)
+            length = int(records[i:sp])
+        except ValueError:
+            length = 0
+        if length <= sp - i:
+            raise ShardError(f"bad pax record length {records[i:sp][:20]!r} at byte {i} of its header")
         key, _, value = records[sp + 1:i + length - 1].partition(b"=")
         if key == b"path":
             return value.decode("utf-8", "surrogateescape")
@@ -240,23 +319,35 @@ class ShardReader:
             return
         groups: dict[str, dict] = {}
         order: list[str] = []
+        last = dup = None  # the key of the file before; a key seen again, whose second sample's files are passed over
         try:
             for name, payload in tar_files(data):
                 head, _, base = name.rpartition("/")
                 key, dot, ext = base.partition(".")
                 if not dot:
                     continue
-                key = f"{head}/{key}" if head else key
+                key, ext = (f"{head}/{key}" if head else key), ext.lower()
+                if key == dup:
+                    continue
+                dup = None
                 parts = groups.get(key)
                 if parts is None:
                     parts = groups[key] = {}
                     order.append(key)
-                parts[ext.lower()] = payload
+                elif key != last or ext in parts:  # a sample's files are contiguous: this is a second sample
+                    self._skip(shard, key, "duplicate key (a second sample with this key in the shard)")
+                    last = dup = key
+                    continue
+                parts[ext] = payload
+                last = key
         except ShardError as e:
             if not order:
                 self._skip(shard, "*", f"unreadable shard ({e})")
                 return
-            self._skip(shard, "*", f"shard ends early after {len(order)} keys ({e})")
+            self._skip(shard, "*", f"shard ends early (after {len(order)} keys: {e})")
+            # the last key's files may be cut short (its .json or caption past the end): not read as whole
+            self._skip(shard, order[-1], "incomplete sample (the shard ends inside or after it)")
+            groups.pop(order.pop())
         del data
         for n, key in enumerate(order):
             if self.split_samples and n % self.world != self.rank:
@@ -286,6 +377,8 @@ class ShardReader:
                 meta = json.loads(parts["json"])
             except (json.JSONDecodeError, UnicodeDecodeError):
                 return self._skip(shard, key, "metadata .json does not parse")
+            if not isinstance(meta, dict):
+                return self._skip(shard, key, f"metadata .json is not an object (a {type(meta).__name__})")
         return Sample(key, parts[ext], caption, meta, parts)
 
     def __iter__(self):
