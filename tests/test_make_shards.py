@@ -212,6 +212,16 @@ def test_csv_relative_absolute_and_bad_rows(tmp_path, caplog, capsys):
     assert reasons["list.csv:11"] == "bad CSV row (not UTF-8)" and reasons["list.csv:4"] == "missing file"
     assert "list.csv:4 img/missing.jpg" in caplog.text and "list.csv:6" in caplog.text
 
+    # an unbalanced quote in the last column: the rows after it go into its field, the field count still right
+    (d / "quote.csv").write_text("filepath,title,url\nimg/a.jpg,one,http://a\nimg/b.png,two,\"http://b\n"
+                                 "img/a.jpg,three,http://c\nimg/b.png,four,http://d\n")
+    res = main(["--csv", str(d / "quote.csv"), "--out", str(tmp_path / "quote"), "--no-progress"])
+    assert [s.caption for s in _read(tmp_path / "quote")] == ["one"] and res["skipped"] == {"bad CSV row": 1}
+    assert res["skipped_samples"][0]["reason"] == "bad CSV row (a quoted field spans lines 3-5: an unbalanced quote?)"
+    (d / "gone.csv").write_text("filepath,title\nimg/x.jpg,x\nimg/y.jpg,y\n")
+    with pytest.raises(SystemExit, match=r"no samples written, all 2 skipped .*missing file.*relative to --root"):
+        main(["--csv", str(d / "gone.csv"), "--out", str(tmp_path / "gone"), "--no-progress"])
+
     tsv = d / "list.tsv"
     tsv.write_text("url\tpath\tcaption\nhttp://a\ta.jpg\tred\n")
     res = main(["--csv", str(tsv), "--sep", "\\t", "--root", str(d / "img"), "--image-col", "path", "--caption-col",

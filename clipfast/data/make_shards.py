@@ -24,11 +24,11 @@ first caption, the .json {"captions": all of them in annotation order, "image_id
 --split test --images DIR does the same for Karpathy's split files (the standard COCO 5k and Flickr30k 1k test
 sets); --split takes a comma list (train,restval).
 
-Images: a complete JPEG or PNG in RGB or grayscale is stored byte for byte (key.jpg / key.png). Any other (WebP,
-BMP, GIF, TIFF, CMYK JPEG, palette or 16-bit PNG, ...), and with --max-side N one whose longer side is above N, is
-decoded with PIL, turned upright by its EXIF orientation, converted to RGB, shrunk to a longer side of at most N
-(never enlarged) and re-encoded as JPEG at --quality. Every image is decoded once to check it (a kept JPEG at 1/8
-scale, which still reads all of its data).
+Images: a complete JPEG or PNG in RGB or grayscale is stored byte for byte (key.jpg / key.png; a 16-bit RGB PNG too,
+which DALI decodes). Any other (WebP, BMP, GIF, TIFF, CMYK JPEG, palette or 16-bit grayscale PNG, ...), and with
+--max-side N one whose longer side is above N, is decoded with PIL, turned upright by its EXIF orientation, converted
+to RGB, shrunk to a longer side of at most N (never enlarged) and re-encoded as JPEG at --quality. Every image is
+decoded once to check it (a kept JPEG at 1/8 scale, which still reads all of its data).
 
 Keys are {prefix}{i:08d} with i the input's index (sorted files, CSV row, annotation-file order), so a key names its
 source even across skips; shards are OUT/{prefix}-NNNN.tar, --samples-per-shard each. A missing or undecodable image,
@@ -182,6 +182,7 @@ def from_csv(path, out, image_col="filepath", caption_col="title", sep=",", root
 
         def items():
             while True:
+                first = reader.line_num + 1
                 try:
                     row = next(reader)
                 except StopIteration:
@@ -193,6 +194,12 @@ def from_csv(path, out, image_col="filepath", caption_col="title", sep=",", root
                 if None in row or None in row.values():  # more or fewer fields than the header
                     n = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
                     yield Item(line, None, problem=f"bad CSV row ({n} fields for {len(columns)} columns)")
+                    continue
+                if reader.line_num > first and any("\n" in v or "\r" in v for v in row.values()):
+                    # a quoted field over several lines: as a rule an unbalanced quote, which swallows the rows after
+                    # it into this one's last field (the row still has its number of fields)
+                    yield Item(f"{path.name}:{first}", None, problem=f"bad CSV row (a quoted field spans lines {first}-"
+                               f"{reader.line_num}: an unbalanced quote?)")
                     continue
                 src = row[image_col].strip()
                 try:
@@ -278,7 +285,8 @@ def from_karpathy(split_file, images, out, split="test", *, prefix="retrieval", 
     def items():
         for im in chosen:
             rel = "/".join(p for p in (im.get("filepath"), im.get("filename")) if p)
-            caps = [c for c in (str(s.get("raw") or "").strip() for s in im.get("sentences") or []) if c]
+            caps = [c for c in (str((s.get("raw") if isinstance(s, dict) else s) or "").strip()  # (or plain strings)
+                                for s in im.get("sentences") or []) if c]
             meta = {"captions": caps, "image_id": im.get("cocoid", im.get("imgid")), "source": rel}
             yield Item(rel or f"imgid {im.get('imgid')}", images / rel if rel else None, caps[0] if caps else "",
                        meta, None if caps else "no caption" if rel else "no filename")
@@ -350,6 +358,13 @@ def main(argv=None) -> dict:
           f"{res['re_encoded']} re-encoded) to {len(res['shards'])} shard(s) in {args.out}; skipped "
           f"{res['skipped_total']}{': ' + json.dumps(res['skipped']) if res['skipped'] else ''}; "
           f"{res['seconds']:.1f} s")
+    if not res["written"]:
+        if not res["inputs"]:
+            raise SystemExit(f"make_shards: no samples written: the input holds none ({kind.replace('_', ' ')})")
+        raise SystemExit(f"make_shards: no samples written, all {res['inputs']} skipped "
+                         f"({json.dumps(res['skipped'])}; each logged above with its reason)"
+                         + ("; are the image paths relative to --root (default: the CSV's folder)?"
+                            if kind == "csv" and "missing file" in res["skipped"] else ""))
     return res
 
 
