@@ -55,23 +55,36 @@ def _flat_eval(rec: dict) -> dict:
     return flat
 
 
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} does not parse as JSON ({e})") from None
+
+
 def read_run(path: str | Path) -> list[dict]:
     """The run's stages in order (a single-stage run: one), each {"name", "batch_size", "metrics", "evals"}."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no run folder at {str(path)!r}")
+    planned = (_json(path / "config.json") or {}).get("stages") if (path / "config.json").is_file() else None
     if (path / "stages.json").is_file():
-        folders = [path / st["stage"] for st in json.loads((path / "stages.json").read_text())]
+        folders = [path / st["stage"] for st in _json(path / "stages.json")]
+    elif planned:  # a staged run not finished (running, or stopped by a signal): the stages begun so far
+        folders = [path / st["name"] for st in planned if (path / st["name"] / "metrics.jsonl").is_file()]
+        if not folders:
+            raise FileNotFoundError(f"{str(path)!r} is a staged run whose first stage ({planned[0]['name']}) has "
+                                    f"logged nothing yet")
     elif (path / "metrics.jsonl").is_file():
         folders = [path]
     else:
         raise FileNotFoundError(f"{str(path)!r} holds neither metrics.jsonl nor stages.json: not a clipfast run")
     stages = []
     for folder in folders:
-        cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        cfg = _json(folder / "config.json") if (folder / "config.json").is_file() else {}
         evals = [_flat_eval(r) for r in _jsonl(folder / "evals.jsonl")]
         if not evals and (folder / "eval.json").is_file():  # runs from before evals.jsonl: the final result only
-            evals = [_flat_eval(json.loads((folder / "eval.json").read_text()))]
+            evals = [_flat_eval(_json(folder / "eval.json"))]
         stages.append({"name": folder.name, "batch_size": cfg.get("batch_size"),
                        "metrics": _by_step(_jsonl(folder / "metrics.jsonl")), "evals": _by_step(evals)})
     return stages
@@ -132,6 +145,9 @@ def plot(runs: list[str], out: str, x: str = "step") -> list[str]:
     read = {r: read_run(r) for r in runs}
     candidates = [("training loss", "metrics", "loss"), *eval_panels(read), *PANELS]
     panels = [p for p in candidates if any(series(st, p[1], p[2], x)[0] for st in read.values())]
+    if not panels:
+        raise SystemExit(f"clipfast.plot: nothing to draw yet: {', '.join(map(repr, runs))} logged no step "
+                         f"(metrics.jsonl gets a line every log_every steps)")
     cols = 3 if len(panels) > 4 else 2
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)

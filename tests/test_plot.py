@@ -76,3 +76,24 @@ def test_a_folder_that_is_not_a_run_is_named(tmp_path):
         read_run(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no run folder"):
         read_run(tmp_path / "missing")
+
+
+def test_a_staged_run_not_finished_and_a_run_not_logged_yet(tmp_path, capsys):
+    """A staged run writes stages.json when its last stage ends: before that (running, or stopped by a signal) the
+    stages begun so far, in the config's order; a run with an empty metrics.jsonl is named, not a matplotlib error;
+    a config.json that does not parse is named."""
+    run = tmp_path / "clipa"
+    _run(run / "pretrain", [10, 20], 128)
+    (run / "config.json").write_text(json.dumps({"stages": [{"name": "pretrain"}, {"name": "finetune"}]}))
+    stages = read_run(run)
+    assert [st["name"] for st in stages] == ["pretrain"]
+    _run(run / "finetune", [5], 32)
+    assert [st["name"] for st in read_run(run)] == ["pretrain", "finetune"]
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="nothing to draw yet"):
+        main([str(tmp_path / "fresh")])
+    (run / "pretrain" / "config.json").write_text('{"batch_si')
+    with pytest.raises(SystemExit):
+        main([str(run)])
+    assert "pretrain/config.json does not parse" in capsys.readouterr().err
