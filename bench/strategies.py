@@ -49,7 +49,7 @@ def run_one(name: str, data: str, half: bool, steps: int, seed: int, out: Path, 
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", port, "clipfast/train.py", "--config",
            "configs/demo.py",
            f"train_data={train}", f"val_data={data}/val", f"out_dir={run_dir}", f"steps={steps}", f"seed={seed}",
-           "tensorboard=false", f"ckpt_every={steps}", *STRATEGIES[name]]
+           "tensorboard=false", f"ckpt_every={steps}", "overwrite=true", *STRATEGIES[name]]  # (a rerun: afresh)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     if threads:  # torch's intra-op threads per run: 1 where other jobs share the cores (oversubscribed, 2 threads per
         env["OMP_NUM_THREADS"] = str(threads)  # process ran the demo at 45 samples/s instead of ~900)

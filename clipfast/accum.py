@@ -49,8 +49,11 @@ def split_batch(batch: dict, keep: torch.Tensor | None, n: int) -> list[dict]:
 
 
 def check_accum(cfg, world: int) -> None:
-    """accum_steps: a positive divisor of the per-rank batch (with cuda_graph too: clipfast.graph captures both passes
-    over the micro-batches in one graph)."""
+    """The global batch splits evenly over the ranks (under either engine: each rank's loader takes batch_size // world,
+    and samples/s and the LR count batch_size), and accum_steps is a positive divisor of the per-rank batch (with
+    cuda_graph too: clipfast.graph captures both passes over the micro-batches in one graph)."""
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks")
     n = cfg.accum_steps
     if n < 1:
         raise ValueError(f"accum_steps must be 1 (no accumulation) or more, got {n}")

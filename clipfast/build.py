@@ -81,8 +81,7 @@ def trainer_clip(cfg: TrainConfig, world: int, bf16: bool) -> float:
 
 
 def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks")
+    check_accum(cfg, world)  # (the batch split over the ranks and the micro-batches)
     return {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": cfg.batch_size // world // cfg.accum_steps,

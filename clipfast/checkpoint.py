@@ -131,6 +131,30 @@ def prune(ckpt_dir: Path, keep: int) -> list[Path]:
     return gone
 
 
+# what a run writes in its out_dir and an overwrite removes (config.json is written anew; tb/: TensorBoard's events)
+RUN_FILES = ("metrics.jsonl", "evals.jsonl", "eval.json", "model.pt", "ckpt", "tb")
+
+
+def fresh_out_dir(out: Path, overwrite: bool, is_main: bool) -> None:
+    """resume=false: an earlier run in `out` (a logged step or a checkpoint) is an error, for its logs would mix with
+    this run's and keep_ckpts would keep its checkpoints; overwrite=true removes them instead (rank 0). Every rank
+    decides from the same files before any of them writes: call it before the first collective."""
+    held = [n for n in ("metrics.jsonl", "evals.jsonl") if (out / n).is_file() and (out / n).stat().st_size]
+    if (out / "ckpt").is_dir() and any((out / "ckpt").iterdir()):
+        held.append("ckpt/")
+    if not held:
+        return
+    if not overwrite:
+        raise FileExistsError(f"out_dir {out} holds an earlier run ({', '.join(held)}): resume=true goes on from its "
+                              f"latest checkpoint, overwrite=true starts afresh there (its logs and checkpoints "
+                              f"removed), or give another out_dir")
+    if is_main:
+        gone = [n for n in RUN_FILES if (out / n).exists()]
+        for n in gone:
+            shutil.rmtree(out / n) if (out / n).is_dir() else (out / n).unlink()
+        log.warning("overwrite=true: removed the earlier run's %s from %s", ", ".join(gone), out)
+
+
 def resume(run, cfg: TrainConfig, ckpt_dir: Path, is_main: bool) -> int:
     """With resume=true, load the latest checkpoint in ckpt_dir (one saved in another layout is converted first);
     returns the step to continue from (0 without a checkpoint)."""

@@ -7,8 +7,9 @@ checked against the dataclass: an unknown key is an error that lists the valid k
 
 Multi-stage runs (CLIPA: pre-train small, fine-tune at full size) list `stages`, each a dict of overrides
 of the run's own fields plus an optional "name" (see clipfast.stages). On the command line a stage field is
-`stages.<index or name>.<key>=value` (e.g. `stages.1.steps=50`), or the whole tuple is JSON
-(`stages='[{"steps": 10}, {"steps": 5}]'`).
+`stages.<index or name>.<key>=value` (e.g. `stages.1.steps=50`; `stages.*.steps=50` sets it in every stage), or the
+whole tuple is JSON (`stages='[{"steps": 10}, {"steps": 5}]'`). A run-wide `key=value` that a stage sets itself is an
+error (the stage's value would win): set it per stage.
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_ckpts: int = 0  # keep the newest this many checkpoints in ckpt/ (each holds the optimizer state); 0 = all
     resume: bool = False
+    overwrite: bool = False  # resume=false where out_dir holds a run: remove its logs and checkpoints (else an error)
     tensorboard: bool = True
     eval_at_end: bool = True
     eval_every: int = 0  # also evaluate (val_data, retrieval_data) every this many steps; 0 = at the end only
@@ -125,11 +127,49 @@ def _parse_value(raw: str, typ, name: str):
             return False
         raise ValueError(f"config key {name!r} takes true/false, got {raw!r}")
     if typ is tuple:
-        return tuple(float(x) for x in raw.strip("()[] ").split(",") if x.strip())
+        try:
+            return tuple(float(x) for x in raw.strip("()[] ").split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"config key {name!r} takes comma-separated numbers, got {raw!r}") from None
     try:
         return typ(raw)
     except ValueError as e:
         raise ValueError(f"config key {name!r} takes a {typ.__name__}, got {raw!r}") from e
+
+
+# the string keys' choices that are not checked where they are used (clipfast.engine, clipfast.build check the others)
+CHOICES = {"precision": ("auto", "bf16", "fp32"), "kernels": ("auto", "triton", "ref")}
+
+
+def check_values(cfg: TrainConfig, where: str = "") -> None:
+    """Values a run cannot use, named with their key before anything starts (where: "stage <name>: " in a staged
+    run): counts and intervals below 1, a ZeRO stage other than 0-3, a choice not in CHOICES, ranges that are not
+    (low, high) within [0, 1]."""
+    at_least = {"steps": 1, "batch_size": 1, "log_every": 1, "ckpt_every": 1, "eval_every": 0, "keep_ckpts": 0,
+                "data_threads": 1, "reader_processes": 1, "accum_steps": 1, "warmup_steps": 0, "image_size": 0,
+                "text_len": 0, "lr": 0, "min_lr": 0, "weight_decay": 0, "grad_clip": 0, "ssl_weight": 0}
+    for key, low in at_least.items():
+        if getattr(cfg, key) < low:
+            raise ValueError(f"{where}{key} must be {low} or more, got {getattr(cfg, key)}"
+                             + (" (0: the preset's)" if key in ("image_size", "text_len") else ""))
+    if cfg.text_len == 1:
+        raise ValueError(f"{where}text_len must be 0 (the preset's) or at least 2 (start and end tokens), got 1")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"{where}zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    for key, valid in CHOICES.items():
+        if getattr(cfg, key) not in valid:
+            raise ValueError(f"{where}{key} must be one of {', '.join(valid)}; got {getattr(cfg, key)!r}")
+    if not 0 <= cfg.mask_ratio < 1:
+        raise ValueError(f"{where}mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if not cfg.eps > 0:
+        raise ValueError(f"{where}eps must be above 0, got {cfg.eps}")
+    ranges = {"betas": "two numbers in [0, 1), e.g. betas=0.9,0.98", "crop_scale": "(low, high) with 0 < low <= high "
+              "<= 1, e.g. crop_scale=0.4,1", "ssl_crop_scale": "(low, high) with 0 < low <= high <= 1"}
+    for key, want in ranges.items():
+        v = tuple(getattr(cfg, key))
+        ok = len(v) == 2 and (all(0 <= x < 1 for x in v) if key == "betas" else 0 < v[0] <= v[1] <= 1)
+        if not ok:
+            raise ValueError(f"{where}{key} takes {want}; got {v}")
 
 
 def _stage_index(stages: tuple, ref: str) -> int:
@@ -187,9 +227,22 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     if stage_changes:
         stages = [dict(s) for s in out.stages]
         for ref, sub, value in stage_changes:
-            stages[_stage_index(tuple(stages), ref)][sub] = value
+            if ref == "*" and sub != "name":
+                if not stages:
+                    raise KeyError(f"stages.*.{sub}: the config has no stages (set {sub}= itself)")
+                for st in stages:
+                    st[sub] = value
+            else:
+                stages[_stage_index(tuple(stages), ref)][sub] = value
         out = dataclasses.replace(out, stages=tuple(stages))
     check_stages(out.stages, type(cfg))
+    for key in changes:  # a stage's own value would win over the command line's, silently
+        shadowing = [st.get("name", f"stage{i}") for i, st in enumerate(out.stages) if st.get(key, changes[key])
+                     != changes[key]]
+        if shadowing and key != "stages":
+            raise ValueError(f"{key}={changes[key]!r} would not reach stage(s) {', '.join(shadowing)}, which set "
+                             f"{key} themselves: set it per stage (stages.<name>.{key}=...) or in all of them "
+                             f"(stages.*.{key}=...)")
     return out
 
 

@@ -299,6 +299,11 @@ def load_single(uni_dir: Path, engine, names: list[str], layout: Layout) -> dict
     piece = _read_universal(uni_dir, names)
     module = engine.module
     params = dict(module.named_parameters())
+    for n, m in zip(names, piece.masters, strict=True):
+        if m.numel() != params[n].numel():
+            raise ValueError(f"the checkpoint's {n} has {m.numel()} elements, this run's model {tuple(params[n].shape)}"
+                             f": resume needs the model and sizes it was saved with (model, image_size, text_len); to "
+                             f"start from its weights at other sizes, init_from=<its out_dir>/model.pt")
     masters = [m.reshape(params[n].shape) for n, m in zip(names, piece.masters, strict=True)]
     # the weights: the masters (rounded where the module is bf16; a stage-3 checkpoint's module holds only empty
     # placeholders), its buffers from the checkpoint's module

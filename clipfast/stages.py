@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from clipfast.config import TrainConfig, check_stages, to_dict
+from clipfast.config import TrainConfig, check_stages, check_values, to_dict
 from clipfast.presets import from_name
 from clipfast.reduce import check, mask_grid
 
@@ -46,7 +46,7 @@ def stage_name(i: int, overrides: dict) -> str:
 def expand(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """[(name, the stage's full TrainConfig)], in order; validates every stage before any of them runs."""
     if not cfg.stages:
-        _check(cfg)
+        _check(cfg, "")
         return [("", cfg)]
     check_stages(cfg.stages)
     out: list[tuple[str, TrainConfig]] = []
@@ -59,14 +59,27 @@ def expand(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
         if i > 0:
             fields.setdefault("init_from", str(Path(cfg.out_dir) / out[-1][0] / "model.pt"))
         st = dataclasses.replace(cfg, stages=(), out_dir=str(Path(cfg.out_dir) / name), **fields)
-        _check(st)
+        _check(st, f"stage {name}: ")
         out.append((name, st))
     return out
 
 
-def _check(st: TrainConfig) -> None:
+def _check(st: TrainConfig, where: str) -> None:
+    from clipfast.engine import check_engine
+
+    check_values(st, where)
+    try:
+        check_engine(st, 1)  # (the rank count's own checks come when the engine is built)
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
     check(st.image_reduction, st.mask_ratio, st.text_reduction)
-    mask_grid(st.model, from_name(st.model).vision, st.image_reduction, st.mask_ratio)  # a ResNet takes no masks
+    vision = from_name(st.model).vision
+    if st.image_size and vision.kind != "resnet" and st.image_size % vision.patch_size:
+        p = vision.patch_size
+        near = [k * p for k in (st.image_size // p, st.image_size // p + 1) if k]
+        raise ValueError(f"{where}image_size {st.image_size} is not a multiple of model {st.model}'s patch size {p} "
+                         f"(e.g. {' or '.join(map(str, near))})")
+    mask_grid(st.model, vision, st.image_reduction, st.mask_ratio)  # a ResNet takes no masks
 
 
 def finished(st: TrainConfig) -> dict | None:

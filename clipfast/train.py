@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from clipfast.accum import cached_passes, split_batch
 from clipfast.build import Run, build_engine, build_model, peak_flops, trainer_clip
-from clipfast.checkpoint import PREEMPTED_EXIT, Preemption, full_weights, resume, save
+from clipfast.checkpoint import PREEMPTED_EXIT, Preemption, fresh_out_dir, full_weights, resume, save
 from clipfast.config import TrainConfig, load_config, to_dict
 from clipfast.data import DaliLoader, list_shards
 from clipfast.data.prefetch import resolve_reader_process
@@ -65,6 +65,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from clipfast import stages
+
+    stages.expand(cfg)  # every stage's values checked (named by key) before any process group or model is made
 
     # --- setup (once per process; each stage of a multi-stage config is one call of train())
     preempt = Preemption().install()  # from here a SIGTERM / SIGUSR1 stops the run at a step, with a checkpoint
@@ -90,8 +93,6 @@ def main(argv=None):
     if from_slurm:
         log.info("%s", from_slurm)
     if cfg.stages:
-        from clipfast import stages
-
         done = stages.run(cfg, lambda st, name: train(st, device, rank, world, desc=name, preempt=preempt),
                           is_main=rank == 0, barrier=dist.barrier)
     else:
@@ -150,9 +151,9 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                     list_shards(data)
                 except FileNotFoundError as e:
                     raise FileNotFoundError(f"{key}: {e}") from None
-    if cfg.keep_ckpts < 0:
-        raise ValueError(f"keep_ckpts must be >= 0 (0 keeps every checkpoint), got {cfg.keep_ckpts}")
     reader_process = resolve_reader_process(cfg, device)  # (a bad value is an error before anything is built)
+    if not cfg.resume:
+        fresh_out_dir(out, cfg.overwrite, is_main)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -234,7 +235,10 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     peak = peak_flops(device)
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True, desc=desc)
+    # a bar on a terminal; in a log file (a batch job's, a pipe) a plain line each log step instead, since tqdm's
+    # carriage-return updates pile up in one line there, with log records glued to them
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and interactive), dynamic_ncols=True, desc=desc)
     t_loop = t_last = time.perf_counter()
     preempted = False
     wait_last, samples_last, text_tokens, loss_v = loader.wait_s, 0, 0, None
@@ -276,6 +280,9 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                         if v is not None and k != "step":
                             writer.add_scalar(f"train/{k}", v, step)
                 bar.set_postfix(loss=f"{loss_v:.3f}", sps=f"{sps:.0f}", wait=f"{rec['data_wait_share']:.0%}")
+                if not interactive:
+                    log.info("%s step %d/%d: loss %.4f, %.0f samples/s, data wait %.0f%%", desc, step, cfg.steps,
+                             loss_v, sps, 100 * rec["data_wait_share"])
         bar.update(1)
         saved = step % cfg.ckpt_every == 0 or step == cfg.steps
         if saved:

@@ -44,3 +44,71 @@ def test_load_config_function_and_errors(tmp_path):
 def test_repo_configs_load():
     cfg = load_config("configs/demo.py")
     assert cfg.model == "demo" and cfg.val_data
+
+
+@pytest.mark.parametrize("item, what", [
+    ("steps=-5", "steps must be 1 or more"), ("log_every=0", "log_every must be 1"), ("ckpt_every=0", "ckpt_every"),
+    ("eval_every=-1", "eval_every must be 0 or more"), ("keep_ckpts=-1", "keep_ckpts"), ("batch_size=0", "batch_size"),
+    ("data_threads=0", "data_threads"), ("text_len=1", "text_len must be 0"), ("zero_stage=7", "zero_stage must be"),
+    ("precision=fp16", "precision must be one of auto, bf16, fp32"), ("kernels=foo", "kernels must be one of"),
+    ("mask_ratio=1", r"mask_ratio must be in \[0, 1\)"), ("betas=0.9", "betas takes two numbers"),
+    ("crop_scale=0.5", "crop_scale takes"), ("crop_scale=0.9,0.5", "crop_scale takes"),
+    ("image_size=30", "image_size 30 is not a multiple of model demo's patch size 8 .e.g. 24 or 32"),
+    ("engine=jax", "engine must be"), ("cuda_graph=true", "cuda_graph=true needs engine=torch"),
+])
+def test_values_a_run_cannot_use_are_named_before_it_starts(item, what):
+    """clipfast.stages.expand (what train.py's main calls first) checks every stage; these failed late (a ZeroDivision
+    after step 1, an IndexError in AdamW, a DALI message) or not at all (fp32 for any other precision, 0 steps)."""
+    from clipfast.stages import expand
+
+    with pytest.raises(ValueError, match=what):
+        expand(apply_overrides(TrainConfig(), [item]))
+    with pytest.raises(ValueError, match=f"stage b: {what}"):  # in a stage, named with it
+        expand(apply_overrides(TrainConfig(stages=({"name": "a"}, {"name": "b"})), [f"stages.b.{item}"]))
+    expand(TrainConfig())  # the defaults pass
+
+
+def test_run_wide_overrides_a_stage_sets_itself_are_an_error_and_stages_star_sets_all():
+    from clipfast.stages import expand
+
+    cfg = TrainConfig(stages=({"name": "pre", "steps": 450, "lr": 1e-3}, {"name": "fine", "steps": 150}))
+    with pytest.raises(ValueError, match=r"steps=20 would not reach stage\(s\) pre, fine.*stages\.\*\.steps"):
+        apply_overrides(cfg, ["steps=20"])  # the stages' 450 and 150 steps would silently win
+    assert [st.lr for _, st in expand(apply_overrides(cfg, ["lr=0.5", "stages.pre.lr=0.5"]))] == [0.5, 0.5]
+    assert [st.steps for _, st in expand(apply_overrides(cfg, ["stages.*.steps=20"]))] == [20, 20]
+    assert [st.warmup_steps for _, st in expand(apply_overrides(cfg, ["warmup_steps=3"]))] == [3, 3]  # set by none
+    with pytest.raises(KeyError, match="no stages"):
+        apply_overrides(TrainConfig(), ["stages.*.steps=20"])
+    with pytest.raises(ValueError, match="'train_weights' takes comma-separated numbers"):
+        apply_overrides(TrainConfig(), ["train_weights=a,b"])
+
+
+def test_a_batch_the_ranks_cannot_split_is_an_error_under_either_engine():
+    from clipfast.accum import check_accum
+
+    for engine in ("torch", "deepspeed"):
+        with pytest.raises(ValueError, match="batch_size 127 is not divisible by the 2 ranks"):
+            check_accum(TrainConfig(batch_size=127, engine=engine), 2)
+    check_accum(TrainConfig(batch_size=128, engine="torch"), 2)
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_or_overwritten(tmp_path, caplog):
+    """resume=false into an out_dir with a logged step or a checkpoint: its metrics.jsonl / evals.jsonl would mix
+    with the new run's and keep_ckpts would keep its newer-numbered checkpoints; overwrite=true removes them."""
+    from clipfast.checkpoint import fresh_out_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")  # opened, nothing logged yet (a run that failed at its first step)
+    (out / "config.json").write_text("{}")
+    fresh_out_dir(out, overwrite=False, is_main=True)
+    (out / "metrics.jsonl").write_text('{"step": 20}\n')
+    (out / "ckpt" / "step20").mkdir(parents=True)
+    (out / "model.pt").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match=r"holds an earlier run \(metrics.jsonl, ckpt/\): resume=true"):
+        fresh_out_dir(out, overwrite=False, is_main=True)
+    fresh_out_dir(out, overwrite=True, is_main=False)  # rank > 0: decides the same, removes nothing
+    assert (out / "ckpt" / "step20").is_dir()
+    fresh_out_dir(out, overwrite=True, is_main=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert "removed the earlier run's metrics.jsonl, model.pt, ckpt" in caplog.text

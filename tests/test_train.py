@@ -128,6 +128,9 @@ def test_one_rank_torch_engine_trains_resumes_without_deepspeed(data, tmp_path):
     r = _python_without_deepspeed(tmp_path, "steps=4", *common)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / "ckpt" / "step4" / "state.pt").is_file() and (out / "model.pt").is_file()
+    assert "train step 4/4: loss" in r.stderr  # not a terminal: a line per log step, not tqdm's bar
+    r = _python_without_deepspeed(tmp_path, "steps=6", *common)  # a fresh run into the folder of one
+    assert r.returncode != 0 and "holds an earlier run (metrics.jsonl, ckpt/)" in r.stderr
     r = _python_without_deepspeed(tmp_path, "steps=6", "resume=true", "compile=true", *common)  # resumed, compiled
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "at step 4" in r.stdout + r.stderr and "compile=true: transformer blocks" in r.stdout + r.stderr
