@@ -378,12 +378,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def readme_section(md: str, png: Path) -> str:
-    return (f"### Throughput (`python bench/throughput.py`; method in [bench/README.md](bench/README.md))\n\n{md}\n\n"
+def readme_section(md: str, png: Path | str, command: str = "python bench/throughput.py") -> str:
+    return (f"### Throughput (`{command}`; method in [bench/README.md](bench/README.md))\n\n{md}\n\n"
             f"![throughput]({png})")
 
 
 def update_readme(md: str, readme: Path = ROOT / "README.md") -> None:
+    """What lies between the README's bench markers (the latest CPU default run: its heading, table, summary and
+    plot; the hand-written sections around them stay) replaced by md."""
     text = readme.read_text()
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
     i, j = text.index(start) + len(start), text.index(end)

@@ -45,6 +45,7 @@ import gc
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -443,8 +444,8 @@ def main(argv=None) -> list[dict]:
     if rows:
         plot(rows, out / "throughput.png", f"training throughput, {name}, {meta['date']}")
     if args.update_readme:
-        rel = (out / "throughput.png").resolve().relative_to(ROOT)
-        update_readme(readme_section(md, rel))
+        rel = os.path.relpath((out / "throughput.png").resolve(), ROOT)  # (an --out outside the checkout: ../..)
+        update_readme(readme_section(md, rel, shlex.join(["python", "bench/throughput.py", *(argv or sys.argv[1:])])))
     print(f"wrote {out}", file=sys.stderr)
     return rows
 
