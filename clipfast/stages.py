@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from clipfast.checkpoint import fresh_out_dir
 from clipfast.config import TrainConfig, check_stages, check_values, to_dict
 from clipfast.presets import from_name
 from clipfast.reduce import check, mask_grid
@@ -102,6 +103,9 @@ def run(cfg: TrainConfig, train_fn, *, is_main: bool, barrier=lambda: None) -> l
     stages = expand(cfg)
     # decide what to skip before anything is written, so that every rank takes the same decisions
     plan = [(name, st, finished(st) if cfg.resume else None) for name, st in stages]
+    if not cfg.resume:  # every stage's folder checked (or, overwrite=true, emptied) before any is touched
+        for _, st in stages:
+            fresh_out_dir(Path(st.out_dir), st.overwrite, is_main)
     out = Path(cfg.out_dir)
     barrier()
     if is_main:

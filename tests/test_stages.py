@@ -91,6 +91,19 @@ def test_a_preempted_stage_ends_the_run_unfinished_and_resume_starts_there(tmp_p
     assert (tmp_path / "stages.json").is_file()
 
 
+def test_a_fresh_staged_run_into_a_finished_one_is_refused_before_any_stage_is_touched(tmp_path):
+    cfg = TrainConfig(out_dir=str(tmp_path), stages=TWO)
+    stages.run(cfg, lambda st, name: {"step": st.steps}, is_main=True)
+    (tmp_path / "fine" / "metrics.jsonl").write_text('{"step": 4}\n')  # what the last stage logged
+    with pytest.raises(FileExistsError, match="fine holds an earlier run"):
+        stages.run(cfg, lambda st, name: {"step": st.steps}, is_main=True)
+    assert (tmp_path / "pre" / stages.DONE).is_file()  # nothing removed or re-marked
+    ran = []
+    stages.run(dataclasses.replace(cfg, overwrite=True), lambda st, name: ran.append(name) or {"step": st.steps},
+               is_main=True)
+    assert ran == ["pre", "fine"] and not (tmp_path / "fine" / "metrics.jsonl").exists()
+
+
 def test_demo_clipa_config_loads():
     cfg = load_config(str(ROOT / "configs" / "demo_clipa.py"))
     (_, pre), (_, fine) = stages.expand(cfg)
