@@ -138,13 +138,13 @@ def test_resume_on_other_ranks_stages_precisions_and_engines(data, tmp_path):
                for k, w in native["module"].items() if k in native["state"])  # masters that rounding lost
 
     # engine=torch (one rank, no DeepSpeed engine; bf16: MasterAdamW) -> DeepSpeed's ZeRO-1 on two ranks
-    for precision in ("float32", "bf16"):
+    for precision, dtype in (("fp32", "float32"), ("bf16", "bf16")):  # (precision=float32 used to pass as fp32)
         alone = tmp_path / f"torch_{precision}"
         train(1, alone, "engine=torch", f"precision={precision}")
         native = _probe(1, alone, tmp_path / f"t_{precision}.pt", *probe, "engine=torch", f"precision={precision}")
-        assert native["layout"] == f"engine=torch, {precision}"
+        assert native["layout"] == f"engine=torch, {dtype}"
         other = _probe(2, alone, tmp_path / f"t2_{precision}.pt", *probe, f"precision={precision}")
-        assert other["layout"] == f"ZeRO stage 1, {precision} on 2 ranks"
+        assert other["layout"] == f"ZeRO stage 1, {dtype} on 2 ranks"
         _assert_same_state(native, other)
         assert all(torch.equal(native["module"][k], other["module"][k]) for k in native["module"])
 
