@@ -177,7 +177,7 @@ class TextReducer:
         if self.strategy == "syntax":
             kept = self._syntax(caption)
         else:
-            ids = self.tok.encode(caption)
+            ids = self.tok.encode(caption, specials=False)
             kept = ids if len(ids) <= self.budget else self._reduce(ids)
         return [self.tok.sot_token_id, *kept, self.tok.eot_token_id]
 
@@ -191,7 +191,7 @@ class TextReducer:
         return ids[start : start + b]
 
     def _syntax(self, caption: str) -> list[int]:
-        words = self.tok.encode_words(caption)  # [(word, ids)]
+        words = self.tok.encode_words(caption, specials=False)  # [(word, ids)]
         if sum(len(ids) for _, ids in words) <= self.budget:
             return [i for _, ids in words for i in ids]
         ranks = self.tagger([w for w, _ in words])  # 0 noun, 1 adjective, 2 verb, 3 rest

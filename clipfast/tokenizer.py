@@ -54,9 +54,9 @@ class Tokenizer:
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
         self.vocab_size = len(vocab)
         self.sot_token_id, self.eot_token_id = self.encoder[SOT], self.encoder[EOT]
-        self.pat = re.compile(
-            rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+", re.IGNORECASE
-        )
+        words = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+        self.pat = re.compile(rf"{SOT}|{EOT}|{words}", re.IGNORECASE)  # open_clip's: the special tokens as text too
+        self.pat_text = re.compile(words, re.IGNORECASE)  # (specials=False) "<end_of_text>" in a caption is text
         self._word_ids = lru_cache(maxsize=1 << 18)(self._word_ids_uncached)
 
     @staticmethod
@@ -97,16 +97,19 @@ class Tokenizer:
         enc = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
         return tuple(self.encoder[t] for t in self._bpe(enc))
 
-    def encode(self, text: str) -> list[int]:
-        """BPE ids of `text`, without start/end tokens."""
+    def encode(self, text: str, specials: bool = True) -> list[int]:
+        """BPE ids of `text`, without start/end tokens. specials=True (open_clip's ids): `<start_of_text>` and
+        `<end_of_text>` written in the text become those tokens; False (clipfast's training and evaluation captions):
+        plain text, so that a caption holds one end token, its last (which packed text pools at, and argmax pooling
+        finds first)."""
         ids: list[int] = []
-        for token in self.pat.findall(self.clean(text)):
+        for token in (self.pat if specials else self.pat_text).findall(self.clean(text)):
             ids.extend(self._word_ids(token))
         return ids
 
-    def encode_words(self, text: str) -> list[tuple[str, tuple[int, ...]]]:
+    def encode_words(self, text: str, specials: bool = True) -> list[tuple[str, tuple[int, ...]]]:
         """(word, its BPE ids) for each pre-tokenised piece: what syntax-aware text reduction needs."""
-        return [(w, self._word_ids(w)) for w in self.pat.findall(self.clean(text))]
+        return [(w, self._word_ids(w)) for w in (self.pat if specials else self.pat_text).findall(self.clean(text))]
 
     def decode(self, ids) -> str:
         text = "".join(self.decoder[int(i)] for i in ids)

@@ -39,7 +39,7 @@ def test_a_cut_shards_last_sample_is_dropped_not_read_without_its_json(tmp_path,
     assert "'s2'" in caplog.text and "cut.tar" in caplog.text
 
 
-def test_duplicate_keys_and_non_object_json_are_skipped_by_key(tmp_path, caplog):
+def test_duplicate_keys_non_object_json_and_captions_empty_once_cleaned_are_skipped_by_key(tmp_path, caplog):
     write_shard(tmp_path / "a.tar", [
         {"__key__": "dup", "jpg": GOOD, "txt": "first"},
         {"__key__": "ok", "jpg": GOOD, "txt": "fine"},
@@ -48,11 +48,13 @@ def test_duplicate_keys_and_non_object_json_are_skipped_by_key(tmp_path, caplog)
         {"__key__": "twice", "jpg": GOOD, "txt": "two"},  # contiguous: its .jpg repeats
         {"__key__": "nulljson", "jpg": GOOD, "txt": "x", "json": "null"},
         {"__key__": "listjson", "jpg": GOOD, "txt": "x", "json": "[1, 2]"},
+        {"__key__": "nbsp", "jpg": GOOD, "txt": "&nbsp; \x01"},  # nothing left once cleaned as the tokenizer does
+        {"__key__": "bang", "jpg": GOOD, "txt": "!!"},  # no letter, but text: kept
     ])
     got, skipped = _read(tmp_path, caplog)
-    assert got == [("dup", "first"), ("ok", "fine"), ("twice", "one")]  # the first of each, whole, nothing merged
-    assert skipped == {"duplicate key": 2, "metadata .json is not an object": 2}
-    for key in ("'dup'", "'twice'", "'nulljson'", "'listjson'"):
+    assert got == [("dup", "first"), ("ok", "fine"), ("twice", "one"), ("bang", "!!")]  # the first of each, whole
+    assert skipped == {"duplicate key": 2, "metadata .json is not an object": 2, "empty caption": 1}
+    for key in ("'dup'", "'twice'", "'nulljson'", "'listjson'", "'nbsp'"):
         assert key in caplog.text
 
 

@@ -56,3 +56,20 @@ def test_same_ids_as_open_clip_on_random_ascii():
     ref = open_clip.get_tokenizer("ViT-B-16")(texts)
     bad = [t for t, a, b in zip(texts, ours, ref) if not torch.equal(a, b)]
     assert not bad, f"{len(bad)} of {len(texts)} differ, e.g. {bad[:3]!r}"
+
+
+def test_special_tokens_written_in_a_caption_are_text_where_clipfast_trains():
+    """open_clip maps `<end_of_text>` typed in a caption to the end token (specials=True keeps its ids); the captions
+    clipfast trains and evaluates on (TextReducer) take it as text, so a caption holds one end token, its last: the
+    packed text pools there, argmax pooling (open_clip's, and clipfast's padded path) at the first."""
+    from clipfast.reduce import TextReducer
+
+    tok = get_tokenizer()
+    cap = "a <end_of_text> photo of a <start_of_text> dog"
+    assert tok.encode(cap).count(tok.eot_token_id) == 1  # open_clip's ids, as test_same_ids_as_open_clip
+    for strategy in ("truncate", "random", "block", "syntax"):
+        ids = TextReducer(strategy, 77)(cap)
+        assert ids.count(tok.eot_token_id) == 1 and ids[-1] == tok.eot_token_id, strategy
+        assert ids.count(tok.sot_token_id) == 1 and ids[0] == tok.sot_token_id, strategy
+    assert TextReducer("truncate", 77)("a photo of a dog") == [tok.sot_token_id, *tok.encode("a photo of a dog"),
+                                                               tok.eot_token_id]  # ordinary captions: the same ids

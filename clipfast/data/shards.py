@@ -368,6 +368,12 @@ class ShardReader:
             return self._skip(shard, key, "caption is not UTF-8")
         if not caption:
             return self._skip(shard, key, "empty caption")
+        if "&" in caption or not any(c.isalnum() for c in caption):  # (then the tokenizer's cleaning: what it leaves)
+            from clipfast.tokenizer import Tokenizer
+
+            if not Tokenizer.clean(caption):
+                return self._skip(shard, key, "empty caption (nothing left after cleaning: HTML entities, control "
+                                  "characters)")
         problem = image_problem(parts[ext])
         if problem:
             return self._skip(shard, key, problem)
