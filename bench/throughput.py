@@ -445,7 +445,8 @@ def main(argv=None) -> list[dict]:
         plot(rows, out / "throughput.png", f"training throughput, {name}, {meta['date']}")
     if args.update_readme:
         rel = os.path.relpath((out / "throughput.png").resolve(), ROOT)  # (an --out outside the checkout: ../..)
-        update_readme(readme_section(md, rel, shlex.join(["python", "bench/throughput.py", *(argv or sys.argv[1:])])))
+        shown = [a for a in (argv or sys.argv[1:]) if a != "--update-readme"]
+        update_readme(readme_section(md, rel, shlex.join(["python", "bench/throughput.py", *shown])))
     print(f"wrote {out}", file=sys.stderr)
     return rows
 
