@@ -236,9 +236,12 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
                 stages[_stage_index(tuple(stages), ref)][sub] = value
         out = dataclasses.replace(out, stages=tuple(stages))
     check_stages(out.stages, type(cfg))
+    def same(a, b):  # (a stage's JSON list and a parsed tuple alike)
+        return (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list) else b)
+
     for key in changes:  # a stage's own value would win over the command line's, silently
-        shadowing = [st.get("name", f"stage{i}") for i, st in enumerate(out.stages) if st.get(key, changes[key])
-                     != changes[key]]
+        shadowing = [st.get("name", f"stage{i}") for i, st in enumerate(out.stages)
+                     if not same(st.get(key, changes[key]), changes[key])]
         if shadowing and key != "stages":
             raise ValueError(f"{key}={changes[key]!r} would not reach stage(s) {', '.join(shadowing)}, which set "
                              f"{key} themselves: set it per stage (stages.<name>.{key}=...) or in all of them "

@@ -32,6 +32,7 @@ import torch
 
 from clipfast.checkpoint import fresh_out_dir
 from clipfast.config import TrainConfig, check_stages, check_values, to_dict
+from clipfast.engine import check_engine
 from clipfast.presets import from_name
 from clipfast.reduce import check, mask_grid
 
@@ -66,8 +67,6 @@ def expand(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
 
 
 def _check(st: TrainConfig, where: str) -> None:
-    from clipfast.engine import check_engine
-
     check_values(st, where)
     try:
         check_engine(st, 1)  # (the rank count's own checks come when the engine is built)
