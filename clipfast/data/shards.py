@@ -113,12 +113,14 @@ def write_shard(path: str | Path, samples: list[dict]) -> None:
 
 # JPEG markers that start a frame header (SOF0-SOF15 but DHT, JPG, DAC), which holds the image's size
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_SOS = frozenset({0xDA})  # start of scan
+_FRAME_OR_END = _SOF | {0xD9} | _SOS
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | str:
-    """(width, height) from a JPEG's frame header, found by walking the marker segments before the first scan; or
-    why it cannot be found. A few microseconds: PIL's Image.open did the same walk in ~50 (DQT tables parsed)."""
-    i, n = 2, len(data)
+def _walk(data: bytes, until: frozenset, i: int = 2) -> tuple[int, int] | str:
+    """(offset, marker) of the first marker in `until` met walking a JPEG's marker segments from offset i (a marker;
+    2: the one after the start of image), or why the walk failed."""
+    n = len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
             return f"no marker at byte {i}"
@@ -129,12 +131,8 @@ def jpeg_size(data: bytes) -> tuple[int, int] | str:
         if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
             i += 2
             continue
-        if m in (0xD9, 0xDA):
-            return "no frame header before the scan"
-        if m in _SOF:
-            if i + 9 > n:
-                break
-            return data[i + 7] << 8 | data[i + 8], data[i + 5] << 8 | data[i + 6]
+        if m in until:
+            return i, m
         seg = data[i + 2] << 8 | data[i + 3]
         if seg < 2:
             return f"segment of length {seg} at byte {i}"
@@ -142,21 +140,26 @@ def jpeg_size(data: bytes) -> tuple[int, int] | str:
     return "headers run past the end"
 
 
+def jpeg_size(data: bytes) -> tuple[int, int] | str:
+    """(width, height) from a JPEG's frame header, found by walking the marker segments before the first scan; or
+    why it cannot be found. A few microseconds: PIL's Image.open did the same walk in ~50 (DQT tables parsed)."""
+    return _jpeg_frame(data)[0]
+
+
+def _jpeg_frame(data: bytes) -> tuple[tuple[int, int] | str, int]:
+    """(jpeg_size's answer, the frame header's offset)."""
+    found = _walk(data, _FRAME_OR_END)
+    if isinstance(found, str):
+        return found, 0
+    i, m = found
+    if m in (0xD9, 0xDA):
+        return "no frame header before the scan", i
+    if i + 9 > len(data):
+        return "headers run past the end", i
+    return (data[i + 7] << 8 | data[i + 8], data[i + 5] << 8 | data[i + 6]), i
+
+
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and its CRC (always these 8 bytes)
-
-
-def _first_scan(data: bytes) -> int:
-    """Offset of a JPEG's first start-of-scan marker (FFDA) found by walking the segments, or len(data)."""
-    i, n = 2, len(data)
-    while i + 4 <= n and data[i] == 0xFF:
-        m = data[i + 1]
-        if m == 0xDA:
-            return i
-        if m == 0xFF or m == 0x01 or 0xD0 <= m <= 0xD8:
-            i += 1 if m == 0xFF else 2
-            continue
-        i += 2 + (data[i + 2] << 8 | data[i + 3])
-    return n
 
 
 def image_problem(data: bytes) -> str | None:
@@ -167,11 +170,13 @@ def image_problem(data: bytes) -> str | None:
     if data[:3] == b"\xff\xd8\xff":
         # an end marker after the first scan (searched from the end: found at once in a whole file); bytes after it
         # are allowed (motion photos, padding), an EXIF thumbnail's end marker (before the scan) does not count
-        kind, size = "JPEG", jpeg_size(data)
-        if not isinstance(size, str) and data.rfind(b"\xff\xd9", _first_scan(data)) < 0:
-            return "JPEG without its end marker (truncated)"
+        (size, at), kind = _jpeg_frame(data), "JPEG"
+        if not isinstance(size, str):
+            scan = _walk(data, _SOS, at)  # (from the frame header on)
+            if data.rfind(b"\xff\xd9", len(data) if isinstance(scan, str) else scan[0]) < 0:
+                return "JPEG without its end marker (truncated)"
     elif data[:8] == b"\x89PNG\r\n\x1a\n":
-        if _PNG_END not in data[-64:] and data.rfind(_PNG_END) < 0:  # (trailing bytes allowed, as for a JPEG)
+        if data.rfind(_PNG_END) < 0:  # (from the end: found at once; trailing bytes allowed, as for a JPEG)
             return "PNG without its IEND chunk (truncated)"
         kind = "PNG"
         size = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) if data[12:16] == b"IHDR" \
