@@ -71,10 +71,11 @@ def read_run(path: str | Path) -> list[dict]:
     if (path / "stages.json").is_file():
         folders = [path / st["stage"] for st in _json(path / "stages.json")]
     elif planned:  # a staged run not finished (running, or stopped by a signal): the stages begun so far
-        folders = [path / st["name"] for st in planned if (path / st["name"] / "metrics.jsonl").is_file()]
+        names = [st.get("name", f"stage{i}") for i, st in enumerate(planned)]  # (clipfast.stages' names)
+        folders = [path / n for n in names if (path / n / "metrics.jsonl").is_file()]
         if not folders:
-            raise FileNotFoundError(f"{str(path)!r} is a staged run whose first stage ({planned[0]['name']}) has "
-                                    f"logged nothing yet")
+            raise FileNotFoundError(f"{str(path)!r} is a staged run whose first stage ({names[0]}) has logged nothing "
+                                    f"yet")
     elif (path / "metrics.jsonl").is_file():
         folders = [path]
     else:

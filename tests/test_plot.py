@@ -84,11 +84,11 @@ def test_a_staged_run_not_finished_and_a_run_not_logged_yet(tmp_path, capsys):
     a config.json that does not parse is named."""
     run = tmp_path / "clipa"
     _run(run / "pretrain", [10, 20], 128)
-    (run / "config.json").write_text(json.dumps({"stages": [{"name": "pretrain"}, {"name": "finetune"}]}))
+    (run / "config.json").write_text(json.dumps({"stages": [{"name": "pretrain"}, {"steps": 5}]}))  # 2nd: "stage1"
     stages = read_run(run)
     assert [st["name"] for st in stages] == ["pretrain"]
-    _run(run / "finetune", [5], 32)
-    assert [st["name"] for st in read_run(run)] == ["pretrain", "finetune"]
+    _run(run / "stage1", [5], 32)
+    assert [st["name"] for st in read_run(run)] == ["pretrain", "stage1"]
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / "metrics.jsonl").write_text("")
     with pytest.raises(SystemExit, match="nothing to draw yet"):
