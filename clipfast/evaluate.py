@@ -14,8 +14,10 @@ folder or its parent ({"classnames": [...], "templates": ["a photo of {}", ...]}
 Retrieval: every image against every caption. A sample's captions are its .json "captions" list (COCO and Flickr
 have five per image) or else its .txt. Image -> text: a hit at K when one of the image's own captions is among the K
 best; text -> image: when the caption's image is. Ties (captions that read the same, as on the demo data, have the
-same embedding) are broken at random, in expectation: a right answer tied with t others at rank r counts as a hit at
-K with probability (K - r) / (t + 1), clamped to [0, 1].
+same embedding) are broken at random, in expectation: with r wrong answers scoring above the best right one, and f
+wrong and m right ones tied with it (an image's several captions may tie), the hit at K has probability
+1 - prod_{j < K - r} (f - j) / (f + m - j), the chance that the tied ones' random order puts a right one among the
+first K - r; with one right answer (m = 1), (K - r) / (f + 1), clamped to [0, 1].
 """
 from __future__ import annotations
 
@@ -239,21 +241,27 @@ def recall_at_k(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, ks=RE
     (chunk, N or M) scores in memory, not (N, M)."""
     img, txt, owner = img.float(), txt.float(), owner.to(img.device)
     n = img.shape[0]
-    ahead = {"i2t": [], "t2i": []}  # per query: (others scoring higher, others scoring the same)
+    # per query: (wrong answers scoring above the best right one, wrong ones tied with it, right ones tied with it)
+    ahead = {"i2t": [], "t2i": []}
     for i in range(0, txt.shape[0], chunk):
         s = txt[i : i + chunk] @ img.T  # (c, N)
         right = s.gather(1, owner[i : i + chunk, None])
-        ahead["t2i"].append(torch.stack([(s > right).sum(1), (s == right).sum(1) - 1], 1))
+        tied = (s == right).sum(1)
+        ahead["t2i"].append(torch.stack([(s > right).sum(1), tied - 1, torch.ones_like(tied)], 1))  # one right image
     for i in range(0, n, chunk):
         s = img[i : i + chunk] @ txt.T  # (c, M)
         own = owner[None, :] == torch.arange(i, min(i + chunk, n), device=img.device)[:, None]
         best = s.masked_fill(~own, float("-inf")).max(1, keepdim=True).values
-        ahead["i2t"].append(torch.stack([((s > best) & ~own).sum(1), ((s == best) & ~own).sum(1)], 1))
+        tied = s == best
+        ahead["i2t"].append(torch.stack([((s > best) & ~own).sum(1), (tied & ~own).sum(1), (tied & own).sum(1)], 1))
     out = {}
     for d, parts in ahead.items():
-        higher, same = torch.cat(parts).float().unbind(1)
-        for k in ks:  # P(rank < k) when the right one falls uniformly among the `same` ties: rank = higher + U{0..same}
-            out[f"{d}_r{k}"] = ((k - higher) / (same + 1)).clamp(0, 1).mean().item()
+        higher, same, mine = torch.cat(parts).float().unbind(1)
+        for k in ks:  # 1 - P(the first k - higher of the tied ones in a random order are all wrong)
+            slots, miss = (k - higher).clamp(min=0), torch.ones_like(higher)
+            for j in range(k):
+                miss = torch.where(j < slots, miss * ((same - j) / (same + mine - j)).clamp(min=0), miss)
+            out[f"{d}_r{k}"] = (1 - miss).mean().item()
     return out
 
 
