@@ -129,3 +129,21 @@ def test_dataset_meta_found_however_the_shards_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"meta\.json.*does not parse"):
         dataset_meta(str(val))
     assert dataset_meta(str(tmp_path / "no" / "where")) == {}
+
+
+def test_evaluation_samples_need_no_txt_where_their_json_labels_or_captions_them(tmp_path, caplog):
+    """The evaluation reads labels (zero-shot) and the .json's captions (retrieval): half the demo's validation
+    samples without a .txt were skipped as 'no caption' (179 of 359 evaluated). Training still needs the .txt."""
+    write_shard(tmp_path / "v.tar", [
+        {"__key__": "a", "jpg": GOOD, "json": {"label": 3}},
+        {"__key__": "b", "jpg": GOOD, "json": {"captions": ["one", "two"]}},
+        {"__key__": "c", "jpg": GOOD, "txt": "with text", "json": {"label": 1}},
+        {"__key__": "d", "jpg": GOOD, "json": {"source": "x"}},  # nothing to evaluate it by
+        {"__key__": "e", "jpg": GOOD},
+    ])
+    with caplog.at_level(logging.WARNING, logger="clipfast.data"):
+        ev = ShardReader(list_shards(str(tmp_path)), loop=False, shuffle_buffer=0, need_caption=False)
+        assert [(s.key, s.caption) for s in ev] == [("a", ""), ("b", ""), ("c", "with text")]
+    assert ev.skipped == {"no caption": 2} and "'d'" in caplog.text and "'e'" in caplog.text
+    got, skipped = _read(tmp_path, caplog)  # training's reader (need_caption=True)
+    assert got == [("c", "with text")] and skipped == {"no caption": 4}

@@ -94,7 +94,7 @@ class DaliLoader:
             self.reader = MixedReader([d.strip() for d in data.split(",") if d.strip()], weights, rank, world, seed)
         else:
             self.reader = ShardReader(list_shards(data), rank, world, seed, loop=train,
-                                      shuffle_buffer=1000 if train else 0)
+                                      shuffle_buffer=1000 if train else 0, need_caption=train)
         if reader_process:  # reading and tokenising in child processes (clipfast.data.prefetch); True: one
             from clipfast.data.prefetch import ReaderProcess
 

@@ -140,7 +140,8 @@ def split_reader(reader, n: int) -> list:
         return [reader]
     if isinstance(reader, ShardReader):
         return [ShardReader(reader.shards, rank + j * world, world * n, reader.seed * 1009 + j,
-                            shuffle_buffer=reader.shuffle_buffer, loop=reader.loop) for j in range(n)]
+                            shuffle_buffer=reader.shuffle_buffer, loop=reader.loop, need_caption=reader.need_caption)
+                for j in range(n)]
     return [MixedReader(reader.specs, reader.weights, rank + j * world, world * n, reader.seed * 1009 + j,
                         shuffle_buffer=reader.shuffle_buffer) for j in range(n)]
 

@@ -299,9 +299,12 @@ class ShardReader:
     then a buffer of `shuffle_buffer` samples.
     """
 
-    def __init__(self, shards: list[str], rank=0, world=1, seed=0, shuffle_buffer=1000, loop=True):
+    def __init__(self, shards: list[str], rank=0, world=1, seed=0, shuffle_buffer=1000, loop=True, need_caption=True):
         self.shards, self.rank, self.world = shards, rank, world
         self.seed, self.shuffle_buffer, self.loop = seed, shuffle_buffer, loop
+        # False (evaluation): a sample without a .txt is read where its .json has a "label" or "captions", its
+        # caption then "" (zero-shot reads the label, retrieval the .json's captions first)
+        self.need_caption = need_caption
         self.skipped: Counter = Counter()
         self.seen = 0
         self.epoch = 0
@@ -365,15 +368,15 @@ class ShardReader:
         ext = next((e for e in IMAGE_EXTS if e in parts), None)
         if ext is None:
             return self._skip(shard, key, f"no image (has {', '.join(sorted(parts)) or 'nothing'})")
-        if "txt" not in parts:
+        if "txt" not in parts and (self.need_caption or "json" not in parts):
             return self._skip(shard, key, "no caption (.txt)")
         try:
-            caption = parts["txt"].decode("utf-8").strip()
+            caption = parts["txt"].decode("utf-8").strip() if "txt" in parts else None
         except UnicodeDecodeError:
             return self._skip(shard, key, "caption is not UTF-8")
-        if not caption:
+        if caption == "":
             return self._skip(shard, key, "empty caption")
-        if "&" in caption or not any(c.isalnum() for c in caption):  # (then the tokenizer's cleaning: what it leaves)
+        if caption and ("&" in caption or not any(c.isalnum() for c in caption)):  # (the tokenizer's cleaning then)
             from clipfast.tokenizer import Tokenizer
 
             if not Tokenizer.clean(caption):
@@ -390,6 +393,10 @@ class ShardReader:
                 return self._skip(shard, key, "metadata .json does not parse")
             if not isinstance(meta, dict):
                 return self._skip(shard, key, f"metadata .json is not an object (a {type(meta).__name__})")
+        if caption is None:  # (an evaluation sample without a .txt)
+            if "label" not in meta and "captions" not in meta:
+                return self._skip(shard, key, "no caption (.txt), nor a label or captions in its .json")
+            caption = ""
         return Sample(key, parts[ext], caption, meta, parts)
 
     def __iter__(self):
