@@ -216,7 +216,16 @@ def zero_shot(model: CLIP, data: str, batch_size=256, classnames=None, templates
         names.update(part)
     if not y.numel():
         raise ValueError(f"no evaluation samples in {data!r}")
-    classnames = classnames or meta.get("classnames") or [names[i] for i in sorted(names)]
+    classnames = classnames or meta.get("classnames")
+    if not classnames and names:  # from the samples' own names: the labels that have one, in order (a label with no
+        ids = sorted(names)  # sample in the set is no class here), the samples' labels renumbered to match
+        unnamed = sorted(set(y.tolist()) - set(ids))
+        if unnamed:
+            raise ValueError(f"label {unnamed[0]} in {data!r} has no class name: no sample with it carries a "
+                             f"'classname' (and neither --classnames nor a meta.json gives them)")
+        classnames = [names[i] for i in ids]
+        y = torch.searchsorted(torch.tensor(ids, device=y.device), y)
+    classnames = classnames or []
     if int(y.max()) >= len(classnames) or int(y.min()) < 0:
         bad = int(y.max()) if int(y.max()) >= len(classnames) else int(y.min())
         raise ValueError(f"label {bad} in {data!r} has no class name: {len(classnames)} class names given "

@@ -139,6 +139,24 @@ def test_retrieval_over_shards_with_several_captions_per_image(tmp_path):
         retrieval(_Oracle(levels, answer), str(tmp_path), batch_size=4, threads=1)
 
 
+def test_zero_shot_class_names_from_the_samples_with_a_label_no_sample_has(tmp_path):
+    """No meta.json: the class names come from the samples' 'classname'; label 2 has no sample (so no name). The
+    named labels are the classes (their samples renumbered to match), where the gap was an error about label 3."""
+    from clipfast.data import write_shard
+    from clipfast.evaluate import zero_shot
+
+    levels, labels, names = [20, 100, 180], [0, 1, 3], ["zero", "one", "three"]
+    write_shard(tmp_path / "z-0000.tar", [
+        {"__key__": f"s{i}{j}", "jpg": _solid_jpeg(lv), "json": {"label": lab, "classname": name}}
+        for i, (lv, lab, name) in enumerate(zip(levels, labels, names)) for j in range(2)])
+    oracle = _Oracle(levels, {f"a {n}.": i for i, n in enumerate(names)})  # class i's prompt: image i's axis
+    res = zero_shot(oracle, str(tmp_path), templates=["a {}."], threads=1)
+    assert (res["top1"], res["samples"], res["classes"]) == (1.0, 6, 3)
+    write_shard(tmp_path / "z-0001.tar", [{"__key__": "u", "jpg": _solid_jpeg(20), "json": {"label": 7}}])
+    with pytest.raises(ValueError, match="label 7 .* no sample with it carries a 'classname'"):
+        zero_shot(oracle, str(tmp_path), templates=["a {}."], threads=1)
+
+
 def test_eval_sets_one_plain_or_several_named():
     from clipfast.evaluate import eval_sets
 
