@@ -117,10 +117,11 @@ def load_model(checkpoint: str, device="cpu", kernels: str = "auto", open_clip_n
     that open_clip model's state dict in `checkpoint`, through clipfast.interop (architectures clipfast's CLIP has;
     no download)."""
     if open_clip_name is not None:
-        from clipfast.interop import config_from_open_clip, load_open_clip_state
+        from clipfast.interop import config_from_open_clip, export_kwargs, load_open_clip_state
 
-        model = CLIP(config_from_open_clip(open_clip_name), kernels=kernels)
-        load_open_clip_state(model, checkpoint, open_clip_model=open_clip_name)
+        kwargs = export_kwargs(checkpoint, open_clip_name)  # (a file clipfast.export wrote: its create_model kwargs)
+        model = CLIP(config_from_open_clip(open_clip_name, **kwargs), kernels=kernels)
+        load_open_clip_state(model, checkpoint, open_clip_model=open_clip_name, **kwargs)
         return model.to(device).eval()
     path = Path(checkpoint)
     if path.is_dir():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from clipfast.interop import config_from_open_clip, load_open_clip_state, open_clip_name, to_open_clip
+from clipfast.interop import config_from_open_clip, export_kwargs, load_open_clip_state, open_clip_name, to_open_clip
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict]:
@@ -94,7 +94,10 @@ def main(argv=None):
     else:
         if not args.weights:
             ap.error("--from-open-clip needs --weights")
-        import_open_clip(args.from_open_clip, args.weights, args.out, args.image_size, args.context_length)
+        kwargs = export_kwargs(args.weights, args.from_open_clip)  # (a file clipfast.export wrote: its kwargs)
+        if kwargs:
+            print(f"open_clip kwargs from {args.weights}.json: {json.dumps(kwargs)}")
+        import_open_clip(args.from_open_clip, args.weights, args.out, args.image_size, args.context_length, **kwargs)
         print(f"wrote clipfast model file {args.out}")
 
 

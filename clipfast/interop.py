@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +124,18 @@ def from_open_clip(sd: dict) -> dict:
     return out
 
 
-def load_open_clip_state(model, sd_or_path, open_clip_model: str | None = None, strict: bool = True):
+def export_kwargs(weights, name: str) -> dict:
+    """The open_clip.create_model kwargs that clipfast.export wrote beside `weights` (<weights>.json) for model
+    `name`; {} where there is no such file or it names another model."""
+    if not isinstance(weights, (str, Path)) or not Path(str(weights) + ".json").is_file():
+        return {}
+    side = Path(str(weights) + ".json")
+    info = json.loads(side.read_text())
+    return dict(info.get("kwargs") or {}) if info.get("model_name") == name else {}
+
+
+def load_open_clip_state(model, sd_or_path, open_clip_model: str | None = None, strict: bool = True,
+                         **create_kwargs):
     """Load open_clip weights (a state dict or a file) into clipfast `model`, e.g. to fine-tune them.
 
     Position embeddings are resized to the model's image size and text length (resize_state_dict); every other
@@ -131,7 +144,7 @@ def load_open_clip_state(model, sd_or_path, open_clip_model: str | None = None, 
     model would load without error and compute something else).
     """
     if open_clip_model is not None:
-        src = config_from_open_clip(open_clip_model)  # raises for options clipfast lacks (quick_gelu, ...)
+        src = config_from_open_clip(open_clip_model, **create_kwargs)  # raises for options clipfast lacks
         mine = model.cfg
         same_size = (dataclasses.replace(src.vision, image_size=mine.vision.image_size),
                      dataclasses.replace(src.text, context_length=mine.text.context_length), src.embed_dim)

@@ -208,6 +208,15 @@ def test_export_cli_end_to_end(tmp_path):
     import_open_clip(name, str(out), str(back), **kwargs)
     again = load_model(str(back), kernels="ref")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+    # the command lines read the kwargs export wrote beside the file (<out>.json): without them the demo's open_clip
+    # config (ViT-B-16 with kwargs) did not match its weights ("width 128, the config 768")
+    cli = tmp_path / "cli.pt"
+    run = subprocess.run([sys.executable, "-m", "clipfast.export", "--from-open-clip", name, "--weights", str(out),
+                          "--out", str(cli)], capture_output=True, text=True, check=True)
+    assert "kwargs from" in run.stdout and kwargs
+    direct = load_model(str(out), kernels="ref", open_clip_name=name)  # what evaluate --open-clip NAME loads
+    for loaded in (load_model(str(cli), kernels="ref"), direct):
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 @pytest.mark.parametrize("preset", ["CLIPA-H-14", "CLIPA-B-16", "ViT-L-14", "demo"])
