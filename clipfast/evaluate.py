@@ -312,11 +312,13 @@ def retrieval(model: CLIP, data: str, batch_size=256, device="cpu", threads=2, p
 
 def summary(task: str, data: str, res: dict) -> str:
     """One line for a result of zero_shot or retrieval."""
+    skipped = res.get("skipped") or {}
+    left = f"; {sum(skipped.values())} skipped: {', '.join(f'{k} {v}' for k, v in skipped.items())}" if skipped else ""
     if task == "retrieval":
         r = "  ".join(f"{k.replace('_r', ' R@')} {100 * res[k]:.2f}%" for k in res if k[:4] in ("i2t_", "t2i_"))
-        return f"retrieval on {data}: {r}  ({res['images']} images, {res['captions']} captions)"
+        return f"retrieval on {data}: {r}  ({res['images']} images, {res['captions']} captions{left})"
     return (f"zero-shot on {data}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
-            f"({res['samples']} samples, {res['classes']} classes, chance {100 / res['classes']:.1f}%)")
+            f"({res['samples']} samples, {res['classes']} classes, chance {100 / res['classes']:.1f}%{left})")
 
 
 def eval_sets(spec: str, task: str) -> list[tuple[str, str]]:

@@ -153,6 +153,8 @@ def test_zero_shot_class_names_from_the_samples_with_a_label_no_sample_has(tmp_p
     res = zero_shot(oracle, str(tmp_path), templates=["a {}."], threads=1)
     assert (res["top1"], res["samples"], res["classes"]) == (1.0, 6, 3)
     write_shard(tmp_path / "z-0001.tar", [{"__key__": "u", "jpg": _solid_jpeg(20), "json": {"label": 7}}])
+    assert summary("zeroshot", "z", {**res, "skipped": {"no caption": 2}}).endswith("chance 33.3%; 2 skipped: "
+                                                                                   "no caption 2)")
     with pytest.raises(ValueError, match="label 7 .* no sample with it carries a 'classname'"):
         zero_shot(oracle, str(tmp_path), templates=["a {}."], threads=1)
 
