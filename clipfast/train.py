@@ -103,6 +103,17 @@ def main(argv=None):
         sys.exit(PREEMPTED_EXIT)
 
 
+def skipped_so_far(loader, world: int, device) -> int:
+    """The samples every rank's loader has skipped so far, summed over the ranks (a collective: every rank logs at the
+    same steps)."""
+    n = sum(loader.skipped.values())
+    if world == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def evaluate_now(cfg: TrainConfig, run: Run, mcfg, device: torch.device, is_main: bool, step: int, writer, evals: Path,
                  say=print, rank: int = 0, world: int = 1) -> dict:
     """Zero-shot classification (val_data) and retrieval (retrieval_data) of the model as it is now, every rank
@@ -247,6 +258,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     while step < cfg.steps:
         batch = next(loader)
         text_tokens += batch["text"].shape[0]
+        lr_used = scheduler.get_last_lr()[0]  # (the step's own; the scheduler moves on after it)
         loss = train_step(batch)
         step += 1
         samples_last += cfg.batch_size
@@ -262,13 +274,13 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
             if cfg.ssl_weight:
                 fl += 3 * ssl_flops(mcfg, cfg.ssl_hidden, cfg.ssl_dim)
             rec = {
-                "step": step, "loss": loss_v, "lr": scheduler.get_last_lr()[0],
+                "step": step, "loss": loss_v, "lr": lr_used,
                 "logit_scale": engine.module.logit_scale.exp().item(),  # sync point, once per log
                 "samples_per_s": sps, "tflops": sps * fl / 1e12 / world,
                 "mfu": (sps * fl / world / peak) if peak else None,
                 "data_wait_share": (loader.wait_s - wait_last) / dt,
                 "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-                "skipped_samples": sum(loader.skipped.values()),
+                "skipped_samples": skipped_so_far(loader, world, device),
                 **{k: v.item() for k, v in parts.items()},  # (sync points, once per log)
             }
             t_last, wait_last, samples_last, text_tokens = now, loader.wait_s, 0, 0

@@ -185,6 +185,25 @@ def _agree_rank(rank, port, out):
     os._exit(0)
 
 
+def _skipped_rank(rank, port, out):
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from clipfast.train import skipped_so_far
+
+    _init(rank, port)
+    loader = SimpleNamespace(skipped=Counter({"empty caption": [9, 12][rank], "no image": rank}))
+    torch.save(skipped_so_far(loader, 2, torch.device("cpu")), out / f"s{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_the_logged_skip_count_is_every_ranks(tmp_path):
+    """metrics.jsonl's skipped_samples on several ranks: the sum over the ranks (it was rank 0's loader's alone)."""
+    mp.spawn(_skipped_rank, args=(free_port(), tmp_path), nprocs=2)
+    assert [torch.load(tmp_path / f"s{r}.pt") for r in (0, 1)] == [22, 22]
+
+
 def test_two_ranks_agree_on_one_text_layout(tmp_path):
     mp.spawn(_agree_rank, args=(free_port(), tmp_path), nprocs=2)
     (cap0, ends0), (cap1, ends1) = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]

@@ -58,7 +58,10 @@ def test_weights_are_checked(tmp_path):
 
 def test_the_loader_mixes_batches_and_counts_every_datasets_skips(tmp_path):
     a, b = _source(tmp_path / "a", "a", 24), _source(tmp_path / "b", "b", 12, corrupt=2)
-    loader = DaliLoader(f"{a},{b}", 16, 16, TextReducer("truncate", 8), train=True, threads=1, weights=(1, 1))
+    # a as a brace pattern whose comma is its own (two datasets, not three: the loader split at every comma)
+    loader = DaliLoader(f"{a}/a-{{0000,0001}}.tar,{b}", 16, 16, TextReducer("truncate", 8), train=True, threads=1,
+                        weights=(1, 1))
+    assert [len(r.shards) for r in loader.reader.readers] == [2, 2]
     captions = [c for _ in range(6) for c in next(loader)["captions"]]
     n_b = sum(c.startswith("b ") for c in captions)
     assert 0 < n_b < len(captions)

@@ -153,6 +153,34 @@ def test_augment_and_views_from_the_pipeline(data):
         DaliLoader(str(data / "val"), 8, 32, TextReducer("truncate", 16), train=False, views=2)
 
 
+def test_no_flip_holds_for_the_ssl_views_too(tmp_path):
+    """augment=simclr_noflip (for data a mirror changes): the SLIP views were still flipped half the time. Images
+    bright on the left, dark on the right; views cropped wide, so a mirror shows as the dark side on the left."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from clipfast.data import write_shard
+
+    px = np.zeros((32, 32, 3), dtype=np.uint8)
+    px[:, :16] = 230
+    px[:, 16:] = 20
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, format="JPEG", quality=95)
+    write_shard(tmp_path / "lr-0000.tar", [{"__key__": f"k{i}", "jpg": buf.getvalue(), "txt": "left"}
+                                           for i in range(16)])
+
+    def mirrored(augment):
+        batch = next(DaliLoader(str(tmp_path), 16, 32, TextReducer("truncate", 8), train=True, seed=1, threads=1,
+                                augment=augment, views=2, view_crop_scale=(0.9, 1.0)))
+        v = batch["views"].float()  # (2, B, 3, H, W)
+        return int((v[..., :8].mean(dim=(2, 3, 4)) < v[..., -8:].mean(dim=(2, 3, 4))).sum())
+
+    assert mirrored("simclr_noflip") == 0
+    assert 0 < mirrored("simclr") < 32  # SimCLR's own flip, half the time
+
+
 @pytest.mark.slow
 def test_slip_run_end_to_end(data, tmp_path):
     out = tmp_path / "run"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from clipfast.data.augment import check_augment, simclr
-from clipfast.data.shards import MixedReader, ShardReader, list_shards
+from clipfast.data.shards import MixedReader, ShardReader, list_shards, split_entries
 
 log = logging.getLogger("clipfast.data")
 
@@ -91,7 +91,7 @@ class DaliLoader:
         if weights and not train:
             raise ValueError("dataset weights are for training; an evaluation reads its data once, in order")
         if weights:  # `data`'s comma-separated entries as datasets of their own, drawn by weight
-            self.reader = MixedReader([d.strip() for d in data.split(",") if d.strip()], weights, rank, world, seed)
+            self.reader = MixedReader([d.strip() for d in split_entries(data) if d.strip()], weights, rank, world, seed)
         else:
             self.reader = ShardReader(list_shards(data), rank, world, seed, loop=train,
                                       shuffle_buffer=1000 if train else 0, need_caption=train)
@@ -127,7 +127,8 @@ class DaliLoader:
             if views:  # one whole decode, cropped for the CLIP view and again for each SSL view
                 whole = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
                 images = crop(whole, crop_scale)
-                extra = [chw(simclr(crop(whole, view_crop_scale), image_size, op_device)) for _ in range(views)]
+                extra = [chw(simclr(crop(whole, view_crop_scale), image_size, op_device,
+                                    flip=augment != "simclr_noflip")) for _ in range(views)]  # (no mirror where asked)
             else:  # only the crop is decoded
                 images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
                                                        random_area=list(crop_scale), random_aspect_ratio=[3 / 4, 4 / 3],

@@ -24,8 +24,8 @@ log = logging.getLogger("clipfast.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-def _top_level_split(spec: str) -> list[str]:
-    """spec split at the commas outside braces."""
+def split_entries(spec: str) -> list[str]:
+    """A data spec's comma-separated entries: split at the commas outside braces (`a-{0,1}.tar,b` is two)."""
     out, depth, cur = [], 0, []
     for ch in spec:
         depth += (ch == "{") - (ch == "}")
@@ -60,7 +60,7 @@ def brace_expand(pattern: str) -> list[str]:
         step = 1 if int(hi) >= int(lo) else -1
         choices = [str(k).zfill(width) for k in range(int(lo), int(hi) + step, step)]
     else:
-        choices = [c for alt in _top_level_split(body) for c in brace_expand(alt)]
+        choices = [c for alt in split_entries(body) for c in brace_expand(alt)]
     return [head + c + rest for c in choices for rest in brace_expand(tail)]
 
 
@@ -68,7 +68,7 @@ def list_shards(spec: str) -> list[str]:
     """A folder of .tar files, a glob, a brace pattern (`train-{0000..0041}.tar`), or a comma-separated list of
     these -> shard paths (each entry's sorted; a brace pattern's in its own order)."""
     paths: list[str] = []
-    for entry in [p.strip() for p in _top_level_split(spec) if p.strip()]:
+    for entry in [p.strip() for p in split_entries(spec) if p.strip()]:
         if "{" not in entry:
             paths.extend(_found(entry))
             continue
