@@ -164,12 +164,12 @@ def check_values(cfg: TrainConfig, where: str = "") -> None:
     if not cfg.eps > 0:
         raise ValueError(f"{where}eps must be above 0, got {cfg.eps}")
     if cfg.train_weights:
-        from clipfast.data.shards import split_entries
+        from clipfast.data.shards import check_weights, split_entries
 
-        n = len([e for e in split_entries(cfg.train_data) if e.strip()])
-        if len(cfg.train_weights) != n or not all(w > 0 for w in cfg.train_weights):
-            raise ValueError(f"{where}train_weights takes one positive weight per comma-separated entry of train_data "
-                             f"({n} there); got {tuple(cfg.train_weights)}")
+        try:
+            check_weights([e.strip() for e in split_entries(cfg.train_data) if e.strip()], cfg.train_weights)
+        except ValueError as e:
+            raise ValueError(f"{where}train_weights: {e}") from None
     ranges = {"betas": "two numbers in [0, 1), e.g. betas=0.9,0.98", "crop_scale": "(low, high) with 0 < low <= high "
               "<= 1, e.g. crop_scale=0.4,1", "ssl_crop_scale": "(low, high) with 0 < low <= high <= 1"}
     for key, want in ranges.items():

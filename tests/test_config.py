@@ -55,7 +55,7 @@ def test_repo_configs_load():
     ("crop_scale=0.5", "crop_scale takes"), ("crop_scale=0.9,0.5", "crop_scale takes"),
     ("image_size=30", "image_size 30 is not a multiple of model demo's patch size 8 .e.g. 24 or 32"),
     ("engine=jax", "engine must be"), ("cuda_graph=true", "cuda_graph=true needs engine=torch"),
-    ("train_weights=3,1", r"train_weights takes one positive weight per comma-separated entry of train_data \(1 there"),
+    ("train_weights=3,1", r"train_weights: 2 weight\(s\) for 1 training dataset\(s\) \(data/demo/train\)"),
 ])
 def test_values_a_run_cannot_use_are_named_before_it_starts(item, what):
     """clipfast.stages.expand (what train.py's main calls first) checks every stage; these failed late (a ZeroDivision

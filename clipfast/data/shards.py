@@ -424,6 +424,16 @@ class ShardReader:
                 raise RuntimeError(f"no valid samples in {len(shards)} shard(s): {dict(self.skipped)}")
 
 
+def check_weights(specs: list[str], weights) -> None:
+    """One positive weight per dataset (train_data's comma-separated entries): MixedReader's rule, which the run config
+    checks before anything is built."""
+    if len(weights) != len(specs):
+        raise ValueError(f"{len(weights)} weight(s) for {len(specs)} training dataset(s) ({', '.join(specs)}): "
+                         "give one weight per comma-separated entry")
+    if any(not w > 0 for w in weights):
+        raise ValueError(f"dataset weights must be positive, got {tuple(weights)}")
+
+
 class MixedReader:
     """Training samples drawn from several datasets by weight: each draw picks dataset i with probability
     w_i / sum(w) (a seeded generator), then that dataset's next sample (a ShardReader of its own, endless, shuffled,
@@ -431,11 +441,7 @@ class MixedReader:
     per dataset."""
 
     def __init__(self, specs: list[str], weights, rank=0, world=1, seed=0, shuffle_buffer=1000):
-        if len(weights) != len(specs):
-            raise ValueError(f"{len(weights)} weight(s) for {len(specs)} training dataset(s) ({', '.join(specs)}): "
-                             "give one weight per comma-separated entry")
-        if any(not w > 0 for w in weights):
-            raise ValueError(f"dataset weights must be positive, got {tuple(weights)}")
+        check_weights(specs, weights)
         self.specs, self.weights = specs, [float(w) for w in weights]
         self.rank, self.world, self.seed, self.shuffle_buffer = rank, world, seed, shuffle_buffer
         self.readers = [ShardReader(list_shards(spec), rank, world, seed * 7 + i, shuffle_buffer=shuffle_buffer)
