@@ -352,9 +352,10 @@ class ShardReader:
             if not order:
                 self._skip(shard, "*", f"unreadable shard ({e})")
                 return
-            self._skip(shard, "*", f"shard ends early (after {len(order)} keys: {e})")
-            # the last key's files may be cut short (its .json or caption past the end): not read as whole
-            self._skip(shard, order[-1], "incomplete sample (the shard ends inside or after it)")
+            # the last key's files may be cut short (its .json or caption past the end): not read as whole; one
+            # sample lost, so one count (the shard's error goes in the reason)
+            self._skip(shard, order[-1], f"incomplete sample (the shard ends inside or after it, after {len(order)} "
+                                         f"keys: {e})")
             groups.pop(order.pop())
         del data
         for n, key in enumerate(order):
