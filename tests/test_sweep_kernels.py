@@ -8,6 +8,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 
 def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_path):
     from bench import sweep_kernels as sk
+    from bench import sweeps
 
     results = sk.main(["--smoke", "--out", str(tmp_path)])
     kernels = results["smoke"]
@@ -21,7 +22,7 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
 
     ln, ge = sys.modules["kernels.layer_norm"], sys.modules["kernels.gelu"]
     marked = {name: next(r["config"] for r in rows if r.get("default")) for name, rows in kernels.items()}
-    bwd, gelu = ln._bwd_config(sk.SMOKE["smoke"]["width"]), ge._config()
+    bwd, gelu = ln._bwd_config(sweeps.SMOKE["smoke"]["width"]), ge._config()
     # "default" is what the kernel runs today: the launchers' own configs, 8 programs per SM
     assert marked["add_layer_norm backward"] == (f"BLOCK_M={bwd['BLOCK_M']} warps={bwd['num_warps']} programs/SM=8 "
                                                  f"stages={ln.BWD_STAGES}")
@@ -35,13 +36,13 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
 
 
 def test_a_config_whose_outputs_differ_is_reported_wrong_not_timed():
-    from bench import sweep_kernels as sk
+    from bench import sweeps
 
     timed = []
-    row = sk._measure("x", (lambda: None, lambda: "dx: max |diff| 1 > 0.1"), lambda fn: timed.append(fn) or 1.0,
+    row = sweeps._measure("x", (lambda: None, lambda: "dx: max |diff| 1 > 0.1"), lambda fn: timed.append(fn) or 1.0,
                       False)  # fmt: skip
     assert row["ms"] is None and row["error"].startswith("WRONG dx") and not timed
     import torch
 
-    assert sk._close(torch.ones(4), torch.ones(4), "y") is None
-    assert "y: max |diff|" in sk._close(torch.ones(4) * 1.1, torch.ones(4), "y")
+    assert sweeps._close(torch.ones(4), torch.ones(4), "y") is None
+    assert "y: max |diff|" in sweeps._close(torch.ones(4) * 1.1, torch.ones(4), "y")
