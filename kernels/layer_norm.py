@@ -213,7 +213,7 @@ def layer_norm_ref(x, weight, bias, eps: float = 1e-5, upcast: bool = False):
 class LayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        x2 = _rows(x)
+        x2, weight, bias = _rows(x), weight.contiguous(), bias.contiguous()  # the kernels index (N,) as W + cols
         y, mean, rstd, _ = _fwd(x2, weight, bias, eps)
         ctx.save_for_backward(x2, weight, mean, rstd)
         return y.view(x.shape)
@@ -232,6 +232,7 @@ class AddLayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, weight, bias, eps, rb):
         x2, r2 = (_rows(t) for t in (x, r))
+        weight, bias, rb = (None if t is None else t.contiguous() for t in (weight, bias, rb))  # as LayerNormFn's
         y, mean, rstd, s = _fwd(x2, weight, bias, eps, r2, rb)
         ctx.save_for_backward(s, weight, mean, rstd, rb)
         return s.view(x.shape), y.view(x.shape)
@@ -250,6 +251,8 @@ def _rows(t):
 
 
 def _check(x, weight, bias, op="layer_norm"):
+    if not x.is_floating_point():  # (the kernel would return an integer tensor where torch raises)
+        raise TypeError(f"{op} needs a floating-point x, got {x.dtype}")
     N = x.shape[-1]
     if weight is None or bias is None or weight.shape != (N,) or bias.shape != (N,):
         raise ValueError(f"{op} needs weight and bias of shape ({N},) for x of shape {tuple(x.shape)}, got "

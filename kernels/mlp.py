@@ -178,7 +178,7 @@ class MLPFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
         x2 = _rows(x)
-        h, a = fc_gelu(x2, w1, b1)
+        h, a = fc_gelu(x2, w1, b1.contiguous())  # the epilogue indexes b1 as B + columns
         ctx.save_for_backward(x2, w1, w2, h, a)
         ctx.has_b2 = b2 is not None
         return F.linear(a, w2, b2).view(*x.shape[:-1], w2.shape[0])
@@ -207,7 +207,9 @@ def mlp(x, w1, b1, w2, b2=None, *, impl=None):
         raise ValueError(f"mlp needs x (..., K), w1 (N, K), b1 (N,), w2 (K2, N), b2 (K2,) or None, got "
                          f"{tuple(x.shape)}, {tuple(w1.shape)}, {None if b1 is None else tuple(b1.shape)}, "
                          f"{tuple(w2.shape)}, {None if b2 is None else tuple(b2.shape)}")
-    same = x.dtype == w1.dtype == b1.dtype == w2.dtype and (b2 is None or b2.dtype == x.dtype)
+    # one dtype the tensor cores take (float64 would reach tl.dot and come back wrong)
+    same = (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.dtype == w1.dtype == b1.dtype == w2.dtype
+            and (b2 is None or b2.dtype == x.dtype))
     if not use_triton(x, impl) or x.numel() == 0 or torch.is_autocast_enabled(x.device.type) or not same:
         return mlp_ref(x, w1, b1, w2, b2)
     return MLPFn.apply(x, w1, b1, w2, b2)

@@ -508,8 +508,10 @@ def short_attention_qkvpacked(qkv, causal=False, softmax_scale=None, *, bias=Non
         upcast = qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16)
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
             return short_attention_ref(qkv, causal, scale, upcast=upcast)
-    if qkv.shape[0] * qkv.shape[1] == 0:
-        return qkv.new_empty(qkv.shape[:2] + qkv.shape[3:])
+    if qkv.shape[0] * qkv.shape[1] == 0:  # nothing to launch; the reference keeps the (empty) output in the graph
+        return short_attention_ref(qkv if bias is None else qkv + bias.view(qkv.shape[2:]), causal, scale)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels index it as BIAS + offsets (a strided view read other elements)
     return ShortAttentionQKVFn.apply(qkv, bool(causal), scale, bias)

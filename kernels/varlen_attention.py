@@ -1,8 +1,9 @@
 """Packed (varlen) attention, forward and backward, built for short sequences (captions of 2-77 tokens).
 
 Shapes: q, k, v (T_total, H, d) with token/head strides free and the last dim contiguous; cu_seqlens (S+1,)
-int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T_total exactly (the flash-attn varlen layout; trailing tokens
-outside every sequence are not supported: their [lo, hi) bounds are never written). Output (T_total, H, d).
+int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T_total exactly, never decreasing (the flash-attn varlen layout; checked
+where cu_seqlens is on the host; on the device a bad one gives wrong numbers but no access outside the tensors).
+Output (T_total, H, d).
 dtypes fp16 / bf16 (fp32 too: exact-ish `ieee` dots, for interpreter tests). Head dims up to 128 tested
 (32, 64, 80, 96, 128); a head dim that is not a power of two is padded to the next one with masked loads.
 Causal or not; any lengths, including 1 and lengths that are not a multiple of the block. No host-device
@@ -57,16 +58,30 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _seq_bounds_kernel(CU, LO, HI, BLOCK: tl.constexpr):
-    """Per token: the [lo, hi) token range of its sequence. Grid (S,)."""
+def _seq_bounds_kernel(CU, LO, HI, S, T, BLOCK: tl.constexpr):
+    """Per token: the [lo, hi) token range of its sequence. Grid (S + 1,). Bounds clamped to [0, T], and program S
+    gives tokens outside every sequence (before cu[0], from cu[S]) the empty range [t, t): a cu_seqlens that breaks
+    the layout gives wrong numbers (NaN for those tokens), never a read or write outside the tensors."""
     s = tl.program_id(0)
-    a = tl.load(CU + s)
-    b = tl.load(CU + s + 1)
-    for start in range(a, b, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < b
-        tl.store(LO + offs, tl.zeros([BLOCK], tl.int32) + a, mask=ok)
-        tl.store(HI + offs, tl.zeros([BLOCK], tl.int32) + b, mask=ok)
+    if s < S:
+        a = tl.minimum(tl.maximum(tl.load(CU + s), 0), T)
+        b = tl.minimum(tl.maximum(tl.load(CU + s + 1), a), T)
+        for start in range(a, b, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < b
+            tl.store(LO + offs, tl.zeros([BLOCK], tl.int32) + a, mask=ok)
+            tl.store(HI + offs, tl.zeros([BLOCK], tl.int32) + b, mask=ok)
+    else:
+        head = tl.minimum(tl.maximum(tl.load(CU), 0), T)
+        tail = tl.minimum(tl.maximum(tl.load(CU + S), head), T)
+        for start in range(0, head, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            tl.store(LO + offs, offs, mask=offs < head)
+            tl.store(HI + offs, offs, mask=offs < head)
+        for start in range(tail, T, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            tl.store(LO + offs, offs, mask=offs < T)
+            tl.store(HI + offs, offs, mask=offs < T)
 
 
 @triton.jit
@@ -286,7 +301,8 @@ def _dot_consts(q: torch.Tensor, interpret: bool) -> dict:
 def _seq_bounds(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     lo = torch.empty(total, dtype=torch.int32, device=cu_seqlens.device)
     hi = torch.empty_like(lo)
-    _seq_bounds_kernel[(cu_seqlens.numel() - 1,)](cu_seqlens, lo, hi, BLOCK=64)
+    S = cu_seqlens.numel() - 1
+    _seq_bounds_kernel[(S + 1,)](cu_seqlens, lo, hi, S, total, BLOCK=64)
     return lo, hi
 
 
@@ -428,9 +444,18 @@ def _scale(head_dim: int, softmax_scale) -> float:
     return head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
 
 
-def _check_cu_seqlens(cu_seqlens) -> None:
+def _check_cu_seqlens(cu_seqlens, total: int) -> None:
+    """dtype and shape always; the values too where cu_seqlens is on the host (checking a device tensor's would wait
+    for the device: there the kernels stay in bounds whatever the values, see _seq_bounds_kernel)."""
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be int32 (flash-attn layout), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be (num_seqs + 1,), got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device.type == "cpu":
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the {total} packed tokens, got "
+                             f"{cu[:8]}{' ...' if len(cu) > 8 else ''} (last {cu[-1]})")
 
 
 def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=False, softmax_scale=None, *, impl=None,
@@ -442,7 +467,7 @@ def varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, causal=False, softma
     if not use_triton(qkv, impl) or qkv.shape[0] == 0:
         return varlen_attention(*qkv.unbind(1), cu_seqlens, max_seqlen, causal, softmax_scale, impl=impl,
                                 _block_m=_block_m)  # fmt: skip
-    _check_cu_seqlens(cu_seqlens)
+    _check_cu_seqlens(cu_seqlens, qkv.shape[0])
     return VarlenAttentionQKVFn.apply(qkv, cu_seqlens, bool(causal), _scale(qkv.shape[-1], softmax_scale), _block_m)
 
 
@@ -460,7 +485,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, softmax_scal
         upcast = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
             return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, causal, scale, upcast=upcast)
-    _check_cu_seqlens(cu_seqlens)
-    if q.shape[0] == 0:
-        return q.new_empty(q.shape)
+    if q.dtype != k.dtype or q.dtype != v.dtype or not q.is_floating_point():
+        raise TypeError(f"varlen_attention needs q, k, v of one floating-point dtype, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    _check_cu_seqlens(cu_seqlens, q.shape[0])
+    if q.shape[0] == 0:  # nothing to launch; the reference keeps the (empty) output in the graph
+        return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     return VarlenAttentionFn.apply(q, k, v, cu_seqlens, bool(causal), scale, _block_m)

@@ -46,7 +46,7 @@ def _compile(kind, d, block_m, causal):
         args = dict(O=x[0], DO=x[1], DELTA=lse, stride_ot=H_AOT * d, stride_oh=d, stride_dt=H_AOT * d, stride_dh=d,
                     T=T_AOT, D=d)  # fmt: skip
         return compile_sm90_like(va._varlen_attn_bwd_preprocess_kernel, args, dict(BLOCK_M=64, BLOCK_D=va._bd(d)))
-    args = dict(CU=_meta(S_AOT + 1, dtype=torch.int32), LO=lo, HI=lo)
+    args = dict(CU=_meta(S_AOT + 1, dtype=torch.int32), LO=lo, HI=lo, S=S_AOT, T=T_AOT)
     return compile_sm90_like(va._seq_bounds_kernel, args, dict(BLOCK=64), num_warps=4)
 
 
