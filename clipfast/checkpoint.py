@@ -131,8 +131,10 @@ def prune(ckpt_dir: Path, keep: int) -> list[Path]:
     return gone
 
 
-# what a run writes in its out_dir and an overwrite removes (config.json is written anew; tb/: TensorBoard's events)
-RUN_FILES = ("metrics.jsonl", "evals.jsonl", "eval.json", "model.pt", "ckpt", "tb")
+# what a run writes in its out_dir and an overwrite removes (config.json is written anew; tb/: TensorBoard's events;
+# done.json: a finished stage's record, stages.json: a staged run's, curves.png: clipfast.plot's default output)
+RUN_FILES = ("metrics.jsonl", "evals.jsonl", "eval.json", "model.pt", "ckpt", "tb", "done.json", "stages.json",
+             "curves.png")
 
 
 def fresh_out_dir(out: Path, overwrite: bool, is_main: bool) -> None:
@@ -140,6 +142,7 @@ def fresh_out_dir(out: Path, overwrite: bool, is_main: bool) -> None:
     this run's and keep_ckpts would keep its checkpoints; overwrite=true removes them instead (rank 0). Every rank
     decides from the same files before any of them writes: call it before the first collective."""
     held = [n for n in ("metrics.jsonl", "evals.jsonl") if (out / n).is_file() and (out / n).stat().st_size]
+    held += [n for n in ("stages.json", "done.json") if (out / n).is_file()]  # a staged run's, or one of its stages
     if (out / "ckpt").is_dir() and any((out / "ckpt").iterdir()):
         held.append("ckpt/")
     if not held:

@@ -101,22 +101,35 @@ def run(cfg: TrainConfig, train_fn, *, is_main: bool, barrier=lambda: None) -> l
     """Run the stages of `cfg` in order with `train_fn(stage_cfg, desc) -> summary dict`; returns the summaries."""
     stages = expand(cfg)
     # decide what to skip before anything is written, so that every rank takes the same decisions
-    plan = [(name, st, finished(st) if cfg.resume else None) for name, st in stages]
-    if not cfg.resume:  # every stage's folder checked (or, overwrite=true, emptied) before any is touched
-        for _, st in stages:
-            fresh_out_dir(Path(st.out_dir), st.overwrite, is_main)
+    # (and which stages hold a checkpoint or a finished record: one that trained before a stage that trains now)
+    plan = [(name, st, finished(st) if cfg.resume else None,
+             cfg.resume and ((Path(st.out_dir) / DONE).is_file() or (Path(st.out_dir) / "ckpt").is_dir()))
+            for name, st in stages]
+    if not cfg.resume:  # the run's and every stage's folder checked (or, overwrite=true, emptied) before any is touched
+        for folder, overwrite in [(cfg.out_dir, cfg.overwrite)] + [(st.out_dir, st.overwrite) for _, st in stages]:
+            fresh_out_dir(Path(folder), overwrite, is_main)
     out = Path(cfg.out_dir)
     barrier()
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    summaries = []
-    for i, (name, st, done) in enumerate(plan):
-        if done is not None:
+    summaries, trained = [], False  # trained: a stage before this one trained in this launch
+    for i, (name, st, done, held) in enumerate(plan):
+        if done is not None and not trained:
             log.info("stage %s (%d/%d) finished before: skipped", name, i + 1, len(plan))
             summaries.append(done)
             continue
         st = dataclasses.replace(st, resume=cfg.resume)
+        if trained and held:
+            # the stage before trained in this launch (resumed, or given more steps): what this one holds grew from
+            # that stage's older weights, so it starts afresh from the new ones
+            log.warning("stage %s (%d/%d): the stage before it trained again, so its earlier results are removed and "
+                        "it starts afresh", name, i + 1, len(plan))
+            if is_main:
+                fresh_out_dir(Path(st.out_dir), True, is_main)
+            barrier()
+            st = dataclasses.replace(st, resume=False, overwrite=True)
+        trained = True
         if is_main:
             Path(st.out_dir).mkdir(parents=True, exist_ok=True)
             (Path(st.out_dir) / DONE).unlink(missing_ok=True)
@@ -137,7 +150,7 @@ def run(cfg: TrainConfig, train_fn, *, is_main: bool, barrier=lambda: None) -> l
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if is_main:
-        last = Path(plan[-1][1].out_dir)
+        last = Path(stages[-1][1].out_dir)
         for fname in ("model.pt", "eval.json"):
             if (last / fname).is_file():
                 _copy(last / fname, out / fname)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clipfast import stages
+from clipfast.checkpoint import fresh_out_dir
 from clipfast.config import TrainConfig, apply_overrides, load_config
 from clipfast.data.demo import build
 from tests.conftest import free_port
@@ -95,13 +96,57 @@ def test_a_fresh_staged_run_into_a_finished_one_is_refused_before_any_stage_is_t
     cfg = TrainConfig(out_dir=str(tmp_path), stages=TWO)
     stages.run(cfg, lambda st, name: {"step": st.steps}, is_main=True)
     (tmp_path / "fine" / "metrics.jsonl").write_text('{"step": 4}\n')  # what the last stage logged
-    with pytest.raises(FileExistsError, match="fine holds an earlier run"):
+    with pytest.raises(FileExistsError, match=r"holds an earlier run \(stages.json\)"):
         stages.run(cfg, lambda st, name: {"step": st.steps}, is_main=True)
     assert (tmp_path / "pre" / stages.DONE).is_file()  # nothing removed or re-marked
     ran = []
     stages.run(dataclasses.replace(cfg, overwrite=True), lambda st, name: ran.append(name) or {"step": st.steps},
                is_main=True)
     assert ran == ["pre", "fine"] and not (tmp_path / "fine" / "metrics.jsonl").exists()
+
+
+def test_overwrite_removes_every_stage_record_so_an_interrupted_overwrite_resumes_all_stages(tmp_path):
+    """overwrite=true used to leave the stages' done.json and the run's model.pt / stages.json: stopped in its first
+    stage and resumed, the new run skipped its fine-tune and reported the old one's model."""
+    cfg = TrainConfig(out_dir=str(tmp_path), stages=TWO)
+    stages.run(cfg, lambda st, name: {"step": st.steps}, is_main=True)
+    (tmp_path / "model.pt").write_text("old")
+    (tmp_path / "curves.png").write_text("old")
+    ran = []
+
+    def stopped_in_pre(st, name):
+        ran.append((name, st.resume))
+        return {"step": 3, "preempted": True} if name == "pre" else {"step": st.steps}
+
+    stages.run(dataclasses.replace(cfg, overwrite=True), stopped_in_pre, is_main=True)
+    assert ran == [("pre", False)]
+    for gone in ("model.pt", "stages.json", "curves.png", "fine/done.json", "pre/done.json"):
+        assert not (tmp_path / gone).exists(), gone
+    ran.clear()
+    stages.run(dataclasses.replace(cfg, resume=True), lambda st, name: ran.append((name, st.resume)) or
+               {"step": st.steps}, is_main=True)  # fmt: skip
+    assert ran == [("pre", True), ("fine", True)]  # the fine-tune runs (from nothing: its folder was emptied)
+    with pytest.raises(FileExistsError, match="stages.json"):  # nor may a one-stage run reuse the folder
+        fresh_out_dir(tmp_path, False, True)
+
+
+def test_a_stage_after_one_that_trained_again_starts_afresh(tmp_path, caplog):
+    """Resumed with more pre-training steps: the pre-training goes on, and the fine-tune made from its older weights
+    is redone from the start (it used to be skipped as finished, keeping the old model)."""
+    cfg = TrainConfig(out_dir=str(tmp_path), stages=TWO)
+    stages.run(cfg, lambda st, name: {"step": st.steps}, is_main=True)
+    (tmp_path / "fine" / "ckpt").mkdir()
+    (tmp_path / "fine" / "ckpt" / "latest").write_text("step4")
+    longer = dataclasses.replace(cfg, resume=True, stages=(dict(TWO[0], steps=20), TWO[1]))
+    ran = []
+    with caplog.at_level("WARNING", logger="clipfast"):
+        out = stages.run(longer, lambda st, name: ran.append((name, st.resume)) or {"step": st.steps},
+                         is_main=True)  # fmt: skip
+    assert ran == [("pre", True), ("fine", False)] and [s["steps"] for s in out] == [20, 4]
+    assert not (tmp_path / "fine" / "ckpt").exists() and "stage fine (2/2): the stage before it trained" in caplog.text
+    ran.clear()
+    stages.run(longer, lambda st, name: ran.append(name) or {"step": st.steps}, is_main=True)
+    assert ran == []  # both finished now
 
 
 def test_demo_clipa_config_loads():
