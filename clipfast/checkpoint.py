@@ -172,7 +172,35 @@ def resume(run, cfg: TrainConfig, ckpt_dir: Path, is_main: bool) -> int:
         _, client = run.engine.load_checkpoint(str(ckpt_dir))
     step = int(client["step"])
     log.info("resumed from %s at step %d", ckpt_dir, step)
+    apply_settings(run.engine.optimizer, run.scheduler, cfg)
     return step
+
+
+def apply_settings(optimizer, scheduler, cfg: TrainConfig) -> None:
+    """The config's peak lr, weight decay, betas and eps over the ones a loaded checkpoint restored (the optimizer's
+    param groups and the scheduler's base_lrs hold the saved run's): a resume with lr=... after a loss spike gets
+    it. The groups are clipfast.build.param_groups' (decay, no decay); the scheduler a LambdaLR, whose lambda is the
+    config's already (a function is not saved)."""
+    peak = cfg.effective_lr()
+    want = [dict(weight_decay=cfg.weight_decay), dict(weight_decay=0.0)]
+    changed = set()
+    for i, g in enumerate(optimizer.param_groups):
+        for key, value in dict(want[min(i, 1)], betas=tuple(cfg.betas), eps=cfg.eps).items():
+            if key in g and (tuple(g[key]) if key == "betas" else g[key]) != value:
+                changed.add(f"{key} {g[key]} -> {value}")
+                g[key] = value
+    if any(b != peak for b in scheduler.base_lrs):
+        changed.add(f"lr {scheduler.base_lrs[0]:g} -> {peak:g}")
+    scheduler.base_lrs = [peak] * len(scheduler.base_lrs)
+    lrs = [peak * f(scheduler.last_epoch) for f in scheduler.lr_lambdas]  # the next step's, as the scheduler sets
+    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+        if isinstance(g["lr"], torch.Tensor):  # a CUDA graph's lr, filled in place
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = lr
+    scheduler._last_lr = lrs
+    if changed:
+        log.warning("resume: the config's settings over the checkpoint's: %s", ", ".join(sorted(changed)))
 
 
 def resume_resharded(run, ckpt_dir: Path, is_main: bool) -> dict:

@@ -167,7 +167,6 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         fresh_out_dir(out, cfg.overwrite, is_main)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     # --- model / optimizer / engine, and the checkpoint resumed
     model, mcfg, text_len = build_model(cfg, device, is_main)
@@ -178,6 +177,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     clip = trainer_clip(cfg, world, bf16)  # DeepSpeed on one float32 rank: clipped inside the fused AdamW
     params = [p for p in model.parameters() if p.requires_grad]
     step = resume(run, cfg, ckpt_dir, is_main)
+    if is_main:  # once the model is built and the checkpoint loaded: a resume that fails leaves the run's config
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     # --- data (reseeded on resume so that the continued run does not replay the same order)
     grid = mask_grid(mcfg.name, mcfg.vision, cfg.image_reduction, cfg.mask_ratio)  # a ResNet takes no masks

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from clipfast.build import lr_lambda
+from clipfast.checkpoint import apply_settings
 from clipfast.config import TrainConfig
 from clipfast.data import pack_text
 from clipfast.engine import TorchEngine, check_engine
@@ -21,7 +23,7 @@ def _batch(device, n=6, seed=0):
 
 
 def _engine(device, bf16=False, cuda_graph=False, world=1, seed_offset=0, **kw):
-    cfg = TrainConfig(batch_size=6 * world, steps=10, warmup_steps=2, lr=1e-3, **kw)
+    cfg = TrainConfig(batch_size=6 * world, steps=10, warmup_steps=2, **{"lr": 1e-3, **kw})
     torch.manual_seed(seed_offset)
     model = CLIP(from_name("demo", **{"vision.layers": 1, "text.layers": 1}), kernels="ref")
     return TorchEngine(model, cfg, torch.device(device), bf16=bf16, cuda_graph=cuda_graph, world=world)
@@ -55,7 +57,7 @@ def test_steps_follow_the_schedule_and_a_checkpoint_resumes_exactly(bf16, tmp_pa
     losses = [_eager_step(e, b) for _ in range(3)]
     assert e.scheduler.last_epoch == 3
     if not bf16:  # the same step written out with torch: param groups, clipping, fused AdamW, warmup schedule
-        from clipfast.build import lr_lambda, param_groups
+        from clipfast.build import param_groups
 
         ref = _engine("cpu").module  # same seed, same weights
         opt = torch.optim.AdamW(param_groups(ref, e.cfg.weight_decay), lr=1e-3, betas=e.cfg.betas, eps=e.cfg.eps,
@@ -75,7 +77,20 @@ def test_steps_follow_the_schedule_and_a_checkpoint_resumes_exactly(bf16, tmp_pa
     f = _engine("cpu", bf16=bf16)
     path, client = f.load_checkpoint(str(tmp_path))
     assert client == {"step": 3} and path.endswith("step3/state.pt") and f.scheduler.last_epoch == 3
+    apply_settings(f.optimizer, f.scheduler, f.cfg)  # (as clipfast.checkpoint.resume does: the same settings)
     assert [_eager_step(f, b) for _ in range(2)] == after  # bit for bit: weights, masters, moments, lr restored
+
+    # resumed with other settings (lr lowered after a spike): the config's, not the checkpoint's
+    g = _engine("cpu", bf16=bf16, lr=1e-4, weight_decay=0.0, betas=(0.8, 0.95), eps=1e-6)
+    g.load_checkpoint(str(tmp_path))
+    assert g.scheduler.base_lrs == [1e-3, 1e-3] and g.optimizer.param_groups[0]["weight_decay"] == e.cfg.weight_decay
+    apply_settings(g.optimizer, g.scheduler, g.cfg)
+    assert g.scheduler.base_lrs == [1e-4, 1e-4] and g.scheduler.get_last_lr() == [1e-4 * lr_lambda(g.cfg)(3)] * 2
+    for group in g.optimizer.param_groups:
+        assert (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (
+            1e-4 * lr_lambda(g.cfg)(3), 0.0, (0.8, 0.95), 1e-6)
+    _eager_step(g, b)
+    assert g.scheduler.get_last_lr() == [1e-4 * lr_lambda(g.cfg)(4)] * 2
 
 
 def test_a_missing_checkpoint_file_is_named(tmp_path):

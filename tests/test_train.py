@@ -131,6 +131,9 @@ def test_one_rank_torch_engine_trains_resumes_without_deepspeed(data, tmp_path):
     assert "train step 4/4: loss" in r.stderr  # not a terminal: a line per log step, not tqdm's bar
     r = _python_without_deepspeed(tmp_path, "steps=6", *common)  # a fresh run into the folder of one
     assert r.returncode != 0 and "holds an earlier run (metrics.jsonl, ckpt/)" in r.stderr
+    r = _python_without_deepspeed(tmp_path, "steps=9", "resume=true", "image_size=48", *common)  # does not load
+    assert r.returncode != 0 and "positional_embedding" in r.stderr
+    assert json.loads((out / "config.json").read_text())["steps"] == 4  # the run's config, not the failed resume's
     r = _python_without_deepspeed(tmp_path, "steps=6", "resume=true", "compile=true", *common)  # resumed, compiled
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "at step 4" in r.stdout + r.stderr and "compile=true: transformer blocks" in r.stdout + r.stderr
