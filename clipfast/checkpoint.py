@@ -104,11 +104,12 @@ def load_weights(model: CLIP, path: str) -> None:
     log.info("initialised from %s (step %s)", p, ckpt.get("step", "?") if isinstance(ckpt, dict) else "?")
 
 
-def save(run, cfg: TrainConfig, out: Path, step: int, is_main: bool) -> None:
-    """The engine's checkpoint ckpt/step<step> (every rank writes its part), model.pt, and the older checkpoints
-    beyond cfg.keep_ckpts removed."""
+def save(run, cfg: TrainConfig, out: Path, step: int, is_main: bool, progress: dict | None = None) -> None:
+    """The engine's checkpoint ckpt/step<step> (every rank writes its part; its client state the step and
+    `progress`, what the run counts across resumes), model.pt, and the older checkpoints beyond cfg.keep_ckpts
+    removed."""
     ckpt_dir = out / "ckpt"
-    run.engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+    run.engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={**(progress or {}), "step": step})
     if is_main or run.layout.stage == 3:  # (stage 3: every rank takes part in the gather)
         weights = full_weights(run.engine.module, run.layout.stage, keep=is_main)
     if is_main:
@@ -158,14 +159,15 @@ def fresh_out_dir(out: Path, overwrite: bool, is_main: bool) -> None:
         log.warning("overwrite=true: removed the earlier run's %s from %s", ", ".join(gone), out)
 
 
-def resume(run, cfg: TrainConfig, ckpt_dir: Path, is_main: bool) -> int:
+def resume(run, cfg: TrainConfig, ckpt_dir: Path, is_main: bool) -> dict:
     """With resume=true, load the latest checkpoint in ckpt_dir (one saved in another layout is converted first);
-    returns the step to continue from (0 without a checkpoint)."""
+    returns its client state: "step", the step to continue from, and what save's `progress` held ({"step": 0}
+    without a checkpoint)."""
     if not cfg.resume:
-        return 0
+        return {"step": 0}
     if not (ckpt_dir / "latest").is_file():
         log.info("resume=true but no checkpoint in %s: starting from scratch", ckpt_dir)
-        return 0
+        return {"step": 0}
     if run.plan and run.plan.convert:  # saved with another number of ranks, ZeRO stage, precision or engine
         client = resume_resharded(run, ckpt_dir, is_main)
     else:
@@ -173,7 +175,7 @@ def resume(run, cfg: TrainConfig, ckpt_dir: Path, is_main: bool) -> int:
     step = int(client["step"])
     log.info("resumed from %s at step %d", ckpt_dir, step)
     apply_settings(run.engine.optimizer, run.scheduler, cfg)
-    return step
+    return {**client, "step": step}
 
 
 def apply_settings(optimizer, scheduler, cfg: TrainConfig) -> None:

@@ -176,7 +176,10 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     engine, scheduler = run.engine, run.scheduler
     clip = trainer_clip(cfg, world, bf16)  # DeepSpeed on one float32 rank: clipped inside the fused AdamW
     params = [p for p in model.parameters() if p.requires_grad]
-    step = resume(run, cfg, ckpt_dir, is_main)
+    client = resume(run, cfg, ckpt_dir, is_main)
+    step = int(client["step"])
+    # counted across resumes (saved with each checkpoint): skipped samples, wall time
+    before = {k: client.get(k, 0) for k in ("skipped_samples", "train_s", "total_s")}
     if is_main:  # once the model is built and the checkpoint loaded: a resume that fails leaves the run's config
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
@@ -252,6 +255,12 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     interactive = sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and interactive), dynamic_ncols=True, desc=desc)
     t_loop = t_last = time.perf_counter()
+
+    def progress() -> dict:  # what a checkpoint carries across resumes (skipped_so_far: a collective; every rank saves)
+        now = time.perf_counter()
+        return {"skipped_samples": before["skipped_samples"] + skipped_so_far(loader, world, device),
+                "train_s": before["train_s"] + now - t_loop, "total_s": before["total_s"] + now - t_start}
+
     preempted = False
     wait_last, samples_last, text_tokens, loss_v = loader.wait_s, 0, 0, None
     if cuda:
@@ -281,7 +290,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                 "mfu": (sps * fl / world / peak) if peak else None,
                 "data_wait_share": (loader.wait_s - wait_last) / dt,
                 "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-                "skipped_samples": skipped_so_far(loader, world, device),
+                "skipped_samples": before["skipped_samples"] + skipped_so_far(loader, world, device),
                 **{k: v.item() for k, v in parts.items()},  # (sync points, once per log)
             }
             t_last, wait_last, samples_last, text_tokens = now, loader.wait_s, 0, 0
@@ -299,7 +308,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         bar.update(1)
         saved = step % cfg.ckpt_every == 0 or step == cfg.steps
         if saved:
-            save(run, cfg, out, step, is_main)
+            save(run, cfg, out, step, is_main, progress())
         if cfg.eval_every and step % cfg.eval_every == 0 and not (step == cfg.steps and cfg.eval_at_end):
             t0 = time.perf_counter()
             evaluate_now(cfg, run, mcfg, device, is_main, step, writer, evals, say=bar.write, rank=rank, world=world)
@@ -308,7 +317,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         # after it came: the ranks' flags are all-reduced each step and read that much later, without a host sync)
         if preempt.agreed(world, device):
             if not saved:
-                save(run, cfg, out, step, is_main)
+                save(run, cfg, out, step, is_main, progress())
             if is_main:
                 log.warning("%s received: stopped at step %d of %d with a checkpoint in %s; the same command with "
                             "resume=true goes on from there (exit status %d)", preempt.signal or "a signal on "
@@ -318,7 +327,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     bar.close()
     preempt.reset()  # (every rank leaves the loop at the same step: the flags in flight are the same everywhere)
     loader.close()
-    train_s = time.perf_counter() - t_loop
+    train_s = before["train_s"] + time.perf_counter() - t_loop  # (and the launches before a resume)
     if loader.skipped:
         log.warning("skipped %d corrupt samples: %s", sum(loader.skipped.values()), loader.skipped)
 
@@ -335,7 +344,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         writer.close()
     if metrics:
         metrics.close()
-    return {"step": step, "loss": loss_v, "train_s": train_s, "total_s": time.perf_counter() - t_start,
+    total_s = before["total_s"] + time.perf_counter() - t_start
+    return {"step": step, "loss": loss_v, "train_s": train_s, "total_s": total_s,
             "top1": res[first]["top1"] if first else None, **({"preempted": True} if preempted else {})}
 
 

@@ -35,7 +35,7 @@ def main() -> None:
     model, _, _ = T.build_model(cfg, device, rank == 0)
     ckpt_dir = Path(cfg.out_dir) / "ckpt"
     run = T.build_engine(cfg, model, device, world, cfg.precision == "bf16", ckpt_dir)
-    step = T.resume(run, cfg, ckpt_dir, rank == 0)
+    step = T.resume(run, cfg, ckpt_dir, rank == 0)["step"]
     state = reshard.full_state(run.engine, run.names, run.layout)
     if rank == 0:
         torch.save({"step": step, "state": state, "scheduler": run.scheduler.state_dict(),

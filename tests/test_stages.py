@@ -230,6 +230,13 @@ def _run(config, *overrides):
     return r.stdout + r.stderr
 
 
+def _client_state(tag):
+    """The client state of a DeepSpeed checkpoint (the step, and what the trainer counts across resumes): DeepSpeed
+    keeps its keys at the top level of the model-states file."""
+    sd = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    return {k: sd[k] for k in ("step", "skipped_samples", "train_s", "total_s")}
+
+
 def _steps(path):
     return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
@@ -260,9 +267,15 @@ def test_two_stage_run_end_to_end_and_resume(tmp_path):
     assert all(s["train_s"] > 0 for s in summary)
 
     # resume with a longer fine-tune: the finished pre-training is skipped, the fine-tune continues at step 2
+    at2 = _client_state(fine / "ckpt" / "step2")
     log = _run(ROOT / "configs" / "demo_clipa.py", "stages.finetune.steps=4", "resume=true", *common)
     assert "stage pretrain (1/2) finished before: skipped" in log
     assert "at step 2" in log
     assert _steps(pre / "metrics.jsonl") == [2, 3] and _steps(fine / "metrics.jsonl") == [2, 4]
     assert torch.load(out / "model.pt", weights_only=False)["step"] == 4
     assert [s["steps"] for s in json.loads((out / "stages.json").read_text())] == [3, 4]
+    # what the checkpoints carry across the resume: the wall times go on from the first launch's
+    at4 = _client_state(fine / "ckpt" / "step4")
+    assert at2["step"] == 2 and at4["step"] == 4 and at2["skipped_samples"] == at4["skipped_samples"] == 0
+    assert at4["train_s"] > at2["train_s"] > 0 and at4["total_s"] > at2["total_s"] > at2["train_s"]
+    assert json.loads((out / "stages.json").read_text())[1]["train_s"] >= at4["train_s"]
