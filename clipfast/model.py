@@ -148,6 +148,14 @@ class CLIP(nn.Module):
         super().__init__()
         self.cfg, self.impl = cfg, _impl(kernels)
         t: TextConfig = cfg.text
+        v = cfg.vision
+        bad = [f"{tower}.width {w} is not divisible by {tower}.heads {h}" for tower, w, h in
+               (("vision", v.width, v.heads), ("text", t.width, t.heads)) if h < 1 or w % h and
+               (tower == "text" or v.kind == "vit")]  # fmt: skip
+        if v.kind == "vit" and (v.patch_size < 1 or v.image_size % v.patch_size):
+            bad.append(f"vision.image_size {v.image_size} is not a multiple of vision.patch_size {v.patch_size}")
+        if bad:  # (the forward would fail on the first batch, with a reshape's message)
+            raise ValueError(f"model {cfg.name!r}: " + "; ".join(bad))
         if cfg.vision.kind == "resnet":
             from clipfast.resnet import ModifiedResNet  # imports this module's IMAGE_MEAN
 

@@ -164,6 +164,9 @@ def from_name(name: str, **overrides) -> ModelConfig:
         obj = cfg
         *path, last = dotted.split(".")
         for p in path:
+            if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+                raise KeyError(f"unknown model field {dotted!r}: no {p!r} there (dotted names start with vision. "
+                               f"or text.)")
             obj = getattr(obj, p)
         if not hasattr(obj, last):
             valid = [f.name for f in dataclasses.fields(obj)]

@@ -69,6 +69,22 @@ def test_aliases_and_overrides():
         from_name("B/17")
     with pytest.raises(KeyError, match="valid fields"):
         from_name("B/16", **{"vision.depth": 3})
+    with pytest.raises(KeyError, match="no 'visoin' there"):  # a misspelt tower: named, not an AttributeError
+        from_name("B/16", **{"visoin.image_size": 112})
+
+
+def test_a_model_that_cannot_run_is_refused_when_built():
+    """An image size off the patch grid or a width the heads do not divide used to build, then fail at the first
+    forward with a reshape's message."""
+    from clipfast.model import CLIP
+
+    for over, what in (({"vision.image_size": 36}, "vision.image_size 36 is not a multiple of vision.patch_size 8"),
+                       ({"vision.heads": 3}, "vision.width 128 is not divisible by vision.heads 3"),
+                       ({"text.heads": 5}, "text.width 128 is not divisible by text.heads 5")):  # fmt: skip
+        with pytest.raises(ValueError, match=what):
+            CLIP(from_name("demo", **over), kernels="ref")
+    CLIP(from_name("demo", **{"vision.image_size": 40, "vision.heads": 4}), kernels="ref")  # 5 x 5 patches: fine
+    CLIP(from_name("demo-rn", **{"vision.image_size": 40}), kernels="ref")  # a ResNet takes any size
 
 
 def _step(model, images, text, cu, max_len):
