@@ -327,6 +327,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="output folder (default bench/results/<device>-<date>)")
     ap.add_argument("--update-readme", action="store_true", help="write the table into README.md's bench section")
     args = ap.parse_args(argv)
+    check_args(ap, args)
     grid = GRIDS[args.grid or ("gpu" if args.device.startswith("cuda") else "cpu")]
     for key in ("presets", "sizes", "masks", "text_lens", "batch", "steps", "warmup", "batches", "threads",
                 "max_batch_scale"):
@@ -337,6 +338,36 @@ def parse_args(argv=None):
     args.clipfast_precision = args.clipfast_precision or (
         "bf16_master" if args.device.startswith("cuda") and args.precision == "amp_bf16" else args.precision)
     return args
+
+
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    """Values no point can run with are usage errors now (exit status 2), not a failure at every point."""
+    bad = []
+    for key, least in (("sizes", 1), ("text_lens", 2), ("batch", 1), ("steps", 1), ("warmup", 0), ("batches", 1),
+                       ("threads", 1), ("max_batch_scale", 1)):  # fmt: skip
+        value = getattr(args, key)
+        for v in value if isinstance(value, list) else [] if value is None else [value]:
+            if v < least:
+                bad.append(f"--{key.replace('_', '-')} {v} (at least {least})")
+    bad += [f"--masks {m} (a ratio in [0, 1))" for m in args.masks or [] if not 0 <= m < 1]
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        bad.append(f"--peak-tflops {args.peak_tflops} (above 0)")
+    for name in args.presets or []:
+        try:
+            from_name(name)
+        except KeyError as e:
+            bad.append(f"--presets: {e.args[0]}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        bad.append(f"--device {args.device}: torch sees no CUDA device here")
+    if args.data:
+        from clipfast.data.shards import list_shards  # (no DALI needed to list them)
+
+        try:
+            list_shards(args.data)
+        except FileNotFoundError as e:
+            bad.append(f"--data: {e}")
+    if bad:
+        ap.error("; ".join(bad))
 
 
 def main(argv=None) -> list[dict]:
@@ -448,6 +479,8 @@ def main(argv=None) -> list[dict]:
         shown = [a for a in (argv or sys.argv[1:]) if a != "--update-readme"]
         update_readme(readme_section(md, rel, shlex.join(["python", "bench/throughput.py", *shown])))
     print(f"wrote {out}", file=sys.stderr)
+    if not rows:  # every point failed (or none fit the time budget): a failed run, not an empty success
+        raise SystemExit(f"throughput.py: no point was measured ({'; '.join(skipped)})")
     return rows
 
 

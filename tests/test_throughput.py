@@ -220,8 +220,9 @@ def test_out_of_memory_while_timing_drops_the_last_optional_column(tmp_path, mon
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(tp, "time_interleaved", always_oom)
-    rows = tp.main(TINY + ["--sizes", "32", "--masks", "--no-open-clip", "--out", str(tmp_path / "b")])
-    assert not rows
+    with pytest.raises(SystemExit, match="no point was measured .*OutOfMemoryError"):  # every point failed: exit 1
+        tp.main(TINY + ["--sizes", "32", "--masks", "--no-open-clip", "--out", str(tmp_path / "b")])
+    assert (tmp_path / "b" / "throughput.md").is_file()  # with the failures listed there
 
 
 def test_points_measure_exactly_those_points_then_each_full_point(tmp_path):
@@ -238,6 +239,18 @@ def test_points_measure_exactly_those_points_then_each_full_point(tmp_path):
     masked, full = sorted(rows, key=lambda r: r["mask"], reverse=True)  # the full point, measured last, still counts:
     assert full["clipfast_speedup"] == 1.0
     assert masked["clipfast_speedup"] == round(masked["clipfast_samples_s"] / full["clipfast_samples_s"], 3)
+
+
+def test_arguments_no_point_can_run_with_are_usage_errors(capsys):
+    """They used to fail at every point (exit status 0), or be replaced silently (--batch 0: the grid's 128)."""
+    for bad, why in ((["--steps", "0"], "--steps 0 (at least 1)"), (["--batch", "0"], "--batch 0 (at least 1)"),
+                     (["--text-lens", "1"], "--text-lens 1 (at least 2)"), (["--masks", "-0.5"], "--masks -0.5"),
+                     (["--threads", "0"], "--threads 0"), (["--presets", "nope"], "unknown model preset 'nope'"),
+                     (["--data", "/nonexistent"], "--data: no .tar shards")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            tp.parse_args(["--presets", "demo", *bad])
+        assert e.value.code == 2 and why in capsys.readouterr().err, bad
+    assert tp.parse_args(["--presets", "demo", "--batch", "4", "--masks", "0", "0.5"]).batch == 4
 
 
 def test_skip_leaves_out_optional_columns(tmp_path):
