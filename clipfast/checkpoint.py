@@ -89,14 +89,50 @@ def save_model(path: Path, model: CLIP, cfg: TrainConfig, step: int, sd: dict | 
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half file behind
 
 
-def load_weights(model: CLIP, path: str) -> None:
-    """Start from a clipfast model.pt (or a run folder holding one): position embeddings resized to `model`."""
+def read_model_file(path: str, raw_ok: bool = False) -> dict:
+    """What a clipfast model.pt holds (model_config, state_dict, train_config, step), from the file, a run folder
+    holding one, or one of the run's checkpoints (`<run>/ckpt/step<N>`: its weights, in float32, with the run's model
+    config; an engine=torch or DeepSpeed stage 0-2 checkpoint). raw_ok: a file of a bare state_dict is read as
+    {"state_dict": it}."""
     p = Path(path)
+    if p.is_dir() and TAG.match(p.name) and p.parent.name == "ckpt":
+        return _read_checkpoint_tag(p)
     p = p / "model.pt" if p.is_dir() else p
     if not p.is_file():
-        raise FileNotFoundError(f"init_from: no model file at {path!r} (expected a model.pt from clipfast.train)")
+        raise FileNotFoundError(f"no clipfast model file at {path!r} (expected model.pt from clipfast.train, a run "
+                                f"folder, or a checkpoint of one: <run>/ckpt/step<N>)")
     ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+    if isinstance(ckpt, dict) and "model_config" in ckpt:
+        return ckpt
+    if raw_ok and isinstance(ckpt, dict):
+        return {"state_dict": ckpt.get("state_dict", ckpt)}
+    raise ValueError(f"{p} is not a clipfast model file (no 'model_config'); open_clip files: clipfast.interop")
+
+
+def _read_checkpoint_tag(tag: Path) -> dict:
+    run = read_model_file(str(tag.parent.parent))  # the run's model config (every checkpoint of the run has it)
+    files = [tag / "state.pt", tag / reshard.MODEL_FILE]  # engine=torch's; DeepSpeed's (stages 0-2)
+    found = next((f for f in files if f.is_file()), None)
+    if found is None and not (tag / reshard.STAGE3_MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{tag} holds no engine=torch or DeepSpeed checkpoint (state.pt, {reshard.MODEL_FILE})")
+    if found is None:  # ZeRO stage 3: each rank's partition of the weights sits in its own file
+        raise ValueError(f"{tag} is a ZeRO stage 3 checkpoint (its weights are partitioned over the ranks' files): "
+                         f"gather them with DeepSpeed's zero_to_fp32.py in {tag.parent} (--tag {tag.name}); the "
+                         f"run's latest weights are its model.pt")
+    sd = torch.load(found, map_location="cpu", weights_only=False)["module"]
+    sd = without_head({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    return {**run, "state_dict": sd, "step": int(TAG.match(tag.name).group(1))}
+
+
+def load_weights(model: CLIP, path: str) -> None:
+    """Start from a clipfast model.pt (or a run folder holding one, or one of its checkpoints): position embeddings
+    resized to `model`."""
+    try:
+        ckpt = read_model_file(path, raw_ok=True)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"init_from: {e}") from None
+    sd = ckpt["state_dict"]
+    p = Path(path) / "model.pt" if (Path(path) / "model.pt").is_file() else path  # (the file, where a folder held it)
     missing, unexpected = model.load_state_dict(resize_state_dict(without_head(sd), model.cfg), strict=False)
     missing = without_head(dict.fromkeys(missing))  # a new SSL head starts from its own init
     if missing or unexpected:

@@ -113,7 +113,8 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 
 
 def load_model(checkpoint: str, device="cpu", kernels: str = "auto", open_clip_name: str | None = None) -> CLIP:
-    """A model saved by clipfast.train (`model.pt`, or a run folder holding one), in eval mode; with open_clip_name,
+    """A model saved by clipfast.train (`model.pt`, a run folder holding one, or one of the run's checkpoints
+    `<run>/ckpt/step<N>`), in eval mode; with open_clip_name,
     that open_clip model's state dict in `checkpoint`, through clipfast.interop (architectures clipfast's CLIP has;
     no download)."""
     if open_clip_name is not None:
@@ -123,14 +124,9 @@ def load_model(checkpoint: str, device="cpu", kernels: str = "auto", open_clip_n
         model = CLIP(config_from_open_clip(open_clip_name, **kwargs), kernels=kernels)
         load_open_clip_state(model, checkpoint, open_clip_model=open_clip_name, **kwargs)
         return model.to(device).eval()
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no clipfast model file at {checkpoint!r} (expected model.pt from clipfast.train)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a clipfast model file (no 'model_config'); open_clip files: clipfast.interop")
+    from clipfast.checkpoint import read_model_file
+
+    ckpt = read_model_file(checkpoint)  # (model.pt, a run folder, or a checkpoint of it: <run>/ckpt/step<N>)
     model = CLIP(model_config_from_dict(ckpt["model_config"]), kernels=kernels)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval()

@@ -18,17 +18,14 @@ from pathlib import Path
 
 import torch
 
+from clipfast.checkpoint import read_model_file
 from clipfast.interop import config_from_open_clip, export_kwargs, load_open_clip_state, open_clip_name, to_open_clip
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict]:
-    """(model_config dict, state_dict) of a clipfast model.pt (or a run folder holding one)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.pt"
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
-        raise ValueError(f"{p} is not a clipfast model file (no 'model_config'); it is written by clipfast.train")
+    """(model_config dict, state_dict) of a clipfast model.pt (a run folder holding one, or one of the run's
+    checkpoints, <run>/ckpt/step<N>)."""
+    ckpt = read_model_file(path)
     return ckpt["model_config"], ckpt["state_dict"]
 
 

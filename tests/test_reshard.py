@@ -83,7 +83,8 @@ def _assert_same_state(a, b):
 def test_resume_on_other_ranks_stages_precisions_and_engines(data, tmp_path):
     common = [f"train_data={data / 'train'}", "batch_size=12", "steps=3", "ckpt_every=3", "warmup_steps=5",
               "min_lr=1e-4", "tensorboard=false", "data_threads=1", "eval_at_end=false"]
-    probe = [f"train_data={data / 'train'}", "batch_size=12"]
+    probe = [f"train_data={data / 'train'}", "batch_size=12", "steps=3", "warmup_steps=5"]  # (the run's schedule: a
+    # resume takes the config's lr and schedule over the checkpoint's)
 
     def train(ranks, out, *overrides):
         r = _deepspeed(ranks, f"out_dir={out}", *common, *overrides)
@@ -116,6 +117,11 @@ def test_resume_on_other_ranks_stages_precisions_and_engines(data, tmp_path):
     weights = torch.load(three / "model.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(weights[k].reshape(-1), st["fp32"].reshape(-1)) for k, st in native["state"].items())
     assert json.loads((three / "eval.json").read_text())["samples"] == 359
+    from clipfast.checkpoint import read_model_file
+
+    tag = next((three / "ckpt").glob("step*"))
+    with pytest.raises(ValueError, match="is a ZeRO stage 3 checkpoint .*zero_to_fp32.py"):  # not read as empty weights
+        read_model_file(str(tag))
     for i, (ranks, layout, *more) in enumerate(((3, "ZeRO stage 3, float32 on 3 ranks", "zero_stage=3"),
                                                  (1, "ZeRO stage 0, float32"))):
         other = _probe(ranks, three, tmp_path / f"3{i}.pt", *probe, *more)

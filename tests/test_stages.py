@@ -279,3 +279,13 @@ def test_two_stage_run_end_to_end_and_resume(tmp_path):
     assert at2["step"] == 2 and at4["step"] == 4 and at2["skipped_samples"] == at4["skipped_samples"] == 0
     assert at4["train_s"] > at2["train_s"] > 0 and at4["total_s"] > at2["total_s"] > at2["train_s"]
     assert json.loads((out / "stages.json").read_text())[1]["train_s"] >= at4["train_s"]
+    # a checkpoint reads as a model file: the weights of its step, with the stage's model config
+    from clipfast.checkpoint import read_model_file
+
+    tagged, final = read_model_file(str(fine / "ckpt" / "step4")), torch.load(fine / "model.pt", weights_only=False)
+    assert tagged["step"] == 4 and tagged["model_config"] == final["model_config"]
+    assert tagged["state_dict"].keys() == final["state_dict"].keys()
+    assert all(torch.equal(tagged["state_dict"][k], final["state_dict"][k]) for k in final["state_dict"])
+    earlier = read_model_file(str(fine / "ckpt" / "step2"))
+    assert earlier["step"] == 2 and not torch.equal(earlier["state_dict"]["text_projection"],
+                                                    final["state_dict"]["text_projection"])

@@ -128,6 +128,14 @@ def test_one_rank_torch_engine_trains_resumes_without_deepspeed(data, tmp_path):
     r = _python_without_deepspeed(tmp_path, "steps=4", *common)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / "ckpt" / "step4" / "state.pt").is_file() and (out / "model.pt").is_file()
+    import torch
+
+    from clipfast.evaluate import load_model
+
+    tagged, final = load_model(str(out / "ckpt" / "step4")), load_model(str(out))  # a checkpoint, as a model file
+    assert all(torch.equal(a, b) for a, b in zip(tagged.state_dict().values(), final.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="or a checkpoint of one"):
+        load_model(str(out / "ckpt"))
     assert "train step 4/4: loss" in r.stderr  # not a terminal: a line per log step, not tqdm's bar
     r = _python_without_deepspeed(tmp_path, "steps=6", *common)  # a fresh run into the folder of one
     assert r.returncode != 0 and "holds an earlier run (metrics.jsonl, ckpt/)" in r.stderr
