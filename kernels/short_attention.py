@@ -498,6 +498,8 @@ def short_attention_qkvpacked(qkv, causal=False, softmax_scale=None, *, bias=Non
         raise ValueError(f"qkv must be (batch, tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
     if qkv.shape[-1] > 128:
         raise ValueError(f"head_dim {qkv.shape[-1]} > 128 is not supported by the kernel; use SDPA")
+    if not qkv.is_floating_point():
+        raise TypeError(f"short_attention_qkvpacked needs a floating-point qkv, got {qkv.dtype}")
     if bias is not None and bias.shape != (qkv[0, 0].numel(),):
         raise ValueError(f"bias must be ({qkv[0, 0].numel()},) for qkv of shape {tuple(qkv.shape)}, got "
                          f"{tuple(bias.shape)}")  # fmt: skip

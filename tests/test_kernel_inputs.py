@@ -68,6 +68,8 @@ def test_dtypes_the_kernels_do_not_take():
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(TypeError, match="one floating-point dtype, got torch.float32, torch.bfloat16"):
         varlen_attention(q, q.bfloat16(), q, cu, 4, impl="triton")
+    with pytest.raises(TypeError, match="needs a floating-point qkv, got torch.int32"):
+        short_attention_qkvpacked(torch.ones(1, 4, 3, 2, 16, dtype=torch.int32), impl="triton")
     with pytest.raises(TypeError, match="layer_norm needs a floating-point x, got torch.int32"):
         layer_norm(torch.ones(3, N, dtype=torch.int32), torch.ones(N), torch.zeros(N), impl="triton")
     x, w1, b1, w2 = (torch.randn(*s, dtype=torch.float64) for s in ((5, 16), (32, 16), (32,), (16, 32)))
