@@ -57,7 +57,8 @@ def grid_points(presets, sizes, masks, text_lens) -> dict[str, list[Point]]:
         p = cfg.vision.stride  # pixels per grid cell: the patch, or a ResNet's 32
         pts = [Point(cfg.name, cfg.vision.image_size, 0.0, cfg.text.context_length)]
         pts += [Point(cfg.name, snap(s, p), 0.0, t) for t in text_lens for s in sizes]
-        pts += [Point(cfg.name, snap(max(sizes), p), m, t) for t in text_lens for m in masks if m > 0]
+        if cfg.vision.kind == "vit":  # (a ResNet takes no patch masks: no such points for it)
+            pts += [Point(cfg.name, snap(max(sizes), p), m, t) for t in text_lens for m in masks if m > 0]
         out[cfg.name] = list(dict.fromkeys(pts))
     return out
 
@@ -86,6 +87,8 @@ def parse_points(specs: list[str]) -> dict[str, list[Point]]:
             mask = float(parts[3]) if len(parts) == 4 else 0.0
             if not 0 <= mask < 1 or size <= 0 or text < 2:
                 raise ValueError("size > 0, text >= 2, 0 <= mask < 1")
+            if mask and cfg.vision.kind != "vit":
+                raise ValueError(f"{cfg.name} is a ResNet: it takes no patch mask")
         except (ValueError, KeyError) as e:
             raise SystemExit(f"--points: bad entry {spec!r}: {e}") from None
         out.setdefault(cfg.name, []).append(Point(cfg.name, snap(size, cfg.vision.stride), mask, text))

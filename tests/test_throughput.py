@@ -42,6 +42,8 @@ def test_grid_snaps_to_patch_and_puts_full_point_first():
     assert len(h) == len(set(h)) == 3 * 2 + 2  # the full point (224, 77) is not measured twice
     assert {p.mask for p in h if p.mask} == {0.5} and all(p.size == 224 for p in h if p.mask)
     assert groups["demo"][0] == points.Point("demo", 32, 0.0, 16)
+    rn = points.grid_points(["demo-rn"], [32, 64], [0.5], [8])["demo-rn"]  # a ResNet: no mask points (at 32 px, one
+    assert rn and not any(p.mask for p in rn)  # 1x1 cell, one had been labelled mask=0.5 with nothing masked)
 
 
 @pytest.mark.parametrize("mask", [0.3, 0.5, 0.75, 0.9])
@@ -231,7 +233,8 @@ def test_points_measure_exactly_those_points_then_each_full_point(tmp_path):
     assert [(p.size, p.mask, p.text_len) for p in groups["ViT-L-16"]] == [(96, 0.5, 8), (224, 0.0, 77)]
     assert list(points.parse_points(["B/16:224:77"])["ViT-B-16"]) == [points.Point("ViT-B-16", 224, 0.0, 77)]  # once
     for bad, why in (("B/16:112", "PRESET:SIZE:TEXT"), ("Z/99:112:16", "unknown model preset"),
-                     ("B/16:112:16:1.5", "mask"), ("B/16:big:16", "invalid literal")):
+                     ("B/16:112:16:1.5", "mask"), ("B/16:big:16", "invalid literal"),
+                     ("RN50:224:16:0.5", "RN50 is a ResNet: it takes no patch mask")):
         with pytest.raises(SystemExit, match=why):
             points.parse_points([bad])
     rows = tp.main(TINY + ["--points", "demo:16:8:0.5", "--no-open-clip", "--out", str(tmp_path)])
