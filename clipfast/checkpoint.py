@@ -111,14 +111,13 @@ def read_model_file(path: str, raw_ok: bool = False) -> dict:
 
 def _read_checkpoint_tag(tag: Path) -> dict:
     run = read_model_file(str(tag.parent.parent))  # the run's model config (every checkpoint of the run has it)
-    files = [tag / "state.pt", tag / reshard.MODEL_FILE]  # engine=torch's; DeepSpeed's (stages 0-2)
-    found = next((f for f in files if f.is_file()), None)
-    if found is None and not (tag / reshard.STAGE3_MODEL_FILE).is_file():
-        raise FileNotFoundError(f"{tag} holds no engine=torch or DeepSpeed checkpoint (state.pt, {reshard.MODEL_FILE})")
-    if found is None:  # ZeRO stage 3: each rank's partition of the weights sits in its own file
+    if (tag / reshard.STAGE3_MODEL_FILE).is_file():  # each rank's partition of the weights sits in its own file
         raise ValueError(f"{tag} is a ZeRO stage 3 checkpoint (its weights are partitioned over the ranks' files): "
                          f"gather them with DeepSpeed's zero_to_fp32.py in {tag.parent} (--tag {tag.name}); the "
                          f"run's latest weights are its model.pt")
+    found = next((f for f in (tag / "state.pt", tag / reshard.MODEL_FILE) if f.is_file()), None)  # engine=torch's,
+    if found is None:  # DeepSpeed's (stages 0-2)
+        raise FileNotFoundError(f"{tag} holds no engine=torch or DeepSpeed checkpoint (state.pt, {reshard.MODEL_FILE})")
     sd = torch.load(found, map_location="cpu", weights_only=False)["module"]
     sd = without_head({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     return {**run, "state_dict": sd, "step": int(TAG.match(tag.name).group(1))}
@@ -131,13 +130,12 @@ def load_weights(model: CLIP, path: str) -> None:
         ckpt = read_model_file(path, raw_ok=True)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"init_from: {e}") from None
-    sd = ckpt["state_dict"]
-    p = Path(path) / "model.pt" if (Path(path) / "model.pt").is_file() else path  # (the file, where a folder held it)
-    missing, unexpected = model.load_state_dict(resize_state_dict(without_head(sd), model.cfg), strict=False)
+    missing, unexpected = model.load_state_dict(resize_state_dict(without_head(ckpt["state_dict"]), model.cfg),
+                                                strict=False)
     missing = without_head(dict.fromkeys(missing))  # a new SSL head starts from its own init
     if missing or unexpected:
-        raise RuntimeError(f"init_from {p}: missing keys {sorted(missing)}, unexpected keys {unexpected}")
-    log.info("initialised from %s (step %s)", p, ckpt.get("step", "?") if isinstance(ckpt, dict) else "?")
+        raise RuntimeError(f"init_from {path}: missing keys {sorted(missing)}, unexpected keys {unexpected}")
+    log.info("initialised from %s (step %s)", path, ckpt.get("step", "?"))
 
 
 def save(run, cfg: TrainConfig, out: Path, step: int, is_main: bool, progress: dict | None = None) -> None:

@@ -61,7 +61,7 @@ _LOG2E = 1.4426950408889634
 def _seq_bounds_kernel(CU, LO, HI, S, T, BLOCK: tl.constexpr):
     """Per token: the [lo, hi) token range of its sequence. Grid (S + 1,). Bounds clamped to [0, T], and program S
     gives tokens outside every sequence (before cu[0], from cu[S]) the empty range [t, t): a cu_seqlens that breaks
-    the layout gives wrong numbers (NaN for those tokens), never a read or write outside the tensors."""
+    the layout gives wrong numbers for those tokens, never a read or write outside the tensors."""
     s = tl.program_id(0)
     if s < S:
         a = tl.minimum(tl.maximum(tl.load(CU + s), 0), T)
