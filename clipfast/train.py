@@ -13,7 +13,8 @@ whole step as CUDA graphs (clipfast.graph).
 Writes under out_dir: metrics.jsonl (one JSON line per log step), TensorBoard events, DeepSpeed
 checkpoints in ckpt/ (every ckpt_every steps, at the end, and when a SIGTERM / SIGUSR1 stops the run early with exit
 status 75; `resume=true` continues from the latest, on any number of ranks: a checkpoint saved with another world
-size, ZeRO stage, precision or engine is converted, clipfast.reshard; clipfast.checkpoint),
+size, ZeRO stage, precision or engine is converted, clipfast.reshard; clipfast.checkpoint; the data go on after the
+checkpoint's last sample where the ranks and shards are the same, where_to_go_on),
 model.pt (a plain state_dict + model config, for clipfast.evaluate and clipfast.export) and, when
 val_data (zero-shot classification) or retrieval_data (image-text retrieval) is set, the final model's results in
 eval.json; every evaluation (also each eval_every steps) goes to evals.jsonl and TensorBoard's eval/. A config
@@ -23,6 +24,7 @@ with `stages` runs each stage this way in out_dir/<stage>/, each starting from t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -114,6 +116,45 @@ def skipped_so_far(loader, world: int, device) -> int:
     return int(t.item())
 
 
+def data_identity(cfg: TrainConfig, world: int, reader_processes: int) -> dict:
+    """What a saved data position holds for: the ranks, the training shards (by name), their weights and the reader
+    processes per rank. A resume where one of these changed starts a new pass instead (train)."""
+    names = "\n".join(os.path.basename(p) for p in list_shards(cfg.train_data))
+    return {"world": world, "shards": hashlib.sha1(names.encode()).hexdigest()[:16],
+            "shard_count": names.count("\n") + 1, "train_weights": [float(w) for w in cfg.train_weights],
+            "reader_processes": reader_processes}
+
+
+def gather_positions(loader, world: int) -> list:
+    """Every rank's loader.data_position(), in rank order (a collective)."""
+    pos = loader.data_position()
+    if world == 1:
+        return [pos]
+    out = [None] * world
+    dist.all_gather_object(out, pos)
+    return out
+
+
+def where_to_go_on(client: dict, identity: dict, rank: int, step: int, is_main: bool) -> tuple[dict | None, int | None]:
+    """The data position and reader seed this rank goes on from (`client`, a checkpoint's client state), or
+    (None, None) where it has none that holds for this run: a new pass then, its order seeded by the step."""
+    saved = client.get("data_position")
+    if not step:
+        return None, None
+    if saved is None:
+        reason = "the checkpoint holds no position in the data (saved by an older clipfast)"
+    else:
+        changed = [k for k in identity if saved["identity"].get(k) != identity[k]]
+        if not changed:
+            mine = saved["ranks"][rank]
+            return mine["position"], mine["seed"]
+        reason = "its " + ", ".join(f"{k} {saved['identity'].get(k)!r} -> {identity[k]!r}" for k in changed)
+    if is_main:
+        log.warning("resume: the data starts a new pass, reshuffled, instead of going on after the last sample "
+                    "trained on: %s", reason)
+    return None, None
+
+
 def evaluate_now(cfg: TrainConfig, run: Run, mcfg, device: torch.device, is_main: bool, step: int, writer, evals: Path,
                  say=print, rank: int = 0, world: int = 1) -> dict:
     """Zero-shot classification (val_data) and retrieval (retrieval_data) of the model as it is now, every rank
@@ -183,7 +224,10 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     if is_main:  # once the model is built and the checkpoint loaded: a resume that fails leaves the run's config
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
-    # --- data (reseeded on resume so that the continued run does not replay the same order)
+    # --- data: on resume, on from the sample after the checkpoint's last (the same order: the reader's seed as saved);
+    # the crops and text masks reseeded by the step, and where the ranks or the data changed, the order too
+    identity = data_identity(cfg, world, max(reader_process, 1))  # (1 child reads as in-process)
+    position, reader_seed = where_to_go_on(client, identity, rank, step, is_main)
     grid = mask_grid(mcfg.name, mcfg.vision, cfg.image_reduction, cfg.mask_ratio)  # a ResNet takes no masks
     keep_k = keep_count(cfg.image_reduction, grid, cfg.mask_ratio)  # also validates the reduction settings
     loader = DaliLoader(cfg.train_data, cfg.batch_size // world, mcfg.vision.image_size,
@@ -191,7 +235,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
                         train=True, rank=rank, world=world, seed=cfg.seed + step, crop_scale=tuple(cfg.crop_scale),
                         threads=cfg.data_threads, device=device, augment=cfg.augment, views=2 if cfg.ssl_weight else 0,
                         view_crop_scale=tuple(cfg.ssl_crop_scale), weights=tuple(cfg.train_weights),
-                        reader_process=reader_process)
+                        reader_process=reader_process, reader_seed=reader_seed, position=position)
     if reader_process and is_main:
         log.info("reading the shards in %d child process(es) per rank", getattr(loader.reader, "processes", 1))
     gen = torch.Generator(device=device)
@@ -259,7 +303,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
     def progress() -> dict:  # what a checkpoint carries across resumes (skipped_so_far: a collective; every rank saves)
         now = time.perf_counter()
         return {"skipped_samples": before["skipped_samples"] + skipped_so_far(loader, world, device),
-                "train_s": before["train_s"] + now - t_loop, "total_s": before["total_s"] + now - t_start}
+                "train_s": before["train_s"] + now - t_loop, "total_s": before["total_s"] + now - t_start,
+                "data_position": {"identity": identity, "ranks": gather_positions(loader, world)}}
 
     preempted = False
     wait_last, samples_last, text_tokens, loss_v = loader.wait_s, 0, 0, None

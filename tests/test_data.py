@@ -258,11 +258,12 @@ def test_data_path_bench_writes_its_tables(tmp_path):
     spec.loader.exec_module(mod)
     res = mod.main(["--samples", "60", "--per-shard", "30", "--work", str(tmp_path / "shards"), "--out",
                     str(tmp_path / "out"), "--no-loader"])
-    assert res["meta"]["samples"] == 60 and len(res["us_per_sample"]) == 5
+    assert res["meta"]["samples"] == 60 and len(res["us_per_sample"]) == 6
     assert all(v > 0 for v in res["us_per_sample"].values())
     assert json.loads((tmp_path / "out" / "data_path.json").read_text())["host_us_per_sample"] == \
         res["host_us_per_sample"]
     assert res["reader_process_us_per_sample"] > 0 and set(res["reader_processes_us_per_sample"]) == {1, 2}
     md = (tmp_path / "out" / "data_path.md").read_text()
     assert "| read (tar + checks) |" in md and "| reader process: read + truncate to 16" in md
+    assert "| resume: passing over (read + checks + shuffle, not yielded) |" in md
     assert "| reader processes: the same in 2 children" in md

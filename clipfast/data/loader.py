@@ -20,6 +20,7 @@ meta: [dict]}, tensors on the training device but cu_seqlens_host.
 from __future__ import annotations
 
 import collections
+import copy
 import io
 import itertools
 import logging
@@ -68,7 +69,9 @@ def pack_text(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 class DaliLoader:
-    """Iterator of batches. `train=True`: endless, shuffled, random-resized-crop; else one ordered pass."""
+    """Iterator of batches. `train=True`: endless, shuffled, random-resized-crop; else one ordered pass.
+    Training: `data_position()` says where the batches returned so far end; a loader made alike with that `position`
+    (and its seed as `reader_seed`) goes on with the samples this one would have returned next (a resume)."""
 
     # False: DALI reads each batch's encoded bytes where they are (no_copy), instead of copying them on the training
     # thread (13 us a web-like sample, most of what that thread still spent in the loader with the reader process).
@@ -78,7 +81,7 @@ class DaliLoader:
     def __init__(self, data: str, batch_size: int, image_size: int, text_reducer, *, train=True, rank=0,
                  world=1, seed=0, crop_scale=(0.4, 1.0), threads=2, device: torch.device | str = "cpu",
                  drop_last=None, augment="none", views=0, view_crop_scale=(0.08, 1.0), weights=(),
-                 reader_process=False):
+                 reader_process=False, reader_seed=None, position=None):
         from nvidia.dali import fn, pipeline_def, types
 
         check_augment(augment)
@@ -90,15 +93,24 @@ class DaliLoader:
         self.drop_last = train if drop_last is None else drop_last
         if weights and not train:
             raise ValueError("dataset weights are for training; an evaluation reads its data once, in order")
+        # the samples' order: `reader_seed` (default `seed`, which also seeds the crops); `position`, the
+        # data_position() of a loader made alike, goes on after the last sample that loader returned (a resume)
+        self.reader_seed = seed if reader_seed is None else reader_seed
+        if position is not None and not train:
+            raise ValueError("a position to go on from is for training; an evaluation reads its data once, in order")
         if weights:  # `data`'s comma-separated entries as datasets of their own, drawn by weight
-            self.reader = MixedReader([d.strip() for d in split_entries(data) if d.strip()], weights, rank, world, seed)
+            self.reader = MixedReader([d.strip() for d in split_entries(data) if d.strip()], weights, rank, world,
+                                      self.reader_seed)
         else:
-            self.reader = ShardReader(list_shards(data), rank, world, seed, loop=train,
+            self.reader = ShardReader(list_shards(data), rank, world, self.reader_seed, loop=train,
                                       shuffle_buffer=1000 if train else 0, need_caption=train)
         if reader_process:  # reading and tokenising in child processes (clipfast.data.prefetch); True: one
             from clipfast.data.prefetch import ReaderProcess
 
-            self.reader = ReaderProcess(self.reader, text_reducer, processes=int(reader_process))
+            self.reader = ReaderProcess(self.reader, text_reducer, processes=int(reader_process), position=position)
+        elif position is not None:
+            self.reader.restore(position)
+        self._position = copy.deepcopy(position)  # after the last sample returned (the reader's `advance`)
         self._samples = iter(self.reader)
         self._pending: collections.deque = collections.deque()
         self.wait_s = 0.0  # host time spent waiting for batches (stall), for the training log
@@ -163,6 +175,11 @@ class DaliLoader:
             self._recover(e)
             return next(self)
         samples = self._pending.popleft()
+        if self.train:
+            advance, position = self.reader.advance, self._position
+            for s in samples:
+                position = advance(position, s.at)
+            self._position = position
         text, cu, max_len = pack_text([self.text_reducer(s.caption) if s.ids is None else s.ids for s in samples])
         out = self._to_torch(images)
         if views:  # each view copied straight into its slice of one (V, B, 3, H, W) tensor (no stack: one copy fewer)
@@ -185,6 +202,11 @@ class DaliLoader:
             "captions": [s.caption for s in samples],
             "meta": [s.meta for s in samples],
         }
+
+    def data_position(self) -> dict:
+        """Where the samples returned so far end, for a loader made alike to go on from (DaliLoader's `position`, with
+        `reader_seed` this one's): {"seed": the reader's seed, "position": the reader's position, None before any}."""
+        return {"seed": self.reader_seed, "position": copy.deepcopy(self._position)}
 
     def _to_torch(self, images, out: torch.Tensor | None = None) -> torch.Tensor:
         """DALI's batch as a uint8 tensor on the training device; into `out` (contiguous, its shape) if given."""

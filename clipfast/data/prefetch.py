@@ -211,9 +211,20 @@ class ReaderProcess:
     are taken in turn (child 0's first, child 1's first, ...), so a run is the same from run to run, and a child that
     runs out (a reader that does not loop) leaves the turn to the others."""
 
-    def __init__(self, reader, reducer, chunk: int = 256, depth: int = 8, processes: int = 1):
+    def __init__(self, reader, reducer, chunk: int = 256, depth: int = 8, processes: int = 1,
+                 position: dict | None = None):
         ctx = mp.get_context("spawn")  # (fork would copy CUDA's and DALI's threads' state)
         readers = split_reader(reader, processes)
+        self._readers = readers  # (the parent's copies: for `advance`)
+        if position is not None:  # (advance's, from a run with as many children) each child's reader goes on from there
+            if len(readers) == 1:
+                readers[0].restore(position)
+            else:
+                if len(position["children"]) != len(readers):
+                    raise ValueError(f"a position of {len(position['children'])} reader processes for {len(readers)}")
+                for r, p in zip(readers, position["children"]):
+                    if p is not None:
+                        r.restore(p)
         reducers = [reducer] if len(readers) == 1 else [reducer.for_worker(j) for j in range(len(readers))]
         per_child = max(2, depth // len(readers))
         self._children = [_Child(ctx, r, red, chunk, per_child, "clipfast-reader" + (f"-{j}" if j else ""))
@@ -225,20 +236,35 @@ class ReaderProcess:
     def processes(self) -> int:
         return len(self._children)
 
+    def advance(self, position: dict | None, at: tuple) -> dict:
+        """The position just after the sample `at` (its Sample.at): one child's, its reader's; with several, each
+        child's reader's (None: none of its samples yet), updated in place."""
+        if len(self._readers) == 1:
+            return self._readers[0].advance(position, at)
+        j, inner = at
+        if position is None:
+            position = {"children": [None] * len(self._readers)}
+        position["children"][j] = self._readers[j].advance(position["children"][j], inner)
+        return position
+
     def __iter__(self):
-        turn = list(self._children)
+        several = len(self._children) > 1
+        turn = list(enumerate(self._children))
         while turn:
-            for child in list(turn):
+            for j, child in list(turn):
                 item = child.ready.get()  # note: a wait here is the data path's stall, counted in the loader's wait_s
                 if isinstance(item, BaseException):
                     raise item
                 if item == _END:
-                    turn.remove(child)
+                    turn.remove((j, child))
                     continue
                 samples, counts = item
                 for k, v in counts.items():
                     self.skipped[k] += v - child.counts.get(k, 0)
                 child.counts = counts
+                if several:
+                    for s in samples:
+                        s.at = (j, s.at)
                 yield from samples
 
     def close(self) -> None:

@@ -289,6 +289,9 @@ class Sample:
     meta: dict = field(default_factory=dict)
     parts: dict = field(default_factory=dict, repr=False)  # every file of the sample as stored, by extension
     ids: list | None = field(default=None, repr=False)  # the caption's token ids, where a reader process made them
+    # where the training reader yielded it: (epoch, n), its n-th sample of that epoch; a MixedReader's (draw, dataset,
+    # (epoch, n)); a ReaderProcess's with several children (child, that). The loader's `advance` keeps the position
+    at: tuple | None = field(default=None, repr=False)
 
 
 class ShardReader:
@@ -297,6 +300,9 @@ class ShardReader:
     Shards are split across ranks (shard i goes to rank i % world); with fewer shards than ranks every
     rank reads all shards and keeps every world-th sample instead. Shuffling: shard order per epoch,
     then a buffer of `shuffle_buffer` samples.
+
+    An epoch's order is a function of the seed, the epoch and the shards alone, so a position in it (`advance`) is
+    enough to go on from there (`restore`): the epoch is read again up to there, its shuffle replayed, nothing yielded.
     """
 
     def __init__(self, shards: list[str], rank=0, world=1, seed=0, shuffle_buffer=1000, loop=True, need_caption=True):
@@ -309,6 +315,25 @@ class ShardReader:
         self.seen = 0
         self.epoch = 0
         self.split_samples = len(shards) < world
+        self._passed_over = 0  # samples of the first epoch iterated not to yield again (`restore`)
+        self._replaying = False  # (then skips are neither counted nor logged: the run before did that)
+
+    @staticmethod
+    def advance(position: dict | None, at: tuple) -> dict:
+        """The position just after the sample yielded `at` (its Sample.at)."""
+        return {"epoch": at[0], "next": at[1] + 1}
+
+    def restore(self, position: dict) -> None:
+        """Iterate on from `position` (advance's): its epoch, without that epoch's first `next` samples. They are read,
+        checked and shuffled again (the buffer's draws repeat), but not yielded, and their skips not counted or logged
+        again (the run that saved the position did; it may also have counted some read ahead of it). Called before
+        iterating; a reader that does not loop has no position to go on from."""
+        if not self.loop:
+            raise ValueError("restore is for a training reader (loop=True)")
+        epoch, n = int(position["epoch"]), int(position["next"])
+        if epoch < 0 or n < 0:
+            raise ValueError(f"not a reader position: {position!r}")
+        self.epoch, self._passed_over = epoch, n
 
     def _my_shards(self) -> list[str]:
         if self.split_samples:
@@ -316,6 +341,8 @@ class ShardReader:
         return [s for i, s in enumerate(self.shards) if i % self.world == self.rank]
 
     def _skip(self, shard: str, key: str, reason: str) -> None:
+        if self._replaying:
+            return
         self.skipped[reason.split(" (")[0]] += 1
         log.warning("skipping sample %r in %s: %s", key, os.path.basename(shard), reason)
 
@@ -400,29 +427,45 @@ class ShardReader:
             caption = ""
         return Sample(key, parts[ext], caption, meta, parts)
 
+    def _epoch(self, rng: random.Random):
+        """One epoch's samples, in order."""
+        shards = self._my_shards()
+        if self.loop:
+            rng.shuffle(shards)
+        buf: list[Sample] = []
+        for shard in shards:
+            for s in self._samples_in(shard):
+                self.seen += 1
+                if not self.loop or self.shuffle_buffer <= 1:
+                    yield s
+                    continue
+                buf.append(s)
+                if len(buf) >= self.shuffle_buffer:
+                    yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
     def __iter__(self):
         while True:
             rng = random.Random(self.seed * 1000003 + self.epoch)
-            shards = self._my_shards()
-            if self.loop:
-                rng.shuffle(shards)
-            buf: list[Sample] = []
-            for shard in shards:
-                for s in self._samples_in(shard):
-                    self.seen += 1
-                    if not self.loop or self.shuffle_buffer <= 1:
-                        yield s
-                        continue
-                    buf.append(s)
-                    if len(buf) >= self.shuffle_buffer:
-                        yield buf.pop(rng.randrange(len(buf)))
-            rng.shuffle(buf)
-            yield from buf
+            passed_over, self._passed_over = self._passed_over, 0
+            self._replaying = passed_over > 0
+            n = -1
+            for n, s in enumerate(self._epoch(rng)):
+                if n < passed_over:
+                    self._replaying = n + 1 < passed_over  # (what is read after the last one passed over counts)
+                    continue
+                s.at = (self.epoch, n)
+                yield s
+            self._replaying = False
+            if passed_over > n + 1:
+                log.warning("the position to go on from, sample %d of epoch %d, is past that epoch's %d samples (the "
+                            "shards changed?): going on with the next epoch", passed_over, self.epoch, n + 1)
             self.epoch += 1
             if not self.loop:
                 return
             if self.seen == 0:
-                raise RuntimeError(f"no valid samples in {len(shards)} shard(s): {dict(self.skipped)}")
+                raise RuntimeError(f"no valid samples in {len(self._my_shards())} shard(s): {dict(self.skipped)}")
 
 
 def check_weights(specs: list[str], weights) -> None:
@@ -453,11 +496,37 @@ class MixedReader:
         self.rng = random.Random(seed * 1000003 + rank)
         self.drawn = [0] * len(specs)
 
+    def advance(self, position: dict | None, at: tuple) -> dict:
+        """The position just after the sample drawn `at` (its Sample.at): the draws so far and each dataset's reader's
+        position (None: none of its samples yet). Updates `position` in place."""
+        m, i, inner = at
+        if position is None:
+            position = {"draws": 0, "readers": [None] * len(self.readers)}
+        position["draws"] = m + 1
+        position["readers"][i] = self.readers[i].advance(position["readers"][i], inner)
+        return position
+
+    def restore(self, position: dict) -> None:
+        """Iterate on from `position` (advance's): the draws replayed (no sample read), each dataset's reader
+        restored."""
+        if len(position["readers"]) != len(self.readers):
+            raise ValueError(f"a position of {len(position['readers'])} datasets for {len(self.readers)}")
+        index = range(len(self.readers))
+        for _ in range(int(position["draws"])):
+            self.drawn[self.rng.choices(index, self.weights)[0]] += 1
+        for reader, p in zip(self.readers, position["readers"]):
+            if p is not None:
+                reader.restore(p)
+
     def __iter__(self):
         sources = [iter(r) for r in self.readers]
         index = range(len(sources))
+        m = sum(self.drawn)
         while True:
             i = self.rng.choices(index, self.weights)[0]
             self.drawn[i] += 1
-            yield next(sources[i])
+            s = next(sources[i])
+            s.at = (m, i, s.at)
+            m += 1
+            yield s
 
