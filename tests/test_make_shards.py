@@ -100,6 +100,26 @@ def test_image_folder_labels_bytes_skips(tree, tmp_path, caplog):
     assert few["inputs"] == 4 and [s.key for s in _read(tmp_path / "few")] == ["x00000001", "x00000002", "x00000003"]
 
 
+def test_16_bit_and_float_grayscale_are_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG's 0-65535 (PIL's convert clipped them to 0-255: nearly all white), a 0-1 float TIFF's;
+    a float image outside 0-1 is skipped with its range named (its scale is not known)."""
+    root = tmp_path / "deep" / "c"
+    root.mkdir(parents=True)
+    ramp = np.arange(32 * 32, dtype=np.float64).reshape(32, 32) / (32 * 32 - 1)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(root / "a16.png")
+    Image.fromarray(ramp.astype(np.float32), "F").save(root / "b01.tif")
+    Image.fromarray((ramp * 100).astype(np.float32), "F").save(root / "c100.tif")
+    res = from_image_folder(tmp_path / "deep", tmp_path / "out", progress=False)
+    samples = _read(tmp_path / "out")
+    assert [s.meta["source"] for s in samples] == ["c/a16.png", "c/b01.tif"] and res["re_encoded"] == 2
+    for s in samples:
+        with Image.open(io.BytesIO(s.image)) as im:
+            got = np.asarray(im.convert("L"), dtype=np.float64)
+        assert np.abs(got - ramp * 255).mean() < 2 and (got == 255).mean() < 0.01
+    [why] = [x["reason"] for x in res["skipped_samples"]]
+    assert "F pixel values 0 to 100 are outside 0 to 1" in why
+
+
 def test_max_side_shrinks_never_enlarges(tree, tmp_path):
     res = from_image_folder(tree, tmp_path / "out", max_side=24, quality=90, progress=False)
     samples = _read(tmp_path / "out")

@@ -27,8 +27,9 @@ sets); --split takes a comma list (train,restval).
 Images: a complete JPEG or PNG in RGB or grayscale is stored byte for byte (key.jpg / key.png; a 16-bit RGB PNG too,
 which DALI decodes). Any other (WebP, BMP, GIF, TIFF, CMYK JPEG, palette or 16-bit grayscale PNG, ...), and with
 --max-side N one whose longer side is above N, is decoded with PIL, turned upright by its EXIF orientation, converted
-to RGB, shrunk to a longer side of at most N (never enlarged) and re-encoded as JPEG at --quality. Every image is
-decoded once to check it (a kept JPEG at 1/8 scale, which still reads all of its data).
+to RGB (16-bit grayscale scaled to 8 bits, a float image's 0-1 to 0-255; other ranges skipped), shrunk to a longer
+side of at most N (never enlarged) and re-encoded as JPEG at --quality. Every image is decoded once to check it (a
+kept JPEG at 1/8 scale, which still reads all of its data).
 
 Keys are {prefix}{i:08d} with i the input's index (sorted files, CSV row, annotation-file order), so a key names its
 source even across skips; shards are OUT/{prefix}-NNNN.tar, --samples-per-shard each. A missing or undecodable image,

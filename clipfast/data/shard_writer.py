@@ -37,6 +37,25 @@ class Item:
     problem: str | None = None
 
 
+def to_rgb(im):
+    """A PIL image as RGB, 16-bit and 32-bit grayscale scaled to 8 bits (PIL's convert clips them: a 16-bit PNG's
+    values 0-65535 became 0-255 and the rest white). Raises ValueError for pixel values outside 16 bits (integers) or
+    0-1 (floats): their range is not known."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        top = 1.0 if im.mode == "F" else 65535.0
+        if lo < 0 or hi > top:
+            raise ValueError(f"{im.mode} pixel values {lo:g} to {hi:g} are outside 0 to {top:g}: their range is not "
+                             "known")
+        a = np.rint(a.astype(np.float64) * (255.0 / top)).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def encode_image(data: bytes, max_side: int = 0, quality: int = 95) -> tuple[str, bytes, bool]:
     """-> (extension, bytes, copied). Raises if the image does not decode. Bytes are kept when the reader and every
     decoder take them as they are (a complete RGB or grayscale JPEG/PNG within max_side); else a JPEG is made."""
@@ -53,7 +72,7 @@ def encode_image(data: bytes, max_side: int = 0, quality: int = 95) -> tuple[str
             return kind, data, True
         if not small:  # a JPEG decodes at a power-of-two scale still at least twice the target (thumbnail's gap)
             im.draft(None, (2 * max_side, 2 * max_side))
-        im = ImageOps.exif_transpose(im.convert("RGB"))  # convert first: a palette image would resize by nearest
+        im = ImageOps.exif_transpose(to_rgb(im))  # convert first: a palette image would resize by nearest
         if not small:
             im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)  # keeps the aspect, never enlarges
         buf = io.BytesIO()
