@@ -88,11 +88,25 @@ def summed(counts: dict, world: int) -> dict:
     return total
 
 
+def _file_lines(spec: str, what: str) -> list[str] | None:
+    """The non-blank lines of the file `spec` names (as make_shards takes class names and templates), or None where
+    it names no file."""
+    if not spec or not os.path.isfile(spec):
+        return None
+    try:
+        return [ln.strip() for ln in Path(spec).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} file {spec!r} is not UTF-8 text ({e})") from None
+
+
 def named_classnames(spec: str) -> list[str] | None:
-    """`imagenet` -> the 1000 ImageNet class names in sorted-wnid order (clipfast.prompts), a comma-separated list ->
-    that list, "" -> None (the data's)."""
+    """`imagenet` -> the 1000 ImageNet class names in sorted-wnid order (clipfast.prompts), a file -> its lines, a
+    comma-separated list -> that list, "" -> None (the data's)."""
     if spec == "imagenet":
         return prompts.imagenet_classnames()
+    lines = _file_lines(spec, "--classnames")
+    if lines is not None:
+        return lines or None
     return [c for c in spec.split(",") if c] or None
 
 
@@ -101,7 +115,8 @@ def named_templates(spec: str) -> list[str] | None:
     name (clipfast.prompts), a '|'-separated list -> that list, "" -> None (the data's)."""
     if spec in prompts.TEMPLATE_SETS:
         return prompts.template_set(spec)
-    templates = [t for t in spec.split("|") if t]
+    templates = _file_lines(spec, "--templates")
+    templates = [t for t in spec.split("|") if t] if templates is None else templates
     for t in templates:
         if prompts.template_problem(t):
             raise ValueError(f"{prompts.template_problem(t)} (or name a set: {', '.join(prompts.TEMPLATE_SETS)})")
@@ -132,6 +147,23 @@ def load_model(checkpoint: str, device="cpu", kernels: str = "auto", open_clip_n
     return model.to(device).eval()
 
 
+def meta_problem(meta) -> str | None:
+    """What is wrong with an evaluation set's meta.json (read as JSON), or None: an object whose "classnames" and
+    "templates", where given, are lists of strings, each template with one {} for the class name."""
+    if not isinstance(meta, dict):
+        return f"not a JSON object (a {type(meta).__name__})"
+    for key in ("classnames", "templates"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            return f'"{key}" must be a list of strings, got {type(value).__name__} {json.dumps(value)[:80]}'
+    for t in meta.get("templates") or []:
+        if prompts.template_problem(t):
+            return prompts.template_problem(t)
+    return None
+
+
 def dataset_meta(data: str) -> dict:
     """The meta.json (class names, templates) of an evaluation set: in the folder of its shards or the one above
     (make_shards writes it beside them, clipfast.data.demo one level up), however `data` names the shards (a folder,
@@ -149,6 +181,9 @@ def dataset_meta(data: str) -> dict:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} (the evaluation set's class names and templates) does not parse: {e}") \
                     from None
+            problem = meta_problem(found[path])
+            if problem:
+                raise ValueError(f"{path} (the evaluation set's class names and templates): {problem}")
     if not found:
         return {}
     (first, meta), *others = found.items()
@@ -182,6 +217,15 @@ def text_classifier(model: CLIP, classnames: list[str], templates: list[str], de
     return F.normalize(emb.view(len(classnames), len(templates), emb.shape[-1]).mean(dim=1), dim=-1)
 
 
+def class_index(label) -> int | None:
+    """A sample's .json "label" as a class index: an integer, or a string of one (a CSV column's); else None."""
+    if isinstance(label, int) and not isinstance(label, bool):
+        return label
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        return int(label)
+    return None
+
+
 @torch.no_grad()
 def zero_shot(model: CLIP, data: str, batch_size=256, classnames=None, templates=None, device="cpu",
               threads=2, progress: bool = False, rank: int = 0, world: int = 1) -> dict:
@@ -202,9 +246,14 @@ def zero_shot(model: CLIP, data: str, batch_size=256, classnames=None, templates
                 error = error or ValueError(f"evaluation sample {key!r} in {data!r} has no 'label' in its .json "
                                             f"({m}): zero-shot classification needs labelled samples")
                 continue
-            labels.append(int(m["label"]))
+            label = class_index(m["label"])
+            if label is None:
+                error = error or ValueError(f"evaluation sample {key!r} in {data!r} has label {m['label']!r} in its "
+                                            ".json: a class index (0, 1, ...) is needed; a name goes in 'classname'")
+                continue
+            labels.append(label)
             if "classname" in m:
-                names[int(m["label"])] = m["classname"]
+                names[label] = m["classname"]
     raise_any(error, world)
     img = torch.cat(feats) if feats else torch.empty(0, model.cfg.embed_dim, device=device)
     img = gather_rows(img, world)  # (N, E), every rank's in rank order
@@ -371,9 +420,10 @@ def main(argv=None):
                                                   "(retrieval)")
     ap.add_argument("--task", choices=("zeroshot", "retrieval"), default="zeroshot")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--classnames", default="", help="comma-separated, in label order; or imagenet")
-    ap.add_argument("--templates", default="", help="'|'-separated prompts with {} for the class name; or openai, "
-                                                    "simple")
+    ap.add_argument("--classnames", default="", help="comma-separated, in label order; a file with one a line; or "
+                    "imagenet")
+    ap.add_argument("--templates", default="", help="'|'-separated prompts with {} for the class name; a file with "
+                                                    "one a line; or openai, simple")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2, help="DALI decoding threads")
     ap.add_argument("--out", default="", help="also write the result as JSON here")

@@ -159,6 +159,31 @@ def test_zero_shot_class_names_from_the_samples_with_a_label_no_sample_has(tmp_p
         zero_shot(oracle, str(tmp_path), templates=["a {}."], threads=1)
 
 
+def test_a_meta_json_with_bad_classnames_or_templates_and_a_label_that_is_no_index_are_named(tmp_path):
+    """meta.json's class names and templates are checked as --templates is (a template without {} scored near chance;
+    class names as one string, one class a character), naming the file; a .json label that is not a class index is
+    an error naming the sample, where int() raised with neither; a label "3" (a CSV column's) is taken."""
+    from clipfast.data import write_shard
+    from clipfast.evaluate import dataset_meta, zero_shot
+
+    write_shard(tmp_path / "z-0000.tar", [{"__key__": f"s{i}", "jpg": _solid_jpeg(lv), "json": {"label": lab}}
+                                          for i, (lv, lab) in enumerate([(20, 0), (180, "1")])])
+    meta = tmp_path / "meta.json"
+    oracle = _Oracle([20, 180], {"a zero.": 0, "a one.": 1})
+    for bad, why in [({"classnames": "zero,one"}, '"classnames" must be a list of strings, got str "zero,one"'),
+                     ({"templates": ["a {}.", "handwritten {name}"]}, "template 'handwritten {name}' needs one {}"),
+                     ({"templates": ["a photo of the number"]}, "needs one {}"), ([1, 2], "not a JSON object")]:
+        meta.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="meta.json .the evaluation set's class names and templates.: ") as e:
+            dataset_meta(str(tmp_path))
+        assert why in str(e.value)
+    meta.write_text(json.dumps({"classnames": ["zero", "one"], "templates": ["a {}."]}))
+    assert zero_shot(oracle, str(tmp_path), threads=1)["top1"] == 1.0
+    write_shard(tmp_path / "z-0001.tar", [{"__key__": "named", "jpg": _solid_jpeg(20), "json": {"label": "eight"}}])
+    with pytest.raises(ValueError, match="sample 'named' .* has label 'eight' in its .json: a class index"):
+        zero_shot(oracle, str(tmp_path), threads=1)
+
+
 def test_eval_sets_one_plain_or_several_named():
     from clipfast.evaluate import eval_sets
 
@@ -182,6 +207,19 @@ def test_named_prompt_sets():
     assert named_templates("a {}|the {}") == ["a {}", "the {}"]
     with pytest.raises(ValueError, match="'a photo' needs one {}"):
         named_templates("a photo")
+
+
+def test_class_names_and_templates_from_files_as_make_shards_takes_them(tmp_path):
+    (tmp_path / "names.txt").write_text("zero\n\none two\n")
+    (tmp_path / "tpl.txt").write_text("a {}.\nthe {}, drawn\n")
+    assert named_classnames(str(tmp_path / "names.txt")) == ["zero", "one two"]
+    assert named_templates(str(tmp_path / "tpl.txt")) == ["a {}.", "the {}, drawn"]
+    (tmp_path / "bad.txt").write_text("a photo\n")
+    with pytest.raises(ValueError, match="'a photo' needs one {}"):
+        named_templates(str(tmp_path / "bad.txt"))
+    (tmp_path / "l1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="--classnames file .*l1.txt' is not UTF-8"):
+        named_classnames(str(tmp_path / "l1.txt"))
 
 
 def test_evaluate_cli_retrieval_and_a_label_without_a_class_name(data, tmp_path):

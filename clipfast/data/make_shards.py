@@ -62,7 +62,11 @@ PREFIXES = {"image_folder": "val", "csv": "train", "coco_captions": "retrieval",
 def _lines(path: str, what: str) -> list[str]:
     if not Path(path).is_file():
         raise UsageError(f"{what} {path!r}: no such file")
-    return [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {path!r} is not UTF-8 text ({e})") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 def resolve_templates(spec: str) -> list[str]:
