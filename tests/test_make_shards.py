@@ -3,6 +3,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shlex
 
 import numpy as np
@@ -196,6 +197,38 @@ def test_refuses_to_overwrite_shards(tree, tmp_path, capsys):
     assert _digest(out) == before
     main(["--image-folder", str(tree), "--out", str(out), "--no-progress", "--overwrite"])
     assert [p.name for p in out.glob("*.tar")] == ["val-0000.tar"] and len(_read(out)) == 9  # no stale shards
+
+
+def test_a_prefix_names_not_utf8_and_a_left_temporary_shard_are_usage_errors_or_skips(tree, tmp_path, capsys):
+    """A --prefix with a dot (every member then one key: nothing readable) or a slash; a class folder or a names file
+    not in UTF-8 (the .json cannot hold it: a crash at the first shard's write) are usage errors naming them; an image
+    whose file name is not UTF-8 is skipped, named with its bytes escaped; --overwrite removes a .tar.tmp left by an
+    interrupted run."""
+    for prefix in ("v1.0", "a/b"):
+        with pytest.raises(SystemExit) as e:
+            main(["--image-folder", str(tree), "--out", str(tmp_path / "p"), "--prefix", prefix, "--no-progress"])
+        assert e.value.code == 2 and f"--prefix {prefix!r}: use letters, digits" in capsys.readouterr().err
+    raw = bytes(tmp_path / "latin")
+    _img(tmp_path / "latin" / "ok" / "a.jpg", 16, 16)
+    os.makedirs(raw + b"/caf\xe9")
+    Image.new("RGB", (16, 16)).save(os.fsdecode(raw + b"/caf\xe9/x.jpg"))
+    with pytest.raises(SystemExit) as e:
+        main(["--image-folder", str(tmp_path / "latin"), "--out", str(tmp_path / "l"), "--no-progress"])
+    assert e.value.code == 2 and "class folder 'caf\\xe9' is not named in UTF-8" in capsys.readouterr().err
+    os.rename(raw + b"/caf\xe9/x.jpg", raw + b"/ok/\xe9t\xe9.jpg")
+    os.rmdir(raw + b"/caf\xe9")
+    (tmp_path / "l").mkdir()
+    (tmp_path / "l" / "val-0000.tar.tmp").write_bytes(b"half")
+    res = main(["--image-folder", str(tmp_path / "latin"), "--out", str(tmp_path / "l"), "--no-progress",
+                "--overwrite"])
+    assert res["written"] == 1 and not (tmp_path / "l" / "val-0000.tar.tmp").exists()
+    [skip] = res["skipped_samples"]
+    assert skip["source"] == "ok/\\xe9t\\xe9.jpg" and "its path is not UTF-8" in skip["reason"]
+    (tmp_path / "names.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as e:
+        main(["--image-folder", str(tmp_path / "latin"), "--out", str(tmp_path / "n"), "--classnames",
+              str(tmp_path / "names.txt"), "--no-progress"])
+    assert e.value.code == 2 and "names.txt' is not UTF-8 text" in capsys.readouterr().err
 
 
 def test_csv_relative_absolute_and_bad_rows(tmp_path, caplog, capsys):

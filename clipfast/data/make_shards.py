@@ -51,7 +51,7 @@ from collections import Counter
 from pathlib import Path
 
 from clipfast import prompts
-from clipfast.data.shard_writer import Item, UsageError, prepare_out, write_samples
+from clipfast.data.shard_writer import Item, UsageError, check_prefix, prepare_out, write_samples
 
 log = logging.getLogger("clipfast.data")
 CAPTION = "a photo of a {}."  # the .txt of a classification sample: clipfast.evaluate's DEFAULT_TEMPLATES[0]
@@ -84,10 +84,27 @@ def resolve_templates(spec: str) -> list[str]:
     return templates
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(name: str) -> str:
+    """A file name as it can be printed and stored: its undecodable bytes as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _classes(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise UsageError(f"--image-folder {str(folder)!r}: no such folder")
     folders = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    for f in folders:  # (a name in another encoding: os gives it with surrogates, which the .json cannot hold)
+        if not _utf8(f):
+            raise UsageError(f"--image-folder {str(folder)!r}: the class folder '{_shown(f)}' is not named in UTF-8 "
+                             "(rename it, e.g. with convmv)")
     hidden = [f for f in folders if f.startswith(".")]
     if hidden:  # .ipynb_checkpoints, .git: a class for torchvision, which shifts every label after it
         log.warning("ignoring hidden folder(s) in %s: %s", folder, ", ".join(hidden))
@@ -136,10 +153,12 @@ def from_image_folder(folder, out, classnames: str | None = None, templates: str
 
     def items():
         for name in stray:
-            yield Item(name, None, problem="not in a class folder")
+            yield Item(_shown(name), None, problem="not in a class folder")
         for label, p in files:
             src = p.relative_to(folder).as_posix()
             bad = None if p.suffix.lower() in IMAGE_SUFFIXES else f"not an image file ({p.suffix or 'no suffix'})"
+            if not _utf8(src):
+                src, bad = _shown(src), "its path is not UTF-8 (the sample's .json names it)"
             yield Item(src, p, CAPTION.format(names[label]), {"label": label, "classname": names[label],
                                                                 "source": src}, bad)
 
@@ -348,6 +367,7 @@ def main(argv=None) -> dict:
               max_side=args.max_side, quality=args.quality, workers=args.workers, limit=args.limit or None,
               progress=not args.no_progress, command=command)
     try:
+        check_prefix(kw["prefix"])
         if kind == "image_folder":
             res = from_image_folder(args.image_folder, args.out, args.classnames, args.templates, **kw)
         elif kind == "csv":

@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -122,9 +123,18 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         names = ", ".join(p.name for p in old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else "")
         raise UsageError(f"--out {str(out)!r} already holds .tar shards ({names}); give an empty or new folder, "
                          "or --overwrite to replace them")
-    for p in old + [out / "meta.json", out / "make_shards.json"]:
+    tmp = sorted(out.glob("*.tar.tmp")) if out.is_dir() else []  # (an interrupted run's shard in the writing)
+    for p in old + tmp + [out / "meta.json", out / "make_shards.json"]:
         p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def check_prefix(prefix: str) -> None:
+    """A shard and key prefix: letters, digits, - and _ (a key is the member name up to its first dot, and a shard
+    name a file in OUT: a dot made every sample one key, a slash a folder that is not there)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix or ""):
+        raise UsageError(f"--prefix {prefix!r}: use letters, digits, - and _ only (a key ends at its first dot, and "
+                         "the shards are files in OUT)")
 
 
 def write_samples(items, out, prefix: str, *, samples_per_shard=1000, max_side=0, quality=95, workers=4,
@@ -133,6 +143,7 @@ def write_samples(items, out, prefix: str, *, samples_per_shard=1000, max_side=0
     OUT/make_shards.json; -> the summary. on_write(item) is called for each sample written."""
     from tqdm import tqdm
 
+    check_prefix(prefix)
     out, t0 = Path(out), time.perf_counter()
     items = itertools.islice(items, limit) if limit else items
     total = min(total, limit) if total is not None and limit else total
