@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -92,21 +93,41 @@ def save_model(path: Path, model: CLIP, cfg: TrainConfig, step: int, sd: dict | 
 def read_model_file(path: str, raw_ok: bool = False) -> dict:
     """What a clipfast model.pt holds (model_config, state_dict, train_config, step), from the file, a run folder
     holding one, or one of the run's checkpoints (`<run>/ckpt/step<N>`: its weights, in float32, with the run's model
-    config; an engine=torch or DeepSpeed stage 0-2 checkpoint). raw_ok: a file of a bare state_dict is read as
-    {"state_dict": it}."""
-    p = Path(path)
+    config; an engine=torch or DeepSpeed stage 0-2 checkpoint; `<run>/ckpt/latest` names the latest). raw_ok: a file
+    of a bare state_dict is read as {"state_dict": it}."""
+    p = _checkpoint_tag(Path(path))
     if p.is_dir() and TAG.match(p.name) and p.parent.name == "ckpt":
         return _read_checkpoint_tag(p)
     p = p / "model.pt" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"no clipfast model file at {path!r} (expected model.pt from clipfast.train, a run "
                                 f"folder, or a checkpoint of one: <run>/ckpt/step<N>)")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # (not a file torch.save wrote)
+        raise ValueError(f"{p} is not a model file torch can read ({type(e).__name__}: {e}); expected model.pt from "
+                         f"clipfast.train, a run folder, or a checkpoint of one: <run>/ckpt/step<N>") from None
     if isinstance(ckpt, dict) and "model_config" in ckpt:
         return ckpt
     if raw_ok and isinstance(ckpt, dict):
         return {"state_dict": ckpt.get("state_dict", ckpt)}
     raise ValueError(f"{p} is not a clipfast model file (no 'model_config'); open_clip files: clipfast.interop")
+
+
+def _checkpoint_tag(p: Path) -> Path:
+    """`<run>/ckpt/latest` (DeepSpeed's pointer file, holding a tag) -> the checkpoint it names; other paths as
+    they are."""
+    if p.name == "latest" and p.parent.name == "ckpt" and p.is_file():
+        return p.parent / p.read_text().strip()
+    return p
+
+
+def is_model_path(path: str) -> bool:
+    """Whether `path` is something read_model_file takes: a file, a run folder holding model.pt, or a run's checkpoint
+    (`<run>/ckpt/step<N>`, or `<run>/ckpt/latest`)."""
+    p = _checkpoint_tag(Path(path))
+    return p.is_file() or (p / "model.pt").is_file() or (p.is_dir() and bool(TAG.match(p.name))
+                                                          and p.parent.name == "ckpt")
 
 
 def _read_checkpoint_tag(tag: Path) -> dict:

@@ -246,3 +246,31 @@ def test_decode_gives_open_clips_evaluation_pixels():
             ref = open_clip.transform.image_transform(size, is_train=False, mean=(0, 0, 0), std=(1, 1, 1))(im)
             assert torch.equal(torch.from_numpy(decode(buf.getvalue(), size)), (ref * 255).round().to(torch.uint8)), \
                 (w, h, size)
+
+
+def test_a_runs_checkpoints_score_as_its_model_file_and_latest_names_one(model_pt, shards_in, tmp_path, capsys):
+    """filter takes what evaluate and export take: a run's checkpoint <run>/ckpt/step<N> (it refused one), and
+    <run>/ckpt/latest reads as the checkpoint it names (torch.load raised 'unpickling stack underflow' on the pointer
+    file); a file torch cannot read is a ValueError naming it."""
+    import shutil
+
+    from clipfast.checkpoint import is_model_path, read_model_file
+
+    run = tmp_path / "run"
+    (run / "ckpt" / "step3").mkdir(parents=True)
+    shutil.copy(model_pt, run / "model.pt")
+    sd = torch.load(model_pt, weights_only=False)["state_dict"]
+    torch.save({"module": {k: v * 2 if v.is_floating_point() else v for k, v in sd.items()}},
+               run / "ckpt" / "step3" / "state.pt")
+    (run / "ckpt" / "latest").write_text("step3")
+    for path in ("ckpt/step3", "ckpt/latest"):
+        got = read_model_file(str(run / path))
+        assert got["step"] == 3 and torch.equal(got["state_dict"]["logit_scale"], 2 * sd["logit_scale"].float())
+        assert is_model_path(str(run / path))
+    assert not is_model_path(str(run / "ckpt")) and not is_model_path(str(run / "ckpt" / "step9"))
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.pt is not a model file torch can read"):
+        read_model_file(str(tmp_path / "notes.pt"))
+    main(["--checkpoint", str(run / "ckpt" / "step3"), "--data", str(shards_in), "--keep-fraction", "0.5",
+          "--device", "cpu", "--no-progress", "--out", str(tmp_path / "o")])
+    assert len((tmp_path / "o" / "scores.jsonl").read_text().splitlines()) > 0

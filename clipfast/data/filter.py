@@ -267,10 +267,11 @@ def main(argv=None) -> dict:
     for name in ("samples_per_shard", "batch_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    ckpt = Path(args.checkpoint)
-    if not (ckpt.is_file() or (args.open_clip is None and (ckpt / "model.pt").is_file())):
+    from clipfast.checkpoint import is_model_path
+
+    if not (Path(args.checkpoint).is_file() if args.open_clip else is_model_path(args.checkpoint)):
         ap.error(f"--checkpoint {args.checkpoint!r}: no such file" + ("" if args.open_clip else " (nor a run folder "
-                 "holding model.pt)"))
+                 "holding model.pt, nor one of its checkpoints, <run>/ckpt/step<N>)"))
     try:
         list_shards(args.data)
     except FileNotFoundError as e:
