@@ -133,7 +133,14 @@ def load_model(checkpoint: str, device="cpu", kernels: str = "auto", open_clip_n
     that open_clip model's state dict in `checkpoint`, through clipfast.interop (architectures clipfast's CLIP has;
     no download)."""
     if open_clip_name is not None:
-        from clipfast.interop import config_from_open_clip, export_kwargs, load_open_clip_state
+        from clipfast.interop import config_from_open_clip, export_kwargs, load_open_clip_state, pretrained_differences
+
+        differ = pretrained_differences(open_clip_name)
+        if differ:
+            log.warning("open_clip's pretrained %s weights with these tags were trained on inputs or with an "
+                        "activation other than clipfast computes (OpenAI's mean/std, the shorter side resized "
+                        "bicubic, GELU): %s. If %s holds one of them, its scores here are not open_clip's",
+                        open_clip_name, "; ".join(differ), checkpoint)
 
         kwargs = export_kwargs(checkpoint, open_clip_name)  # (a file clipfast.export wrote: its create_model kwargs)
         model = CLIP(config_from_open_clip(open_clip_name, **kwargs), kernels=kernels)
@@ -433,7 +440,10 @@ def main(argv=None):
         classnames, templates = named_classnames(args.classnames), named_templates(args.templates)
     except ValueError as e:
         ap.error(str(e))
-    model = load_model(args.checkpoint, args.device, open_clip_name=args.open_clip)
+    try:
+        model = load_model(args.checkpoint, args.device, open_clip_name=args.open_clip)
+    except (FileNotFoundError, ValueError) as e:  # (the inputs' fault: said in a line, no traceback)
+        ap.error(f"--checkpoint {args.checkpoint!r}: {e}")
     if args.task == "retrieval":
         res = retrieval(model, args.data, args.batch_size, args.device, args.threads, progress=not args.no_progress)
     else:

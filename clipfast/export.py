@@ -80,6 +80,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if bool(args.checkpoint) == bool(args.from_open_clip):
         ap.error("give exactly one of --checkpoint (export) and --from-open-clip (import)")
+    if args.checkpoint and (args.image_size or args.context_length):
+        ap.error("--image-size and --context-length are for --from-open-clip (an export keeps the model's own)")
+    out_dir = Path(args.out).parent
+    if not out_dir.is_dir():
+        ap.error(f"--out {args.out!r}: no folder {str(out_dir)!r} to write it in")
+    try:
+        _run(args, ap)
+    except (FileNotFoundError, ValueError) as e:  # (the inputs' fault: said in a line, no traceback)
+        ap.error(str(e))
+
+
+def _run(args, ap) -> None:
     if args.checkpoint:
         name, kwargs = export_open_clip(args.checkpoint, args.out, check=not args.no_check)
         print(f"open_clip model name: {name}")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 
 from clipfast.model import sincos_2d
 from clipfast.presets import PRESETS, ModelConfig, TextConfig, VisionConfig
+
+log = logging.getLogger("clipfast.interop")
 
 VISUAL_POS = "visual.positional_embedding"
 RESNET_POS = "visual.attnpool.positional_embedding"  # a ResNet's: the mean token, then its final grid
@@ -124,6 +128,37 @@ def from_open_clip(sd: dict) -> dict:
     return out
 
 
+def pretrained_differences(name: str) -> list[str]:
+    """open_clip's pretrained weights for model `name` that were trained with other inputs or activation than
+    clipfast's CLIP computes (OpenAI's mean/std, the shorter side resized bicubic, GELU): one line per such tag,
+    saying what differs. A state dict does not carry these, so such weights load and score wrongly without a word."""
+    import open_clip
+
+    from clipfast.model import IMAGE_MEAN, IMAGE_STD
+
+    lines = []
+    for tag in open_clip.list_pretrained_tags_by_model(name):
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        diff = []
+        mean, std = cfg.get("mean"), cfg.get("std")
+        if (mean and not _close(mean, IMAGE_MEAN)) or (std and not _close(std, IMAGE_STD)):
+            diff.append(f"mean {tuple(round(x, 4) for x in mean or IMAGE_MEAN)} std "
+                        f"{tuple(round(x, 4) for x in std or IMAGE_STD)}")
+        if cfg.get("resize_mode") not in (None, "shortest"):
+            diff.append(f"resize_mode {cfg['resize_mode']}")
+        if cfg.get("interpolation") not in (None, "bicubic"):
+            diff.append(f"interpolation {cfg['interpolation']}")
+        if cfg.get("quick_gelu"):
+            diff.append("quick_gelu")
+        if diff:
+            lines.append(f"{tag}: {', '.join(diff)}")
+    return lines
+
+
+def _close(a, b) -> bool:
+    return len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b))
+
+
 def export_kwargs(weights, name: str) -> dict:
     """The open_clip.create_model kwargs that clipfast.export wrote beside `weights` (<weights>.json) for model
     `name`; {} where there is no such file or it names another model."""
@@ -131,7 +166,11 @@ def export_kwargs(weights, name: str) -> dict:
         return {}
     side = Path(str(weights) + ".json")
     info = json.loads(side.read_text())
-    return dict(info.get("kwargs") or {}) if info.get("model_name") == name else {}
+    if info.get("model_name") != name:
+        log.warning("%s says the weights are open_clip %s, not %s: its create_model kwargs are not used", side,
+                    info.get("model_name"), name)
+        return {}
+    return dict(info.get("kwargs") or {})
 
 
 def load_open_clip_state(model, sd_or_path, open_clip_model: str | None = None, strict: bool = True,
@@ -151,14 +190,22 @@ def load_open_clip_state(model, sd_or_path, open_clip_model: str | None = None, 
         if same_size != (mine.vision, mine.text, mine.embed_dim):
             raise ValueError(f"open_clip {open_clip_model} is not the architecture of clipfast {mine.name}: {src}")
     sd = sd_or_path
+    where = "" if isinstance(sd, dict) else f" in {sd_or_path}"
     if not isinstance(sd, dict):
         sd = torch.load(sd_or_path, map_location="cpu", weights_only=True)
-    sd = resize_state_dict(from_open_clip(sd), model.cfg)
+    target = open_clip_model or model.cfg.name
+    side = Path(str(sd_or_path) + ".json") if where else None
+    said = json.loads(side.read_text()).get("model_name") if side is not None and side.is_file() else None
+    hint = f"; {side} says they are open_clip {said}" if said and said != target else ""
+    try:
+        sd = resize_state_dict(from_open_clip(sd), model.cfg)
+    except ValueError as e:
+        raise ValueError(f"the open_clip weights{where} are not {target}'s ({e}){hint}") from None
     own = model.state_dict()
     bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
            if k in own and v.shape != own[k].shape]
     if bad:
-        raise ValueError(f"open_clip weights do not fit {model.cfg.name}: " + "; ".join(bad[:5]))
+        raise ValueError(f"the open_clip weights{where} do not fit {target}: " + "; ".join(bad[:5]) + hint)
     return model.load_state_dict(sd, strict=strict)
 
 
@@ -255,7 +302,9 @@ def config_from_open_clip(name: str, **create_kwargs) -> ModelConfig:
 
     base = open_clip.get_model_config(name)
     if base is None:
-        raise KeyError(f"open_clip has no model config {name!r}")
+        near = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        raise ValueError(f"open_clip has no model config {name!r}" + (f" (did you mean {', '.join(near)}?)" if near
+                                                                        else " (open_clip.list_models() names them)"))
     oc = _apply_kwargs(base, create_kwargs)
     bad = _unsupported(oc)
     if bad:

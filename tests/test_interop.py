@@ -289,3 +289,49 @@ def test_zero_shot_inputs_match_open_clips_pipeline(tmp_path):
             classnames=classnames, templates=[lambda c, t=t: t.format(c) for t in templates], num_classes_per_batch=3,
             device="cpu", use_tqdm=False).T  # (classes, E)
     assert rel_err(img, img_ref) < 4e-3 and rel_err(clf, clf_ref) < 1e-5, (rel_err(img, img_ref), rel_err(clf, clf_ref))
+
+
+def test_weights_of_another_model_are_named_as_such(tmp_path, capsys, caplog):
+    """Weights that are not the named open_clip model's: the error says whose they are not, and what the .json that
+    clipfast.export wrote beside them says they are (it was "visual.positional_embedding has width 128, the config
+    768" in a traceback); a misspelt name suggests the near ones; the command lines say it in a line."""
+    import dataclasses
+    import logging
+
+    from clipfast.evaluate import load_model
+    from clipfast.export import main as export_main
+
+    model = CLIP(from_name("demo", **{"vision.layers": 2, "text.layers": 2}), kernels="ref").eval()
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model_config": dataclasses.asdict(model.cfg), "state_dict": model.state_dict(),
+                "train_config": {}, "step": 7}, ckpt)
+    out = tmp_path / "oc.pt"
+    export_main(["--checkpoint", str(ckpt), "--out", str(out), "--no-check"])
+    with caplog.at_level(logging.WARNING, logger="clipfast.interop"):
+        with pytest.raises(ValueError, match=r"oc.pt are not ViT-B-32's \(visual.positional_embedding has width 128, "
+                                             r"the config 768\); .*oc.pt.json says they are open_clip ViT-B-16"):
+            load_model(str(out), kernels="ref", open_clip_name="ViT-B-32")
+    assert "oc.pt.json says the weights are open_clip ViT-B-16, not ViT-B-32" in caplog.text
+    with pytest.raises(ValueError, match="no model config 'ViT-B-61' .did you mean ViT-B-16"):
+        load_model(str(out), kernels="ref", open_clip_name="ViT-B-61")
+    for argv, why in ((["--from-open-clip", "ViT-B-32", "--weights", str(out), "--out", str(tmp_path / "x.pt")],
+                       "are not ViT-B-32's"),
+                      (["--checkpoint", str(ckpt), "--out", str(tmp_path / "nowhere" / "x.pt")],
+                       "no folder"),
+                      (["--checkpoint", str(ckpt), "--out", str(tmp_path / "y.pt"), "--image-size", "64"],
+                       "are for --from-open-clip")):
+        with pytest.raises(SystemExit) as e:
+            export_main(argv)
+        assert e.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_pretrained_tags_trained_on_other_inputs_are_listed():
+    """open_clip's pretrained configs that clipfast's CLIP does not reproduce (its OpenAI mean/std, shortest-side
+    bicubic resize, GELU): a state dict does not say which tag it is, so evaluate --open-clip warns with these."""
+    from clipfast.interop import pretrained_differences
+
+    lines = pretrained_differences("ViT-L-14")
+    assert "laion2b_s32b_b82k: mean (0.5, 0.5, 0.5) std (0.5, 0.5, 0.5)" in lines and "openai: quick_gelu" in lines
+    assert not any(x.startswith(("laion400m_e32", "datacomp_xl_s13b_b90k")) for x in lines)  # OpenAI's, GELU
+    assert "dfn5b: resize_mode squash, quick_gelu" in pretrained_differences("ViT-H-14")
+    assert pretrained_differences("ViT-L-16") == []
