@@ -1,4 +1,5 @@
 """clipfast.data.make_shards: an ImageFolder tree, a CSV/TSV, COCO captions and Karpathy splits -> shards."""
+import csv
 import hashlib
 import io
 import json
@@ -269,8 +270,23 @@ def test_csv_relative_absolute_and_bad_rows(tmp_path, caplog, capsys):
     (d / "quote.csv").write_text("filepath,title,url\nimg/a.jpg,one,http://a\nimg/b.png,two,\"http://b\n"
                                  "img/a.jpg,three,http://c\nimg/b.png,four,http://d\n")
     res = main(["--csv", str(d / "quote.csv"), "--out", str(tmp_path / "quote"), "--no-progress"])
-    assert [s.caption for s in _read(tmp_path / "quote")] == ["one"] and res["skipped"] == {"bad CSV row": 1}
-    assert res["skipped_samples"][0]["reason"] == "bad CSV row (a quoted field spans lines 3-5: an unbalanced quote?)"
+    assert [s.caption for s in _read(tmp_path / "quote")] == ["one"] and res["skipped"] == {"bad CSV row": 3}
+    assert [x["source"] for x in res["skipped_samples"]] == ["quote.csv:3", "quote.csv:4", "quote.csv:5"]  # each lost
+    assert res["skipped_samples"][0]["reason"] == ("bad CSV row (lines 3-5 read as one row: a quote opened on line 3 "
+                                                   "is not closed where it should be)")
+    assert res["inputs"] == 4  # (rows as csv reads them: the three lines were one)
+    # ... in a middle column of a TSV: the row ends with too many fields, where it was named by its last line alone
+    (d / "quote.tsv").write_text("filepath\ttitle\nimg/a.jpg\tone\nimg/b.png\t\"two\nimg/a.jpg\tthree\n"
+                                 "img/b.png\tfo\"ur\tx\nimg/a.jpg\tfive\n")
+    res = main(["--csv", str(d / "quote.tsv"), "--sep", "\\t", "--out", str(tmp_path / "qt"), "--no-progress"])
+    assert [s.caption for s in _read(tmp_path / "qt")] == ["one", "five"] and res["skipped"] == {"bad CSV row": 3}
+    assert "lines 3-5 read as one row: a quote opened on line 3" in res["skipped_samples"][0]["reason"]
+    # a caption with a line break, quoted as a CSV writer writes it, is a caption (it was skipped as a bad quote)
+    with open(d / "multi.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["filepath", "title"], ["img/a.jpg", "a caption,\nover two lines"],
+                                 ["img/b.png", "next"]])
+    res = main(["--csv", str(d / "multi.csv"), "--out", str(tmp_path / "multi"), "--no-progress"])
+    assert [s.caption for s in _read(tmp_path / "multi")] == ["a caption,\nover two lines", "next"]
     (d / "gone.csv").write_text("filepath,title\nimg/x.jpg,x\nimg/y.jpg,y\n")
     with pytest.raises(SystemExit, match=r"no samples written, all 2 skipped .*missing file.*relative to --root"):
         main(["--csv", str(d / "gone.csv"), "--out", str(tmp_path / "gone"), "--no-progress"])

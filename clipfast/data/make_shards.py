@@ -182,6 +182,16 @@ def _separator(sep: str) -> str:
     return sep
 
 
+def _swallowed_rows(row: dict, sep: str, columns: int) -> bool:
+    """Whether a row read over several lines holds a field whose later lines look like rows of their own (as many
+    separators as a row has): a quote left open, not a caption with a line break (which a CSV writer quotes)."""
+    for v in row.values():
+        if isinstance(v, str) and ("\n" in v or "\r" in v):
+            if any(ln.count(sep) >= max(1, columns - 1) for ln in v.splitlines()[1:]):
+                return True
+    return False
+
+
 def from_csv(path, out, image_col="filepath", caption_col="title", sep=",", root=None, keep_cols=(), *,
              prefix="train", overwrite=False, **kw) -> dict:
     """A CSV/TSV of image paths and captions -> training shards; -> the summary. `kw`: write_samples' options."""
@@ -195,7 +205,8 @@ def from_csv(path, out, image_col="filepath", caption_col="title", sep=",", root
     # fail their row (below), not the whole file
     f = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
     try:
-        reader = csv.DictReader(f, delimiter=_separator(sep))
+        delimiter = _separator(sep)
+        reader = csv.DictReader(f, delimiter=delimiter)
         columns = reader.fieldnames or []
         for what, col in [("--image-col", image_col), ("--caption-col", caption_col)] + [
                 ("--keep-cols", c) for c in keep_cols]:
@@ -214,16 +225,18 @@ def from_csv(path, out, image_col="filepath", caption_col="title", sep=",", root
                 except csv.Error as e:  # e.g. a field over csv.field_size_limit(); the DictReader's line_num lags
                     yield Item(f"{path.name}:{reader.reader.line_num}", None, problem=f"bad CSV row ({e})")
                     continue
-                line = f"{path.name}:{reader.line_num}"
-                if None in row or None in row.values():  # more or fewer fields than the header
+                line, last = f"{path.name}:{reader.line_num}", reader.line_num
+                wrong = None in row or None in row.values()  # more or fewer fields than the header
+                if last > first and (wrong or _swallowed_rows(row, delimiter, len(columns))):
+                    # a quote not closed where it should be: the lines after it read as part of this row's field.
+                    # Each line is a row lost: one skip each, all naming the line the quote opened on
+                    for n in range(first, last + 1):
+                        yield Item(f"{path.name}:{n}", None, problem=f"bad CSV row (lines {first}-{last} read as one "
+                                   f"row: a quote opened on line {first} is not closed where it should be)")
+                    continue
+                if wrong:
                     n = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
                     yield Item(line, None, problem=f"bad CSV row ({n} fields for {len(columns)} columns)")
-                    continue
-                if reader.line_num > first and any("\n" in v or "\r" in v for v in row.values()):
-                    # a quoted field over several lines: as a rule an unbalanced quote, which swallows the rows after
-                    # it into this one's last field (the row still has its number of fields)
-                    yield Item(f"{path.name}:{first}", None, problem=f"bad CSV row (a quoted field spans lines {first}-"
-                               f"{reader.line_num}: an unbalanced quote?)")
                     continue
                 src = row[image_col].strip()
                 try:
