@@ -16,9 +16,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("clipfast.config")
 
 
 @dataclass
@@ -149,11 +152,19 @@ def check_values(cfg: TrainConfig, where: str = "") -> None:
                 "data_threads": 1, "reader_processes": 1, "accum_steps": 1, "warmup_steps": 0, "image_size": 0,
                 "text_len": 0, "lr": 0, "min_lr": 0, "weight_decay": 0, "grad_clip": 0, "ssl_weight": 0}
     for key, low in at_least.items():
-        if getattr(cfg, key) < low:
-            raise ValueError(f"{where}{key} must be {low} or more, got {getattr(cfg, key)}"
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:  # (NaN: not >=)
+            raise ValueError(f"{where}{key} must be {low} or more, got {value!r}"
                              + (" (0: the preset's)" if key in ("image_size", "text_len") else ""))
-    if cfg.text_len == 1:
-        raise ValueError(f"{where}text_len must be 0 (the preset's) or at least 2 (start and end tokens), got 1")
+    if cfg.text_len in (1, 2):
+        raise ValueError(f"{where}text_len must be 0 (the preset's) or at least 3 (start and end tokens and one of the "
+                         f"caption's: at 2 every caption is the same), got {cfg.text_len}")
+    if cfg.min_lr > cfg.effective_lr():
+        raise ValueError(f"{where}min_lr {cfg.min_lr} is above the peak learning rate {cfg.effective_lr():g} (lr "
+                         f"{cfg.lr}{' x batch_size / 256' if cfg.lr_scaled_by_batch else ''}): the cosine would rise")
+    if cfg.warmup_steps >= cfg.steps > 0:
+        log.warning("%swarmup_steps %d >= steps %d: the learning rate never reaches its peak (%.3g of it at the last "
+                    "step)", where, cfg.warmup_steps, cfg.steps, cfg.steps / max(1, cfg.warmup_steps))
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"{where}zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
     for key, valid in CHOICES.items():
@@ -188,6 +199,24 @@ def _stage_index(stages: tuple, ref: str) -> int:
     raise KeyError(f"no stage {ref!r}: the config has stages {', '.join(names) or '(none)'} (or their index)")
 
 
+_TYPE_NAMES = {bool: "true or false (a boolean, not a string)", int: "a whole number", float: "a number",
+               str: "a string", tuple: "a list of numbers"}
+
+
+def _is_a(value, want) -> bool:
+    """Whether a stage's value (from a config file, or JSON on the command line) fits the field's type."""
+    if want is bool:
+        return isinstance(value, bool)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if want is tuple:
+        return isinstance(value, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                        for x in value)
+    return isinstance(value, want)
+
+
 def check_stages(stages: tuple, cls=TrainConfig) -> None:
     """Each stage is a dict of the run's fields (less RUN_ONLY_KEYS) plus "name"; names are unique."""
     valid = [k for k in field_names(cls) if k not in RUN_ONLY_KEYS]
@@ -195,10 +224,15 @@ def check_stages(stages: tuple, cls=TrainConfig) -> None:
     for i, st in enumerate(stages):
         if not isinstance(st, dict):
             raise TypeError(f"stage {i} is a {type(st).__name__}, expected a dict of config overrides")
-        for key in st:
+        hints = typing.get_type_hints(cls)
+        for key, value in st.items():
             if key != "name" and key not in valid:
                 raise KeyError(f"stage {i}: unknown or run-wide key {key!r}; "
                                f"valid stage keys: name, {', '.join(valid)}")
+            want = str if key == "name" else hints[key]
+            if not _is_a(value, want):
+                raise TypeError(f"stage {i}: {key} takes {_TYPE_NAMES.get(want, want.__name__)}, got "
+                                f"{type(value).__name__} {value!r}")
         names.append(st.get("name", f"stage{i}"))
     if len(set(names)) != len(names):
         raise ValueError(f"stage names must be unique, got {names}")

@@ -87,10 +87,36 @@ def mask_grid(model_name: str, vision, strategy: str, mask_ratio: float) -> int:
     (a presets.VisionConfig): a ResNet takes no patch masks, only a lower resolution."""
     _check(strategy, mask_ratio)
     if vision.kind == "resnet" and (strategy != "resize" or mask_ratio > 0):
-        raise ValueError(f"model {model_name} has a ResNet image tower: image_reduction={strategy!r} with "
-                         f"mask_ratio={mask_ratio} masks patches, which only ViTs take; a ResNet reduces image tokens "
-                         f"only by resolution (image_reduction='resize', mask_ratio=0, a smaller image_size)")
+        raise ValueError(f"model {model_name} has a ResNet image tower: image_reduction={strategy!r}, "
+                         f"mask_ratio={mask_ratio} asks for a patch mask, which only ViTs take; a ResNet reduces "
+                         f"image tokens only by resolution (image_reduction='resize', mask_ratio=0, a smaller "
+                         f"image_size)")
+    check_realised(strategy, vision.grid, mask_ratio)
     return vision.grid
+
+
+REALISED_TOLERANCE = 0.1  # how far the share of patches masked may be from mask_ratio
+
+
+def check_realised(strategy: str, grid: int, mask_ratio: float) -> None:
+    """Raise ValueError where the patches masked on this grid are more than REALISED_TOLERANCE from mask_ratio: grid
+    masking keeps one patch of each g x g cell (it masked nothing at mask_ratio 0.3, g = 1, and 0.75 at 0.4-0.6),
+    block masking one whole h x w block (coarse on a small grid). The message lists the ratios grid masking can
+    realise there."""
+    if strategy not in ("grid", "block") or mask_ratio <= 0:
+        return
+    n = grid * grid
+    realised = 1 - keep_count(strategy, grid, mask_ratio) / n
+    if abs(realised - mask_ratio) < REALISED_TOLERANCE:
+        return
+    if strategy == "grid":
+        can = sorted({round(1 - math.ceil(grid / g) ** 2 / n, 3) for g in range(2, grid + 1)})
+        options = f"grid masking keeps one patch per g x g cell, which masks {', '.join(map(str, can[:6]))}"
+    else:
+        options = "block masking keeps one h x w block of patches"
+    raise ValueError(f"image_reduction={strategy!r} with mask_ratio={mask_ratio} masks {realised:.3f} of a "
+                     f"{grid}x{grid} patch grid ({options}): pick a mask_ratio near one it can realise, or "
+                     "image_reduction='random'")
 
 
 def keep_count(strategy: str, grid: int, mask_ratio: float) -> int:

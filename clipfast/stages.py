@@ -67,19 +67,45 @@ def expand(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
 
 
 def _check(st: TrainConfig, where: str) -> None:
+    """Every value of a stage that can be checked without a device or the ranks, so that a bad one in a later stage
+    stops the run before the first stage trains (the rest come when the engine is built)."""
     check_values(st, where)
     try:
-        check_engine(st, 1)  # (the rank count's own checks come when the engine is built)
+        _check_settings(st)
     except ValueError as e:
         raise ValueError(f"{where}{e}") from None
+
+
+def _check_settings(st: TrainConfig) -> None:
+    from clipfast.accum import check_accum
+    from clipfast.data.augment import check_augment
+    from clipfast.data.prefetch import READER_PROCESS
+    from clipfast.engine import OVERLAP_OPTIMIZER, TOWER_STREAMS, resolve_kernels
+    from clipfast.slip import check_ssl
+
+    check_engine(st, 1)  # (the rank count's own checks come when the engine is built)
+    check_accum(st, 1)
+    check_augment(st.augment)
+    check_ssl(st)
+    resolve_kernels(st, "cpu")  # (the choices of layer_norm, vision_attention, mlp)
+    for key, valid in (("tower_streams", TOWER_STREAMS), ("overlap_optimizer", OVERLAP_OPTIMIZER),
+                       ("reader_process", READER_PROCESS)):
+        if getattr(st, key) not in valid:
+            raise ValueError(f"{key} must be one of {valid}, got {getattr(st, key)!r}")
     check(st.image_reduction, st.mask_ratio, st.text_reduction)
     vision = from_name(st.model).vision
     if st.image_size and vision.kind != "resnet" and st.image_size % vision.patch_size:
         p = vision.patch_size
         near = [k * p for k in (st.image_size // p, st.image_size // p + 1) if k]
-        raise ValueError(f"{where}image_size {st.image_size} is not a multiple of model {st.model}'s patch size {p} "
+        raise ValueError(f"image_size {st.image_size} is not a multiple of model {st.model}'s patch size {p} "
                          f"(e.g. {' or '.join(map(str, near))})")
-    mask_grid(st.model, vision, st.image_reduction, st.mask_ratio)  # a ResNet takes no masks
+    if st.image_size:
+        vision = dataclasses.replace(vision, image_size=st.image_size)
+    if vision.kind == "resnet" and vision.image_size < 32:
+        raise ValueError(f"model {st.model} has a ResNet image tower, which needs image_size 32 or more (its attention "
+                         f"pool has (image_size // 32)^2 positions); got {vision.image_size}")
+    mask_grid(st.model, vision, st.image_reduction, st.mask_ratio)  # a ResNet takes no masks; a ratio the strategy
+    # cannot come near on this grid is an error
 
 
 def finished(st: TrainConfig) -> dict | None:

@@ -56,6 +56,15 @@ def test_repo_configs_load():
     ("image_size=30", "image_size 30 is not a multiple of model demo's patch size 8 .e.g. 24 or 32"),
     ("engine=jax", "engine must be"), ("cuda_graph=true", "cuda_graph=true needs engine=torch"),
     ("train_weights=3,1", r"train_weights: 2 weight\(s\) for 1 training dataset\(s\) \(data/demo/train\)"),
+    # these were found only when the stage's model or engine was built: after the stages before it had trained
+    ("augment=simclr_nofip", "augment must be one of"), ("layer_norm=fast", "layer_norm must be one of"),
+    ("tower_streams=yes", "tower_streams must be one of"), ("overlap_optimizer=maybe", "overlap_optimizer must be"),
+    ("reader_process=sometimes", "reader_process must be one of"), ("accum_steps=3", "accum_steps=3 does not divide"),
+    ("ssl_crop_scale=0.5,0.2", "ssl_crop_scale takes"),
+    # accepted before: every caption [SOT, EOT] (the loss stays at ln B), a rising "cosine", NaN (not < 0)
+    ("text_len=2", "text_len must be 0 .the preset's. or at least 3"),
+    ("min_lr=0.5", r"min_lr 0.5 is above the peak learning rate 0.0005 \(lr 0.0005\)"),
+    ("lr=nan", "lr must be 0 or more, got nan"),
 ])
 def test_values_a_run_cannot_use_are_named_before_it_starts(item, what):
     """clipfast.stages.expand (what train.py's main calls first) checks every stage; these failed late (a ZeroDivision
@@ -113,3 +122,35 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_or_overwritten(tmp_p
     fresh_out_dir(out, overwrite=True, is_main=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     assert "removed the earlier run's metrics.jsonl, model.pt, ckpt" in caplog.text
+
+
+def test_settings_only_a_built_model_checked_before_are_checked_before_any_stage(caplog):
+    """A ResNet below 32 px, SLIP's temperature, a grid or block mask that cannot come near mask_ratio on the stage's
+    grid (grid masking masked nothing at 0.3), a stage's JSON values of the wrong type ("false" was true): errors
+    naming the stage, before the first stage trains; warmup_steps >= steps is a warning."""
+    import logging
+
+    from clipfast.stages import expand
+
+    two = TrainConfig(stages=({"name": "a"}, {"name": "b"}))
+    for items, what in [(["stages.b.model=demo-rn", "stages.b.image_size=16"], "needs image_size 32 or more"),
+                        (["stages.b.ssl_weight=1", "stages.b.ssl_temperature=0"], "ssl_temperature must be > 0"),
+                        (["stages.b.image_reduction=grid", "stages.b.mask_ratio=0.3"],
+                         r"masks 0.000 of a 4x4 patch grid \(grid masking keeps one patch per g x g cell, which "
+                         r"masks 0.75"),
+                        (["stages.b.image_reduction=block", "stages.b.mask_ratio=0.1"], "masks 0.000 of a 4x4"),
+                        (["stages.b.model=demo-rn", "stages.b.image_reduction=grid"], "asks for a patch mask")]:
+        with pytest.raises(ValueError, match=f"stage b: .*{what}"):
+            expand(apply_overrides(two, items))
+    expand(apply_overrides(two, ["stages.b.image_size=64", "stages.b.image_reduction=grid",
+                                 "stages.b.mask_ratio=0.75"]))  # 8x8 at 64 px: 16 of 64 kept
+    for stage, what in [({"grad_checkpointing": "false"}, "grad_checkpointing takes true or false"),
+                        ({"steps": "10"}, "steps takes a whole number, got str '10'"),
+                        ({"text_len": 8.5}, "text_len takes a whole number"),
+                        ({"crop_scale": 0.5}, "crop_scale takes a list of numbers")]:
+        with pytest.raises(TypeError, match=f"stage 0: {what}"):
+            expand(TrainConfig(stages=(stage,)))
+    expand(TrainConfig(stages=({"lr": 1, "crop_scale": [0.5, 1], "name": "x"},)))  # an int for a float, a JSON list
+    with caplog.at_level(logging.WARNING, logger="clipfast.config"):
+        expand(apply_overrides(TrainConfig(), ["steps=10", "warmup_steps=15"]))
+    assert "warmup_steps 15 >= steps 10: the learning rate never reaches its peak" in caplog.text
