@@ -117,12 +117,21 @@ def skipped_so_far(loader, world: int, device) -> int:
 
 
 def data_identity(cfg: TrainConfig, world: int, reader_processes: int) -> dict:
-    """What a saved data position holds for: the ranks, the training shards (by name), their weights and the reader
-    processes per rank. A resume where one of these changed starts a new pass instead (train)."""
-    names = "\n".join(os.path.basename(p) for p in list_shards(cfg.train_data))
-    return {"world": world, "shards": hashlib.sha1(names.encode()).hexdigest()[:16],
-            "shard_count": names.count("\n") + 1, "train_weights": [float(w) for w in cfg.train_weights],
-            "reader_processes": reader_processes}
+    """What a saved data position holds for: the ranks, the seed, the training shards (by name, and how they group
+    into datasets), their weights and the readers each rank reads in (reader_processes as split_reader cuts it; none
+    reads as one). A resume where one of these changed starts a new pass instead (train). Shards re-made under the
+    same names are caught later, by the key of the last sample passed over (ShardReader.restore)."""
+    from clipfast.data.prefetch import reader_children
+    from clipfast.data.shards import split_entries
+
+    entries = [e.strip() for e in split_entries(cfg.train_data) if e.strip()] if cfg.train_weights else \
+        [cfg.train_data]
+    listed = [[os.path.basename(p) for p in list_shards(e)] for e in entries]
+    names = "\n".join(n for names in listed for n in names)
+    counts = [len(names) for names in listed]
+    return {"world": world, "seed": cfg.seed, "shards": hashlib.sha1(names.encode()).hexdigest()[:16],
+            "datasets": counts, "train_weights": [float(w) for w in cfg.train_weights],
+            "readers": reader_children(counts, world, reader_processes)}
 
 
 def gather_positions(loader, world: int) -> list:
@@ -226,7 +235,7 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
 
     # --- data: on resume, on from the sample after the checkpoint's last (the same order: the reader's seed as saved);
     # the crops and text masks reseeded by the step, and where the ranks or the data changed, the order too
-    identity = data_identity(cfg, world, max(reader_process, 1))  # (1 child reads as in-process)
+    identity = data_identity(cfg, world, reader_process)
     position, reader_seed = where_to_go_on(client, identity, rank, step, is_main)
     grid = mask_grid(mcfg.name, mcfg.vision, cfg.image_reduction, cfg.mask_ratio)  # a ResNet takes no masks
     keep_k = keep_count(cfg.image_reduction, grid, cfg.mask_ratio)  # also validates the reduction settings

@@ -117,6 +117,13 @@ def resolve_reader_process(cfg, device) -> int:  # device: a torch.device
     return n if on else 0
 
 
+def reader_children(shard_counts: list[int], world: int, n: int) -> int:
+    """How many readers split_reader makes of a rank's n for datasets of these shard counts over `world` ranks: n cut
+    to the smallest shards // world among the datasets read in whole shards (those with at least `world`)."""
+    whole = [c // world for c in shard_counts if c >= world]
+    return max(1, min(n, *whole)) if whole else max(1, n)
+
+
 def split_reader(reader, n: int) -> list:
     """`reader` (ShardReader or MixedReader) as n readers whose samples, together, are its samples: rank r of
     `world` becomes ranks r, r + world, ... of world x n, so its shards are dealt out among them and the other ranks'
@@ -133,9 +140,8 @@ def split_reader(reader, n: int) -> list:
     if not isinstance(reader, (ShardReader, MixedReader)):
         raise TypeError(f"cannot split a {type(reader).__name__} over reader processes (a ShardReader or MixedReader)")
     rank, world = reader.rank, reader.world
-    whole = [len(r.shards) // world for r in (reader.readers if isinstance(reader, MixedReader) else [reader])
-             if not r.split_samples]
-    n = max(1, min(n, *whole)) if whole else n
+    n = reader_children([len(r.shards) for r in (reader.readers if isinstance(reader, MixedReader) else [reader])],
+                        world, n)
     if n == 1:
         return [reader]
     if isinstance(reader, ShardReader):

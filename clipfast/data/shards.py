@@ -317,23 +317,26 @@ class ShardReader:
         self.split_samples = len(shards) < world
         self._passed_over = 0  # samples of the first epoch iterated not to yield again (`restore`)
         self._replaying = False  # (then skips are neither counted nor logged: the run before did that)
+        self._expect_key = None  # the key of the last sample passed over, as the position recorded it
 
     @staticmethod
     def advance(position: dict | None, at: tuple) -> dict:
-        """The position just after the sample yielded `at` (its Sample.at)."""
-        return {"epoch": at[0], "next": at[1] + 1}
+        """The position just after the sample yielded `at` (its Sample.at): its epoch, its index + 1, its key."""
+        return {"epoch": at[0], "next": at[1] + 1, "key": at[2]}
 
     def restore(self, position: dict) -> None:
         """Iterate on from `position` (advance's): its epoch, without that epoch's first `next` samples. They are read,
         checked and shuffled again (the buffer's draws repeat), but not yielded, and their skips not counted or logged
         again (the run that saved the position did; it may also have counted some read ahead of it). Called before
-        iterating; a reader that does not loop has no position to go on from."""
+        iterating; a reader that does not loop has no position to go on from. Where the last sample passed over is not
+        the one the position names (the shards changed, or one no longer reads), a warning says so: the order then is
+        not the saved run's, and the pass may repeat or miss samples."""
         if not self.loop:
             raise ValueError("restore is for a training reader (loop=True)")
         epoch, n = int(position["epoch"]), int(position["next"])
         if epoch < 0 or n < 0:
             raise ValueError(f"not a reader position: {position!r}")
-        self.epoch, self._passed_over = epoch, n
+        self.epoch, self._passed_over, self._expect_key = epoch, n, position.get("key")
 
     def _my_shards(self) -> list[str]:
         if self.split_samples:
@@ -341,7 +344,10 @@ class ShardReader:
         return [s for i, s in enumerate(self.shards) if i % self.world == self.rank]
 
     def _skip(self, shard: str, key: str, reason: str) -> None:
-        if self._replaying:
+        if self._replaying:  # (counted and logged by the run that saved the position; but a shard that no longer
+            if key == "*":  # reads is news, and changes the order)
+                log.warning("%s, passed over on the way to the resumed position, is now an unreadable shard (%s): "
+                            "its samples are not where the checkpoint's run had them", os.path.basename(shard), reason)
             return
         self.skipped[reason.split(" (")[0]] += 1
         log.warning("skipping sample %r in %s: %s", key, os.path.basename(shard), reason)
@@ -454,10 +460,14 @@ class ShardReader:
             for n, s in enumerate(self._epoch(rng)):
                 if n < passed_over:
                     self._replaying = n + 1 < passed_over  # (what is read after the last one passed over counts)
+                    if not self._replaying and self._expect_key not in (None, s.key):
+                        log.warning("the shards changed since the checkpoint: sample %d of epoch %d is %r, the "
+                                    "checkpoint's was %r; going on in the changed order, so this pass may repeat or "
+                                    "miss samples", n, self.epoch, s.key, self._expect_key)
                     continue
-                s.at = (self.epoch, n)
+                s.at = (self.epoch, n, s.key)
                 yield s
-            self._replaying = False
+            self._replaying, self._expect_key = False, None
             if passed_over > n + 1:
                 log.warning("the position to go on from, sample %d of epoch %d, is past that epoch's %d samples (the "
                             "shards changed?): going on with the next epoch", passed_over, self.epoch, n + 1)
@@ -482,7 +492,10 @@ class MixedReader:
     """Training samples drawn from several datasets by weight: each draw picks dataset i with probability
     w_i / sum(w) (a seeded generator), then that dataset's next sample (a ShardReader of its own, endless, shuffled,
     its shards split across ranks as usual). The datasets share one count of skipped samples. `drawn` counts the draws
-    per dataset."""
+    per dataset (this reader's, since it was made). The generator is reseeded every DRAW_BLOCK draws (from the seed,
+    rank and block), so that a resume replays at most that many draws, not every draw of the run (1.1 us each)."""
+
+    DRAW_BLOCK = 1 << 16
 
     def __init__(self, specs: list[str], weights, rank=0, world=1, seed=0, shuffle_buffer=1000):
         check_weights(specs, weights)
@@ -493,8 +506,12 @@ class MixedReader:
         self.skipped: Counter = Counter()
         for r in self.readers:
             r.skipped = self.skipped  # one count, which the loader's decoder check adds to as well
-        self.rng = random.Random(seed * 1000003 + rank)
+        self.draws = 0  # draws made (or passed over by restore) since the run began
+        self.rng = self._block_rng(0)
         self.drawn = [0] * len(specs)
+
+    def _block_rng(self, block: int) -> random.Random:
+        return random.Random(f"{self.seed}:{self.rank}:{block}")  # (a str seed: the same in every process)
 
     def advance(self, position: dict | None, at: tuple) -> dict:
         """The position just after the sample drawn `at` (its Sample.at): the draws so far and each dataset's reader's
@@ -512,8 +529,10 @@ class MixedReader:
         if len(position["readers"]) != len(self.readers):
             raise ValueError(f"a position of {len(position['readers'])} datasets for {len(self.readers)}")
         index = range(len(self.readers))
-        for _ in range(int(position["draws"])):
-            self.drawn[self.rng.choices(index, self.weights)[0]] += 1
+        self.draws = int(position["draws"])
+        self.rng = self._block_rng(self.draws // self.DRAW_BLOCK)
+        for _ in range(self.draws % self.DRAW_BLOCK):  # (the block's draws before the position)
+            self.rng.choices(index, self.weights)
         for reader, p in zip(self.readers, position["readers"]):
             if p is not None:
                 reader.restore(p)
@@ -521,12 +540,14 @@ class MixedReader:
     def __iter__(self):
         sources = [iter(r) for r in self.readers]
         index = range(len(sources))
-        m = sum(self.drawn)
         while True:
+            m = self.draws
+            if m and m % self.DRAW_BLOCK == 0:
+                self.rng = self._block_rng(m // self.DRAW_BLOCK)
             i = self.rng.choices(index, self.weights)[0]
             self.drawn[i] += 1
+            self.draws = m + 1
             s = next(sources[i])
             s.at = (m, i, s.at)
-            m += 1
             yield s
 
