@@ -12,7 +12,8 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	# Build DeepSpeed's CPU shared-memory comm op now (about 80 s once, cached): part of installing, not of training.
-	$(BIN)/python -c "import torch; from deepspeed.accelerator import get_accelerator as g; b = None if torch.cuda.is_available() else g().create_op_builder('ShareMemCommBuilder'); b and b.load() and print('DeepSpeed shm comm op ready')"
+	# (import clipfast first: it names this venv's own extensions folder, clipfast/__init__.py)
+	$(BIN)/python -c "import clipfast, torch; from deepspeed.accelerator import get_accelerator as g; b = None if torch.cuda.is_available() else g().create_op_builder('ShareMemCommBuilder'); b and b.load() and print('DeepSpeed shm comm op ready')"
 	touch $(STAMP)
 
 $(DEMO_DATA)/meta.json: $(STAMP)

@@ -206,3 +206,20 @@ def test_full_weights_gathers_zero3_slices_a_group_at_a_time(monkeypatch):
     mine, groups[:] = groups[:], []
     assert full_weights(net, 3, keep=False, gather_numel=100) == {} and groups == mine
     assert full_weights(net, 1, keep=False) == {} and groups == mine  # stages 0-2: no gather
+
+
+def test_each_venv_builds_torch_extensions_in_a_folder_of_its_own(tmp_path):
+    """DeepSpeed's comm op is built by torch into a folder per Python and CUDA version that all of a user's venvs
+    shared: two venvs rebuilt it whenever the other had (45-67 s a launch). Importing clipfast names one per
+    interpreter prefix, unless TORCH_EXTENSIONS_DIR is set."""
+    import hashlib
+
+    code = "import clipfast, os, sys; print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    want = tmp_path / ".cache" / "torch_extensions" / ("clipfast-" + hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])
+    assert got.stdout.strip() == str(want)
+    got = subprocess.run([sys.executable, "-c", code], env={**env, "TORCH_EXTENSIONS_DIR": "/x"}, capture_output=True,
+                         text=True, check=True)
+    assert got.stdout.strip() == "/x"
