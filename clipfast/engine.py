@@ -20,6 +20,7 @@ TorchEngine runs the same step with plain PyTorch:
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from clipfast.dp import average_gradients, broadcast_module
 from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
 from clipfast.layers import LAYER_NORMS, MLPS, VISION_ATTENTIONS
 from clipfast.optim import MasterAdamW, clipped_step, run_as_own
+
+log = logging.getLogger("clipfast.engine")
 
 
 class TorchEngine:
@@ -160,6 +163,8 @@ def resolve_tower_streams(cfg, device) -> bool:
     if value not in TOWER_STREAMS:
         raise ValueError(f"tower_streams must be one of {TOWER_STREAMS}, got {value!r}")
     if torch.device(device).type != "cuda":
+        if value == "on":
+            log.warning("tower_streams=on is off on %s: streams are CUDA's", torch.device(device).type)
         return False
     return value == "on" or (value == "auto" and getattr(cfg, "engine", "deepspeed") == "torch")
 

@@ -155,9 +155,12 @@ def test_auto_kernels_only_where_the_step_is_a_cuda_graph():
         resolve_kernels(TrainConfig(mlp="triton_gemm"), "cpu")
 
 
-def test_tower_streams_auto_with_the_torch_engine_on_cuda():
+def test_tower_streams_auto_with_the_torch_engine_on_cuda(caplog):
     """tower_streams="auto" (the default): the text tower on its own stream with engine=torch on CUDA, eager or
-    graphed; not under DeepSpeed unless asked ("on"); never on the CPU; a bad value lists the choices."""
+    graphed; not under DeepSpeed unless asked ("on"); never on the CPU (an "on" there says so); a bad value lists the
+    choices."""
+    import logging
+
     from clipfast.engine import resolve_tower_streams
 
     assert TrainConfig().tower_streams == "auto"
@@ -166,7 +169,9 @@ def test_tower_streams_auto_with_the_torch_engine_on_cuda():
     assert not resolve_tower_streams(TrainConfig(), "cuda")
     assert resolve_tower_streams(TrainConfig(tower_streams="on"), "cuda")
     assert not resolve_tower_streams(TrainConfig(engine="torch", tower_streams="off"), "cuda")
-    assert not resolve_tower_streams(TrainConfig(engine="torch", tower_streams="on"), "cpu")
+    with caplog.at_level(logging.WARNING, logger="clipfast.engine"):
+        assert not resolve_tower_streams(TrainConfig(engine="torch", tower_streams="on"), "cpu")
+    assert "tower_streams=on is off on cpu" in caplog.text
     with pytest.raises(ValueError, match=r"tower_streams must be one of \('auto', 'off', 'on'\), got 'yes'"):
         resolve_tower_streams(TrainConfig(tower_streams="yes"), "cpu")
 
