@@ -93,10 +93,7 @@ def _file_lines(spec: str, what: str) -> list[str] | None:
     it names no file."""
     if not spec or not os.path.isfile(spec):
         return None
-    try:
-        return [ln.strip() for ln in Path(spec).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{what} file {spec!r} is not UTF-8 text ({e})") from None
+    return prompts.lines_of(spec, f"{what} file")
 
 
 def named_classnames(spec: str) -> list[str] | None:

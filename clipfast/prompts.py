@@ -26,6 +26,18 @@ def imagenet_classnames() -> list[str]:
     return list(IMAGENET_CLASSNAMES)
 
 
+def lines_of(path, what: str) -> list[str]:
+    """The stripped, non-blank lines of a UTF-8 text file of class names or templates; ValueError naming `what` and
+    the file where it is not UTF-8."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text ({e})") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
 def template_problem(template: str) -> str | None:
     """Why `template` cannot take a class name (it needs exactly one {} and no other fields), or None."""
     try:

@@ -63,10 +63,9 @@ def _lines(path: str, what: str) -> list[str]:
     if not Path(path).is_file():
         raise UsageError(f"{what} {path!r}: no such file")
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{what} {path!r} is not UTF-8 text ({e})") from None
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return prompts.lines_of(path, what)
+    except ValueError as e:  # (not UTF-8)
+        raise UsageError(str(e)) from None
 
 
 def resolve_templates(spec: str) -> list[str]:
