@@ -96,7 +96,7 @@ def read_model_file(path: str, raw_ok: bool = False) -> dict:
     config; an engine=torch or DeepSpeed stage 0-2 checkpoint; `<run>/ckpt/latest` names the latest). raw_ok: a file
     of a bare state_dict is read as {"state_dict": it}."""
     p = _checkpoint_tag(Path(path))
-    if p.is_dir() and TAG.match(p.name) and p.parent.name == "ckpt":
+    if _is_tag(p):
         return _read_checkpoint_tag(p)
     p = p / "model.pt" if p.is_dir() else p
     if not p.is_file():
@@ -126,8 +126,12 @@ def is_model_path(path: str) -> bool:
     """Whether `path` is something read_model_file takes: a file, a run folder holding model.pt, or a run's checkpoint
     (`<run>/ckpt/step<N>`, or `<run>/ckpt/latest`)."""
     p = _checkpoint_tag(Path(path))
-    return p.is_file() or (p / "model.pt").is_file() or (p.is_dir() and bool(TAG.match(p.name))
-                                                          and p.parent.name == "ckpt")
+    return p.is_file() or (p / "model.pt").is_file() or _is_tag(p)
+
+
+def _is_tag(p: Path) -> bool:
+    """Whether `p` is one of a run's checkpoints, <run>/ckpt/step<N>."""
+    return p.is_dir() and bool(TAG.match(p.name)) and p.parent.name == "ckpt"
 
 
 def _read_checkpoint_tag(tag: Path) -> dict:

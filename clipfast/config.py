@@ -144,6 +144,15 @@ def _parse_value(raw: str, typ, name: str):
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "kernels": ("auto", "triton", "ref")}
 
 
+def check_choice(cfg, key: str, valid: tuple):
+    """cfg's `key` (default "auto"), or a ValueError listing the valid choices; what every string switch is checked
+    with, where it is resolved and before a staged run starts (clipfast.stages)."""
+    value = getattr(cfg, key, "auto")
+    if value not in valid:
+        raise ValueError(f"{key} must be one of {valid}, got {value!r}")
+    return value
+
+
 def check_values(cfg: TrainConfig, where: str = "") -> None:
     """Values a run cannot use, named with their key before anything starts (where: "stage <name>: " in a staged
     run): counts and intervals below 1, a ZeRO stage other than 0-3, a choice not in CHOICES, ranges that are not

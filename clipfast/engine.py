@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from clipfast.config import check_choice
 from clipfast.dp import average_gradients, broadcast_module
 from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
 from clipfast.layers import LAYER_NORMS, MLPS, VISION_ATTENTIONS
@@ -159,9 +160,7 @@ def resolve_tower_streams(cfg, device) -> bool:
     with the kernels went from 70.1 to 67.1 ms at B/16 112 px / 16 tokens and from 80.5 to 79.4 ms at L/16 96 px /
     8 tokens, the eager one with the kernels from 94.9 to 80.3 ms (B/16). Off under DeepSpeed: its gradient hooks
     with a second stream are untried on a GPU. Off on the CPU, where there are no streams."""
-    value = getattr(cfg, "tower_streams", "auto")
-    if value not in TOWER_STREAMS:
-        raise ValueError(f"tower_streams must be one of {TOWER_STREAMS}, got {value!r}")
+    value = check_choice(cfg, "tower_streams", TOWER_STREAMS)
     if torch.device(device).type != "cuda":
         if value == "on":
             log.warning("tower_streams=on is off on %s: streams are CUDA's", torch.device(device).type)
@@ -176,9 +175,7 @@ def resolve_overlap_optimizer(cfg, device, world: int = 1) -> bool | None:
     """GraphedTrainStep's overlap_optimizer for the config: None for "auto" (on where it can be: MasterAdamW's
     Triton step, i.e. bf16 weights, and no clipping), True for "on", False for "off". "on" where it cannot be is an
     error naming the keys to change; a bad value lists the choices."""
-    value = getattr(cfg, "overlap_optimizer", "auto")
-    if value not in OVERLAP_OPTIMIZER:
-        raise ValueError(f"overlap_optimizer must be one of {OVERLAP_OPTIMIZER}, got {value!r}")
+    value = check_choice(cfg, "overlap_optimizer", OVERLAP_OPTIMIZER)
     if value == "on":
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.device(device).type == "cuda")
         need = [what for what, ok in (("engine=torch cuda_graph=true", cfg.engine == "torch" and cfg.cuda_graph),

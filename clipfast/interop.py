@@ -159,13 +159,21 @@ def _close(a, b) -> bool:
     return len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b))
 
 
+def export_info(weights) -> tuple[Path | None, dict]:
+    """(<weights>.json, what clipfast.export wrote there: model_name, kwargs, ...), or (None, {}) where there is none
+    (or `weights` is a state dict, not a file)."""
+    if not isinstance(weights, (str, Path)) or not Path(str(weights) + ".json").is_file():
+        return None, {}
+    side = Path(str(weights) + ".json")
+    return side, json.loads(side.read_text())
+
+
 def export_kwargs(weights, name: str) -> dict:
     """The open_clip.create_model kwargs that clipfast.export wrote beside `weights` (<weights>.json) for model
     `name`; {} where there is no such file or it names another model."""
-    if not isinstance(weights, (str, Path)) or not Path(str(weights) + ".json").is_file():
+    side, info = export_info(weights)
+    if not info:
         return {}
-    side = Path(str(weights) + ".json")
-    info = json.loads(side.read_text())
     if info.get("model_name") != name:
         log.warning("%s says the weights are open_clip %s, not %s: its create_model kwargs are not used", side,
                     info.get("model_name"), name)
@@ -194,8 +202,8 @@ def load_open_clip_state(model, sd_or_path, open_clip_model: str | None = None, 
     if not isinstance(sd, dict):
         sd = torch.load(sd_or_path, map_location="cpu", weights_only=True)
     target = open_clip_model or model.cfg.name
-    side = Path(str(sd_or_path) + ".json") if where else None
-    said = json.loads(side.read_text()).get("model_name") if side is not None and side.is_file() else None
+    side, info = export_info(sd_or_path)
+    said = info.get("model_name")
     hint = f"; {side} says they are open_clip {said}" if said and said != target else ""
     try:
         sd = resize_state_dict(from_open_clip(sd), model.cfg)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from clipfast.checkpoint import fresh_out_dir
-from clipfast.config import TrainConfig, check_stages, check_values, to_dict
+from clipfast.config import TrainConfig, check_choice, check_stages, check_values, to_dict
 from clipfast.engine import check_engine
 from clipfast.presets import from_name
 from clipfast.reduce import check, mask_grid
@@ -89,9 +89,8 @@ def _check_settings(st: TrainConfig) -> None:
     check_ssl(st)
     resolve_kernels(st, "cpu")  # (the choices of layer_norm, vision_attention, mlp)
     for key, valid in (("tower_streams", TOWER_STREAMS), ("overlap_optimizer", OVERLAP_OPTIMIZER),
-                       ("reader_process", READER_PROCESS)):
-        if getattr(st, key) not in valid:
-            raise ValueError(f"{key} must be one of {valid}, got {getattr(st, key)!r}")
+                       ("reader_process", READER_PROCESS)):  # (their resolving needs the device)
+        check_choice(st, key, valid)
     check(st.image_reduction, st.mask_ratio, st.text_reduction)
     vision = from_name(st.model).vision
     if st.image_size and vision.kind != "resnet" and st.image_size % vision.patch_size:

@@ -104,9 +104,9 @@ def resolve_reader_process(cfg, device) -> int:  # device: a torch.device
     `reader_process` "auto" where the model trains on a GPU (there the training thread launches the steps; on the CPU
     the child competes with DALI's decoding threads for the cores: 322 -> 340 us a sample on the 2-core machine,
     bench/results/data-path-2026-11-27), or "on", `reader_processes` of them (default 1)."""
-    value = getattr(cfg, "reader_process", "auto")
-    if value not in READER_PROCESS:
-        raise ValueError(f"reader_process must be one of {READER_PROCESS}, got {value!r}")
+    from clipfast.config import check_choice
+
+    value = check_choice(cfg, "reader_process", READER_PROCESS)
     n = getattr(cfg, "reader_processes", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"reader_processes must be a whole number, 1 or more, got {n!r}")
