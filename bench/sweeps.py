@@ -117,7 +117,8 @@ def sweep_add_ln(s, device, dtype, timer, smoke):
     grid = [*itertools.product((2, 4), (4, 8), (4, 8, 16), (1,)),
             *itertools.product((1, 2), (4,), (4, 8, 16), (2, 3)), (4, 8, 8, 2)] if not smoke else [(1, 1, 4, 2)]
     bdef = ln._bwd_config(N)
-    bdef = (bdef["BLOCK_M"], bdef["num_warps"], ln.PROGRAMS_PER_SM, ln.BWD_STAGES)
+    _, def_rows = ln._bwd_programs(M, bdef["BLOCK_M"], device)  # the stages the default chooses for its loop
+    bdef = (bdef["BLOCK_M"], bdef["num_warps"], ln.PROGRAMS_PER_SM, ln._bwd_stages(def_rows, bdef["BLOCK_M"]))
     for bm, nw, per_sm, st in _with(grid, bdef):
         bwd_rows.append(_measure(f"BLOCK_M={bm} warps={nw} programs/SM={per_sm} stages={st}",
                                  bwd(bm, nw, per_sm, st), timer, (bm, nw, per_sm, st) == bdef))
@@ -164,7 +165,7 @@ def sweep_gelu(s, device, dtype, timer, smoke):
     # sweep's 54 configs (BLOCK_M 16-64, BLOCK_N 64-256, warps 4-8, programs per SM 4-16) around its winner
     grid = [*itertools.product((16, 32), (64, 128), (8,), (4, 8, 16), (1,)),
             *itertools.product((16, 32), (64,), (8,), (8, 16), (2, 3))] if not smoke else [(8, 16, 1, 4, 2)]
-    gdef = (default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], ln.PROGRAMS_PER_SM, ge.BWD_STAGES)
+    gdef = (default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], ge.PROGRAMS_PER_SM, ge.BWD_STAGES)
     for bm, bn, nw, per_sm, st in _with(grid, gdef):
         if bm * bn > 16384 or bm * bn < 32 * nw:  # tiles too big for registers, or too small for the warps
             continue

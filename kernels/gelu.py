@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import finish_sums, use_triton
-from kernels.layer_norm import PROGRAMS_PER_SM, _rows, _sm_count
+from kernels.layer_norm import _rows, _sm_count
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # globals a @triton.jit reads must be constexpr
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -59,6 +59,7 @@ def _gelu_bwd_kernel(DA, H, DH, DB_PART, M, N, stride_da, stride_h, stride_dh, r
 # compile at B/16's 3,072: 40 or 32 registers and 4 or 8 KiB a program, against 32 and 2 KiB). Not yet timed on a
 # GPU: bench/sweep_kernels.py --kernels gelu, and `bench/throughput.py --knob gelu.BWD_STAGES=2` in a whole step
 BWD_STAGES = 1
+PROGRAMS_PER_SM = 8  # on CUDA, in all over the column blocks (the H100 sweep at 5de47bf: 16 is within 2%)
 
 
 def _config() -> dict:
@@ -70,8 +71,10 @@ def _config() -> dict:
 
 
 def _row_groups(m: int, n: int, block_m: int, block_n: int, device: torch.device,
-                per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int]:
-    """(row groups, rows per group): ~per_sm programs per SM in all on CUDA (4 row groups under the interpreter)."""
+                per_sm: int | None = None) -> tuple[int, int]:
+    """(row groups, rows per group): ~per_sm (default PROGRAMS_PER_SM) programs per SM in all on CUDA (4 row groups
+    under the interpreter)."""
+    per_sm = PROGRAMS_PER_SM if per_sm is None else per_sm
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         want = max(1, per_sm * sms // triton.cdiv(n, block_n))

@@ -132,16 +132,31 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-PROGRAMS_PER_SM = 8  # the backward kernels' programs on CUDA (here and kernels.gelu); bench/sweep_kernels.py varies it
-# the backward's row loop: 1 loads each tile after the one before it is done; 2 or 3 pipeline the loads that many tiles
-# ahead through shared memory (sm_90 compile at B/16's width: 108 registers and 12 / 24 KiB a program, against 114 and
-# 4 KiB). Not yet timed on a GPU: bench/sweep_kernels.py --kernels add_ln sets them side by side, and
-# `bench/throughput.py --knob layer_norm.BWD_STAGES=2` in a whole step
-BWD_STAGES = 1
+# the backward's programs per SM on CUDA, and its row loop: 1 loads each tile after the one before it is done; 2 or 3
+# pipeline the loads that many tiles ahead through shared memory (sm_90 compile at B/16's width: 108 registers and 12 /
+# 24 KiB a program, against 114 and 4 KiB); 0 chooses (_bwd_stages). Read at each launch, so that `bench/throughput.py
+# --knob layer_norm.PROGRAMS_PER_SM=8 layer_norm.BWD_STAGES=1` times the earlier defaults in a whole step.
+# The H100 sweep at 5de47bf (bench/results/nvidia-h100-80gb-hbm3-2026-11-28-5de47bf/sweep/sweep.md, add+LN backward
+# with its finish): B/16's 51,200 x 768 0.125 ms at 4 programs per SM and 3 stages against 0.171 ms at the earlier 8
+# and 1; L/16's 18,944 x 1,024 0.082 ms at 4 and 1 against 0.086 (3 stages there: 0.087, its loop being short)
+PROGRAMS_PER_SM = 4
+BWD_STAGES = 0
+PIPELINE_TILES = 32  # BWD_STAGES=0: 3 stages where a program's loop runs at least this many tiles, else 1
 
 
-def _bwd_programs(m: int, block_m: int, device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int]:
-    """(programs, rows per program): per_sm programs per SM on CUDA (4 under the interpreter), whole tiles each."""
+def _bwd_stages(rows: int, block_m: int) -> int:
+    """The backward row loop's pipeline depth for programs of `rows` rows in tiles of block_m: BWD_STAGES, or where
+    that is 0, 3 for loops of PIPELINE_TILES tiles or more (B/16 112 px: 49 tiles a program), else 1 (L/16 96 px:
+    18; the pipeline's start and drain cost more than it hides there)."""
+    if BWD_STAGES:
+        return BWD_STAGES
+    return 3 if triton.cdiv(rows, block_m) >= PIPELINE_TILES else 1
+
+
+def _bwd_programs(m: int, block_m: int, device: torch.device, per_sm: int | None = None) -> tuple[int, int]:
+    """(programs, rows per program): per_sm (default PROGRAMS_PER_SM) programs per SM on CUDA (4 under the
+    interpreter), whole tiles each."""
+    per_sm = PROGRAMS_PER_SM if per_sm is None else per_sm
     want = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
     rows = triton.cdiv(triton.cdiv(m, want), block_m) * block_m
@@ -172,7 +187,7 @@ def _bwd_launch(x2, w, dy2, dx, mean, rstd, part, rows, ds2=None):
                 stride_dy=dy2.stride(0), stride_dx=dx.stride(0), stride_part=part.stride(0), rows_per_prog=rows,
                 DS=ds2 if res else dy2, stride_ds=ds2.stride(0) if res else 0)  # fmt: skip
     const = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RES=res, HAS_RB=part.shape[1] == 3,
-                 STAGES=BWD_STAGES)
+                 STAGES=_bwd_stages(rows, cfg["BLOCK_M"]))
     return (part.shape[0],), args, const, {"num_warps": cfg["num_warps"]}
 
 

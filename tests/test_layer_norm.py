@@ -81,6 +81,7 @@ def test_pipelined_backward_gives_the_same_bits(stages, monkeypatch):
         torch.autograd.backward((s, y), (ds, dy))
         return [v.grad for v in t]
 
+    monkeypatch.setattr(ln, "BWD_STAGES", 1)
     one = run()
     monkeypatch.setattr(ln, "BWD_STAGES", stages)
     for name, a, e in zip(("dx", "dr", "dw", "db", "drb"), run(), one, strict=True):
@@ -198,3 +199,24 @@ def test_add_layer_norm_unused_sum_and_fallbacks():
     assert s.dtype == torch.float32 and torch.equal(s, x + r.bfloat16())
     with pytest.raises(ValueError, match=r"add_layer_norm needs weight and bias of shape \(40,\)"):
         add_layer_norm(x, r, w[:4], b)
+
+
+def test_backward_launch_config_is_read_at_each_launch(monkeypatch):
+    """The backward's programs per SM and pipeline depth are read when it launches (bench/throughput.py --knob sets
+    them in a whole step): 4 programs per SM; BWD_STAGES=0 pipelines 3 tiles deep where a program's loop runs 32 tiles
+    or more (B/16 112 px, batch 1024: 49), else not (L/16 96 px, batch 512: 18); a set BWD_STAGES wins."""
+    ln = sys.modules["kernels.layer_norm"]
+    monkeypatch.setattr(ln, "_sm_count", lambda index: 132)  # an H100's SMs; no GPU needed to count programs
+    cuda = torch.device("cuda", 0)
+    b16, l16 = ln._bwd_programs(51200, 2, cuda), ln._bwd_programs(18944, 2, cuda)
+    assert b16 == (523, 98) and l16 == (527, 36)
+    assert (ln._bwd_stages(98, 2), ln._bwd_stages(36, 2)) == (3, 1)
+    assert (ln._bwd_stages(64, 2), ln._bwd_stages(62, 2)) == (3, 1)  # PIPELINE_TILES = 32 tiles
+    monkeypatch.setattr(ln, "PROGRAMS_PER_SM", 8)
+    assert ln._bwd_programs(51200, 2, cuda) == (1024, 50)
+    monkeypatch.setattr(ln, "BWD_STAGES", 2)
+    assert (ln._bwd_stages(98, 2), ln._bwd_stages(36, 2)) == (2, 2)
+    x = torch.zeros(47, 130)
+    *_, const, _ = ln._bwd_launch(x, torch.ones(130), x, x.clone(), torch.zeros(47), torch.ones(47),
+                                  torch.zeros(4, 2, 130), 12)
+    assert const["STAGES"] == 2
