@@ -267,3 +267,21 @@ def test_data_path_bench_writes_its_tables(tmp_path):
     assert "| read (tar + checks) |" in md and "| reader process: read + truncate to 16" in md
     assert "| resume: passing over (read + checks + shuffle, not yielded) |" in md
     assert "| reader processes: the same in 2 children" in md
+
+
+def test_data_path_bench_without_lemminflect_leaves_out_the_syntax_row(tmp_path, monkeypatch, capsys):
+    """The GPU machines' image has no lemminflect (clipfast.pos's lexicon): the bench times the other stages and says
+    why the syntax-masking row is missing, instead of failing at its first caption (the H100 suite at 5de47bf)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("data_path", Path(__file__).parents[1] / "bench" / "data_path.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setitem(sys.modules, "lemminflect", None)  # import fails, find_spec finds nothing
+    res = mod.main(["--samples", "40", "--per-shard", "20", "--work", str(tmp_path / "shards"), "--out",
+                    str(tmp_path / "out"), "--no-loader", "--reader-processes"])
+    assert set(res["host_us_per_sample"]) == {"truncate to 77", "truncate to 16"}
+    assert not any("syntax" in k for k in res["us_per_sample"]) and len(res["us_per_sample"]) == 5
+    assert "lemminflect is not installed" in capsys.readouterr().err
