@@ -65,15 +65,18 @@ def test_backward_is_deterministic_and_splits_rows():
         assert torch.equal(u, v)
 
 
-@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("stages", [0, 2, 3])
 def test_pipelined_backward_gives_the_same_bits(stages, monkeypatch):
-    """BWD_STAGES 2 or 3 (the row loop's loads a tile or two ahead, through shared memory on a GPU) computes what 1
-    does, in the same order: dx, dr, dW, dB and the residual bias's gradient equal bit for bit, in bf16, with rows
-    split over several programs (47 rows: the last program's run partial). The interpreter runs the loop as a plain
-    one, so here this checks the switch's path; natively (the GPU suite runs this file) it checks the pipeline."""
+    """BWD_STAGES 2 or 3 (the row loop's loads a tile or two ahead, through shared memory on a GPU), or 0 (the default:
+    3 for long loops) computes what 1 does, in the same order: dx, dr, dW, dB and the residual bias's gradient equal
+    bit for bit, in bf16, with rows split over several programs, the last program's run partial (47 rows here; on a
+    GPU 70,001, so that each of 4 programs per SM loops over 67 tiles, as at B/16 112 px). The interpreter runs the
+    loop as a plain one, so here this checks the switch's path; natively (the GPU suite runs this file) the
+    pipeline."""
     ln = sys.modules["kernels.layer_norm"]
-    x, w, b, dy = _inputs((47, 130), torch.bfloat16, seed=7)
-    r, _, rb, ds = _inputs((47, 130), torch.bfloat16, seed=8)
+    rows = 70001 if DEVICE == "cuda" else 47
+    x, w, b, dy = _inputs((rows, 130), torch.bfloat16, seed=7)
+    r, _, rb, ds = _inputs((rows, 130), torch.bfloat16, seed=8)
 
     def run():
         t = [v.detach().clone().requires_grad_() for v in (x, r, w, b, rb)]
