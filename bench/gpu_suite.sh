@@ -94,6 +94,13 @@ DATE=$(date -u +%F)
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export CLIPFAST_COMMIT=$COMMIT  # throughput.py records it (the tree on the GPU machine may have no .git)
 DIR=${RESULTS_DIR:-bench/results/$DEVICE-$DATE}
+# a folder holding an earlier run (the same device and day, or RESULTS_DIR reused) is moved aside, so that summary.md
+# and results.tar.gz hold this run's parts only
+if [ -d "$DIR" ] && [ -n "$(ls -A "$DIR" 2>/dev/null)" ]; then
+    EARLIER="$DIR.before-$(date -u +%H%M%S)"
+    mv "$DIR" "$EARLIER"
+    echo "note: $DIR held an earlier run: moved to $EARLIER"
+fi
 mkdir -p "$DIR"
 LOG=$DIR/suite.log
 : >"$LOG"
@@ -114,6 +121,11 @@ part() {
         return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
+    # @BUDGET@ in the command: the time budget of a throughput grid, 30 s under the timeout actually applied (the cut
+    # one where the suite's budget cut it), so that the grid stops starting points before it is killed
+    local budget=$(( limit > 45 ? limit - 30 : limit * 2 / 3 )) arg cmd=()
+    for arg in "$@"; do [ "$arg" = "@BUDGET@" ] && cmd+=("$budget") || cmd+=("$arg"); done
+    set -- "${cmd[@]}"
     t0=$(date +%s)
     log "=== $name (timeout ${limit}s): $*"
     timeout -k 10 "$limit" "$@" >"$DIR/$name.log" 2>&1
@@ -176,16 +188,17 @@ if "$PY" -c "import deepspeed" >/dev/null 2>&1; then
     [[ " ${GRID_ARGS[*]} " != *" --deepspeed "* ]] && GRID_ARGS+=(--deepspeed)
     [[ " ${CLIPA_ARGS[*]} " != *" --deepspeed "* ]] && CLIPA_ARGS+=(--deepspeed)
 fi
-# each grid stops starting new points 30 s before its timeout and writes its tables after every point
+# each grid stops starting new points 30 s before its timeout (@BUDGET@, in part) and writes its tables after every
+# point
 if [ "$T_CLIPA" -gt 30 ]; then
     part throughput_clipa "$T_CLIPA" "$PY" bench/throughput.py "${CLIPA_ARGS[@]}" --out "$DIR/clipa" \
-        --time-budget $(( T_CLIPA - 30 ))
+        --time-budget @BUDGET@
 fi
 # CLIP.compile_blocks (torch.compile of each block's non-attention part) at the two goal points only, beside the
 # eager step (open_clip's ratio is in clipa/): its first step compiles, which would cost the full grid its last points
 if [ "$T_COMPILE" -gt 30 ]; then
     part throughput_compile "$T_COMPILE" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --compile \
-        --no-cuda-graph --no-open-clip --out "$DIR/compile" --time-budget $(( T_COMPILE - 30 ))
+        --no-cuda-graph --no-open-clip --out "$DIR/compile" --time-budget @BUDGET@
 fi
 # the opt-in kernels (kernels.layer_norm: dW, dB fused into dx's pass, and add_layer_norm with the residual add
 # before each norm; kernels.linear_gelu: the GELU backward writes the c_fc bias gradient; kernels.short_attention: one
@@ -198,7 +211,7 @@ fi
 if [ "$T_KERNELS" -gt 30 ]; then
     read -r -a KERNELS_ARGS <<<"${KERNELS_ARGS:-}"  # e.g. KERNELS_ARGS="--kernels-mlp triton_gemm"
     part throughput_kernels "$T_KERNELS" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --kernels \
-        --out "$DIR/kernels" --time-budget $(( T_KERNELS - 30 )) "${KERNELS_ARGS[@]}"
+        --out "$DIR/kernels" --time-budget @BUDGET@ "${KERNELS_ARGS[@]}"
 fi
 # the same two points again, graphs+kernels (and the plain eager column every ratio needs) only, once per variant of
 # AB_KNOBS: variants split by ";", each a list of kernel switches (bench/steps.py KNOBS), an empty one the defaults.
@@ -213,7 +226,7 @@ if [ "$T_AB" -gt 30 ]; then
         read -r -a knobs <<<"$variant"
         part "throughput_kernels_ab$ab" "$T_AB" "$PY" bench/throughput.py --points B/16:112:16 L/16:96:8 --kernels \
             --no-open-clip --skip clipfast_graph clipfast_kernels --out "$DIR/kernels_ab$ab" \
-            --time-budget $(( T_AB - 30 )) ${knobs[@]+--knob "${knobs[@]}"}
+            --time-budget @BUDGET@ ${knobs[@]+--knob "${knobs[@]}"}
     done
     # the variants side by side (graphs+kernels ms, MFU, change against the first, ratio to open_clip in kernels/)
     AB_DIRS=()
@@ -243,7 +256,7 @@ if [ "$T_PROFILE_L" -gt 0 ]; then
         --impls "${PROFILE_L_IMPLS[@]}" --out "$DIR/profile_l16"
 fi
 if [ "$T_GRID" -gt 30 ]; then
-    part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget $(( T_GRID - 30 ))
+    part throughput "$T_GRID" "$PY" bench/throughput.py "${GRID_ARGS[@]}" --out "$DIR" --time-budget @BUDGET@
 fi
 if [ "$T_DATA" -gt 0 ]; then
     part data_path "$T_DATA" "$PY" bench/data_path.py --no-loader --samples 2000 --per-shard 250 \
@@ -285,10 +298,11 @@ fi
 log "wrote $DIR (total $(( $(date +%s) - SUITE_START )) s)"
 
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-    cp "$DIR/summary.md" "$OUT/" 2>/dev/null
-    cp "$DIR/throughput.png" "$OUT/" 2>/dev/null
-    cp "$DIR/clipa/throughput.png" "$OUT/throughput_clipa.png" 2>/dev/null
-    tar czf "$OUT/results.tar.gz" -C "$(dirname "$DIR")" "$(basename "$DIR")"
-    log "copied summary.md, throughput.png, results.tar.gz to \$OUT"
+    COPIED=()
+    cp "$DIR/summary.md" "$OUT/" 2>/dev/null && COPIED+=(summary.md)
+    cp "$DIR/throughput.png" "$OUT/" 2>/dev/null && COPIED+=(throughput.png)
+    cp "$DIR/clipa/throughput.png" "$OUT/throughput_clipa.png" 2>/dev/null && COPIED+=(throughput_clipa.png)
+    tar czf "$OUT/results.tar.gz" -C "$(dirname "$DIR")" "$(basename "$DIR")" && COPIED+=(results.tar.gz)
+    log "copied ${COPIED[*]} to \$OUT"
 fi
 exit 0

@@ -159,6 +159,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="output folder (default bench/results/<device>-<date>)")
     args = ap.parse_args(argv)
+    if bench_steps.knob_problems(args.knob):
+        ap.error("; ".join(bench_steps.knob_problems(args.knob)))
     bench_steps.LAYER_NORM = args.layer_norm
     bench_steps.VISION_ATTENTION = args.vision_attention
     bench_steps.TOWER_STREAMS = args.tower_streams == "on"

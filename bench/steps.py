@@ -62,17 +62,29 @@ def knob_module(key: str):
     return importlib.import_module(f"clipfast.{mod}" if mod in ("model", "graph") else f"kernels.{mod}")
 
 
+def knob_problems(specs) -> list[str]:
+    """What is wrong with "module.NAME=value" strings, each naming the valid switches or values (the scripts' usage
+    errors); [] when all are good."""
+    out = []
+    for spec in specs or ():
+        key, _, raw = spec.partition("=")
+        if key not in KNOBS:
+            out.append(f"--knob {spec!r}: the switches are {sorted(KNOBS)}")
+        elif raw not in KNOBS[key]:
+            out.append(f"--knob {spec!r}: {key} takes one of {KNOBS[key]}")
+    return out
+
+
 def set_knobs(specs) -> dict:
     """Set kernels' module switches from "module.NAME=value" strings (e.g. short_attention.FWD_HEADS=1,
     adamw.SLOTS=1, _common.FINISH=torch), so that a run can time a kernel variant against the default; returns
     {"module.NAME": value}. An unknown switch or value is an error that lists the valid ones."""
+    problems = knob_problems(specs)
+    if problems:
+        raise ValueError("; ".join(problems))
     out = {}
     for spec in specs or ():
-        key, sep, raw = spec.partition("=")
-        if key not in KNOBS:
-            raise ValueError(f"--knob {spec!r}: the switches are {sorted(KNOBS)}")
-        if raw not in KNOBS[key]:
-            raise ValueError(f"--knob {spec!r}: {key} takes one of {KNOBS[key]}")
+        key, _, raw = spec.partition("=")
         module, name = knob_module(key), key.split(".")[1]
         value = int(raw) if isinstance(getattr(module, name), int) else raw
         setattr(module, name, value)

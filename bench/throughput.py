@@ -200,8 +200,9 @@ def measure(pt: Point, args, device, have_open_clip: bool) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 held = torch.cuda.memory_allocated(device) - before
-            else:  # CPU, fp32, ZeRO-1 on one rank: weights, the fp32 partition, two Adam moments (an estimate)
-                held = 4 * sum(p.numel() * 4 for p in model.parameters())
+            else:  # CPU, fp32, ZeRO stage 0 on one rank: the engine steps the torch optimizer itself, whose state
+                # holds the two Adam moments (weights + moments: 12 bytes a parameter; no fp32 copy in fp32)
+                held = persistent_bytes(model, getattr(opt, "optimizer", opt))
             mem[impl] = held + step_peak_bytes(step, batches[0], device)
             _warm_up(step, batches, args.warmup, impl, pt)
         elif impl in OPTIONAL_COLUMNS:
@@ -359,7 +360,26 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
             bad.append(f"--presets: {e.args[0]}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         bad.append(f"--device {args.device}: torch sees no CUDA device here")
+    bad += bench_steps.knob_problems(args.knob)
+    if args.time_budget < 0:
+        bad.append(f"--time-budget {args.time_budget} (0 for none, else seconds above 0)")
+    if args.timer == "cpu" and (args.threads or 1) > 1:
+        bad.append(f"--timer cpu with --threads {args.threads}: process CPU time sums the threads (their spin-waits "
+                   "too), so it is no step time; use --timer wall, or one thread")
+    if args.points:
+        given = [f"--{k.replace('_', '-')}" for k in ("presets", "sizes", "masks", "text_lens")
+                 if getattr(args, k) is not None]
+        if given:
+            bad.append(f"--points takes the points whole: {', '.join(given)} would be ignored")
+        try:
+            args.point_groups = parse_points(args.points)
+        except SystemExit as e:
+            bad.append(str(e))
     if args.data:
+        ignored = [f"--{k}" for k in ("deepspeed", "kernels", "compile") if getattr(args, k)]
+        if ignored:
+            bad.append(f"--data times clipfast's own step with its loader alone: {', '.join(ignored)} would be "
+                       "ignored")
         from clipfast.data.shards import list_shards  # (no DALI needed to list them)
 
         try:
@@ -409,7 +429,10 @@ def main(argv=None) -> list[dict]:
     name, slug = device_info(device)
     today = datetime.date.today().isoformat()
     out = Path(args.out or ROOT / "bench" / "results" / f"{slug}-{today}")
-    out.mkdir(parents=True, exist_ok=True)
+    earlier = [f for f in (out / f"throughput.{ext}" for ext in ("md", "csv", "json", "png")) if f.exists()]
+    if earlier:  # (the default folder is per device and day: a second run that day writes into the first's)
+        print(f"note: {out} holds an earlier run's results; this run replaces them once it has measured a point",
+              file=sys.stderr)
     import triton
 
     meta = dict(device=name, date=today, commit=git_commit(), torch=torch.__version__, triton=triton.__version__,
@@ -434,8 +457,7 @@ def main(argv=None) -> list[dict]:
                                "jobs), interleaved steps after warm-up; wall-clock medians in the CSV",
                         "wall": "median wall time per step, interleaved steps after warm-up"
                                 + (" (CUDA events)" if device.type == "cuda" else "")}[args.timer_used])
-    groups = parse_points(args.points) if args.points else grid_points(args.presets, args.sizes, args.masks,
-                                                                        args.text_lens)
+    groups = args.point_groups if args.points else grid_points(args.presets, args.sizes, args.masks, args.text_lens)
     n_points = sum(map(len, groups.values()))
     rows, skipped, t0 = [], [], time.perf_counter()
     print(f"# {name} | torch {torch.__version__} | triton {triton.__version__} | {note} | {n_points} points",
@@ -465,22 +487,26 @@ def main(argv=None) -> list[dict]:
                 torch.cuda.empty_cache()
             if row is None:
                 continue
+            if not rows:  # the first point measured: the earlier run's files go (its plot would stay beside ours)
+                out.mkdir(parents=True, exist_ok=True)
+                for f in earlier:
+                    f.unlink(missing_ok=True)
             rows.append(row)
             print(f"[{i}/{n_points}] {pt.label}: clipfast {row['clipfast_ms']} ms, open_clip "
                   f"{row.get('open_clip_ms', '–')} ms, load {row['load_1min']} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr)
             write_outputs(rows, meta, skipped, out, t0)  # after every point: a run cut short keeps what it measured
+    if not rows:  # every point failed (or none fit the time budget): a failed run, not an empty success; the earlier
+        # results in --out and the README's section stay as they were
+        raise SystemExit(f"throughput.py: no point was measured, nothing written ({'; '.join(skipped)})")
     md = write_outputs(rows, meta, skipped, out, t0)
     print(md)
-    if rows:
-        plot(rows, out / "throughput.png", f"training throughput, {name}, {meta['date']}")
+    plot(rows, out / "throughput.png", f"training throughput, {name}, {meta['date']}")
     if args.update_readme:
         rel = os.path.relpath((out / "throughput.png").resolve(), ROOT)  # (an --out outside the checkout: ../..)
         shown = [a for a in (argv or sys.argv[1:]) if a != "--update-readme"]
         update_readme(readme_section(md, rel, shlex.join(["python", "bench/throughput.py", *shown])))
     print(f"wrote {out}", file=sys.stderr)
-    if not rows:  # every point failed (or none fit the time budget): a failed run, not an empty success
-        raise SystemExit(f"throughput.py: no point was measured ({'; '.join(skipped)})")
     return rows
 
 

@@ -125,6 +125,9 @@ def test_deepspeed_column_times_the_trainers_engine(tmp_path):
     rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
     assert rows and all(row["clipfast_ds_ms"] > 0 and row["clipfast_ds_peak_mib"] > 0 for row in rows)
     assert "DeepSpeed ms" in (tmp_path / "throughput.md").read_text()
+    # on the CPU both hold fp32 weights and AdamW's two moments (12 bytes a parameter) and the same step's transients:
+    # the DeepSpeed column counted 16 bytes a parameter (an fp32 copy that fp32 ZeRO stage 0 does not make), 25% more
+    assert all(abs(row["clipfast_ds_peak_mib"] / row["clipfast_peak_mib"] - 1) < 0.05 for row in rows), rows
 
 
 def test_step_profile_groups_the_time_of_both_steps(tmp_path, monkeypatch):
@@ -355,3 +358,71 @@ def test_goal_verdict_takes_the_fastest_column_at_each_goal_point():
             r.pop(key, None)
     assert report.goals(rows) == ""
 
+
+
+def test_gpu_suite_budgets_its_grids_by_the_cut_timeout_and_keeps_runs_apart(tmp_path):
+    """bench/gpu_suite.sh on the CPU, one tiny grid: the grid's --time-budget is 30 s under (or two thirds of) the
+    timeout the suite actually applies, which its budget cuts (it was computed from the uncut one, so a cut grid was
+    killed mid-point); a second run into the same folder moves the first aside instead of summarising its parts as
+    its own."""
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "results"
+    env = dict(os.environ, RESULTS_DIR=str(out), PYTHON=sys.executable, COMMIT="first", SUITE_BUDGET="75", T_ENV="0",
+               T_TESTS="0", T_BENCH="0", T_CLIPA="0", T_KERNELS="0", T_PROFILE="0", T_GRID="300",
+               GRID_ARGS="--presets demo --sizes 16 --masks --text-lens 8 --batch 2 --steps 1 --warmup 1 "
+                         "--batches 1 --device cpu --no-open-clip")
+    env.pop("OUT", None)
+    r = subprocess.run(["bash", "bench/gpu_suite.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (out / "suite.log").read_text()
+    limit, budget = re.search(r"=== throughput \(timeout (\d+)s\): .*--time-budget (\d+)", log).groups()
+    assert int(limit) < 300 and int(budget) == (int(limit) - 30 if int(limit) > 45 else int(limit) * 2 // 3), log
+    assert (out / "throughput.json").exists() and "commit first" in (out / "summary.md").read_text()
+    env.update(COMMIT="second", T_GRID="0")
+    r = subprocess.run(["bash", "bench/gpu_suite.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    earlier = [p for p in tmp_path.iterdir() if p.name.startswith("results.before-")]
+    assert len(earlier) == 1 and (earlier[0] / "throughput.json").exists()
+    summary = (out / "summary.md").read_text()
+    assert "commit second" in summary and "## Grid" not in summary and not (out / "throughput.json").exists()
+
+
+def test_a_run_that_measures_nothing_leaves_earlier_results_alone(tmp_path, monkeypatch, capsys):
+    """Every point failing (or none fitting the time budget) is a failed run that writes nothing: the earlier run's
+    tables and plot in --out stay (they were replaced by an empty table beside the old plot, and --update-readme wrote
+    that into the README)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for ext in ("md", "csv", "json", "png"):
+        (out / f"throughput.{ext}").write_text(f"earlier {ext}")
+
+    def fail(*a, **k):
+        raise RuntimeError("no luck")
+
+    monkeypatch.setattr(tp, "measure", fail)
+    monkeypatch.setattr(tp, "update_readme", lambda *a: pytest.fail("README touched"))
+    with pytest.raises(SystemExit, match="no point was measured, nothing written"):
+        tp.main([*TINY, "--no-open-clip", "--out", str(out), "--update-readme"])
+    assert all((out / f"throughput.{e}").read_text() == f"earlier {e}" for e in ("md", "csv", "json", "png"))
+    assert "holds an earlier run's results" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--knob", "foo=1"], "the switches are"),
+    (["--knob", "layer_norm.BWD_STAGES=9"], "takes one of"),
+    (["--time-budget", "-1"], "--time-budget -1"),
+    (["--timer", "cpu", "--threads", "2"], "sums the threads"),
+    (["--points", "demo:16:8", "--sizes", "32"], "--points takes the points whole: --sizes"),
+    (["--points", "demo:16"], "--points: bad entry 'demo:16'"),
+])
+def test_bad_arguments_are_usage_errors(extra, message, capsys):
+    """Values a run cannot use are argparse errors (exit status 2, before any folder or model), each naming itself:
+    they were tracebacks, a silent no-op, or a run that timed the wrong thing."""
+    with pytest.raises(SystemExit) as e:
+        tp.parse_args(["--device", "cpu", *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err
