@@ -73,6 +73,9 @@ def profile(impl: str, args, device) -> tuple[str, dict]:
     pt = Point(cfg.name, args.size, args.mask, args.text_len)
     mixed = device.type == "cuda" if args.precision == "auto" else args.precision == "mixed"
     precision = ("amp_bf16" if impl == "open_clip" else "bf16_master") if mixed else "fp32"
+    # the label: the DeepSpeed step keeps the engine's own precision, as clipfast.train runs it (bf16 on CUDA, fp32
+    # elsewhere), whatever --precision says
+    label = ("bf16 (DeepSpeed)" if device.type == "cuda" else "fp32") if impl == "clipfast_ds" else precision
     torch.manual_seed(0)
     _, _, step = BUILDERS[impl](cfg, pt, device, precision, args.batch)
     gen = torch.Generator().manual_seed(0)
@@ -116,7 +119,7 @@ def profile(impl: str, args, device) -> tuple[str, dict]:
     streams = ", text tower on its own stream" if cuda and impl.startswith("clipfast") and bench_steps.TOWER_STREAMS \
         and impl != "clipfast_ds" else ""
     lines = [f"### {impl}: {cfg.name} {args.size} px, mask {args.mask:g}, text {args.text_len}, batch {args.batch}, "
-             f"{precision}{streams}",
+             f"{label}{streams}",
              "", f"wall {wall * 1e3:.1f} ms per step; {unit} time {busy:.1f} ms per step "
              f"({100 * busy / (wall * 1e3):.0f}% of the wall time)"
              + ("" if union is None else f"; the GPU busy {union:.1f} ms per step (kernels side by side on several "

@@ -439,6 +439,9 @@ def main(argv=None) -> list[dict]:
                 python=platform.python_version(), open_clip=note,
                 precision=(args.precision if args.clipfast_precision == args.precision else
                            f"clipfast {args.clipfast_precision}, open_clip {args.precision}")
+                # the DeepSpeed column runs the engine as clipfast.train does, whatever the flags say
+                + ("" if not args.deepspeed or args.data else
+                   ", DeepSpeed column bf16 (the engine's)" if device.type == "cuda" else ", DeepSpeed column fp32")
                 + ("" if args.clipfast_layer_norm == "torch" else f", clipfast layer norm {args.clipfast_layer_norm}")
                 + ("" if args.clipfast_vision_attention == "sdpa"
                    else f", clipfast vision attention {args.clipfast_vision_attention}")

@@ -125,6 +125,7 @@ def test_deepspeed_column_times_the_trainers_engine(tmp_path):
     rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
     assert rows and all(row["clipfast_ds_ms"] > 0 and row["clipfast_ds_peak_mib"] > 0 for row in rows)
     assert "DeepSpeed ms" in (tmp_path / "throughput.md").read_text()
+    assert "DeepSpeed column fp32" in (tmp_path / "throughput.md").read_text()  # whatever --precision says
     # on the CPU both hold fp32 weights and AdamW's two moments (12 bytes a parameter) and the same step's transients:
     # the DeepSpeed column counted 16 bytes a parameter (an fp32 copy that fp32 ZeRO stage 0 does not make), 25% more
     assert all(abs(row["clipfast_ds_peak_mib"] / row["clipfast_peak_mib"] - 1) < 0.05 for row in rows), rows
@@ -359,6 +360,28 @@ def test_goal_verdict_takes_the_fastest_column_at_each_goal_point():
     assert report.goals(rows) == ""
 
 
+def test_goal_verdict_never_prints_a_miss_as_the_mark():
+    """A miss rounding to the mark gets the digits that show it (0.4495 printed as 0.450 beside "not met", 0.85 and
+    2.00x likewise); a full-token point without the goal column is said as such, not as no full-token point."""
+    from clipfast.presets import from_name
+
+    full = from_name("ViT-L-16")
+    rows = [{"preset": "ViT-B-16", "image_px": 112, "mask": 0.0, "text_len": 16, "batch": 1024, "open_clip_ms": 153.6,
+             "open_clip_samples_s": 1000.0, "clipfast_graph_kernels_samples_s": 1999.6,
+             "clipfast_graph_kernels_ms": 65.8, "clipfast_graph_kernels_mfu": 0.4495,
+             "clipfast_graph_kernels_scaling_eff": 0.8496},
+            {"preset": "ViT-L-16", "image_px": 96, "mask": 0.0, "text_len": 8, "batch": 512,
+             "open_clip_samples_s": 3000.0, "clipfast_graph_kernels_samples_s": 6600.0,
+             "clipfast_graph_kernels_ms": 77.2, "clipfast_graph_kernels_mfu": 0.479},
+            {"preset": "ViT-L-16", "image_px": full.vision.image_size, "mask": 0.0,
+             "text_len": full.text.context_length, "batch": 128, "open_clip_samples_s": 650.0,
+             "clipfast_samples_s": 950.0}]
+    lines = [ln for ln in report.goals(rows).splitlines() if ln.startswith("| ViT")]
+    assert "| 1.9996x (**not met**) | 0.4495 (**not met**) | 0.8496 (**not met**) |" in lines[0]
+    assert lines[1].endswith("| 2.20x (met) | 0.479 (met) | – (no CUDA graphs + kernels column at the full-token "
+                             "point) |")
+
+
 
 def test_gpu_suite_budgets_its_grids_by_the_cut_timeout_and_keeps_runs_apart(tmp_path):
     """bench/gpu_suite.sh on the CPU, one tiny grid: the grid's --time-budget is 30 s under (or two thirds of) the
@@ -419,6 +442,7 @@ def test_a_run_that_measures_nothing_leaves_earlier_results_alone(tmp_path, monk
     (["--timer", "cpu", "--threads", "2"], "sums the threads"),
     (["--points", "demo:16:8", "--sizes", "32"], "--points takes the points whole: --sizes"),
     (["--points", "demo:16"], "--points: bad entry 'demo:16'"),
+    (["--data", "data/demo/train", "--deepspeed"], "--deepspeed would be ignored"),
 ])
 def test_bad_arguments_are_usage_errors(extra, message, capsys):
     """Values a run cannot use are argparse errors (exit status 2, before any folder or model), each naming itself:
