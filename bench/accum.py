@@ -94,6 +94,14 @@ def main(argv=None):
     ap.add_argument("--out", default="", help="also write accum.md / accum.json here")
     ap.add_argument("--graph", action="store_true", help="CUDA: also each point as one CUDA graph")
     args = ap.parse_args(argv)
+    bad = [f"--accum {n} (at least 1)" for n in args.accum if n < 1]
+    bad += [f"--batch {args.batch} does not split into {n} micro-batches" for n in args.accum
+            if n >= 1 and args.batch % n]
+    bad += [f"--{k} {getattr(args, k)} (at least 1)" for k in ("batch", "steps") if getattr(args, k) < 1]
+    if args.graph and not args.device.startswith("cuda"):
+        bad.append(f"--graph needs a CUDA device (CUDA graphs), not --device {args.device}")
+    if bad:
+        ap.error("; ".join(bad))
     device = torch.device(args.device)
     cfg = from_name(args.preset, **{"text.context_length": args.text_len})
     cfg.vision.image_size = args.image_size
@@ -111,8 +119,6 @@ def main(argv=None):
         step(batch)  # warm-up (optimizer state made, kernels chosen)
         peaks[n] = step_peak_bytes(step, batch, device)
     if args.graph:
-        if device.type != "cuda":
-            raise SystemExit("--graph needs a CUDA device (CUDA graphs)")
         for n in args.accum:
             step, pool = graph_step_fn(copy.deepcopy(model), n, args.text_len, args.batch)
             step(batch)  # the capture (after an eager step inside it)
@@ -122,9 +128,9 @@ def main(argv=None):
     name, _ = device_info(device)
     head = (f"{args.preset} at {args.image_size} px, text {args.text_len}, batch {args.batch}, "
             f"{'bf16' if bf16 else 'fp32'}, {name}, commit {git_commit()}")
-    lines = [head, "", "| accum_steps | micro-batch | step peak | vs 1 | ms per step | samples/s | vs 1 |",
+    base = min(args.accum)  # the ratios' reference: the fewest micro-batches asked for (usually 1)
+    lines = [head, "", f"| accum_steps | micro-batch | step peak | vs {base} | ms per step | samples/s | vs {base} |",
              "|---|---|---|---|---|---|---|"]
-    base = args.accum[0]
     rows = []
     for key in steps:
         n = key if isinstance(key, int) else int(key.split()[-1])

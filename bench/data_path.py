@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-H100_RUN = ROOT / "bench/results/nvidia-h100-80gb-hbm3-2026-11-26-c9d6f1c/kernels/throughput.json"
+H100_RUN = ROOT / "bench/results/nvidia-h100-80gb-hbm3-2026-11-28-0d808c6/kernels/throughput.json"
 EXTRA_WORDS = ("a photo of", "close-up", "vintage", "on a white background", "for sale", "high resolution", "in the",
                "garden", "with", "red", "blue", "stock image", "2019", "new", "and", "the", "#", "best", "free",
                "wallpaper", "beautiful", "small", "large", "at night", "café", "illustration")
@@ -132,6 +132,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--reader-processes", type=int, nargs="*", default=[2],
                     help="also time the reader process with this many children (at most one per shard)")
     args = ap.parse_args(argv)
+    bad = [f"--{k.replace('_', '-')} {getattr(args, k)} (at least 1)" for k in ("samples", "per_shard")
+           if getattr(args, k) < 1]
+    if not args.no_loader and args.samples < 256:
+        bad.append(f"--samples {args.samples}: the loader is timed over batches of 256 (or --no-loader)")
+    if bad:
+        ap.error("; ".join(bad))
     from clipfast.data.loader import pack_text
     from clipfast.data.shards import ShardReader
     from clipfast.reduce import TextReducer

@@ -212,6 +212,13 @@ LABELS = (("open_clip", "open_clip"), ("clipfast", "clipfast"), ("clipfast_compi
           ("clipfast_graph_kernels", "CUDA graphs + kernels"))
 
 
+def _wrapped(title: str, width_in: float) -> str:
+    """The title on as many lines as a figure this wide needs (~10 characters an inch at matplotlib's 12 pt)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, max(40, int(width_in * 10))))
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """throughput against image tokens, a line per preset and text length; where no line has two points (a run of
     single --points), grouped bars per point instead (plot_points)."""
@@ -268,10 +275,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.plot([], [], color="gray", ls="--", alpha=0.45, label="open_clip")
     ax.plot([], [], ls="", marker="o", mfc="none", color="gray", label="masked (largest size)")
     ax.set(xscale="log", yscale="log", xlabel="image tokens per sample (kept patches)", ylabel="samples / s",
-           title=title)
+           title=_wrapped(title, 9))
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    # 1, 2 and 5 of each decade labelled: a grid within one decade (the CPU's, 3-20 samples/s) showed a single "10"
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xticks(sorted({r["image_tokens"] for r in rows}))  # the measured token counts, not log decades
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
@@ -311,7 +321,7 @@ def plot_points(rows: list[dict], path: Path, title: str) -> None:
         return f"{r['preset']}\n{r['image_px']} px{mask}, text {r['text_len']}\nbatch {r['batch']}"
 
     ax.set_xticklabels([name(r) for r in rows], fontsize=8)
-    ax.set(ylabel="samples / s (training step)", title=title)
+    ax.set(ylabel="samples / s (training step)", title=_wrapped(title, fig.get_figwidth()))
     ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room for the ratios
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
@@ -456,6 +466,10 @@ if __name__ == "__main__":  # python bench/report.py --replot bench/results/<fol
     ap.add_argument("--commit", help="the commit to name in the titles, where the run recorded a wrong one")
     ap.add_argument("--open-clip", type=Path, help="with --ab: a folder of the same points with open_clip's column")
     args = ap.parse_args()
+    missing = [str(f) for f in [*(args.replot or ()), *(args.ab or ()), *(args.goals or ()),
+                                *([args.open_clip] if args.open_clip else [])] if not (f / "throughput.json").is_file()]
+    if missing:
+        ap.error(f"no throughput.json in {', '.join(missing)} (a folder bench/throughput.py --out wrote)")
     if args.ab:
         print(ab_table(args.ab, args.open_clip))
     for f in args.replot or ():

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,9 +67,11 @@ def _timer(device, rep_ms: int):
 
 def markdown(results: dict, meta: dict) -> str:
     out = [f"# Kernel launch-config sweep: {meta['device']}, {meta['date']}, commit `{meta['commit']}`", "",
-           f"torch {meta['torch']}, triton {meta['triton']}; median device time per call "
-           f"(triton.testing.do_bench, CUDA events); each config's outputs checked against the default's first. "
-           f"Command: `{meta['command']}`", ""]
+           f"torch {meta['torch']}, triton {meta['triton']}; "
+           + ("median device time per call (triton.testing.do_bench, CUDA events)" if not meta.get("smoke") else
+              "--smoke: one run of each config in Triton's interpreter, whose times mean nothing")
+           + "; each config's outputs checked against the default's first. "
+           + f"Command: `{meta['command']}`", ""]
     for shape, per_kernel in results.items():
         for kernel, rows in per_kernel.items():
             ok = sorted((r for r in rows if r.get("ms") is not None), key=lambda r: r["ms"])
@@ -97,13 +100,16 @@ def main(argv=None):
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("sweep_kernels.py times CUDA kernels: run it on a GPU, or with --smoke under "
                          "TRITON_INTERPRET=1 to check the harness")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("sweep_kernels.py --smoke without a GPU runs the kernels in Triton's interpreter: set "
+                         "TRITON_INTERPRET=1 (TRITON_INTERPRET=1 python bench/sweep_kernels.py --smoke)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = _timer(device, args.rep_ms)
     fns = {name: getattr(sweeps, f"sweep_{name}") for name in args.kernels}
     from bench.report import device_info, git_commit
 
     meta = dict(device=device_info(device)[0], date=time.strftime("%Y-%m-%d"), commit=git_commit(),
-                torch=torch.__version__, triton=triton.__version__,
+                torch=torch.__version__, triton=triton.__version__, smoke=args.smoke,
                 command="python bench/sweep_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     results = {}
     t0 = time.time()

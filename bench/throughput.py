@@ -454,11 +454,13 @@ def main(argv=None) -> list[dict]:
                 threads=torch.get_num_threads(), peak_tflops=args.peak / 1e12 if args.peak else None,
                 load_start=os.getloadavg(), argv=sys.argv[1:] if argv is None else list(argv),
                 captions=f"log-normal lengths, median {CAPTION_MEDIAN}, sigma {CAPTION_SIGMA}, clipped to [2, text "
-                         f"len]; packed for clipfast, padded to text len for open_clip" if not args.data else
-                         f"from the shards in {args.data}, truncated to the text length, packed",
+                         f"len]; packed for clipfast" + (", padded to text len for open_clip" if have_open_clip else "")
+                         if not args.data else f"from the shards in {args.data}, truncated to the text length, packed",
                 timing={"cpu": "median process CPU time per step (1 intra-op thread: immune to time-slicing by other "
                                "jobs), interleaved steps after warm-up; wall-clock medians in the CSV",
-                        "wall": "median wall time per step, interleaved steps after warm-up"
+                        "wall": ("median wall time per step, interleaved steps after warm-up" if not args.data else
+                                 "median wall time per step of clipfast's one column, each step's batch from the "
+                                 "loader, after warm-up")
                                 + (" (CUDA events)" if device.type == "cuda" else "")}[args.timer_used])
     groups = args.point_groups if args.points else grid_points(args.presets, args.sizes, args.masks, args.text_lens)
     n_points = sum(map(len, groups.values()))
@@ -504,7 +506,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"throughput.py: no point was measured, nothing written ({'; '.join(skipped)})")
     md = write_outputs(rows, meta, skipped, out, t0)
     print(md)
-    plot(rows, out / "throughput.png", f"training throughput, {name}, {meta['date']}")
+    plot(rows, out / "throughput.png", f"training throughput, {name}, {meta['date']}, commit {meta['commit']}")
     if args.update_readme:
         rel = os.path.relpath((out / "throughput.png").resolve(), ROOT)  # (an --out outside the checkout: ../..)
         shown = [a for a in (argv or sys.argv[1:]) if a != "--update-readme"]

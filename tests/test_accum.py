@@ -202,18 +202,26 @@ def test_batch_norms_update_once_per_micro_batch():
     torch.testing.assert_close(bn.running_var, var)
 
 
-def test_bench_accum_reports_each_point(tmp_path):
+def test_bench_accum_reports_each_point(tmp_path, capsys):
     sys.path.insert(0, str(ROOT))
     from bench.accum import main as bench_main
 
-    rows = bench_main(["--preset", "demo", "--image-size", "32", "--text-len", "8", "--batch", "16", "--accum", "1",
-                       "4", "--steps", "1", "--out", str(tmp_path)])
-    assert [(r["accum_steps"], r["micro_batch"]) for r in rows] == [(1, 16), (4, 4)]
+    rows = bench_main(["--preset", "demo", "--image-size", "32", "--text-len", "8", "--batch", "16", "--accum", "4",
+                       "1", "--steps", "1", "--out", str(tmp_path)])
+    assert [(r["accum_steps"], r["micro_batch"]) for r in rows] == [(4, 4), (1, 16)]
     assert all(r["peak_bytes"] > 0 and r["ms"] > 0 for r in rows)
-    assert "| 4 | 4 |" in (tmp_path / "accum.md").read_text() and json.loads((tmp_path / "accum.json").read_text())
-    with pytest.raises(SystemExit, match="--graph needs a CUDA device"):
-        bench_main(["--preset", "demo", "--image-size", "32", "--text-len", "8", "--batch", "16", "--accum", "1",
-                    "--steps", "1", "--device", "cpu", "--graph"])
+    md = (tmp_path / "accum.md").read_text()
+    assert "| 4 | 4 |" in md and json.loads((tmp_path / "accum.json").read_text())
+    # the ratios are against the fewest micro-batches, whatever the order asked (--accum 4 1 made 4 the "1.00x")
+    cells = [c.strip() for c in md.split("| 1 | 16 |")[1].splitlines()[0].split("|")]
+    assert "| vs 1 |" in md and cells[1] == cells[4] == "1.00x", md
+    for bad, said in ((["--graph"], "--graph needs a CUDA device"),
+                      (["--batch", "30", "--accum", "4"], "--batch 30 does not split into 4 micro-batches"),
+                      (["--accum", "0"], "--accum 0 (at least 1)")):
+        with pytest.raises(SystemExit) as e:  # usage errors, before any model is built
+            bench_main(["--preset", "demo", "--image-size", "32", "--text-len", "8", "--steps", "1", "--device",
+                        "cpu", *bad])
+        assert e.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_a_cumulative_batch_norm_is_refused_and_no_momentum_is_left_changed():

@@ -285,3 +285,17 @@ def test_data_path_bench_without_lemminflect_leaves_out_the_syntax_row(tmp_path,
     assert set(res["host_us_per_sample"]) == {"truncate to 77", "truncate to 16"}
     assert not any("syntax" in k for k in res["us_per_sample"]) and len(res["us_per_sample"]) == 5
     assert "lemminflect is not installed" in capsys.readouterr().err
+
+
+def test_data_path_bench_refuses_too_few_samples_for_its_loader_rows(tmp_path, capsys):
+    """The loader is timed over batches of 256: fewer samples were a ZeroDivisionError after the other stages' work."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("data_path", Path(__file__).parents[1] / "bench" / "data_path.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--samples", "200", "--work", str(tmp_path / "shards"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "batches of 256 (or --no-loader)" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()

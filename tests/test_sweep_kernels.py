@@ -33,6 +33,7 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
     assert len(finishes) == 3 and all(marked[f].endswith("warps=4") for f in finishes)
     md = (tmp_path / "sweep.md").read_text()
     assert "(default)" in md and "**torch: add + F.layer_norm**" in md
+    assert "--smoke: one run of each config in Triton's interpreter" in md and "CUDA events" not in md
     assert (tmp_path / "sweep.json").exists()
 
 
@@ -47,3 +48,12 @@ def test_a_config_whose_outputs_differ_is_reported_wrong_not_timed():
 
     assert sweeps._close(torch.ones(4), torch.ones(4), "y") is None
     assert "y: max |diff|" in sweeps._close(torch.ones(4) * 1.1, torch.ones(4), "y")
+
+
+def test_smoke_without_the_interpreter_says_to_set_it(monkeypatch):
+    """Without a GPU the smoke run needs TRITON_INTERPRET=1: said as such (it was Triton's '0 active drivers')."""
+    from bench import sweep_kernels as sk
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(SystemExit, match="set TRITON_INTERPRET=1"):
+        sk.main(["--smoke"])
