@@ -41,15 +41,15 @@ def final_grid(size: int) -> int:
     return (size + 1) // 2 // 16
 
 
-class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d whose running statistics stay float32 when the model is cast to bf16 or fp16 (DeepSpeed's bf16
+class _Float32Stats:
+    """Batch norm whose running statistics stay float32 when the model is cast to bf16 or fp16 (DeepSpeed's bf16
     mode and clipfast.engine cast every buffer with the weights). In bf16 (8 significant bits) an update of momentum x
     (batch statistic - running one) below half a unit in the last place is lost, so a running mean stalls short of
     the batch means: 68.0 instead of 70.5 for channel means of 70.5 and std 3 after 300 batches, 0.8 std off in
     evaluation (tests/test_resnet.py). The bf16 weight and bias are cast to float32 per call (C values each): torch's
     batch norm takes a bf16 input with float32 weight and statistics (as under autocast), not bf16 weights with
-    float32 statistics; the output keeps the input's dtype. The same parameters, buffers and state_dict as
-    nn.BatchNorm2d."""
+    float32 statistics; the output keeps the input's dtype. The same parameters, buffers and state_dict as torch's
+    batch norm it is mixed into (BatchNorm2d here, BatchNorm1d for SLIP's head)."""
 
     def _apply(self, fn, recurse=True):
         stats = {n: b for n in ("running_mean", "running_var") if (b := self._buffers.get(n)) is not None}
@@ -71,6 +71,16 @@ class BatchNorm2d(nn.BatchNorm2d):
                 factor = 1.0 / float(self.num_batches_tracked)
         return F.batch_norm(x, self.running_mean, self.running_var, w.float(), b.float(), self.training, factor,
                             self.eps)
+
+
+class BatchNorm2d(_Float32Stats, nn.BatchNorm2d):
+    """nn.BatchNorm2d with float32 running statistics in a bf16 model (_Float32Stats)."""
+
+
+class BatchNorm1d(_Float32Stats, nn.BatchNorm1d):
+    """nn.BatchNorm1d with float32 running statistics in a bf16 model (_Float32Stats): SLIP's projection head, which
+    DeepSpeed's bf16 engine (parameters cast, buffers kept float32) left with bf16 weights beside float32 statistics,
+    a dtype error in torch's batch norm at the first step."""
 
 
 class Bottleneck(nn.Module):

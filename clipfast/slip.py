@@ -15,14 +15,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clipfast.resnet import BatchNorm1d
+
 
 class SSLHead(nn.Sequential):
     def __init__(self, width: int, hidden: int, dim: int):
         if min(width, hidden, dim) < 1:
             raise ValueError(f"SSL head sizes must be positive, got width={width} hidden={hidden} dim={dim}")
         super().__init__(
-            nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(width, hidden), BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), BatchNorm1d(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, dim),
         )
 

@@ -76,6 +76,28 @@ def test_forward_with_views_runs_the_head_per_view():
         _model(ssl=False)(images, text, cu, max_len, views=views)
 
 
+def test_the_head_trains_with_bf16_weights_beside_float32_statistics():
+    """DeepSpeed's bf16 engine casts the parameters and keeps the buffers float32: the head's batch norms were torch's,
+    which refuse bf16 weights with float32 statistics (a dtype error at the first SLIP step under DeepSpeed in bf16,
+    configs/strategies.py:slip). Now they compute as under autocast; the statistics stay float32 and move; the
+    engine=torch cast of everything leaves them float32 too."""
+    m = _model()
+    for p in m.parameters():  # as DeepSpeed's engine: parameters only
+        p.data = p.data.to(torch.bfloat16)
+    bn = m.ssl_head[1]
+    assert bn.weight.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
+    before = bn.running_mean.clone()
+    x = torch.randn(6, m.ssl_head[0].in_features, dtype=torch.bfloat16)
+    z = m.ssl_head(x)
+    z.float().sum().backward()
+    assert z.dtype == torch.bfloat16 and torch.isfinite(z.float()).all()
+    assert bn.weight.grad is not None and bn.weight.grad.dtype == torch.bfloat16
+    assert not torch.equal(bn.running_mean, before) and bn.running_mean.dtype == torch.float32
+    m2 = _model().to(torch.bfloat16)  # engine=torch: the whole model cast, the statistics kept float32
+    assert m2.ssl_head[1].running_var.dtype == torch.float32 and m2.ssl_head[1].weight.dtype == torch.bfloat16
+    assert m2.ssl_head(x).dtype == torch.bfloat16
+
+
 def test_model_pt_leaves_the_head_out_and_init_from_takes_either(tmp_path):
     from clipfast.checkpoint import load_weights, save_model
 
