@@ -227,14 +227,40 @@ def resume(run, cfg: TrainConfig, ckpt_dir: Path, is_main: bool) -> dict:
     if not (ckpt_dir / "latest").is_file():
         log.info("resume=true but no checkpoint in %s: starting from scratch", ckpt_dir)
         return {"step": 0}
-    if run.plan and run.plan.convert:  # saved with another number of ranks, ZeRO stage, precision or engine
-        client = resume_resharded(run, ckpt_dir, is_main)
-    else:
-        _, client = run.engine.load_checkpoint(str(ckpt_dir))
+    try:
+        if run.plan and run.plan.convert:  # saved with another number of ranks, ZeRO stage, precision or engine
+            client = resume_resharded(run, ckpt_dir, is_main)
+        else:
+            _, client = run.engine.load_checkpoint(str(ckpt_dir))
+    except (RuntimeError, ValueError) as e:  # torch's load_state_dict; a converted checkpoint's zip(strict=True)
+        if not any(what in str(e) for what in ("state_dict", "size mismatch", "zip()")):
+            raise
+        raise RuntimeError(_other_model(str(e), ckpt_dir)) from e
     step = int(client["step"])
     log.info("resumed from %s at step %d", ckpt_dir, step)
     apply_settings(run.engine.optimizer, run.scheduler, cfg)
     return {**client, "step": step}
+
+
+def _other_model(error: str, ckpt_dir: Path) -> str:
+    """What torch's load_state_dict error says, put as the settings that differ: a resume needs the model the
+    checkpoint was saved from (SLIP switched on or off, another SSL head, image size or text length: a raw
+    'Error(s) in loading state_dict' traceback before)."""
+    keys = set(re.findall(r'"([\w.]+)"', error)) | set(re.findall(r"size mismatch for ([\w.]+)", error))
+    hints = []
+    if any(k.startswith("ssl_head.") for k in keys):
+        hints.append("SLIP's head (ssl_weight on or off, ssl_hidden, ssl_dim)")
+    if any("positional_embedding" in k or k.startswith("visual.") for k in keys - {k for k in keys
+                                                                                   if k.startswith("ssl_head.")}):
+        hints.append("the model or its sizes (model, image_size, text_len)")
+    if not hints:
+        hints.append("the model (model and its sizes)")
+    shown = sorted(keys)
+    return (f"resume=true: the checkpoint in {ckpt_dir} holds another model than this run's config makes: "
+            f"{' and '.join(hints)} differ from the run that saved it (its out_dir's config.json); differing weights: "
+            f"{', '.join(shown[:8])}{' ...' if len(shown) > 8 else ''}. Resume with the saved settings, or start a "
+            f"new run from its weights with init_from={ckpt_dir.parent / 'model.pt'} (a new head or size is made "
+            "there)")
 
 
 def apply_settings(optimizer, scheduler, cfg: TrainConfig) -> None:

@@ -35,8 +35,11 @@ def check_ssl(cfg) -> None:
         raise ValueError(f"ssl_weight must be >= 0 (0: no SLIP loss), got {cfg.ssl_weight}")
     if not cfg.ssl_weight:
         return
-    if cfg.ssl_temperature <= 0:
+    if not cfg.ssl_temperature > 0:  # (NaN too: a NaN loss at the first step)
         raise ValueError(f"ssl_temperature must be > 0, got {cfg.ssl_temperature}")
+    for key in ("ssl_hidden", "ssl_dim"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be >= 1 (the SSL head's sizes), got {getattr(cfg, key)}")
     if cfg.cuda_graph:
         raise ValueError("ssl_weight > 0 (SLIP) does not run in the CUDA-graphed step: set cuda_graph=false")
     lo, hi = cfg.ssl_crop_scale

@@ -64,12 +64,19 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, cli: bool = False):
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
     from clipfast import stages
 
-    stages.expand(cfg)  # every stage's values checked (named by key) before any process group or model is made
+    try:
+        cfg = load_config(args.config, args.overrides)
+        stages.expand(cfg)  # every stage's values checked (named by key) before any process group or model is made
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+        if not cli:
+            raise
+        # from the command line a bad value is a line that names it, as argparse's errors, not a traceback
+        raise SystemExit(f"clipfast/train.py: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}") \
+            from None
 
     # --- setup (once per process; each stage of a multi-stage config is one call of train())
     preempt = Preemption().install()  # from here a SIGTERM / SIGUSR1 stops the run at a step, with a checkpoint
@@ -404,4 +411,4 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
 
 
 if __name__ == "__main__":
-    main()
+    main(cli=True)

@@ -134,7 +134,9 @@ def test_settings_only_a_built_model_checked_before_are_checked_before_any_stage
 
     two = TrainConfig(stages=({"name": "a"}, {"name": "b"}))
     for items, what in [(["stages.b.model=demo-rn", "stages.b.image_size=16"], "needs image_size 32 or more"),
+                        (["stages.b.model=demo-rn", "stages.b.image_size=63"], "not 31 mod 32"),
                         (["stages.b.ssl_weight=1", "stages.b.ssl_temperature=0"], "ssl_temperature must be > 0"),
+                        (["stages.b.ssl_weight=1", "stages.b.ssl_hidden=0"], "ssl_hidden must be >= 1"),
                         (["stages.b.image_reduction=grid", "stages.b.mask_ratio=0.3"],
                          r"masks 0.000 of a 4x4 patch grid \(grid masking keeps one patch per g x g cell, which "
                          r"masks 0.75"),

@@ -121,7 +121,10 @@ def test_ssl_settings_are_checked():
     for bad, msg in [(dict(ssl_weight=-1.0), "ssl_weight must be >= 0"),
                      (dict(ssl_weight=1.0, ssl_temperature=0.0), "ssl_temperature must be > 0"),
                      (dict(ssl_weight=1.0, cuda_graph=True), "cuda_graph=false"),
-                     (dict(ssl_weight=1.0, ssl_crop_scale=(0.5, 0.2)), "ssl_crop_scale")]:
+                     (dict(ssl_weight=1.0, ssl_crop_scale=(0.5, 0.2)), "ssl_crop_scale"),
+                     (dict(ssl_weight=1.0, ssl_temperature=float("nan")), "ssl_temperature must be > 0"),
+                     (dict(ssl_weight=1.0, ssl_hidden=0), "ssl_hidden must be >= 1"),
+                     (dict(ssl_weight=1.0, ssl_dim=0), "ssl_dim must be >= 1")]:
         with pytest.raises(ValueError, match=msg):
             check_ssl(TrainConfig(**bad))
 
@@ -220,6 +223,14 @@ def test_slip_run_end_to_end(data, tmp_path):
         assert x["ssl_loss"] > 0 and x["clip_loss"] > 0
     ev = json.loads((out / "eval.json").read_text())
     assert ev["samples"] == 359
+    # resumed without SLIP: the checkpoint holds the head, the model made has none; said as such (it was torch's
+    # "Error(s) in loading state_dict" traceback)
+    r = subprocess.run([*cmd, "steps=6", "ssl_weight=0", "resume=true"], cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode != 0 and "holds another model than this run's config makes: SLIP's head" in r.stderr, \
+        r.stderr[-3000:]
+    assert f"init_from={out / 'model.pt'}" in r.stderr
 
 
 def test_strategies_bench_overrides_parse_and_report(tmp_path):
