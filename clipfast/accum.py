@@ -60,6 +60,25 @@ def check_accum(cfg, world: int) -> None:
     if (cfg.batch_size // world) % n:
         raise ValueError(f"accum_steps={n} does not divide the per-rank batch: batch_size {cfg.batch_size} over "
                          f"{world} rank(s) is {cfg.batch_size // world} samples each")
+    micro = cfg.batch_size // world // n
+    if micro < 2 and _has_batch_norms(cfg):  # torch: "Expected more than 1 value per channel when training"
+        which = " and ".join(w for w, on in (("the ResNet image tower", _is_resnet(cfg)),
+                                              ("SLIP head", bool(cfg.ssl_weight))) if on)
+        raise ValueError(f"batch_size {cfg.batch_size} over {world} rank(s) and accum_steps={n} leaves {micro} sample "
+                         f"per pass, and this model's batch norms ({which}) need 2 or more")
+
+
+def _is_resnet(cfg) -> bool:
+    from clipfast.presets import from_name
+
+    try:
+        return from_name(cfg.model).vision.kind == "resnet"
+    except KeyError:  # (an unknown model is named where the model is checked)
+        return False
+
+
+def _has_batch_norms(cfg) -> bool:
+    return bool(cfg.ssl_weight) or _is_resnet(cfg)
 
 
 @contextlib.contextmanager

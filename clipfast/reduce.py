@@ -103,7 +103,7 @@ def check_realised(strategy: str, grid: int, mask_ratio: float) -> None:
     masking keeps one patch of each g x g cell (it masked nothing at mask_ratio 0.3, g = 1, and 0.75 at 0.4-0.6),
     block masking one whole h x w block (coarse on a small grid). The message lists the ratios grid masking can
     realise there."""
-    if strategy not in ("grid", "block") or mask_ratio <= 0:
+    if strategy not in ("grid", "block", "random") or mask_ratio <= 0:
         return
     n = grid * grid
     realised = 1 - keep_count(strategy, grid, mask_ratio) / n
@@ -112,8 +112,12 @@ def check_realised(strategy: str, grid: int, mask_ratio: float) -> None:
     if strategy == "grid":
         can = sorted({round(1 - math.ceil(grid / g) ** 2 / n, 3) for g in range(2, grid + 1)})
         options = f"grid masking keeps one patch per g x g cell, which masks {', '.join(map(str, can[:6]))}"
-    else:
+    elif strategy == "block":
         options = "block masking keeps one h x w block of patches"
+    else:  # random: whole patches of so few (image_size 8 at patch 8: one patch, nothing masked)
+        raise ValueError(f"image_reduction='random' with mask_ratio={mask_ratio} masks {realised:.3f} of a "
+                         f"{grid}x{grid} patch grid (it keeps at least one of {n} patches, in whole patches): a "
+                         "larger image_size, or a mask_ratio it can realise")
     raise ValueError(f"image_reduction={strategy!r} with mask_ratio={mask_ratio} masks {realised:.3f} of a "
                      f"{grid}x{grid} patch grid ({options}): pick a mask_ratio near one it can realise, or "
                      "image_reduction='random'")

@@ -34,6 +34,15 @@ def check_ssl(cfg) -> None:
     if cfg.ssl_weight < 0:
         raise ValueError(f"ssl_weight must be >= 0 (0: no SLIP loss), got {cfg.ssl_weight}")
     if not cfg.ssl_weight:
+        import dataclasses
+        import logging
+
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.name.startswith("ssl_")}
+        unused = [k for k in ("ssl_temperature", "ssl_hidden", "ssl_dim", "ssl_crop_scale")
+                  if k in defaults and tuple(_as_list(getattr(cfg, k))) != tuple(_as_list(defaults[k]))]
+        if unused:
+            logging.getLogger("clipfast.config").warning(
+                "%s set, but ssl_weight is 0: no SLIP head or loss, so they change nothing", ", ".join(unused))
         return
     if not cfg.ssl_temperature > 0:  # (NaN too: a NaN loss at the first step)
         raise ValueError(f"ssl_temperature must be > 0, got {cfg.ssl_temperature}")
@@ -45,6 +54,11 @@ def check_ssl(cfg) -> None:
     lo, hi = cfg.ssl_crop_scale
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"ssl_crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(cfg.ssl_crop_scale)}")
+
+
+def _as_list(value) -> list:
+    """A setting as a list, for comparing a tuple default with a list from JSON or a scalar with itself."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def sync_batch_norms(model: nn.Module, world: int, device: torch.device) -> nn.Module:

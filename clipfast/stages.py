@@ -161,12 +161,20 @@ def run(cfg: TrainConfig, train_fn, *, is_main: bool, barrier=lambda: None) -> l
         if is_main:
             Path(st.out_dir).mkdir(parents=True, exist_ok=True)
             (Path(st.out_dir) / DONE).unlink(missing_ok=True)
-        log.info("stage %s (%d/%d): %d steps at %s px, %s text tokens, image %s (mask %.2f), text %s",
+        log.info("stage %s (%d/%d): %d steps at %s px, %s text tokens, image %s (mask %.2f), text %s%s%s",
                  name, i + 1, len(plan), st.steps, st.image_size or "preset", st.text_len or "preset",
-                 st.image_reduction, st.mask_ratio, st.text_reduction)
+                 st.image_reduction, st.mask_ratio, st.text_reduction,
+                 f", augment {st.augment}" if st.augment != "none" else "",
+                 f", SLIP (ssl_weight {st.ssl_weight:g})" if st.ssl_weight else "")
+        if st.ssl_weight and i and stages[i - 1][1].ssl_weight:
+            # a stage starts from the one before's model.pt (init_from), the CLIP weights alone (interop leaves the
+            # head out): SLIP's head and its batch statistics start afresh
+            log.info("stage %s: SLIP's projection head starts afresh (the stage before's model.pt holds the CLIP "
+                     "weights alone)", name)
         summary = {"stage": name, "steps": st.steps, "image_size": st.image_size, "text_len": st.text_len,
                    "image_reduction": st.image_reduction, "mask_ratio": st.mask_ratio,
-                   "text_reduction": st.text_reduction, **train_fn(st, name)}
+                   "text_reduction": st.text_reduction, "augment": st.augment, "ssl_weight": st.ssl_weight,
+                   **train_fn(st, name)}
         barrier()
         if summary.get("preempted"):  # stopped by a signal with a checkpoint: resume=true goes on in this stage
             summaries.append(summary)

@@ -104,6 +104,14 @@ def test_accum_settings_are_checked():
     check_accum(TrainConfig(batch_size=64, accum_steps=2, cuda_graph=True), world=1)  # both passes in the graph
     with pytest.raises(ValueError, match="must be 1"):
         check_accum(TrainConfig(accum_steps=0), world=1)
+    # a pass of one sample through batch norms (a ResNet tower, SLIP's head) is torch's "Expected more than 1 value
+    # per channel" after the model is built: named up front; a ViT without SLIP takes it
+    with pytest.raises(ValueError, match=r"leaves 1 sample per pass, and this model's batch norms \(the ResNet"):
+        check_accum(TrainConfig(model="demo-rn", batch_size=16, accum_steps=8), world=2)
+    with pytest.raises(ValueError, match=r"batch norms \(SLIP head\) need 2 or more"):
+        check_accum(TrainConfig(batch_size=2, ssl_weight=1.0), world=2)
+    check_accum(TrainConfig(model="demo-rn", batch_size=4, accum_steps=2), world=1)
+    check_accum(TrainConfig(model="demo", batch_size=2), world=2)
 
 
 def test_torch_engine_sums_bf16_gradients_in_float32():

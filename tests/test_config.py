@@ -141,6 +141,8 @@ def test_settings_only_a_built_model_checked_before_are_checked_before_any_stage
                          r"masks 0.000 of a 4x4 patch grid \(grid masking keeps one patch per g x g cell, which "
                          r"masks 0.75"),
                         (["stages.b.image_reduction=block", "stages.b.mask_ratio=0.1"], "masks 0.000 of a 4x4"),
+                        (["stages.b.image_size=8", "stages.b.image_reduction=random", "stages.b.mask_ratio=0.5"],
+                         r"'random' with mask_ratio=0.5 masks 0.000 of a 1x1 patch grid"),  # (it masked nothing)
                         (["stages.b.model=demo-rn", "stages.b.image_reduction=grid"], "asks for a patch mask")]:
         with pytest.raises(ValueError, match=f"stage b: .*{what}"):
             expand(apply_overrides(two, items))

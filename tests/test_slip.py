@@ -116,8 +116,15 @@ def test_model_pt_leaves_the_head_out_and_init_from_takes_either(tmp_path):
     assert without_head({"ssl_head.0.weight": 1, "visual.proj": 2}) == {"visual.proj": 2}
 
 
-def test_ssl_settings_are_checked():
+def test_ssl_settings_are_checked(caplog):
+    import logging
+
     check_ssl(TrainConfig(ssl_weight=1.0))
+    with caplog.at_level(logging.WARNING, logger="clipfast.config"):
+        check_ssl(TrainConfig(ssl_crop_scale=[0.08, 1.0]))  # the default, as JSON's list: nothing to say
+        assert not caplog.text
+        check_ssl(TrainConfig(ssl_hidden=64, ssl_dim=16))
+    assert "ssl_hidden, ssl_dim set, but ssl_weight is 0" in caplog.text
     for bad, msg in [(dict(ssl_weight=-1.0), "ssl_weight must be >= 0"),
                      (dict(ssl_weight=1.0, ssl_temperature=0.0), "ssl_temperature must be > 0"),
                      (dict(ssl_weight=1.0, cuda_graph=True), "cuda_graph=false"),

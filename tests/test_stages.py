@@ -289,3 +289,23 @@ def test_two_stage_run_end_to_end_and_resume(tmp_path):
     earlier = read_model_file(str(fine / "ckpt" / "step2"))
     assert earlier["step"] == 2 and not torch.equal(earlier["state_dict"]["text_projection"],
                                                     final["state_dict"]["text_projection"])
+
+
+def test_a_stage_that_switches_strategy_says_so_and_records_it(tmp_path, caplog):
+    """The stage line and stages.json name augment and SLIP where a stage sets them; a SLIP stage after a SLIP stage
+    says its head starts afresh (model.pt, what the next stage starts from, holds the CLIP weights alone)."""
+    import json
+    import logging
+
+    cfg = TrainConfig(out_dir=str(tmp_path), stages=(dict(name="pre", steps=2, ssl_weight=0.5, ssl_hidden=64,
+                                                          ssl_dim=16, augment="simclr"),
+                                                     dict(name="fine", steps=2, ssl_weight=0.5, ssl_hidden=64,
+                                                          ssl_dim=16)))
+    with caplog.at_level(logging.INFO, logger="clipfast.stages"):
+        stages.run(cfg, lambda st, name: {"step": st.steps}, is_main=True)
+    assert "stage pre (1/2): 2 steps at preset px, preset text tokens, image resize (mask 0.00), text truncate, " \
+           "augment simclr, SLIP (ssl_weight 0.5)" in caplog.text
+    assert "stage fine: SLIP's projection head starts afresh" in caplog.text
+    assert "stage pre: SLIP's projection head" not in caplog.text
+    rec = json.loads((tmp_path / "stages.json").read_text())
+    assert [(r["augment"], r["ssl_weight"]) for r in rec] == [("simclr", 0.5), ("none", 0.5)]
