@@ -250,8 +250,7 @@ def _other_model(error: str, ckpt_dir: Path) -> str:
     hints = []
     if any(k.startswith("ssl_head.") for k in keys):
         hints.append("SLIP's head (ssl_weight on or off, ssl_hidden, ssl_dim)")
-    if any("positional_embedding" in k or k.startswith("visual.") for k in keys - {k for k in keys
-                                                                                   if k.startswith("ssl_head.")}):
+    if any(not k.startswith("ssl_head.") for k in keys):
         hints.append("the model or its sizes (model, image_size, text_len)")
     if not hints:
         hints.append("the model (model and its sizes)")

@@ -41,6 +41,14 @@ def final_grid(size: int) -> int:
     return (size + 1) // 2 // 16
 
 
+def check_image_size(size: int) -> None:
+    """A ResNet's attention pool has (size // 32)^2 positions, as in open_clip: 32 px or more, not 31 mod 32 (the
+    stride-2 stem rounds up, so its final grid would be one more)."""
+    if size < 32 or final_grid(size) != size // 32:
+        raise ValueError(f"a ResNet image tower needs image_size 32 or more and not 31 mod 32 (its attention pool has "
+                         f"(image_size // 32)^2 positions, as in open_clip); got {size}")
+
+
 class _Float32Stats:
     """Batch norm whose running statistics stay float32 when the model is cast to bf16 or fp16 (DeepSpeed's bf16
     mode and clipfast.engine cast every buffer with the weights). In bf16 (8 significant bits) an update of momentum x
@@ -139,9 +147,7 @@ class ModifiedResNet(nn.Module):
         if w < 2 or w % 2 or (w * 32) % cfg.heads:
             raise ValueError(f"a ResNet's vision.width must be even and width * 32 a multiple of vision.heads; "
                              f"got width {w}, heads {cfg.heads}")
-        if size < 32 or final_grid(size) != size // 32:
-            raise ValueError(f"a ResNet's vision.image_size must be at least 32 px and not 31 mod 32 (its attention "
-                             f"pool has (image_size // 32)^2 positions, as in open_clip); got {size}")
+        check_image_size(size)
         self.conv1 = nn.Conv2d(3, w // 2, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = BatchNorm2d(w // 2)
         self.conv2 = nn.Conv2d(w // 2, w // 2, kernel_size=3, padding=1, bias=False)

@@ -101,11 +101,12 @@ def _check_settings(st: TrainConfig) -> None:
     if st.image_size:
         vision = dataclasses.replace(vision, image_size=st.image_size)
     if vision.kind == "resnet":
-        from clipfast.resnet import final_grid
+        from clipfast.resnet import check_image_size
 
-        if vision.image_size < 32 or final_grid(vision.image_size) != vision.image_size // 32:
-            raise ValueError(f"model {st.model} has a ResNet image tower, which needs image_size 32 or more and not 31 "
-                             f"mod 32 (its attention pool has (image_size // 32)^2 positions); got {vision.image_size}")
+        try:
+            check_image_size(vision.image_size)
+        except ValueError as e:
+            raise ValueError(f"model {st.model}: {e}") from None
     mask_grid(st.model, vision, st.image_reduction, st.mask_ratio)  # a ResNet takes no masks; a ratio the strategy
     # cannot come near on this grid is an error
 
