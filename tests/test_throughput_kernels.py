@@ -7,7 +7,7 @@ import torch
 
 from bench import points, report, steps
 from bench import throughput as tp
-from tests.test_throughput import TINY
+from tests.test_throughput import TINY_RUN
 
 
 def test_kernels_column_runs_the_opt_in_kernels_beside_plain_clipfast(tmp_path, monkeypatch):
@@ -22,7 +22,7 @@ def test_kernels_column_runs_the_opt_in_kernels_beside_plain_clipfast(tmp_path, 
     real, real_apply = steps._clipfast_model, sa.ShortAttentionQKVFn.apply
     monkeypatch.setattr(steps, "_clipfast_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     monkeypatch.setattr(sa.ShortAttentionQKVFn, "apply", lambda *a: calls.append(1) or real_apply(*a))
-    rows = tp.main(TINY + ["--points", "demo:16:8", "--no-open-clip", "--kernels", "--out", str(tmp_path)])
+    rows = tp.main(TINY_RUN + ["--points", "demo:16:8", "--no-open-clip", "--kernels", "--out", str(tmp_path)])
     assert len(built) == 2 * len(rows) and calls  # plain + kernels per point; the kernel ran
     plain, kern = built[:2]
     assert {m.impl for m in plain.modules() if isinstance(m, LayerNorm)} == {"torch"}
@@ -52,7 +52,7 @@ def test_clipfast_kernel_flag_reaches_every_clipfast_model(tmp_path, monkeypatch
     monkeypatch.setattr(steps, "_clipfast_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     for name in ("LAYER_NORM", "VISION_ATTENTION"):  # restored after the test: tp.main sets them for the run
         monkeypatch.setattr(steps, name, getattr(steps, name))
-    rows = tp.main(TINY + ["--points", "demo:16:8", "--no-open-clip", flag, value, "--out", str(tmp_path)])
+    rows = tp.main(TINY_RUN + ["--points", "demo:16:8", "--no-open-clip", flag, value, "--out", str(tmp_path)])
     assert rows and built
     cls = getattr(cm, module)
     for model in built:
