@@ -32,13 +32,19 @@ RATIOS = {"vs_open_clip": ("clipfast", "open_clip"), "graph_vs_open_clip": ("cli
           "ds_vs_open_clip": ("clipfast_ds", "open_clip")}
 
 
-def add_scaling(rows: list[dict]) -> None:
-    """Speed-up over the same preset's full-token point, the FLOP ratio, their quotient; clipfast / open_clip."""
+def full_points(rows: list[dict]) -> dict[str, dict]:
+    """Each preset's full-token row (its own size and context length, no mask), where the run has one."""
     full = {}
     for r in rows:
         cfg = from_name(r["preset"])
         if (r["image_px"], r["mask"], r["text_len"]) == (cfg.vision.image_size, 0.0, cfg.text.context_length):
             full[r["preset"]] = r
+    return full
+
+
+def add_scaling(rows: list[dict]) -> None:
+    """Speed-up over the same preset's full-token point, the FLOP ratio, their quotient; clipfast / open_clip."""
+    full = full_points(rows)
     for r in rows:
         f = full.get(r["preset"])
         r["flop_ratio"] = round(f["gflop_per_sample"] / r["gflop_per_sample"], 3) if f else None
@@ -166,19 +172,10 @@ def _against(value: float, goal: float, digits: int) -> str:
     return text
 
 
-def _full_point_row(rows: list[dict], preset: str) -> dict | None:
-    """The row of the preset's full-token point (its own size and context length, no mask), if the run has one."""
-    from clipfast.presets import from_name
-
-    cfg = from_name(preset)
-    return next((r for r in rows if r["preset"] == preset and not r["mask"] and r["image_px"] == cfg.vision.image_size
-                 and r["text_len"] == cfg.text.context_length), None)
-
-
 def goals(rows: list[dict]) -> str:
     """Issue 7's GPU goals, met or not, at the goal points this run measured with MFU (a GPU) and open_clip's column:
     per point the fastest clipfast column's ratio to open_clip, MFU and scaling efficiency. "" where there is none."""
-    lines = []
+    lines, full = [], full_points(rows)
     for r in rows:
         point = (r["preset"], r["image_px"], r["mask"], r["text_len"])
         if point not in GOAL_POINTS or not r.get("open_clip_samples_s"):
@@ -192,7 +189,7 @@ def goals(rows: list[dict]) -> str:
         eff = r.get(f"{impl}_scaling_eff")
         if eff is not None:
             eff_text = f"{_against(eff, GOAL_SCALING, 2)} ({_mark(eff >= GOAL_SCALING)})"
-        elif _full_point_row(rows, r["preset"]) is None:
+        elif r["preset"] not in full:
             eff_text = "– (no full-token point)"
         else:
             eff_text = f"– (no {name} column at the full-token point)"

@@ -39,7 +39,7 @@ def check_ssl(cfg) -> None:
 
         defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.name.startswith("ssl_")}
         unused = [k for k in ("ssl_temperature", "ssl_hidden", "ssl_dim", "ssl_crop_scale")
-                  if k in defaults and tuple(_as_list(getattr(cfg, k))) != tuple(_as_list(defaults[k]))]
+                  if _as_list(getattr(cfg, k)) != _as_list(defaults[k])]
         if unused:
             logging.getLogger("clipfast.config").warning(
                 "%s set, but ssl_weight is 0: no SLIP head or loss, so they change nothing", ", ".join(unused))

@@ -247,15 +247,22 @@ def test_jpeg_and_png_sizes_from_their_headers_as_pil_reads_them():
     assert image_problem(bytes(zero)) == "JPEG of size 0x0"
 
 
-def test_data_path_bench_writes_its_tables(tmp_path):
-    """bench/data_path.py on a few samples: every stage timed, the tables and JSON written."""
+def _data_path_bench():
+    """bench/data_path.py as a module (bench/ is scripts, not a package import here)."""
     import importlib.util
-    import json
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("data_path", Path(__file__).parents[1] / "bench" / "data_path.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_data_path_bench_writes_its_tables(tmp_path):
+    """bench/data_path.py on a few samples: every stage timed, the tables and JSON written."""
+    import json
+
+    mod = _data_path_bench()
     res = mod.main(["--samples", "60", "--per-shard", "30", "--work", str(tmp_path / "shards"), "--out",
                     str(tmp_path / "out"), "--no-loader"])
     assert res["meta"]["samples"] == 60 and len(res["us_per_sample"]) == 6
@@ -272,13 +279,9 @@ def test_data_path_bench_writes_its_tables(tmp_path):
 def test_data_path_bench_without_lemminflect_leaves_out_the_syntax_row(tmp_path, monkeypatch, capsys):
     """The GPU machines' image has no lemminflect (clipfast.pos's lexicon): the bench times the other stages and says
     why the syntax-masking row is missing, instead of failing at its first caption (the H100 suite at 5de47bf)."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("data_path", Path(__file__).parents[1] / "bench" / "data_path.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _data_path_bench()
     monkeypatch.setitem(sys.modules, "lemminflect", None)  # import fails, find_spec finds nothing
     res = mod.main(["--samples", "40", "--per-shard", "20", "--work", str(tmp_path / "shards"), "--out",
                     str(tmp_path / "out"), "--no-loader", "--reader-processes"])
@@ -289,12 +292,7 @@ def test_data_path_bench_without_lemminflect_leaves_out_the_syntax_row(tmp_path,
 
 def test_data_path_bench_refuses_too_few_samples_for_its_loader_rows(tmp_path, capsys):
     """The loader is timed over batches of 256: fewer samples were a ZeroDivisionError after the other stages' work."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("data_path", Path(__file__).parents[1] / "bench" / "data_path.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _data_path_bench()
     with pytest.raises(SystemExit) as e:
         mod.main(["--samples", "200", "--work", str(tmp_path / "shards"), "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and "batches of 256 (or --no-loader)" in capsys.readouterr().err
