@@ -51,7 +51,8 @@ KNOBS = {"short_attention.FWD_HEADS": ("0", "1", "2", "4"), "short_attention.FWD
          "adamw.SLOTS": tuple(str(k) for k in range(1, 9)), "_common.FINISH": ("triton", "torch"),
          "model.TEXT_STREAM_PRIORITY": ("0", "-1"), "graph.OVERLAP_OPTIMIZER": ("1", "0"),
          "layer_norm.BWD_STAGES": ("0", "1", "2", "3"), "layer_norm.PROGRAMS_PER_SM": ("2", "4", "8", "16"),
-         "gelu.BWD_STAGES": ("1", "2", "3"), "gelu.PROGRAMS_PER_SM": ("4", "8", "16")}
+         "gelu.BWD_STAGES": ("1", "2", "3"), "gelu.PROGRAMS_PER_SM": ("4", "8", "16"),
+         "linear.SUMS": ("triton", "torch"), "linear.PROGRAMS_PER_SM": ("4", "8", "16")}
 
 
 def knob_module(key: str):

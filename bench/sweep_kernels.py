@@ -28,6 +28,8 @@ Kernels and shapes (bf16, the vision tower at the goal points: B/16 112 px batch
   over fp32, and the cast + fused AdamW + copy that MasterAdamW ran before the kernel
 - the partial sums' finish (kernels._common.finish_sums) at the layer norm's, the GELU bias's and the qkv bias's
   partial-sum shapes: BLOCK_C x rows per tile x num_warps; torch: part.sum(0).to(dtype)
+- the column sums (kernels.column_sums) of the text tower's qkv-bias gradient and the image tower's position-embedding
+  gradient: BLOCK_M x BLOCK_N x num_warps, programs per SM at the default tile; torch: x.sum(0)
 - the MLP's fused matmuls (kernels.mlp, opt-in): forward and backward, tiles x warps x stages x persistence; torch:
   cuBLAS + GELU forward, cuBLAS + kernels.linear_gelu's GELU backward
 Writes sweep.md (one table per kernel and shape, fastest first, the default and torch marked) and sweep.json.
@@ -93,8 +95,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, help="folder for sweep.md and sweep.json (default: print only)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, two configs per kernel (CPU interpreter)")
     ap.add_argument("--rep-ms", type=int, default=25, help="do_bench's measuring time per config, ms")
-    ap.add_argument("--kernels", nargs="+", default=["add_ln", "gelu", "attention", "adamw", "finish", "mlp"],
-                    choices=["add_ln", "gelu", "attention", "adamw", "finish", "mlp"])
+    names = ["add_ln", "gelu", "attention", "adamw", "finish", "colsum", "mlp"]
+    ap.add_argument("--kernels", nargs="+", default=names, choices=names)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type != "cuda" and not args.smoke:

@@ -16,6 +16,7 @@ import triton
 import kernels.adamw  # noqa: F401
 import kernels.gelu  # noqa: F401
 import kernels.layer_norm  # noqa: F401
+import kernels.linear as lin
 import kernels.mlp  # noqa: F401
 import kernels.short_attention  # noqa: F401
 
@@ -24,9 +25,13 @@ ln = sys.modules["kernels.layer_norm"]
 ge = sys.modules["kernels.gelu"]
 sa = sys.modules["kernels.short_attention"]
 
-SHAPES = {"B/16 112px": dict(rows=51200, width=768, mlp=3072, batch=1024, tokens=50, heads=12),
-          "L/16 96px": dict(rows=18944, width=1024, mlp=4096, batch=512, tokens=37, heads=16)}
-SMOKE = {"smoke": dict(rows=40, width=48, mlp=96, batch=2, tokens=5, heads=2)}
+# text_rows: the packed captions of a batch at the goal points' caption lengths (bench/points.py's log-normal mix:
+# ~11.6 of 16 and ~7.4 of 8 tokens a caption on average), text_width the text tower's
+SHAPES = {"B/16 112px": dict(rows=51200, width=768, mlp=3072, batch=1024, tokens=50, heads=12, text_rows=11904,
+                             text_width=512),
+          "L/16 96px": dict(rows=18944, width=1024, mlp=4096, batch=512, tokens=37, heads=16, text_rows=3840,
+                            text_width=768)}
+SMOKE = {"smoke": dict(rows=40, width=48, mlp=96, batch=2, tokens=5, heads=2, text_rows=37, text_width=16)}
 
 
 def _with(grid, default) -> list:
@@ -412,4 +417,40 @@ def sweep_finish(s, device, dtype, timer, smoke):
         rows.append(dict(config="torch: part.sum(0).to(dtype)", ms=timer(lambda part=part: part.sum(0).to(dtype)),
                          torch=True))
         out[f"finish {what} {tuple(shape)}"] = rows
+    return out
+
+
+# ---- column sums (kernels.linear) ----------------------------------------------------------------------------
+
+def sweep_colsum(s, device, dtype, timer, smoke):
+    """kernels.column_sums (fp32 partials per row group, then finish_sums) against torch's x.sum(0), at the sums it
+    makes per step: the text tower's qkv-bias gradient (packed tokens, 3 x text width) and the image tower's
+    position-embedding gradient (batch, tokens x width)."""
+    g = torch.Generator(device="cpu").manual_seed(4)
+    out = {}
+    for what, shape in (("text qkv bias", (s["text_rows"], 3 * s["text_width"])),
+                        ("position embedding", (s["batch"], s["tokens"] * s["width"]))):
+        x = torch.randn(shape, generator=g).to(device, dtype)
+        ref = x.sum(0)
+
+        def colsum(bm, bn, nw, per_sm, x=x, ref=ref):
+            res = {}
+
+            def run():
+                res["y"] = lin.column_sums(x, impl="triton", block_m=bm, block_n=bn, num_warps=nw, per_sm=per_sm)
+
+            return run, lambda: _close(res["y"], ref, "sum")
+
+        grid = [*itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (lin.PROGRAMS_PER_SM,)),
+                *itertools.product((lin.BLOCK_M,), (lin.BLOCK_N,), (lin.NUM_WARPS,), (4, 16))] \
+            if not smoke else [(8, 16, 1, 4)]
+        cdef = (lin.BLOCK_M, lin.BLOCK_N, lin.NUM_WARPS, lin.PROGRAMS_PER_SM)
+        rows = []
+        for bm, bn, nw, per_sm in _with(grid, cdef):
+            if bm * bn > 16384 or bm * bn < 32 * nw:  # tiles too big for registers, or too small for the warps
+                continue
+            rows.append(_measure(f"BLOCK_M={bm} BLOCK_N={bn} warps={nw} programs/SM={per_sm}",
+                                 colsum(bm, bn, nw, per_sm), timer, (bm, bn, nw, per_sm) == cdef))
+        rows.append(dict(config="torch: x.sum(0)", ms=timer(lambda x=x: x.sum(0)), torch=True))
+        out[f"column sums, {what} {tuple(shape)}"] = rows
     return out

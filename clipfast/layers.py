@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import (
     add_layer_norm,
     layer_norm,
+    linear_bias,
     linear_gelu,
     mlp,
     short_attention_qkvpacked,
@@ -79,8 +80,10 @@ MLP_CHOICES = (*MLPS, "triton_gemm")
 class MLP(nn.Sequential):
     """c_fc, GELU, c_proj (open_clip's names and state_dict). impl "triton" (CLIP.set_mlp) runs c_fc and the GELU as
     `kernels.linear_gelu` on CUDA tensors and under the interpreter (the GELU backward writes the bias gradient in the
-    same pass); "triton_gemm" the whole MLP as `kernels.mlp` (the GELU and its gradient in the epilogues of Triton
-    matmuls); torch's modules elsewhere and inside torch.compile."""
+    same pass), and the block's qkv projection, where the attention does not add its bias, as `kernels.linear_bias`
+    (its bias gradient by kernels.column_sums); "triton_gemm" the whole MLP as `kernels.mlp` (the GELU and its
+    gradient in the epilogues of Triton matmuls), the qkv projection as "triton"; torch's modules elsewhere and
+    inside torch.compile."""
 
     impl = "torch"
 
@@ -88,9 +91,14 @@ class MLP(nn.Sequential):
         super().__init__(OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()),
                                       ("c_proj", nn.Linear(hidden, width))]))  # fmt: skip
 
+    def kernel(self, x) -> bool:
+        """Whether this MLP's kernels run for x (impl not "torch", a CUDA tensor or the interpreter, not inside
+        torch.compile); the block's qkv projection follows it (kernels.linear_bias)."""
+        return self.impl != "torch" and (x.is_cuda or interpreting()) and not torch.compiler.is_compiling()
+
     def forward(self, x, proj_bias: bool = True):
         """proj_bias=False: c_proj without its bias (the caller adds it: kernels.add_layer_norm's rb)."""
-        kernel = self.impl != "torch" and (x.is_cuda or interpreting()) and not torch.compiler.is_compiling()
+        kernel = self.kernel(x)
         if kernel and self.impl == "triton_gemm":
             return mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight,
                        self.c_proj.bias if proj_bias else None, impl="triton")
@@ -206,6 +214,8 @@ class ResidualAttentionBlock(nn.Module):
             h = self.ln_1(x)
         else:
             x, h = self.ln_1.add_forward(x, pending, pending_bias)
+        if qkv_bias and self.mlp.kernel(h):  # the bias gradient by kernels.column_sums, not torch's reduction
+            return x, linear_bias(h, self.attn.in_proj_weight, self.attn.in_proj_bias, impl="triton")
         return x, F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias if qkv_bias else None)
 
     def post(self, x, o):

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import cast_rtne, dot_prec, interpreting, mma, use_triton
+from kernels.linear import column_sums
 
 
 @triton.jit
@@ -303,8 +304,8 @@ def _patch_embed_bwd_dw(dout, images, keep, p, scale, shift, has_bias):
 def _patch_embed_bwd_dpos(dout, keep, N, dtype, deterministic):
     """dpos (N, D) in `dtype`: rows of dout (B, K, D) accumulated at their patch index."""
     B, K, D = dout.shape
-    if keep is None:  # K == N, every patch once per image
-        return dout.sum(0, dtype=torch.float32).to(dtype)
+    if keep is None:  # K == N, every patch once per image: the column sums of dout as (B, N * D)
+        return column_sums(dout.reshape(B, K * D), dtype, impl="triton" if interpreting() else None).view(K, D)
     keep_flat = keep.reshape(-1)
     cfg = _dpos_config()
     BLOCK_R, BLOCK_D = cfg["BLOCK_R"], cfg["BLOCK_D"]

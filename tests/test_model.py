@@ -238,18 +238,28 @@ def test_triton_vision_attention_matches_sdpa():
 
 def test_triton_mlp_matches_torch_and_keeps_the_state_dict():
     """set_mlp("triton"): every MLP's c_fc + GELU through kernels.linear_gelu (under the interpreter on the CPU,
-    natively on a GPU), both towers: the same features and gradients as nn.Linear + nn.GELU to float32 rounding, the
-    same state_dict keys."""
+    natively on a GPU), both towers, and each qkv projection whose bias the attention does not add through
+    kernels.linear_bias: the same features and gradients as nn.Linear + nn.GELU and F.linear to float32 rounding,
+    the same state_dict keys."""
     from clipfast.layers import MLP
 
     model, images, ids, cu = _kernel_batch()
     keys = list(model.state_dict())
     ref = _step_grads(model, images, ids, cu, 7)
-    with _counting(sys.modules["kernels.gelu"].LinearGELUFn) as calls:
+    qkv_fn = sys.modules["kernels.linear"].LinearBiasFn
+    with _counting(sys.modules["kernels.gelu"].LinearGELUFn) as calls, _counting(qkv_fn, lambda a: a[-1]) as qkv:
         got = _step_grads(model.set_mlp("triton"), images, ids, cu, 7)
     assert len(calls) == model.cfg.vision.layers + model.cfg.text.layers
     assert all(m.impl == "triton" for m in model.modules() if isinstance(m, MLP)) and list(model.state_dict()) == keys
+    # every block's qkv projection too (kernels.linear_bias: its bias gradient by kernels.column_sums)
+    blocks = [b for t in (model.visual.transformer, model.transformer) for b in t.resblocks]
+    assert sorted(map(id, qkv)) == sorted(id(b.attn.in_proj_bias) for b in blocks)
     _assert_same_step(ref, got)
+    # with the image tower's attention kernel adding its qkv bias itself, only the text tower's projections
+    with _counting(qkv_fn, lambda a: a[-1]) as qkv:
+        _assert_same_step(_step_grads(model.set_vision_attention("sdpa").set_mlp("torch"), images, ids, cu, 7),
+                          _step_grads(model.set_vision_attention("triton").set_mlp("triton"), images, ids, cu, 7))
+    assert sorted(map(id, qkv)) == sorted(id(b.attn.in_proj_bias) for b in model.transformer.resblocks)
     with pytest.raises(ValueError, match=r"one of \('torch', 'triton', 'triton_gemm'\)"):
         model.set_mlp("fused")
 

@@ -12,8 +12,9 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
 
     results = sk.main(["--smoke", "--out", str(tmp_path)])
     kernels = results["smoke"]
-    # add+LN, attention and the fused MLP forward and backward, GELU backward, AdamW, three partial-sum finishes
-    assert len(kernels) == 11
+    # add+LN, attention and the fused MLP forward and backward, GELU backward, AdamW, three partial-sum finishes, two
+    # column sums
+    assert len(kernels) == 13
     for name, rows in kernels.items():
         assert sum(bool(r.get("default")) for r in rows) == 1, name  # the default is always among the candidates
         assert sum(bool(r.get("torch")) for r in rows) == (2 if name.startswith("AdamW") else 1), name
@@ -31,6 +32,10 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
                                                    f"warps={gelu['num_warps']} programs/SM=8 stages={ge.BWD_STAGES}")
     finishes = [name for name in kernels if name.startswith("finish ")]
     assert len(finishes) == 3 and all(marked[f].endswith("warps=4") for f in finishes)
+    lin = sys.modules["kernels.linear"]
+    sums = [name for name in kernels if name.startswith("column sums, ")]
+    assert len(sums) == 2 and all(marked[f] == f"BLOCK_M={lin.BLOCK_M} BLOCK_N={lin.BLOCK_N} warps={lin.NUM_WARPS} "
+                                  f"programs/SM={lin.PROGRAMS_PER_SM}" for f in sums)
     md = (tmp_path / "sweep.md").read_text()
     assert "(default)" in md and "**torch: add + F.layer_norm**" in md
     assert "--smoke: one run of each config in Triton's interpreter" in md and "CUDA events" not in md
