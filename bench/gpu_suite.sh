@@ -5,7 +5,7 @@
 #     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_suite.sh
 #
 # 1. kernel and model tests, natively (no interpreter): tests/test_{graph,engine,patch_embed,varlen_attention,
-#    short_attention,layer_norm,gelu,adamw,finish_sums,mlp,model,loss,flops,presets,interop}.py (none imports
+#    short_attention,layer_norm,gelu,adamw,finish_sums,linear,mlp,model,loss,flops,presets,interop}.py (none imports
 #    DeepSpeed or DALI; presets/interop skip without open_clip)
 # 2. kernel microbenchmarks: pytest --benchmark-only on each bench/test_bench_*.py (one JSON each)
 # 3. the throughput grids: --grid clipa into clipa/; the two goal points with the opt-in kernels (kernels/: clipfast,
@@ -156,6 +156,7 @@ T_ENV=${T_ENV:-60}  # 0: no environment report (nvidia-smi, versions: ~20 s; the
 TESTS=(tests/test_graph.py tests/test_graph_accum.py tests/test_engine.py tests/test_dp.py tests/test_patch_embed.py tests/test_varlen_attention.py
        tests/test_short_attention.py tests/test_model.py tests/test_loss.py tests/test_flops.py tests/test_presets.py
        tests/test_interop.py tests/test_layer_norm.py tests/test_gelu.py tests/test_adamw.py tests/test_finish_sums.py
+       tests/test_linear.py
        tests/test_overlap_optimizer.py tests/test_mlp.py)  # kernels.mlp (benchmarks only) last
 [ -n "${SUITE_TESTS:-}" ] && read -r -a TESTS <<<"$SUITE_TESTS"  # e.g. only the files a change touched
 EXISTING=()
