@@ -9,7 +9,8 @@ profiled for --steps steps with torch.profiler. Kernels are grouped by name into
 elementwise / activation, optimizer, copy / cast, other; each group's time per step and share is printed with
 the busy share of the step (device time / wall time: well under 100% means the step waits on the CPU that
 launches it) and, on a GPU, the time at least one kernel ran (below the summed device time by what ran side by side on
-several streams). Writes profile.md (and the top kernels) under --out (default bench/results/<device>-<date>/).
+several streams), and where the GPU waited: the largest gaps with no kernel running, by the kernels around them.
+Writes profile.md (and the top kernels) under --out (default bench/results/<device>-<date>/).
 """
 from __future__ import annotations
 
@@ -65,6 +66,28 @@ def covered(intervals) -> float:
     return total + (0.0 if end is None else end - start)
 
 
+def idle_gaps(kernels, steps: int = 1, top: int = 10) -> list[tuple[float, float, str, str]]:
+    """Where the GPU waits: the gaps between the union's segments of (start, end, name) kernel intervals, summed per
+    (the kernel that ended last before the gap, the one that starts it) and divided by `steps`; the `top` largest as
+    (time per step, gaps per step, before, after), the units the intervals'. Between two steps the gap falls between
+    one step's last kernel and the next one's first; the wait before the first profiled step is not seen."""
+    pairs: dict[tuple[str, str], list] = {}
+    end, last = None, None
+    for s, e, name in sorted(kernels):
+        if end is not None and s > end:
+            acc = pairs.setdefault((last, name), [0.0, 0])
+            acc[0] += s - end
+            acc[1] += 1
+        if end is None or e >= end:
+            end, last = e, name
+    rows = [(t / steps, n / steps, a, b) for (a, b), (t, n) in pairs.items()]
+    return sorted(rows, key=lambda r: -r[0])[:top]
+
+
+def _short(name: str, width: int = 60) -> str:
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
 def profile(impl: str, args, device) -> tuple[str, dict]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -105,11 +128,13 @@ def profile(impl: str, args, device) -> tuple[str, dict]:
                 if e.key.startswith(("aten::", "## Call CompiledFxGraph")) and e.self_cpu_time_total > 0]
     rows.sort(key=lambda r: -r[1])
     busy = sum(r[1] for r in rows)
-    union = None
+    union, gaps = None, []
     if cuda:  # the GPU timeline: kernels of several streams side by side count once
-        union = covered((e.time_range.start, e.time_range.end) for e in prof.events()
-                        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
-                        and not getattr(e, "is_user_annotation", False)) / 1e3 / args.steps
+        kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+                   and not getattr(e, "is_user_annotation", False)]
+        union = covered((s, e) for s, e, _ in kernels) / 1e3 / args.steps
+        gaps = idle_gaps(kernels, args.steps)
     groups: dict[str, list] = {}
     for name, ms, n in rows:
         g = groups.setdefault(group_of(name), [0.0, 0])
@@ -132,8 +157,12 @@ def profile(impl: str, args, device) -> tuple[str, dict]:
     for name, ms, n in rows[: args.top]:
         short = name if len(name) <= 90 else name[:87] + "..."
         lines.append(f"| `{short}` | {group_of(name)} | {ms:.3f} | {n} |")
+    if gaps:  # (the profiler's us)
+        lines += ["", "Where the GPU waited (no kernel running), the largest, summed per pair of kernels around the "
+                  "gap:", "", "| us per step | gaps per step | after | before |", "|---|---|---|---|"]
+        lines += [f"| {t:.1f} | {n:g} | `{_short(a)}` | `{_short(b)}` |" for t, n, a, b in gaps]
     summary = {"impl": impl, "wall_ms": wall * 1e3, "busy_ms": busy, "gpu_busy_ms": union,
-               "groups": {k: v[0] for k, v in groups.items()}}
+               "groups": {k: v[0] for k, v in groups.items()}, "gaps": gaps}
     return "\n".join(lines), summary
 
 

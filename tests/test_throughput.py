@@ -149,6 +149,11 @@ def test_step_profile_groups_the_time_of_both_steps(tmp_path, monkeypatch):
     assert s["gpu_busy_ms"] is None  # CPU: no GPU timeline
     assert profile_step.covered([(5, 9), (0, 2), (1, 3), (8, 12), (20, 21)]) == 3 + 7 + 1
     assert profile_step.covered([]) == 0 and profile_step.covered([(0, 4), (1, 2)]) == 4
+    # the idle gaps, by the kernel that ended last before each and the one after: over 2 steps, per step
+    ks = [(0, 4, "a"), (1, 6, "b"), (8, 9, "c"), (9, 10, "a"), (13, 15, "b"), (14, 16, "c"), (18, 19, "c")]
+    assert profile_step.idle_gaps(ks, steps=2) == [(1.5, 0.5, "a", "b"), (1.0, 0.5, "b", "c"),
+                                                   (1.0, 0.5, "c", "c")]
+    assert profile_step.idle_gaps([], 1) == [] and profile_step.idle_gaps(ks, 1, top=1) == [(3, 1, "a", "b")]
     assert profile_step.group_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert profile_step.group_of("flash_fwd_kernel") == "attention"
     assert profile_step.group_of("_layer_norm_bwd_kernel") == "norm"
