@@ -13,7 +13,7 @@ writes dh = dA * GELU'(h) (fp32 math, as torch's GeluBackward) and the partial d
 torch's matmuls. CPU tensors, autocast regions and torch.compile take the reference (F.linear then F.gelu).
 
 Tiles: BLOCK_N = 64 columns by BLOCK_M = 16 rows, 8 warps, the fastest of 54 configs in an H100 sweep (see _config);
-programs: the column blocks times enough row groups for ~8 programs per SM on CUDA, each row group a contiguous run
+programs: the column blocks times enough row groups for ~16 programs per SM on CUDA, each row group a contiguous run
 of rows (whole tiles).
 """
 from __future__ import annotations
@@ -59,7 +59,12 @@ def _gelu_bwd_kernel(DA, H, DH, DB_PART, M, N, stride_da, stride_h, stride_dh, r
 # compile at B/16's 3,072: 40 or 32 registers and 4 or 8 KiB a program, against 32 and 2 KiB). Not yet timed on a
 # GPU: bench/sweep_kernels.py --kernels gelu, and `bench/throughput.py --knob gelu.BWD_STAGES=2` in a whole step
 BWD_STAGES = 1
-PROGRAMS_PER_SM = 8  # on CUDA, in all over the column blocks (the H100 sweep at 5de47bf: 16 is within 2%)
+# on CUDA, in all over the column blocks. 16 since 8abbd3e: the H100 sweep at 5de47bf timed the kernel with its
+# finish at 0.3624 ms at B/16's 51,200 x 3,072 against 0.3653 ms at 8
+# (bench/results/nvidia-h100-80gb-hbm3-2026-11-28-5de47bf/sweep/sweep.md), and two A/Bs of the whole graphed step at
+# 8abbd3e put it 1.2% and 1.9% faster at B/16 112 px / 16 (IQRs 2.6-3.6 ms: within their noise), -0.7% and +0.1% at
+# L/16 96 px / 8 (bench/results/nvidia-h100-80gb-hbm3-2026-11-28-8abbd3e/ab*.md)
+PROGRAMS_PER_SM = 16
 
 
 def _config() -> dict:

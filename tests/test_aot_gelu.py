@@ -19,8 +19,9 @@ CASES = [(f"gelu bwd{'/2' if st == 2 else ''} N={n}", n, st) for n in (2048, 307
 
 def _compile(n, stages):
     x = torch.empty(M_AOT, n, dtype=torch.bfloat16, device="meta")
-    part = torch.empty(44, n, dtype=torch.float32, device="meta")  # 8 programs per SM on 132 SMs over 24 col blocks
-    _, args, const, opts = ge._bwd_launch(x, x, x, part, 1184)
+    # B/16's row groups: 16 programs per SM on 132 SMs over 3,072 / 64 column blocks (the rows are a runtime argument)
+    part = torch.empty(44, n, dtype=torch.float32, device="meta")
+    _, args, const, opts = ge._bwd_launch(x, x, x, part, 1168)
     const["STAGES"] = stages
     return compile_sm90_like(ge._gelu_bwd_kernel, args, const, **opts)
 

@@ -25,11 +25,12 @@ def test_smoke_sweep_checks_and_times_every_config_and_marks_the_default(tmp_pat
     marked = {name: next(r["config"] for r in rows if r.get("default")) for name, rows in kernels.items()}
     bwd, gelu = ln._bwd_config(sweeps.SMOKE["smoke"]["width"]), ge._config()
     # "default" is what the kernel runs today: the launchers' own configs; the layer norm's 4 programs per SM and, for
-    # the smoke shape's 2 tiles a program, no pipeline (BWD_STAGES=0 chooses); the GELU's 8 programs per SM
+    # the smoke shape's 2 tiles a program, no pipeline (BWD_STAGES=0 chooses); the GELU's programs per SM
     assert marked["add_layer_norm backward"] == (f"BLOCK_M={bwd['BLOCK_M']} warps={bwd['num_warps']} programs/SM=4 "
                                                  "stages=1")
     assert marked["GELU backward + bias grad"] == (f"BLOCK_M={gelu['BLOCK_M']} BLOCK_N={gelu['BLOCK_N']} "
-                                                   f"warps={gelu['num_warps']} programs/SM=8 stages={ge.BWD_STAGES}")
+                                                   f"warps={gelu['num_warps']} programs/SM={ge.PROGRAMS_PER_SM} "
+                                                   f"stages={ge.BWD_STAGES}")
     finishes = [name for name in kernels if name.startswith("finish ")]
     assert len(finishes) == 3 and all(marked[f].endswith("warps=4") for f in finishes)
     lin = sys.modules["kernels.linear"]
