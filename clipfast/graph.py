@@ -114,6 +114,17 @@ def agree_text_layout(totals: list[int], bucket: int, context_length: int, group
     return cap, [pad_ends(t, cap, p, context_length) for t in totals]
 
 
+def host_values(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers as a CPU tensor to copy to `device` with non_blocking=True: in page-locked memory where the device
+    is CUDA, so that the copy is queued like a kernel. From pageable memory CUDA first waits for the stream's queued
+    work (the step before, in a graph replay): the H100 profile of the graphed B/16 step at ce6046d
+    (bench/results/nvidia-h100-80gb-hbm3-2026-11-28-ce6046d/profile.md) found the GPU idle ~85 us a step around that
+    copy, the host blocked in it. (The pinned block is not reused before the copy has run: torch's host allocator
+    records the copy's stream.)"""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory() if torch.device(device).type == "cuda" else t
+
+
 def fill_micro_text(text_out, cu_out, text, cu_seqlens, bounds: list[int], ends: list[list[int]]) -> None:
     """Packed text (T,) and cu_seqlens (B+1,) as n micro-batches of m = B / n captions, each padded to T_cap:
     text_out (n, T_cap) the micro-batch's ids then zeros, cu_out (n, m + 1 + P) its cu_seqlens from 0 then the padding
@@ -125,7 +136,7 @@ def fill_micro_text(text_out, cu_out, text, cu_seqlens, bounds: list[int], ends:
         lo, hi = bounds[j], bounds[j + 1]
         text_out[j, : hi - lo].copy_(text[lo:hi], non_blocking=True)
         torch.sub(cu_seqlens[j * m:(j + 1) * m + 1], lo, out=cu_out[j, : m + 1])
-    cu_out[:, m + 1:].copy_(torch.tensor(ends, dtype=cu_out.dtype), non_blocking=True)  # (from each text's 0)
+    cu_out[:, m + 1:].copy_(host_values(ends, cu_out.dtype, cu_out.device), non_blocking=True)  # (from each text's 0)
 
 
 def pad_packed_text(text: torch.Tensor, cu_seqlens: torch.Tensor, bucket: int, context_length: int):
@@ -133,7 +144,7 @@ def pad_packed_text(text: torch.Tensor, cu_seqlens: torch.Tensor, bucket: int, c
     cap, ends = padded_text_layout(text.numel(), cu_seqlens.numel() - 1, bucket, context_length)
     ids = torch.zeros(cap, dtype=text.dtype, device=text.device)
     ids[: text.numel()] = text
-    tail = torch.tensor(ends, dtype=cu_seqlens.dtype).to(cu_seqlens.device, non_blocking=True)
+    tail = host_values(ends, cu_seqlens.dtype, cu_seqlens.device).to(cu_seqlens.device, non_blocking=True)
     return ids, torch.cat([cu_seqlens, tail])
 
 

@@ -311,3 +311,38 @@ def test_graph_replay_equals_eager_steps(mask, precision, tower_streams):
     worst = max(ratios, key=ratios.get)
     print(f"graphed vs padded eager, bf16: worst tensor {worst} apart {ratios[worst]:.3g} of its move")
     assert ratios[worst] <= 0.1, f"{worst}: graphed vs padded eager {ratios[worst]:.3g} of how far eager moved it"
+
+
+def test_host_values_are_pinned_for_a_cuda_copy(monkeypatch):
+    """The padding captions' ends go to the device from page-locked memory (a copy from pageable memory first waits
+    for the stream's queued work: the step before); a CPU target gets a plain tensor."""
+    from clipfast.graph import host_values
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.tolist()) or self)
+    t = host_values([[3, 5], [4, 6]], torch.int32, "cpu")
+    assert t.dtype == torch.int32 and t.tolist() == [[3, 5], [4, 6]] and not pinned
+    assert host_values([7, 9], torch.int32, torch.device("cuda", 0)).tolist() == [7, 9] and pinned == [[7, 9]]
+
+
+@requires_cuda
+def test_replayed_step_copies_nothing_from_pageable_memory():
+    """Each replay's inputs (images, text, cu_seqlens with the padding captions' ends) reach the graph by device
+    copies and pinned host copies only: the profiler sees no pageable host-to-device copy in a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = from_name("demo", **{"vision.layers": 1, "text.layers": 1})
+    dev = torch.device("cuda")
+    model = CLIP(cfg).to(dev).train()
+    step = GraphedTrainStep(model, torch.optim.AdamW(model.parameters(), fused=True, capturable=True),
+                            autocast_dtype=None, text_bucket=64)
+    text, cu, _ = pack_text([[49406, 5, 6, 49407], [49406, 7, 49407]])
+    batch = (torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, device=dev), text.to(dev), cu.to(dev))
+    for _ in range(2):  # capture, then a replay
+        step(*batch)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(*batch)
+        torch.cuda.synchronize()
+    copies = [e.name for e in prof.events() if "Memcpy" in e.name]
+    assert copies and not [c for c in copies if "Pageable" in c], copies
