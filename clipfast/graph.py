@@ -116,11 +116,12 @@ def agree_text_layout(totals: list[int], bucket: int, context_length: int, group
 
 def host_values(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host numbers as a CPU tensor to copy to `device` with non_blocking=True: in page-locked memory where the device
-    is CUDA, so that the copy is queued like a kernel. From pageable memory CUDA first waits for the stream's queued
-    work (the step before, in a graph replay): the H100 profile of the graphed B/16 step at ce6046d
-    (bench/results/nvidia-h100-80gb-hbm3-2026-11-28-ce6046d/profile.md) found the GPU idle ~85 us a step around that
-    copy, the host blocked in it. (The pinned block is not reused before the copy has run: torch's host allocator
-    records the copy's stream.)"""
+    is CUDA, so that the copy is queued like a kernel (from pageable memory CUDA stages it on the host, which may wait
+    for the stream). Measured, it is little: the H100 profiles of the graphed B/16 step put the GPU's idle time
+    before each replay at 239 us a step with the pageable copy (ce6046d) and 216 us with the pinned one (0bec72d),
+    both under the profiler; the rest is the host launching the step's input copies (bench/results/
+    nvidia-h100-80gb-hbm3-2026-11-28-{ce6046d,0bec72d}/profile.md, its gap table). (The pinned block is not reused
+    before the copy has run: torch's host allocator records the copy's stream.)"""
     t = torch.tensor(values, dtype=dtype)
     return t.pin_memory() if torch.device(device).type == "cuda" else t
 
