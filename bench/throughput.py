@@ -435,6 +435,9 @@ def main(argv=None) -> list[dict]:
               file=sys.stderr)
     import triton
 
+    # (10 timed steps, the GPU grids' default, left the goal points' medians 1-2% apart between H100 runs of the same
+    # code on 2026-11-28: --steps buys a steadier median)
+    counted = f"{args.steps} steps per column, interleaved, after {args.warmup} warm-up"
     meta = dict(device=name, date=today, commit=git_commit(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), open_clip=note,
                 precision=(args.precision if args.clipfast_precision == args.precision else
@@ -457,10 +460,10 @@ def main(argv=None) -> list[dict]:
                          f"len]; packed for clipfast" + (", padded to text len for open_clip" if have_open_clip else "")
                          if not args.data else f"from the shards in {args.data}, truncated to the text length, packed",
                 timing={"cpu": "median process CPU time per step (1 intra-op thread: immune to time-slicing by other "
-                               "jobs), interleaved steps after warm-up; wall-clock medians in the CSV",
-                        "wall": ("median wall time per step, interleaved steps after warm-up" if not args.data else
+                               f"jobs), {counted}; wall-clock medians in the CSV",
+                        "wall": (f"median wall time per step, {counted}" if not args.data else
                                  "median wall time per step of clipfast's one column, each step's batch from the "
-                                 "loader, after warm-up")
+                                 f"loader, {args.steps} steps after {args.warmup} warm-up")
                                 + (" (CUDA events)" if device.type == "cuda" else "")}[args.timer_used])
     groups = args.point_groups if args.points else grid_points(args.presets, args.sizes, args.masks, args.text_lens)
     n_points = sum(map(len, groups.values()))

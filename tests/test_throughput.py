@@ -68,6 +68,8 @@ def test_smoke_run_writes_results_side_by_side(tmp_path):
     for key in ("device", "date", "commit", "torch", "triton", "load_start", "load_end", "captions", "timing"):
         assert meta[key], key
     assert "packed" in meta["captions"] and "padded" in meta["captions"]
+    steps_arg, warmup_arg = TINY[TINY.index("--steps") + 1], TINY[TINY.index("--warmup") + 1]
+    assert f"{steps_arg} steps per column, interleaved, after {warmup_arg} warm-up" in meta["timing"]  # how many
     full = next(r for r in data["rows"] if (r["image_px"], r["text_len"]) == (32, 16))
     assert full["clipfast_speedup"] == 1.0 and full["flop_ratio"] == 1.0
     for r in data["rows"]:
