@@ -84,7 +84,10 @@ def idle_gaps(kernels, steps: int = 1, top: int = 10) -> list[tuple[float, float
     return sorted(rows, key=lambda r: -r[0])[:top]
 
 
-def _short(name: str, width: int = 60) -> str:
+def _short(name: str, width: int = 90) -> str:
+    """A kernel's name for a table: without the namespaces torch's templates repeat (at::native::, the anonymous
+    one), cut at `width` characters."""
+    name = name.replace("at::native::", "").replace("(anonymous namespace)::", "")
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
@@ -159,7 +162,8 @@ def profile(impl: str, args, device) -> tuple[str, dict]:
         lines.append(f"| `{short}` | {group_of(name)} | {ms:.3f} | {n} |")
     if gaps:  # (the profiler's us)
         lines += ["", "Where the GPU waited (no kernel running), the largest, summed per pair of kernels around the "
-                  "gap:", "", "| us per step | gaps per step | after | before |", "|---|---|---|---|"]
+                  "gap:", "", "| us per step | gaps per step | the kernel before the gap | the kernel after it |",
+                  "|---|---|---|---|"]
         lines += [f"| {t:.1f} | {n:g} | `{_short(a)}` | `{_short(b)}` |" for t, n, a, b in gaps]
     summary = {"impl": impl, "wall_ms": wall * 1e3, "busy_ms": busy, "gpu_busy_ms": union,
                "groups": {k: v[0] for k, v in groups.items()}, "gaps": gaps}

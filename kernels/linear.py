@@ -16,7 +16,8 @@ interpreted) take x2.sum(0, dtype=float32).to(dtype), torch's own.
 
 linear_bias(x, weight, bias) = F.linear(x, weight, bias): the forward is F.linear (cuBLAS, the bias in its
 epilogue); the backward makes dx = dy W and dW = dy^T x with torch's matmuls, as autograd does for F.linear, and the
-bias gradient with column_sums. CPU tensors, autocast regions and torch.compile take F.linear.
+bias gradient with column_sums (once differentiable: a double backward is an error, not a bias gradient without its
+own). CPU tensors, autocast regions, float64, empty weights and torch.compile take F.linear.
 
 Tiles: BLOCK_M x BLOCK_N = 32 x 128 (8 KiB of bf16 a load), 4 warps; PROGRAMS_PER_SM 8. Chosen from arithmetic, not
 yet from GPU timings (bench/sweep_kernels.py --kernels colsum times it against torch's sum).
@@ -101,6 +102,7 @@ class LinearBiasFn(torch.autograd.Function):
         return F.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's bias gradient has no graph: a double backward says so
     def backward(ctx, dy):
         x2, weight = ctx.saved_tensors
         dy2 = _rows(dy)
@@ -116,7 +118,8 @@ def linear_bias(x, weight, bias, *, impl=None):
     if weight.dim() != 2 or bias is None or bias.shape != (weight.shape[0],) or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear_bias needs x (..., K), weight (N, K) and bias (N,), got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}")  # fmt: skip
-    if (not use_triton(x, impl) or x.numel() == 0 or torch.is_autocast_enabled(x.device.type)
+    if (not use_triton(x, impl) or x.numel() == 0 or weight.numel() == 0 or torch.is_autocast_enabled(x.device.type)
+            or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)  # fp32 sums: float64 keeps torch's
             or not (x.dtype == weight.dtype == bias.dtype) or torch.compiler.is_compiling()):  # fmt: skip
         return F.linear(x, weight, bias)
     return LinearBiasFn.apply(x, weight, bias)

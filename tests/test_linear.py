@@ -96,9 +96,26 @@ def test_linear_bias_only_needed_grads_and_fallbacks():
     g = torch.Generator().manual_seed(8)
     x, w, b = torch.randn(9, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
     x, w, b = x.to(DEVICE), w.to(DEVICE), b.to(DEVICE)
-    wf = w.clone().requires_grad_()
-    linear_bias(x, wf, b, impl="triton").sum().backward()
+    xs, wf, bs = x.clone(), w.clone().requires_grad_(), b.clone()
+    calls, real = [], lin.column_sums
+    lin.column_sums = lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
+    try:
+        linear_bias(xs, wf, bs, impl="triton").sum().backward()
+    finally:
+        lin.column_sums = real
     torch.testing.assert_close(wf.grad, torch.ones(24, 9, device=x.device) @ x)
+    assert xs.grad is None and bs.grad is None and not calls  # no bias gradient made: no column sums
+    # a double backward is an error (the kernel's bias gradient has no graph), not a silently partial gradient
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    dy = torch.randn(9, 24, device=x.device, requires_grad=True)
+    grads = torch.autograd.grad(linear_bias(xg, wg, bg, impl="triton"), (xg, wg, bg), dy, create_graph=True)
+    with pytest.raises(RuntimeError, match="not have been used|once_differentiable"):  # (without: dW's share alone)
+        torch.autograd.grad((grads[2] ** 2).sum() + (grads[1] ** 2).sum(), dy)
+    # float64 and an empty weight: F.linear itself
+    assert "LinearBiasFn" not in linear_bias(xg.double(), wg.double(), bg.double(), impl="triton").grad_fn.name()
+    w0, b0 = torch.zeros(0, 16, device=x.device, requires_grad=True), torch.zeros(0, device=x.device)
+    linear_bias(xg, w0, b0, impl="triton").sum().backward()
+    assert w0.grad.shape == (0, 16)
     wc = w.cpu().requires_grad_()
     assert "LinearBiasFn" not in linear_bias(x.cpu(), wc, b.cpu()).grad_fn.name()  # F.linear's own
     assert "LinearBiasFn" in linear_bias(x, wc.to(DEVICE), b, impl="triton").grad_fn.name()
