@@ -122,6 +122,7 @@ class LinearGELUFn(torch.autograd.Function):
         return F.gelu(h).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, da):
         x2, weight, h = ctx.saved_tensors
         dh, db = gelu_bwd(_rows(da), h, weight.dtype)

@@ -234,6 +234,7 @@ class LayerNormFn(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db, _ = _bwd(_rows(dy), x2, weight, mean, rstd)
@@ -253,6 +254,7 @@ class AddLayerNormFn(torch.autograd.Function):
         return s.view(x.shape), y.view(x.shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, ds, dy):
         s2, weight, mean, rstd, rb = ctx.saved_tensors
         dx, dw, db, drb = _bwd(_rows(dy), s2, weight, mean, rstd, _rows(ds), rb)

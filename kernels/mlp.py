@@ -184,6 +184,7 @@ class MLPFn(torch.autograd.Function):
         return F.linear(a, w2, b2).view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x2, w1, w2, h, a = ctx.saved_tensors
         dy2 = _rows(dy)

@@ -411,6 +411,7 @@ class MaskedPatchEmbedFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         images, keep, scale, shift = ctx.saved_tensors
         w_dt, b_dt, pos_dt = ctx.dtypes

@@ -450,6 +450,7 @@ class ShortAttentionQKVFn(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         qkv, o, lse, bias = ctx.saved_tensors
         B, N, _, H, d = qkv.shape

@@ -412,6 +412,7 @@ class VarlenAttentionFn(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse, lo, hi = ctx.saved_tensors
         dq, dk, dv = _bwd(_unit_stride(do), q, k, v, o, lse, lo, hi, ctx.causal, ctx.scale, _bwd_config(q.shape[2]))
@@ -432,6 +433,7 @@ class VarlenAttentionQKVFn(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         qkv, o, lse, lo, hi = ctx.saved_tensors
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)

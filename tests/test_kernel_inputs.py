@@ -81,3 +81,46 @@ def test_dtypes_the_kernels_do_not_take():
     g = torch.autograd.grad(out.sum(), (x, w1, b1))
     assert all(torch.isfinite(t).all() for t in g)
     assert torch.equal(varlen_attention_ref(q, q, q, cu, 4), varlen_attention(q, q, q, cu, 4, impl="ref"))
+
+
+def _double_backward_cases():
+    """(name, f(*inputs) -> output, inputs): every kernel op's autograd Function, tiny, fp32."""
+    from kernels import linear_bias, linear_gelu, masked_patch_embed
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    images = r(2, 3, 8, 8)
+    return [
+        ("layer_norm", lambda x, w, b: layer_norm(x, w, b, impl="triton"), (r(5, 16), r(16), r(16))),
+        ("add_layer_norm", lambda x, y, w, b: add_layer_norm(x, y, w, b, impl="triton")[1],
+         (r(5, 16), r(5, 16), r(16), r(16))),
+        ("linear_gelu", lambda x, w, b: linear_gelu(x, w, b, impl="triton"), (r(5, 16), r(24, 16), r(24))),
+        ("linear_bias", lambda x, w, b: linear_bias(x, w, b, impl="triton"), (r(5, 16), r(24, 16), r(24))),
+        ("mlp", lambda x, w1, b1, w2: mlp(x, w1, b1, w2, impl="triton"), (r(5, 16), r(32, 16), r(32), r(16, 32))),
+        ("short_attention", lambda qkv, b: short_attention_qkvpacked(qkv, bias=b, impl="triton"),
+         (r(2, 5, 3, 2, 16), r(96))),
+        ("varlen_attention", lambda q, k, v: varlen_attention(q, k, v, cu, 4, impl="triton"),
+         (r(7, 2, 16), r(7, 2, 16), r(7, 2, 16))),
+        ("varlen_attention_qkvpacked", lambda qkv: varlen_attention_qkvpacked(qkv, cu, 4, impl="triton"),
+         (r(7, 3, 2, 16),)),
+        ("masked_patch_embed", lambda w, b, p: masked_patch_embed(images, None, w, b, p, 4, impl="triton"),
+         (r(16, 48), r(16), r(4, 16))),  # (the images are data: no gradient)
+    ]
+
+
+@pytest.mark.parametrize("case", _double_backward_cases(), ids=lambda c: c[0])
+def test_a_double_backward_is_an_error_not_a_partial_gradient(case):
+    """The kernels' gradients carry no autograd graph of their own: a second derivative through any of them is an
+    error (once_differentiable), never one that silently lacks the kernels' share (kernels.linear_bias's bias
+    gradient added to the weight's had given the weight's share alone)."""
+    _, fn, inputs = case
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    dy = torch.randn(out.shape, requires_grad=True)
+    grads = torch.autograd.grad(out, inputs, dy, create_graph=True, allow_unused=True)
+    with pytest.raises(RuntimeError, match="not have been used|once_differentiable|does not require grad"):
+        torch.autograd.grad(sum((t * t).sum() for t in grads if t is not None), dy)
