@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import _sm_count_of, finish_sums, use_triton
+from kernels.layer_norm import _rows
 
 BLOCK_M, BLOCK_N, NUM_WARPS = 32, 128, 4
 PROGRAMS_PER_SM = 8  # on CUDA, over all column blocks and row groups
@@ -87,11 +88,6 @@ def column_sums(x2: torch.Tensor, dtype: torch.dtype | None = None, *, impl=None
     grid, args, const, opts = _launch(x2, part, rows, block_m, block_n, cfg.get("num_warps", NUM_WARPS))
     _column_part_kernel[grid](**args, **const, **opts)
     return finish_sums(part, dtype)
-
-
-def _rows(t):
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 class LinearBiasFn(torch.autograd.Function):
