@@ -10,9 +10,9 @@ position-embedding gradient (kernels.masked_patch_embed with no patch dropped: a
 embedding's and the text tower's last c_proj bias's (small; left to torch). The first 13 are column sums here.
 
 column_sums(x2, dtype): x2 (M, N), any float dtype, unit column stride -> (N,) in `dtype`. Programs (column block,
-row group), ~PROGRAMS_PER_SM in all per SM on CUDA: each sums its run of rows in fp32 into one row of partial sums,
-which kernels._common.finish_sums adds in a fixed order (no atomics: the same bits on every run). CPU tensors (not
-interpreted) take x2.sum(0, dtype=float32).to(dtype), torch's own.
+row group; kernels.gelu's row split), ~PROGRAMS_PER_SM in all per SM on CUDA: each sums its run of rows in fp32
+into one row of partial sums, which kernels._common.finish_sums adds in a fixed order (no atomics: the same bits on
+every run). CPU tensors (not interpreted) take x2.sum(0, dtype=float32).to(dtype), torch's own.
 
 linear_bias(x, weight, bias) = F.linear(x, weight, bias): the forward is F.linear (cuBLAS, the bias in its
 epilogue); the backward makes dx = dy W and dW = dy^T x with torch's matmuls, as autograd does for F.linear, and the
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import _sm_count_of, finish_sums, use_triton
+from kernels._common import finish_sums, use_triton
+from kernels.gelu import _row_groups
 from kernels.layer_norm import _rows
 
 BLOCK_M, BLOCK_N, NUM_WARPS = 32, 128, 4
@@ -53,16 +54,6 @@ def _column_part_kernel(X, PART, M, N, stride_x, rows_per_prog, BLOCK_M: tl.cons
     tl.store(PART + g * N + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
-def _groups(m: int, n: int, device: torch.device, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
-            per_sm: int | None = None) -> tuple[int, int]:
-    """(row groups, rows per group, a multiple of block_m): ~per_sm (default PROGRAMS_PER_SM) programs per SM in all
-    (the interpreter: 4 SMs)."""
-    per_sm = PROGRAMS_PER_SM if per_sm is None else per_sm
-    want = max(1, per_sm * _sm_count_of(device) // triton.cdiv(n, block_n))
-    rows = triton.cdiv(triton.cdiv(m, want), block_m) * block_m
-    return triton.cdiv(m, rows), rows
-
-
 def _launch(x2, part, rows, block_m=BLOCK_M, block_n=BLOCK_N, num_warps=NUM_WARPS):
     """(grid, runtime args, constexprs, launch options) of _column_part_kernel (part's rows: the row groups)."""
     M, N = x2.shape
@@ -83,7 +74,8 @@ def column_sums(x2: torch.Tensor, dtype: torch.dtype | None = None, *, impl=None
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     block_m, block_n = cfg.get("block_m", BLOCK_M), cfg.get("block_n", BLOCK_N)
-    groups, rows = _groups(M, N, x2.device, block_m, block_n, cfg.get("per_sm"))
+    per_sm = cfg.get("per_sm") or PROGRAMS_PER_SM  # (read at each call: the --knob)
+    groups, rows = _row_groups(M, N, block_m, block_n, x2.device, per_sm)
     part = torch.empty((groups, N), dtype=torch.float32, device=x2.device)
     grid, args, const, opts = _launch(x2, part, rows, block_m, block_n, cfg.get("num_warps", NUM_WARPS))
     _column_part_kernel[grid](**args, **const, **opts)

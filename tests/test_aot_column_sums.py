@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels.aot import check, compile_sm90_like
-from kernels.linear import _column_part_kernel, _groups, _launch
+from kernels.linear import BLOCK_M, BLOCK_N, PROGRAMS_PER_SM, _column_part_kernel, _launch, _row_groups
 from tests.conftest import aot_module
 
 CASES = [(f"column sums {m}x{n} {str(dt).split('.')[-1]}", m, n, dt)
@@ -16,7 +16,7 @@ CASES = [(f"column sums {m}x{n} {str(dt).split('.')[-1]}", m, n, dt)
 
 def _compile(m, n, dtype):
     x = torch.empty(m, n, dtype=dtype, device="meta")
-    groups, rows = _groups(m, n, torch.device("meta"))
+    groups, rows = _row_groups(m, n, BLOCK_M, BLOCK_N, torch.device("meta"), PROGRAMS_PER_SM)
     part = torch.empty(groups, n, dtype=torch.float32, device="meta")
     _, args, const, opts = _launch(x, part, rows)
     return compile_sm90_like(_column_part_kernel, args, const, **opts)

@@ -26,7 +26,7 @@ def test_column_sums_equal_a_float64_sum(shape, dtype):
     """The sum over the rows in fp32, rounded once: fp32 within fp32 rounding of the float64 sum; bf16 within one
     bf16 step of the float64 sum's rounding."""
     x = _x(shape, dtype, seed=sum(shape))
-    groups, _ = lin._groups(*shape, x.device)
+    groups, _ = lin._row_groups(*shape, lin.BLOCK_M, lin.BLOCK_N, x.device, lin.PROGRAMS_PER_SM)
     out = column_sums(x, impl="triton")
     ref = x.double().sum(0)
     assert out.shape == (shape[1],) and out.dtype == dtype and out.device == x.device
