@@ -160,7 +160,7 @@ TESTS=(tests/test_graph.py tests/test_graph_accum.py tests/test_engine.py tests/
        tests/test_overlap_optimizer.py tests/test_mlp.py)  # kernels.mlp (benchmarks only) last
 [ -n "${SUITE_TESTS:-}" ] && read -r -a TESTS <<<"$SUITE_TESTS"  # e.g. only the files a change touched
 EXISTING=()
-for t in "${TESTS[@]}"; do [ -f "$t" ] && EXISTING+=("$t"); done
+for t in "${TESTS[@]}"; do [ -f "${t%%::*}" ] && EXISTING+=("$t"); done  # (a file, or a test in one: file::name)
 # pytest-xdist (in the GPU image): a fresh machine compiles every Triton kernel first, and 8 workers do that in
 # parallel (one process, cold: past 110 s on the H200 on 2026-11-26; warm: 86 s)
 XDIST=()

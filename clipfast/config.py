@@ -88,6 +88,9 @@ class TrainConfig:
     # engine=torch cuda_graph=true, bf16, grad_clip=0, one rank): "auto" = on where it can be, "on" (an error where not)
     # or "off" (clipfast.engine.resolve_overlap_optimizer)
     overlap_optimizer: str = "auto"
+    # engine=torch on several ranks: each bucket of gradients all-reduced inside the backward as soon as it is complete
+    # (clipfast.dp.OverlappedAverage, as DDP's reducer), or false: every bucket after the backward (DeepSpeed: its own)
+    overlap_reduce: bool = True
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     # bookkeeping

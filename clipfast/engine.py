@@ -11,9 +11,9 @@ TorchEngine runs the same step with plain PyTorch:
   graphs (clipfast.graph.GraphedTrainStep, text padded to buckets); the learning rate lives in a device
   tensor that the scheduler updates in place, so the graphs follow the schedule;
 - several ranks (`world` > 1): data parallelism with the whole model and optimizer state on every rank (ZeRO stage
-  0, as DDP; clipfast.dp): the ranks start from rank 0's weights and average their gradients after the backward,
-  inside the graph where the step is one; the optimizer's update inside the backward (overlap_optimizer) is off, since
-  it would update before the average;
+  0, as DDP; clipfast.dp): the ranks start from rank 0's weights and average their gradients, bucket by bucket during
+  the backward (overlap_reduce) or after it, inside the graph where the step is one; the optimizer's update inside
+  the backward (overlap_optimizer) is off, since it would update before the average;
 - checkpoints: `save_checkpoint(dir, tag, client_state)` writes dir/tag/state.pt (model, optimizer, scheduler,
   client state) and dir/latest, as DeepSpeed lays them out (on several ranks rank 0 writes the one copy: every rank
   holds the same state, so the layout is one rank's, clipfast.reshard); `load_checkpoint(dir)` reads the latest back.
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from clipfast.config import check_choice
-from clipfast.dp import average_gradients, broadcast_module
+from clipfast.dp import OverlappedAverage, average_gradients, broadcast_module
 from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
 from clipfast.layers import LAYER_NORMS, MLPS, VISION_ATTENTIONS
 from clipfast.optim import MasterAdamW, clipped_step, run_as_own
@@ -49,6 +49,9 @@ class TorchEngine:
         if world > 1:  # before the optimizer copies the weights into its masters
             broadcast_module(self.module)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
+        # the eager step's all-reduce inside the backward (the graphed step has its own: GraphedTrainStep)
+        self.reducer = OverlappedAverage(self.params, world) if world > 1 and not cuda_graph and \
+            getattr(cfg, "overlap_reduce", True) else None
         self._grad_sums: dict = {}  # float32 gradient sums over a step's passes (backward, bf16)
         kw = dict(lr=cfg.effective_lr(), betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
         if cuda_graph:
@@ -72,7 +75,7 @@ class TorchEngine:
                                           text_bucket=default_text_bucket(cfg.batch_size // world // accum, ctx),
                                           clip_grad_norm=cfg.grad_clip or None,
                                           overlap_optimizer=resolve_overlap_optimizer(cfg, device, world), world=world,
-                                          accum_steps=accum)
+                                          accum_steps=accum, overlap_reduce=getattr(cfg, "overlap_reduce", True))
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -80,11 +83,17 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         """loss.backward(). Several passes before a step (clipfast.accum; last=False but for the last) sum bf16
         weights' gradients in float32, rounded to bf16 once after the last, as DeepSpeed's bf16 mode sums them. On
-        several ranks the last pass ends with every gradient averaged over the ranks."""
+        several ranks the last pass ends with every gradient averaged over the ranks: during its backward where the
+        pass's gradients are the step's (overlap_reduce; not after bf16 sums), else after it."""
+        overlap = self.reducer is not None and last and not (self.bf16 and self._grad_sums)
+        if overlap:
+            self.reducer.begin()
         loss.backward()
         if self.bf16 and (self._grad_sums or not last):
             self._sum_passes(last)
-        if last:
+        if overlap:
+            self.reducer.finish()
+        elif last:
             average_gradients(self.params, self.world)
 
     def _sum_passes(self, last: bool) -> None:

@@ -24,7 +24,8 @@ clipfast.optim.MasterAdamW (bf16 weights, fp32 masters: how clipfast.train runs 
 capturable with capturable=True; without clipping its update then runs inside the backward by default (each
 parameter once its gradient is complete, a branch of the graph beside the backward: overlap_optimizer).
 On several ranks (world > 1, clipfast.dp) the loss gathers every rank's features and the gradients are averaged over
-the ranks after the backward, both captured as collectives. NCCL allows that where every rank captures the collective
+the ranks, bucket by bucket inside the backward (overlap_reduce, clipfast.dp.OverlappedAverage) or after it, both
+captured as collectives. NCCL allows that where every rank captures the collective
 together and replays the graph made from that capture: the ranks agree on each step's text bucket (one all-reduce of
 three host integers over a gloo group, `agree_text_layout`), so they capture and replay the same graphs at the same
 steps. The update inside the backward is off there.
@@ -39,7 +40,7 @@ import math
 import torch
 
 from clipfast.accum import cached_passes
-from clipfast.dp import average_gradients
+from clipfast.dp import OverlappedAverage, average_gradients
 from clipfast.loss import distributed_clip_loss
 from clipfast.optim import MasterAdamW, clipped_step
 
@@ -158,12 +159,13 @@ class GraphedTrainStep:
     overlap_optimizer: update each parameter inside the backward as soon as its gradient is complete, on a stream
     of its own (MasterAdamW.set_overlap; in the graph a branch beside the backward): True needs MasterAdamW's Triton
     step and no clipping; None (default): on where that holds and OVERLAP_OPTIMIZER is 1. world > 1: one of that many
-    data-parallel ranks (torch.distributed initialised; every rank calls step with its own batch of the same shapes).
+    data-parallel ranks (torch.distributed initialised; every rank calls step with its own batch of the same shapes);
+    overlap_reduce: its gradient all-reduce inside the backward (clipfast.dp.OverlappedAverage), else after it.
     """
 
     def __init__(self, model, optimizer, *, autocast_dtype=torch.bfloat16, text_bucket: int = 256,
                  clip_grad_norm: float | None = None, overlap_optimizer: bool | None = None, world: int = 1,
-                 accum_steps: int = 1):
+                 accum_steps: int = 1, overlap_reduce: bool = True):
         if not next(model.parameters()).is_cuda:
             raise ValueError("GraphedTrainStep needs a model on a CUDA device (CUDA graphs)")
         for group in optimizer.param_groups:
@@ -183,6 +185,8 @@ class GraphedTrainStep:
             import torch.distributed as dist
 
             self.host_group = dist.new_group(backend="gloo")
+        # world > 1: the gradients' all-reduce inside the backward, bucket by bucket (clipfast.dp), or after it
+        self.reducer = OverlappedAverage(self.params, self.world) if self.world > 1 and overlap_reduce else None
         triton = isinstance(optimizer, MasterAdamW) and optimizer.triton
         can = triton and not clip_grad_norm and self.world == 1 and self.accum == 1
         if overlap_optimizer and not can:
@@ -218,18 +222,26 @@ class GraphedTrainStep:
             loss, _ = self._loss(self._forward(s["images"], s["text"][0], s["cu_seqlens"][0], s["keep"]))
             if self.overlap:
                 self.opt.begin_step()
-            loss.backward()
+            self._backward(loss, True)
         else:  # clipfast.accum's two passes over the micro-batches, the loss over the whole batch; gradients summed
             m = s["images"].shape[0] // self.accum
             micros = [(s["images"][j * m:(j + 1) * m], s["text"][j], s["cu_seqlens"][j],
                        None if s["keep"] is None else s["keep"][j * m:(j + 1) * m]) for j in range(self.accum)]
-            loss, _ = cached_passes(self.model, lambda mb: self._forward(*mb), micros, self._loss,
-                                    lambda loss, last: loss.backward())
-        average_gradients(self.params, self.world)  # (one rank: nothing)
+            loss, _ = cached_passes(self.model, lambda mb: self._forward(*mb), micros, self._loss, self._backward)
+        if self.reducer is not None:
+            self.reducer.finish()
+        else:
+            average_gradients(self.params, self.world)  # (one rank: nothing)
         # clipping folded into MasterAdamW's Triton step where it can be (the norm is read, the gradients not rewritten)
         with clipped_step(self.opt, list(self.model.parameters()), self.clip):
             self.opt.step()
         return loss
+
+    def _backward(self, loss, last: bool) -> None:
+        """One pass's backward; the last one's all-reduces the gradients (summed over the passes) as it goes."""
+        if last and self.reducer is not None:
+            self.reducer.begin()
+        loss.backward()
 
     def __call__(self, images, text, cu_seqlens, keep=None, cu_host=None) -> torch.Tensor:
         """One step. cu_host: cu_seqlens on the host, where accum_steps > 1 splits the text into micro-batches (without

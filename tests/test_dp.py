@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from clipfast.data import pack_text
-from clipfast.dp import average_gradients, broadcast_module, buckets
+from clipfast.dp import OverlappedAverage, average_gradients, broadcast_module, buckets
 from clipfast.graph import agree_text_layout, pad_ends, pad_segments, padded_text_layout, shared_text_layout
 from clipfast.loss import GatherWithGrad, clip_loss, distributed_clip_loss
 from tests.conftest import free_port, requires_cuda
@@ -79,6 +79,102 @@ def test_average_gradients_and_broadcast_on_two_ranks(tmp_path):
             assert torch.equal(got[r]["module"][k], v), (r, k)
 
 
+class _Chain(torch.nn.Module):
+    """x -> b -> a -> ... (registered a, b: the backward completes a's gradients before b's), then `layers` in
+    order; `unused` gets no gradient."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
+        self.a, self.b = torch.nn.Linear(6, 4).to(dtype), torch.nn.Linear(4, 6).to(dtype)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4).to(dtype) for _ in range(3))
+
+    def forward(self, x):
+        x = torch.tanh(self.a(torch.tanh(self.b(x))))
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x.float().square().sum()
+
+
+class _Probe(torch.autograd.Function):
+    """Identity; its backward (the backward's last node but the first layer's weight) records fn()."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.fn = fn
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.fn()
+        return g, None
+
+
+def _overlap_case(rank, dtype) -> dict:
+    torch.manual_seed(0)
+    model = _Chain(dtype)
+    params = list(model.parameters())
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(rank)).to(dtype)
+    model(x).backward()
+    average_gradients(params, 2)
+    want = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    sizes, at_probe = [], []
+    all_reduce = dist.all_reduce
+
+    def recorded(t, *a, **kw):
+        sizes.append(t.numel())
+        return all_reduce(t, *a, **kw)
+
+    reducer = OverlappedAverage(params, 2, bucket_bytes=1)  # a bucket per tensor
+    dist.all_reduce = recorded
+    try:
+        reducer.begin()
+        model(_Probe.apply(x.requires_grad_(), lambda: at_probe.append(reducer.launched))).backward()
+        reducer.finish()
+        res = {"want": want, "got": [p.grad.clone() for p in params], "sizes": list(sizes), "at_probe": at_probe,
+               "order": [p.numel() for p in params[::-1]], "buckets": len(reducer.buckets)}
+        model(x).backward()  # not armed: a backward without begin() launches nothing
+        res["idle"] = len(sizes) - len(res["sizes"])
+        for call in (reducer.finish, reducer.begin, reducer.begin):  # without begin(); begin() twice
+            try:
+                call()
+            except RuntimeError as e:
+                res.setdefault("errors", []).append(str(e))
+    finally:
+        dist.all_reduce = all_reduce
+    return res
+
+
+def _overlap_rank(rank, port, out):
+    _init(rank, port)
+    torch.save({str(dtype): _overlap_case(rank, dtype) for dtype in (torch.float32, torch.bfloat16)},
+               out / f"overlap{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_the_overlapped_average_is_average_gradients_launched_during_the_backward(tmp_path):
+    """OverlappedAverage on 2 gloo ranks (float32, bf16; a bucket per tensor): the gradients after finish() equal
+    average_gradients' bit for bit (the unused parameter's a zero); the last layers' buckets were launched before the
+    backward reached the first layer (the probe); the all-reduces came in bucket order (reverse registration), though
+    the backward completed `a`'s gradients before `b`'s, registered after it; finish() without begin(), and begin()
+    twice, are errors."""
+    mp.spawn(_overlap_rank, args=(free_port(), tmp_path), nprocs=2)
+    for r in (0, 1):
+        for dtype, res in torch.load(tmp_path / f"overlap{r}.pt").items():
+            for i, (g, w) in enumerate(zip(res["got"], res["want"])):
+                assert g.dtype == w.dtype and torch.equal(g, w), (r, dtype, i)
+            assert torch.count_nonzero(res["got"][0]) == 0  # `unused`
+            assert res["sizes"] == res["order"], (r, dtype)  # b's bias and weight before a's
+            assert res["buckets"] == len(res["order"])
+            (launched,) = res["at_probe"]
+            assert 6 <= launched < res["buckets"], (r, dtype, launched)  # the 3 layers' 6 tensors, not `unused`
+            assert res["idle"] == 0
+            assert len(res["errors"]) == 2 and "without begin()" in res["errors"][0] and "twice" in res["errors"][1]
+
+
 def _halves(n=12, seed=0):
     """Images and caption id lists of a batch of n, and its two halves' (images, text, cu_seqlens, max_len)."""
     g = torch.Generator().manual_seed(seed)
@@ -93,9 +189,10 @@ def _halves(n=12, seed=0):
 STEPS = 3
 
 
-def _engine_rank(rank, port, out, bf16):
+def _engine_rank(rank, port, out, bf16, overlap):
     _init(rank, port)
-    e = _engine("cpu", bf16=bf16, world=2, seed_offset=rank)  # every rank its own initialisation: broadcast fixes it
+    # every rank its own initialisation: broadcast fixes it
+    e = _engine("cpu", bf16=bf16, world=2, seed_offset=rank, overlap_reduce=overlap)
     _, halves = _halves()
     losses, grads = [], None
     for _ in range(STEPS):
@@ -107,20 +204,22 @@ def _engine_rank(rank, port, out, bf16):
         dist.all_reduce(mean)
         losses.append(mean.item() / 2)
     e.save_checkpoint(str(out / f"ckpt{rank}"), tag="step3", client_state={"step": STEPS})
-    torch.save({"losses": losses, "grads": grads, "params": {k: v.float() for k, v in e.module.state_dict().items()}},
-               out / f"{rank}.pt")
+    overlapped = e.reducer is not None and e.reducer.launched == len(e.reducer.buckets)
+    torch.save({"losses": losses, "grads": grads, "params": {k: v.float() for k, v in e.module.state_dict().items()},
+                "overlapped": overlapped}, out / f"{rank}.pt")
     dist.destroy_process_group()
     os._exit(0)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_two_ranks_step_as_one_rank_on_the_whole_batch(tmp_path, bf16):
-    """TorchEngine on 2 gloo ranks, each on half the batch (the loss over both ranks' features, the gradients averaged):
-    the ranks stay equal bit for bit, and in float32 follow one rank that trains on the whole batch (bf16: the
-    averaged bf16 gradients round otherwise than one rank's, so only the ranks' agreement is checked). Rank 0 alone
-    writes the checkpoint, in one rank's layout."""
-    mp.spawn(_engine_rank, args=(free_port(), tmp_path, bf16), nprocs=2)
+@pytest.mark.parametrize("bf16,overlap", [(False, True), (True, True), (False, False)])
+def test_two_ranks_step_as_one_rank_on_the_whole_batch(tmp_path, bf16, overlap):
+    """TorchEngine on 2 gloo ranks, each on half the batch (the loss over both ranks' features, the gradients averaged
+    during the backward, overlap_reduce, or after it): the ranks stay equal bit for bit, and in float32 follow one rank
+    that trains on the whole batch (bf16: the averaged bf16 gradients round otherwise than one rank's, so only the
+    ranks' agreement is checked). Rank 0 alone writes the checkpoint, in one rank's layout."""
+    mp.spawn(_engine_rank, args=(free_port(), tmp_path, bf16, overlap), nprocs=2)
     got = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    assert got[0]["overlapped"] == got[1]["overlapped"] == overlap
     assert got[0]["losses"] == got[1]["losses"]
     for k, v in got[0]["params"].items():
         assert torch.equal(v, got[1]["params"][k]), k
@@ -291,7 +390,7 @@ def test_the_gradient_all_reduce_replays_in_a_cuda_graph(tmp_path):
     assert torch.equal(r["gather_grad"], r["w"])
 
 
-def _graphed_rank(rank, port, out):
+def _graphed_rank(rank, port, out, overlap):
     from clipfast.graph import GraphedTrainStep
     from clipfast.model import CLIP
     from clipfast.presets import from_name
@@ -326,7 +425,8 @@ def _graphed_rank(rank, port, out):
         opt.zero_grad(set_to_none=True)
         eager.append(loss.item())
     model_g, opt_g = build()
-    step = GraphedTrainStep(model_g, opt_g, autocast_dtype=None, text_bucket=64, world=2)
+    model_g.set_tower_streams(overlap)  # overlap: each bucket's gradients made on one or both towers' streams
+    step = GraphedTrainStep(model_g, opt_g, autocast_dtype=None, text_bucket=64, world=2, overlap_reduce=overlap)
     graphed = [step(*b).item() for b in batches]
     torch.save({"eager": eager, "graphed": graphed, "captures": step.captures,
                 "a": {k: v.cpu() for k, v in model.state_dict().items()},
@@ -336,11 +436,13 @@ def _graphed_rank(rank, port, out):
 
 
 @requires_cuda
-def test_a_graphed_step_of_several_ranks_replays_its_collectives(tmp_path):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_graphed_step_of_several_ranks_replays_its_collectives(tmp_path, overlap):
     """GraphedTrainStep(world=2) on a one-rank NCCL group: the ranks' text layout agreed over gloo, the gradient
-    all-reduce captured with the step; its losses and weights follow eager steps whose gradients are halved (the mean
-    over a world of 2 on a group of 1), through two text buckets."""
-    mp.spawn(_graphed_rank, args=(free_port(), tmp_path), nprocs=1)
+    all-reduce captured with the step (inside the backward, bucket by bucket, with the towers on streams of their own;
+    or after it); its losses and weights follow eager steps whose gradients are halved (the mean over a world of 2 on
+    a group of 1), through two text buckets."""
+    mp.spawn(_graphed_rank, args=(free_port(), tmp_path, overlap), nprocs=1)
     r = torch.load(tmp_path / "graphed.pt")
     assert r["captures"] == 2
     torch.testing.assert_close(torch.tensor(r["graphed"]), torch.tensor(r["eager"]), rtol=1e-4, atol=1e-5)

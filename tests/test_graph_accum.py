@@ -8,6 +8,7 @@ import torch
 
 from clipfast.accum import cached_passes, split_batch
 from clipfast.data import pack_text
+from clipfast.dp import OverlappedAverage
 from clipfast.graph import GraphedTrainStep, agree_text_layout, fill_micro_text, pad_segments
 from clipfast.loss import clip_loss
 from clipfast.model import CLIP
@@ -49,10 +50,12 @@ def test_micro_batches_are_the_split_text_each_padded_to_one_layout():
 
 
 def _graph_step(model, opt, accum, bucket=16, world=1, host_group=None):
-    """A GraphedTrainStep whose inputs and step run eagerly (its constructor needs CUDA; _inputs and _step do not)."""
+    """A GraphedTrainStep whose inputs and step run eagerly (its constructor needs CUDA; _inputs and _step do not);
+    world > 1: its all-reduce inside the last pass's backward (OverlappedAverage), as the constructor makes it."""
     s = GraphedTrainStep.__new__(GraphedTrainStep)
     s.model, s.opt, s.autocast_dtype, s.bucket, s.clip = model, opt, None, bucket, None
     s.world, s.params, s.accum, s.host_group, s.overlap = world, list(model.parameters()), accum, host_group, False
+    s.reducer = OverlappedAverage(s.params, world) if world > 1 else None
     s.ctx, s.graphs, s.captures = model.context_length, {}, 0
     return s
 
