@@ -73,8 +73,8 @@ class OverlappedAverage:
     The parameters are bucketed in reverse order (the backward completes the last layers' gradients first) by
     `buckets`. Each parameter's post-accumulate-grad hook counts down its bucket; a complete bucket is flattened and
     all-reduced (async_op) there and then, but only in bucket order: every rank must issue the same collectives in
-    the same order (NCCL matches them by order; the order the hooks fire in can differ between ranks, e.g. with the
-    towers on streams of their own), so a bucket completed early waits for the ones before it. On CUDA the bucket's
+    the same order (NCCL matches them by order, and nothing promises that the hooks fire in one order on every rank),
+    so a bucket completed early waits for the ones before it. On CUDA the bucket's
     copy and collective run on the reducer's stream, after the work so far on every stream that made one of its
     gradients (each hook's current stream: autograd's stream for that parameter); finish() divides and copies back
     there, and the current stream waits for it. A parameter with no gradient by finish() gets a zero one (as
