@@ -5,9 +5,12 @@
     srun --ntasks-per-node 8 --gpus-per-node 8 python clipfast/train.py ...   # one process per GPU, no launcher
     python clipfast/train.py ... engine=torch                          # one rank on a free local port
 
-Under `srun` each task reads its rank from SLURM (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS), as open_clip's
-trainer does; MASTER_ADDR defaults to the step's first node (`scontrol show hostnames`) and MASTER_PORT to a port
-derived from the job id, so every task of the job picks the same one. A launcher's own variables always win.
+Under `srun` each task reads its rank from SLURM (SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS); MASTER_ADDR
+defaults to the step's first node (`scontrol show hostnames`) and MASTER_PORT to a port derived from the job and step
+ids, so every task of the step picks the same one and another step of the job another. A launcher's own variables
+always win. A batch script's own shell is no `srun` task: SLURM sets SLURM_PROCID=0 and the job's SLURM_NTASKS there
+too, but not the step's variables, and `python clipfast/train.py` in it is one rank (taken as rank 0 of the job's N
+tasks, it had waited for N - 1 that never start).
 """
 from __future__ import annotations
 
@@ -22,21 +25,29 @@ log = logging.getLogger("clipfast.launch")
 
 
 def slurm_env(environ=os.environ) -> str | None:
-    """Started by `srun` without a launcher (SLURM_PROCID set, RANK not): RANK, LOCAL_RANK, WORLD_SIZE and, for more
-    than one task, MASTER_ADDR / MASTER_PORT from SLURM's variables. Returns a line saying what was taken (None where
-    nothing was). An unresolvable MASTER_ADDR is an error that names the variable and how to set it."""
-    if "RANK" in environ or "SLURM_PROCID" not in environ:
+    """Started by `srun` without a launcher (SLURM_PROCID and the step's SLURM_STEP_NUM_TASKS set, RANK not): RANK,
+    LOCAL_RANK, WORLD_SIZE and, for more than one task, MASTER_ADDR / MASTER_PORT from SLURM's variables. Returns a
+    line saying what was taken (None where nothing was: not under SLURM, a launcher's ranks, a batch script's own
+    shell). An unresolvable MASTER_ADDR is an error that names the variable and how to set it."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ or "SLURM_STEP_NUM_TASKS" not in environ:
         return None
-    world = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1"
+    world = environ["SLURM_STEP_NUM_TASKS"]
     environ["RANK"], environ["WORLD_SIZE"] = environ["SLURM_PROCID"], world
     environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
     if int(world) > 1:
         if "MASTER_ADDR" not in environ:
             environ["MASTER_ADDR"] = first_node(environ)
-        if "MASTER_PORT" not in environ:  # the same on every task of the job, and apart from other jobs' ports
-            environ["MASTER_PORT"] = str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+        if "MASTER_PORT" not in environ:  # the same on every task of the step, apart from the job's other steps'
+            environ["MASTER_PORT"] = str(master_port(environ))
     return (f"rank {environ['RANK']} of {world} (local {environ['LOCAL_RANK']}) from SLURM; master "
             f"{environ.get('MASTER_ADDR', '-')}:{environ.get('MASTER_PORT', '-')}")
+
+
+def master_port(environ=os.environ) -> int:
+    """20000 + (job id x 16 + step id) mod 20000: every task of a step agrees; two steps of one job running at once
+    on a node (e.g. two `srun ... &`) differ, as do those of consecutive job ids."""
+    job, step = int(environ.get("SLURM_JOB_ID", "0")), int(environ.get("SLURM_STEP_ID", "0") or 0)
+    return 20000 + (job * 16 + step) % 20000
 
 
 def first_node(environ=os.environ) -> str:

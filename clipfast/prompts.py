@@ -39,9 +39,12 @@ def lines_of(path, what: str) -> list[str]:
 
 
 def template_problem(template: str) -> str | None:
-    """Why `template` cannot take a class name (it needs exactly one {} and no other fields), or None."""
+    """Why `template` cannot take a class name (it needs exactly one {} and no other fields), or None. The fields are
+    str.format's own ("{{}}" is a literal brace pair, no field: every class would get one prompt)."""
+    import string
+
     try:
-        ok = "{}" in template and bool(template.format("x"))
-    except (IndexError, KeyError, ValueError):
-        ok = False
-    return None if ok else f"template {template!r} needs one {{}} for the class name"
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # an unmatched brace
+        fields = None
+    return None if fields == [""] else f"template {template!r} needs one {{}} for the class name"

@@ -171,6 +171,18 @@ def where_to_go_on(client: dict, identity: dict, rank: int, step: int, is_main: 
     return None, None
 
 
+def end_cut_line(path: Path) -> None:
+    """A log of JSON lines whose last line a crash cut short (the run killed mid-write) gets its newline, so that the
+    resumed run's first record starts a line of its own: glued to the fragment, it was unreadable with it, and a
+    reader took the older, pre-resume record of that step instead (clipfast.plot's "the later line wins")."""
+    if not path.is_file() or not path.stat().st_size:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+
+
 def evaluate_now(cfg: TrainConfig, run: Run, mcfg, device: torch.device, is_main: bool, step: int, writer, evals: Path,
                  say=print, rank: int = 0, world: int = 1) -> dict:
     """Zero-shot classification (val_data) and retrieval (retrieval_data) of the model as it is now, every rank
@@ -305,8 +317,11 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int, desc: s
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
-    metrics = open(out / "metrics.jsonl", "a") if is_main else None
     evals = out / "evals.jsonl"  # every evaluation's result, by step (eval_every, eval_at_end)
+    if is_main:  # (a resume appends to the logs of the run before it)
+        for log_file in (out / "metrics.jsonl", evals):
+            end_cut_line(log_file)
+    metrics = open(out / "metrics.jsonl", "a") if is_main else None
     peak = peak_flops(device)
     from tqdm import tqdm
 

@@ -207,6 +207,10 @@ def test_named_prompt_sets():
     assert named_templates("a {}|the {}") == ["a {}", "the {}"]
     with pytest.raises(ValueError, match="'a photo' needs one {}"):
         named_templates("a photo")
+    for bad in ("a photo of a {{}}.", "a {} and a {}", "a {0}", "a {name}", "a {", "a }"):  # {{}}: a literal pair
+        with pytest.raises(ValueError, match="needs one {}"):
+            named_templates(bad)
+    assert named_templates("a {{drawn}} {}") == ["a {{drawn}} {}"]
 
 
 def test_class_names_and_templates_from_files_as_make_shards_takes_them(tmp_path):

@@ -97,3 +97,28 @@ def test_a_staged_run_not_finished_and_a_run_not_logged_yet(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(run)])
     assert "pretrain/config.json does not parse" in capsys.readouterr().err
+
+
+def test_a_run_resumed_after_a_cut_line_logs_on_a_line_of_its_own(tmp_path, capsys):
+    """A crash mid-write leaves metrics.jsonl without its last newline; the resumed run (from step 20) ends that line
+    before appending (clipfast.train.end_cut_line), so its step 30 is read and wins over the run before's (without
+    it the record was glued to the fragment and lost, and the older step 30 won)."""
+    from clipfast.train import end_cut_line
+
+    run = tmp_path / "a"
+    _run(run, [10, 20, 30], 64)
+    path = run / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 40, "lo')  # killed writing step 40
+    for _ in range(2):  # (a second call, on a line already ended, adds nothing)
+        end_cut_line(path)
+    with open(path, "a") as f:
+        for s, loss in ((30, 9.0), (40, 8.0)):
+            f.write(json.dumps({"step": s, "loss": loss, "lr": 0, "mfu": None, "samples_per_s": 1}) + "\n")
+    steps, losses = series(read_run(run), "metrics", "loss")[:2]
+    assert steps == [10, 20, 30, 40] and losses == [4.9, 4.8, 9.0, 8.0]
+    assert "metrics.jsonl:4 is not JSON" in capsys.readouterr().out  # the fragment alone, named
+    assert path.read_text().count("\n") == 6
+    end_cut_line(tmp_path / "none.jsonl")  # no file, or an empty one: nothing to end
+    (tmp_path / "empty.jsonl").write_text("")
+    end_cut_line(tmp_path / "empty.jsonl")
+    assert (tmp_path / "empty.jsonl").read_text() == ""

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-def test_slurm_env_sets_the_rank_variables_and_a_master_shared_by_the_job(tmp_path):
+def test_slurm_env_sets_the_rank_variables_and_a_master_shared_by_the_step(tmp_path):
     from clipfast.launch import slurm_env
 
     bin_ = tmp_path / "bin"
@@ -26,23 +26,36 @@ def test_slurm_env_sets_the_rank_variables_and_a_master_shared_by_the_job(tmp_pa
                         "printf 'gpu03\\ngpu04\\n'\n")
     scontrol.chmod(0o755)
     env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "6",
-           "SLURM_JOB_ID": "123456", "SLURM_STEP_NODELIST": "gpu[03-04]", "PATH": str(bin_)}
+           "SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "gpu[03-04]", "PATH": str(bin_)}
     line = slurm_env(env)
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("5", "1", "6")  # the step's tasks, not the job's
-    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu03", str(20000 + 123456 % 20000))
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu03", str(20000 + 123456 * 16 % 20000))
     assert "rank 5 of 6" in line and "gpu03" in line
+    ports = set()
+    for job, step in ((123456, 0), (123456, 1), (123457, 0)):  # the job's next step, the next job
+        other = {**env, "SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step)}
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+            del other[key]
+        slurm_env(other)
+        ports.add(other["MASTER_PORT"])
+    assert len(ports) == 3
+    # a batch script's own shell (as SLURM sets it, from an `env | grep SLURM` there): rank 0 of the job's 4 tasks,
+    # but no step variables; `python clipfast/train.py` there is one rank, not one waiting for 3 more
+    batch = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "4",
+             "SLURM_JOB_ID": "200505", "SLURM_JOB_NODELIST": "gnode[10,20,25,37]", "PATH": str(bin_)}
+    assert slurm_env(dict(batch)) is None
 
     kept = {"RANK": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}  # a launcher inside the allocation: its own wins
     assert slurm_env(kept) is None and kept == {"RANK": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}
     assert slurm_env({"PATH": str(bin_)}) is None  # not under SLURM
-    one = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "PATH": str(bin_)}
+    one = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "PATH": str(bin_)}
     slurm_env(one)  # one task needs no master
     assert one["WORLD_SIZE"] == "1" and "MASTER_ADDR" not in one
     given = {**env, "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29500"}
     del given["RANK"], given["WORLD_SIZE"], given["LOCAL_RANK"]
     slurm_env(given)
     assert (given["MASTER_ADDR"], given["MASTER_PORT"]) == ("10.0.0.7", "29500")
-    lost = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu01", "PATH": str(tmp_path)}
+    lost = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "gpu01", "PATH": str(tmp_path)}
     with pytest.raises(RuntimeError, match=r"MASTER_ADDR is not set.*gpu01.*scontrol is not on PATH"):
         slurm_env(lost)
 
@@ -143,8 +156,8 @@ def _slurm_tasks(n, out, port, *overrides):
     procs = []
     for r in range(n):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SLURM_PROCID": str(r),
-               "SLURM_LOCALID": str(r), "SLURM_NTASKS": str(n), "SLURM_JOB_ID": "7", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
+               "SLURM_LOCALID": str(r), "SLURM_NTASKS": str(n), "SLURM_STEP_NUM_TASKS": str(n), "SLURM_JOB_ID": "7",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE"):
             env.pop(key, None)
         cmd = [sys.executable, "clipfast/train.py", "--config", "configs/demo.py", f"out_dir={out}", *overrides]
