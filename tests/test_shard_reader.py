@@ -81,6 +81,67 @@ def test_image_end_markers_bytes_after_them_allowed_a_cut_scan_still_caught():
     assert "truncated" in image_problem(png[:-12] + b"\0" * 100)
 
 
+
+def _png_with_text() -> bytes:
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "made for a test")
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _flip_crc(png: bytes, kind: bytes) -> bytes:
+    at = png.index(kind) - 4  # the chunk's length field
+    end = at + 12 + int.from_bytes(png[at:at + 4], "big")
+    return png[:end - 1] + bytes([png[end - 1] ^ 0xFF]) + png[end:]
+
+
+def test_a_png_whose_critical_chunk_fails_its_crc_is_skipped_before_the_decoder(tmp_path, caplog):
+    """DALI's libpng refuses a PNG whose IDAT CRC is wrong (its error stopped the run: PIL's load(), the recovery's
+    check, does not look at CRCs); the reader skips it by key before it gets there. An ancillary chunk's bad CRC
+    (tEXt), which libpng only warns about, passes."""
+    from PIL import Image
+
+    png = _png_with_text()
+    assert image_problem(png) is None
+    bad_idat, bad_text = _flip_crc(png, b"IDAT"), _flip_crc(png, b"tEXt")
+    with Image.open(io.BytesIO(bad_idat)) as im:
+        im.load()  # (PIL decodes it)
+    assert image_problem(bad_idat).startswith("PNG IDAT chunk fails its CRC (at byte ")
+    assert "IHDR chunk fails" in image_problem(_flip_crc(png, b"IHDR"))
+    assert image_problem(bad_text) is None
+    long = png.index(b"IDAT") - 4  # a length that runs past the end
+    assert "runs past the end" in image_problem(png[:long] + b"\x7f\xff\xff\xff" + png[long + 4:])
+    write_shard(tmp_path / "a.tar", [{"__key__": "crc", "png": bad_idat, "txt": "red"},
+                                     {"__key__": "text", "png": bad_text, "txt": "red"},
+                                     {"__key__": "ok", "png": png, "txt": "red"}])
+    got, skipped = _read(tmp_path, caplog)
+    assert [k for k, _ in got] == ["text", "ok"] and skipped == {"PNG IDAT chunk fails its CRC": 1}
+    assert "'crc'" in caplog.text
+
+
+def test_a_shard_cut_inside_a_samples_first_file_keeps_the_sample_before(tmp_path, caplog):
+    """Cut inside s2's image (its first file): s0 and s1 whole, s2 skipped and named (the cut used to drop s1, whole,
+    and name it); cut right after s1's last file, with no end-of-archive blocks: s0 and s1 read, the cut said and
+    counted once by shard (it went unnoticed)."""
+    samples = [{"__key__": f"s{i}", "jpg": GOOD, "txt": f"digit {i}"} for i in range(3)]
+    write_shard(tmp_path / "full.tar", samples)
+    data = (tmp_path / "full.tar").read_bytes()
+    (tmp_path / "full.tar").unlink()
+    header = data.index(b"s2.jpg")  # s2.jpg's header; its data starts 512 bytes on
+    (tmp_path / "cut.tar").write_bytes(data[:header + 512 + len(GOOD) // 2])
+    got, skipped = _read(tmp_path, caplog)
+    assert got == [("s0", "digit 0"), ("s1", "digit 1")] and skipped == {"incomplete sample": 1}
+    assert "'s2'" in caplog.text and "'s1'" not in caplog.text
+    caplog.clear()
+    (tmp_path / "cut.tar").write_bytes(data[:header])  # s1.txt's data ends here: a whole file, then nothing
+    got, skipped = _read(tmp_path, caplog)
+    assert got == [("s0", "digit 0"), ("s1", "digit 1")] and skipped == {"shard cut short": 1}
+    assert "end-of-archive" in caplog.text and "cut.tar" in caplog.text
+
+
 def test_a_bad_pax_record_is_a_shard_error_not_a_crash_or_a_hang():
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,9 +163,28 @@ def _jpeg_frame(data: bytes) -> tuple[tuple[int, int] | str, int]:
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and its CRC (always these 8 bytes)
 
 
+def _png_chunk_problem(data: bytes) -> str | None:
+    """The first critical chunk (IHDR, PLTE, IDAT, IEND: a capital first letter) whose CRC does not match its bytes,
+    or that runs past the end, up to IEND: libpng (DALI's decoder) refuses such a PNG where PIL's load() does not
+    check, and DALI's error stops the whole batch. An ancillary chunk's bad CRC libpng only warns about."""
+    at, n = 8, len(data)
+    while at + 12 <= n:
+        length, kind = int.from_bytes(data[at:at + 4], "big"), data[at + 4:at + 8]
+        end = at + 12 + length
+        name = kind.decode("latin-1")
+        if end > n:
+            return f"PNG chunk runs past the end ({name!r} at byte {at})"
+        if not kind[0] & 0x20 and zlib.crc32(data[at + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            return f"PNG {name} chunk fails its CRC (at byte {at})"
+        if kind == b"IEND":
+            return None
+        at = end
+    return "PNG without its IEND chunk (truncated)"
+
+
 def image_problem(data: bytes) -> str | None:
     """Why these bytes would not decode as a whole image, or None. Cheap: header, end marker, size (JPEG's from its
-    frame header, PNG's from IHDR, WebP's through PIL)."""
+    frame header, PNG's from IHDR, WebP's through PIL), a PNG's critical chunks' CRCs (zlib's crc32 over its bytes)."""
     if len(data) < 64:
         return f"image of only {len(data)} bytes"
     if data[:3] == b"\xff\xd8\xff":
@@ -181,6 +201,9 @@ def image_problem(data: bytes) -> str | None:
         kind = "PNG"
         size = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) if data[12:16] == b"IHDR" \
             else "no IHDR chunk first"
+        crc = None if isinstance(size, str) else _png_chunk_problem(data)
+        if crc:
+            return crc
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         kind = "WebP"
         try:
@@ -201,7 +224,13 @@ def image_problem(data: bytes) -> str | None:
 
 
 class ShardError(Exception):
-    """A shard that is not a tar file, or ends early."""
+    """A shard that is not a tar file, or ends early. member: the name of the file the shard ends inside, where it
+    does (None where the header itself is cut or corrupt); boundary: it ends after a whole file, with no
+    end-of-archive blocks (a writer stopped between files)."""
+
+    def __init__(self, message: str, member: str | None = None, boundary: bool = False):
+        super().__init__(message)
+        self.member, self.boundary = member, boundary
 
 
 def _tar_number(field: bytes) -> int:
@@ -243,8 +272,9 @@ def _pax_path(records: bytes) -> str | None:
 def tar_files(data: bytes):
     """(name, bytes) of each regular file in an uncompressed tar (ustar, GNU or pax: long names through GNU `L` and
     pax `path` records; directories, links and global headers passed over), in order. Each header's checksum is
-    verified as tarfile does. A shard that is not a tar, or ends inside a header or a file, raises ShardError after
-    the files before that point. ~10x faster than tarfile's per-member objects (bench/data_path.py)."""
+    verified as tarfile does. A shard that is not a tar, or ends inside a header or a file, or after its last file
+    without the end-of-archive blocks, raises ShardError after the files before that point. ~10x faster than tarfile's
+    per-member objects (bench/data_path.py)."""
     off, n, long_name = 0, len(data), None
     if not n:
         raise ShardError("empty file")
@@ -264,7 +294,9 @@ def tar_files(data: bytes):
         size, kind = _tar_number(hdr[124:136]), hdr[156:157]
         start = off + 512
         if start + size > n:
-            raise ShardError(f"{long_name or _member_name(hdr)} at byte {off} needs {size} bytes, {n - start} left")
+            name = long_name or _member_name(hdr)
+            raise ShardError(f"{name} at byte {off} needs {size} bytes, {n - start} left",
+                             member=name if kind in (b"0", b"\0", b"7") else None)
         off = start + (size + 511) // 512 * 512
         if kind == b"L":  # GNU: the next member's long name
             long_name = data[start:start + size].rstrip(b"\0").decode("utf-8", "surrogateescape")
@@ -279,6 +311,22 @@ def tar_files(data: bytes):
         long_name = None
     if off < n:
         raise ShardError(f"ends inside a header at byte {off}")
+    raise ShardError(f"ends at byte {n}, after a whole file, without the end-of-archive blocks (cut short between "
+                     f"files?)", boundary=True)
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    """A member name's (sample key, lower-case extension), as webdataset splits it: the key runs to the first dot of
+    the file's own name (directories kept); (None, "") where it has no dot."""
+    head, _, base = name.rpartition("/")
+    key, dot, ext = base.partition(".")
+    if not dot:
+        return None, ""
+    return (f"{head}/{key}" if head else key), ext.lower()
+
+
+def _sample_key(name: str) -> str:
+    return _split_name(name)[0] or name
 
 
 @dataclass
@@ -363,11 +411,9 @@ class ShardReader:
         last = dup = None  # the key of the file before; a key seen again, whose second sample's files are passed over
         try:
             for name, payload in tar_files(data):
-                head, _, base = name.rpartition("/")
-                key, dot, ext = base.partition(".")
-                if not dot:
+                key, ext = _split_name(name)
+                if key is None:
                     continue
-                key, ext = (f"{head}/{key}" if head else key), ext.lower()
                 if key == dup:
                     continue
                 dup = None
@@ -382,14 +428,21 @@ class ShardReader:
                 parts[ext] = payload
                 last = key
         except ShardError as e:
-            if not order:
+            cut = None if e.member is None else _sample_key(e.member)
+            if e.boundary:  # every file before the end is whole, but what followed it is gone: said once, by shard
+                self._skip(shard, "*", f"shard cut short ({e}; its {len(order)} keys read)")
+            elif not order:
                 self._skip(shard, "*", f"unreadable shard ({e})")
                 return
-            # the last key's files may be cut short (its .json or caption past the end): not read as whole; one
-            # sample lost, so one count (the shard's error goes in the reason)
-            self._skip(shard, order[-1], f"incomplete sample (the shard ends inside or after it, after {len(order)} "
-                                         f"keys: {e})")
-            groups.pop(order.pop())
+            elif cut is not None and cut != order[-1]:  # a new sample's first file cut: the samples before it whole
+                self._skip(shard, cut, f"incomplete sample (the shard ends inside it, after {len(order)} whole keys: "
+                                       f"{e})")
+            else:
+                # the last key's files may be cut short (its .json or caption past the end): not read as whole; one
+                # sample lost, so one count (the shard's error goes in the reason)
+                self._skip(shard, order[-1], f"incomplete sample (the shard ends inside or after it, after "
+                                             f"{len(order)} keys: {e})")
+                groups.pop(order.pop())
         del data
         for n, key in enumerate(order):
             if self.split_samples and n % self.world != self.rank:
