@@ -127,6 +127,27 @@ def test_sample_the_decoder_rejects_is_skipped_not_fatal(tmp_path, monkeypatch, 
     assert dl.skipped == {"does not decode": 1} and "'s5'" in caplog.text
 
 
+
+def test_a_sample_only_dalis_decoder_rejects_is_found_by_dalis_decoder(tmp_path, monkeypatch, caplog):
+    """Where PIL decodes every sample of the failed batches (libpng and libjpeg refuse some that it takes), each is
+    tried alone through DALI's decoder: the one it refuses is skipped and named, the others kept (the error used to be
+    raised, and stopped the run)."""
+    import clipfast.data.loader as loader
+    import clipfast.data.shards as shards
+
+    good = digit_jpeg(np.eye(8) * 16, 32)
+    bad = good[:2] + b"\x00" * 300 + good[-2:]
+    samples = [{"__key__": f"s{i}", "jpg": bad if i in (2, 9) else good, "txt": f"caption {i}"} for i in range(12)]
+    write_shard(tmp_path / "a.tar", samples)
+    monkeypatch.setattr(shards, "image_problem", lambda data: None)
+    monkeypatch.setattr(loader, "_host_rejects", lambda image: None)  # PIL takes them all
+    dl = DaliLoader(str(tmp_path), 4, 16, TextReducer("truncate", 8), train=False, threads=1)
+    with caplog.at_level(logging.WARNING, logger="clipfast.data"):
+        keys = [k for b in dl for k in b["keys"]]
+    assert keys == [f"s{i}" for i in range(12) if i not in (2, 9)]
+    assert dl.skipped == {"does not decode": 2} and "'s2'" in caplog.text and "'s9'" in caplog.text
+
+
 def _tar_bytes(members, fmt):
     """A tar (tarfile's writer) of (name, bytes or None for a directory) in `fmt`."""
     buf = io.BytesIO()

@@ -59,6 +59,18 @@ def eval_resize_crop(encoded, size: int, decode_device: str, op_device: str):
     return fn.slice(images, start=start, shape=[size, size], axes=[0, 1], device=op_device)
 
 
+def _host_rejects(image: bytes) -> str | None:
+    """Why PIL cannot decode `image` whole, or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            im.load()
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
 def pack_text(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """[[ids], ...] -> packed ids (T,) int32, cu_seqlens (S+1,) int32, max length."""
     lengths = [len(s) for s in seqs]
@@ -119,6 +131,7 @@ class DaliLoader:
         op_device = "gpu" if gpu else "cpu"
 
         device_id = (self.device.index or 0) if gpu else None  # None: a CPU-only pipeline
+        self._decode_device, self._device_id, self._probe = decode_device, device_id, None
 
         def crop(images, area):
             return fn.random_resized_crop(images, device=op_device, size=(image_size, image_size),
@@ -221,27 +234,50 @@ class DaliLoader:
         return host if out is None else out.copy_(host)
 
     def _recover(self, error: Exception) -> None:
-        """Find the undecodable samples among those fed to DALI (full host decode), skip them (counted and
-        logged by key), put the rest back in front of the stream and rebuild the pipeline, which DALI leaves
-        unusable after an error. An error that no sample explains is raised: it is not the data's."""
-        from PIL import Image
-
+        """Find the undecodable samples among those fed to DALI, skip them (counted and logged by key), put the rest
+        back in front of the stream and rebuild the pipeline, which DALI leaves unusable after an error. Found by a
+        full host decode (PIL); where PIL takes them all, by DALI's own decoder, a sample at a time (slower; its
+        decoder refuses some that PIL's takes). An error that no sample explains is raised: it is not the data's."""
         fed = [s for batch in self._pending for s in batch]
         self._pending.clear()
+        why = {id(s): _host_rejects(s.image) for s in fed}
+        if not any(why.values()):
+            why = {id(s): self._dali_rejects(s.image) for s in fed}
         good = []
         for s in fed:
-            try:
-                with Image.open(io.BytesIO(s.image)) as im:
-                    im.load()
+            if why[id(s)] is None:
                 good.append(s)
-            except Exception as e:
-                self.reader.skipped["does not decode"] += 1
-                log.warning("skipping sample %r: the decoder rejects it (%s: %s)", s.key, type(e).__name__, e)
+                continue
+            self.reader.skipped["does not decode"] += 1
+            log.warning("skipping sample %r: the decoder rejects it (%s)", s.key, why[id(s)])
         if len(good) == len(fed):
             raise error
         self._samples = itertools.chain(good, self._samples)
         self.pipe = self._make_pipe()
         self.pipe.build()
+
+    def _dali_rejects(self, image: bytes) -> str | None:
+        """Why DALI's decoder (this loader's device) refuses `image` alone, or None: a one-sample pipeline, built
+        again after each refusal (DALI leaves a pipeline unusable after an error)."""
+        from nvidia.dali import fn, pipeline_def, types
+
+        if self._probe is None:
+            @pipeline_def(batch_size=1, num_threads=1, device_id=self._device_id, prefetch_queue_depth=1)
+            def probe():
+                encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+                return fn.decoders.image(encoded, device=self._decode_device, output_type=types.RGB)
+
+            self._probe = probe()
+            self._probe.build()
+        self._probe.feed_input("encoded", [np.frombuffer(image, dtype=np.uint8)])
+        try:
+            self._probe.run()
+            return None
+        except RuntimeError as e:
+            self._probe = None  # (what DALI says after "encountered:", e.g. "nvImageCodec failure: '#3'")
+            lines = [ln.strip() for ln in str(e).split("encountered:", 1)[-1].splitlines()
+                     if ln.strip() and "no longer valid" not in ln]
+            return f"DALI: {lines[0] if lines else 'decode error'}"
 
     def close(self) -> None:
         """Ends the reader process, if there is one (also when the loader is collected)."""
