@@ -78,7 +78,9 @@ class OverlappedAverage:
     copy and collective run on the reducer's stream, after the work so far on every stream that made one of its
     gradients (each hook's current stream: autograd's stream for that parameter); finish() divides and copies back
     there, and the current stream waits for it. A parameter with no gradient by finish() gets a zero one (as
-    average_gradients gives it). Collectives only, no host synchronisation on CUDA: a CUDA graph captures it."""
+    average_gradients gives it). Collectives only, no host synchronisation on CUDA: a CUDA graph captures it. The means
+    equal average_gradients' bit for bit on 2 ranks; on more, to rounding (a ring's order of addition depends on an
+    element's place in its bucket, and the two bucket otherwise)."""
 
     def __init__(self, params, world: int, bucket_bytes: int = OVERLAP_BUCKET_BYTES):
         self.world, self.params = int(world), list(params)
@@ -106,6 +108,11 @@ class OverlappedAverage:
         self._armed, self.launched, self._inflight, self._seen = True, 0, [], set()
         self._left = [len(b) for b in self.buckets]
         self._streams = [[] for _ in self.buckets]
+
+    def abort(self) -> None:
+        """After a backward that raised: disarmed, the launched all-reduces dropped unwaited (a rank whose backward
+        failed may never see the others' match them), the gradients left as they are."""
+        self._armed, self._inflight, self.launched = False, [], 0
 
     @torch.no_grad()
     def _on_grad(self, p) -> None:

@@ -88,7 +88,12 @@ class TorchEngine:
         overlap = self.reducer is not None and last and not (self.bf16 and self._grad_sums)
         if overlap:
             self.reducer.begin()
-        loss.backward()
+        try:
+            loss.backward()
+        except BaseException:
+            if overlap:  # (disarmed: the next backward starts afresh)
+                self.reducer.abort()
+            raise
         if self.bf16 and (self._grad_sums or not last):
             self._sum_passes(last)
         if overlap:

@@ -239,9 +239,15 @@ class GraphedTrainStep:
 
     def _backward(self, loss, last: bool) -> None:
         """One pass's backward; the last one's all-reduces the gradients (summed over the passes) as it goes."""
-        if last and self.reducer is not None:
+        armed = last and self.reducer is not None
+        if armed:
             self.reducer.begin()
-        loss.backward()
+        try:
+            loss.backward()
+        except BaseException:
+            if armed:  # (disarmed: the next backward starts afresh)
+                self.reducer.abort()
+            raise
 
     def __call__(self, images, text, cu_seqlens, keep=None, cu_host=None) -> torch.Tensor:
         """One step. cu_host: cu_seqlens on the host, where accum_steps > 1 splits the text into micro-batches (without

@@ -44,10 +44,11 @@ def slurm_env(environ=os.environ) -> str | None:
 
 
 def master_port(environ=os.environ) -> int:
-    """20000 + (job id x 16 + step id) mod 20000: every task of a step agrees; two steps of one job running at once
-    on a node (e.g. two `srun ... &`) differ, as do those of consecutive job ids."""
+    """20000 + (job id + 7919 x step id) mod 20000: every task of a step agrees; two steps of one job running at once
+    on a node (e.g. two `srun ... &`) differ, and the first steps of two jobs differ unless their ids are a multiple
+    of 20,000 apart (as with the job id alone)."""
     job, step = int(environ.get("SLURM_JOB_ID", "0")), int(environ.get("SLURM_STEP_ID", "0") or 0)
-    return 20000 + (job * 16 + step) % 20000
+    return 20000 + (job + 7919 * step) % 20000
 
 
 def first_node(environ=os.environ) -> str:

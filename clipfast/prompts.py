@@ -45,6 +45,7 @@ def template_problem(template: str) -> str | None:
 
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError:  # an unmatched brace
-        fields = None
-    return None if fields == [""] else f"template {template!r} needs one {{}} for the class name"
+        ok = fields == [""] and bool(template.format("x"))  # (a conversion or format spec a name cannot take)
+    except (IndexError, KeyError, ValueError, TypeError):  # an unmatched brace, "{:d}", "{!x}", ...
+        ok = False
+    return None if ok else f"template {template!r} needs one {{}} for the class name"

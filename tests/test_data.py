@@ -146,6 +146,12 @@ def test_a_sample_only_dalis_decoder_rejects_is_found_by_dalis_decoder(tmp_path,
         keys = [k for b in dl for k in b["keys"]]
     assert keys == [f"s{i}" for i in range(12) if i not in (2, 9)]
     assert dl.skipped == {"does not decode": 2} and "'s2'" in caplog.text and "'s9'" in caplog.text
+    # DALI's decoder refusing every sample alone too (out of memory, say): the pipeline's error, not the samples'
+    monkeypatch.setattr(loader.DaliLoader, "_dali_rejects", lambda self, image: "DALI: out of memory")
+    dl = DaliLoader(str(tmp_path), 4, 16, TextReducer("truncate", 8), train=False, threads=1)
+    with pytest.raises(RuntimeError, match="Critical error"):
+        list(dl)
+    assert dl.skipped == {}
 
 
 def _tar_bytes(members, fmt):

@@ -110,6 +110,18 @@ class _Probe(torch.autograd.Function):
         return g, None
 
 
+class _Raise(torch.autograd.Function):
+    """Identity whose backward raises (the backward's last node but the first layer's)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise ValueError("a backward that fails midway")
+
+
 def _overlap_case(rank, dtype) -> dict:
     torch.manual_seed(0)
     model = _Chain(dtype)
@@ -142,6 +154,20 @@ def _overlap_case(rank, dtype) -> dict:
                 call()
             except RuntimeError as e:
                 res.setdefault("errors", []).append(str(e))
+        reducer.abort()  # (armed by the second begin()): a backward that raises midway, then a whole one
+        for p in params:
+            p.grad = None
+        reducer.begin()
+        with pytest.raises(ValueError, match="midway"):
+            model(_Raise.apply(x)).backward()
+        res["launched_before_raise"] = reducer.launched
+        reducer.abort()
+        for p in params:
+            p.grad = None
+        reducer.begin()
+        model(x).backward()
+        reducer.finish()
+        res["after_abort"] = [p.grad.clone() for p in params]
     finally:
         dist.all_reduce = all_reduce
     return res
@@ -173,6 +199,9 @@ def test_the_overlapped_average_is_average_gradients_launched_during_the_backwar
             assert 6 <= launched < res["buckets"], (r, dtype, launched)  # the 3 layers' 6 tensors, not `unused`
             assert res["idle"] == 0
             assert len(res["errors"]) == 2 and "without begin()" in res["errors"][0] and "twice" in res["errors"][1]
+            assert res["launched_before_raise"] >= 6  # the last layers' buckets were out when it raised
+            for i, (g, w) in enumerate(zip(res["after_abort"], res["want"])):  # abort(): the next step as ever
+                assert torch.equal(g, w), (r, dtype, i)
 
 
 def _halves(n=12, seed=0):
@@ -448,3 +477,40 @@ def test_a_graphed_step_of_several_ranks_replays_its_collectives(tmp_path, overl
     torch.testing.assert_close(torch.tensor(r["graphed"]), torch.tensor(r["eager"]), rtol=1e-4, atol=1e-5)
     for name, a in r["a"].items():
         torch.testing.assert_close(r["b"][name], a, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_backward_that_raises_leaves_the_reducer_disarmed():
+    """TorchEngine.backward and GraphedTrainStep's (run eagerly) abort the reducer when the backward raises, so the
+    next step's begin() starts afresh (it raised "begin() twice", and a plain backward "accumulated twice")."""
+    from clipfast.model import CLIP
+    from clipfast.presets import from_name
+    from tests.test_graph_accum import _graph_step
+
+    calls = []
+
+    class Recorder:
+        def begin(self):
+            calls.append("begin")
+
+        def abort(self):
+            calls.append("abort")
+
+        def finish(self):
+            calls.append("finish")
+
+    e = _engine("cpu")
+    e.reducer = Recorder()  # (one rank has none: a stand-in that records)
+    w = next(e.module.parameters())
+    with pytest.raises(ValueError, match="midway"):
+        e.backward(_Raise.apply(w).sum())
+    e.backward((w * 2).sum())
+    assert calls == ["begin", "abort", "begin", "finish"]
+    calls.clear()
+    model = CLIP(from_name("demo", **{"vision.layers": 1, "text.layers": 1}), kernels="ref")
+    s = _graph_step(model, torch.optim.AdamW(model.parameters()), 2)
+    s.reducer = Recorder()
+    w = next(model.parameters())
+    s._backward((w * 2).sum(), False)  # not the last pass: not armed
+    with pytest.raises(ValueError, match="midway"):
+        s._backward(_Raise.apply(w).sum(), True)
+    assert calls == ["begin", "abort"]

@@ -207,7 +207,8 @@ def test_named_prompt_sets():
     assert named_templates("a {}|the {}") == ["a {}", "the {}"]
     with pytest.raises(ValueError, match="'a photo' needs one {}"):
         named_templates("a photo")
-    for bad in ("a photo of a {{}}.", "a {} and a {}", "a {0}", "a {name}", "a {", "a }"):  # {{}}: a literal pair
+    for bad in ("a photo of a {{}}.", "a {} and a {}", "a {0}", "a {name}", "a {", "a }", "a {:d}", "a {!x}",
+                "a {:{}}", "a {:,}"):  # {{}}: a literal pair; a format spec or conversion a name cannot take
         with pytest.raises(ValueError, match="needs one {}"):
             named_templates(bad)
     assert named_templates("a {{drawn}} {}") == ["a {{drawn}} {}"]

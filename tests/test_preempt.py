@@ -29,16 +29,18 @@ def test_slurm_env_sets_the_rank_variables_and_a_master_shared_by_the_step(tmp_p
            "SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "gpu[03-04]", "PATH": str(bin_)}
     line = slurm_env(env)
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("5", "1", "6")  # the step's tasks, not the job's
-    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu03", str(20000 + 123456 * 16 % 20000))
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu03", str(20000 + 123456 % 20000))
     assert "rank 5 of 6" in line and "gpu03" in line
-    ports = set()
-    for job, step in ((123456, 0), (123456, 1), (123457, 0)):  # the job's next step, the next job
-        other = {**env, "SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step)}
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
-            del other[key]
-        slurm_env(other)
-        ports.add(other["MASTER_PORT"])
-    assert len(ports) == 3
+    for pairs in ([(123456, s) for s in range(64)],  # a job's steps; the first two steps of 1,300 jobs in a row
+                  [(job, step) for job in range(123456, 123456 + 1300) for step in (0, 1)]):
+        ports = set()
+        for job, step in pairs:
+            other = {**env, "SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step)}
+            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+                del other[key]
+            slurm_env(other)
+            ports.add(other["MASTER_PORT"])
+        assert len(ports) == len(pairs)  # no two alike
     # a batch script's own shell (as SLURM sets it, from an `env | grep SLURM` there): rank 0 of the job's 4 tasks,
     # but no step variables; `python clipfast/train.py` there is one rank, not one waiting for 3 more
     batch = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "4",

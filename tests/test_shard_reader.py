@@ -140,6 +140,12 @@ def test_a_shard_cut_inside_a_samples_first_file_keeps_the_sample_before(tmp_pat
     got, skipped = _read(tmp_path, caplog)
     assert got == [("s0", "digit 0"), ("s1", "digit 1")] and skipped == {"shard cut short": 1}
     assert "end-of-archive" in caplog.text and "cut.tar" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clipfast.data"):  # a resume passing over it: nothing new to say
+        reader = ShardReader(list_shards(str(tmp_path)), loop=True, shuffle_buffer=0)
+        reader.restore({"epoch": 0, "next": 1, "key": "s0"})
+        assert next(iter(reader)).key == "s1"
+    assert "unreadable" not in caplog.text and not reader.skipped
 
 
 def test_a_bad_pax_record_is_a_shard_error_not_a_crash_or_a_hang():

@@ -237,12 +237,15 @@ class DaliLoader:
         """Find the undecodable samples among those fed to DALI, skip them (counted and logged by key), put the rest
         back in front of the stream and rebuild the pipeline, which DALI leaves unusable after an error. Found by a
         full host decode (PIL); where PIL takes them all, by DALI's own decoder, a sample at a time (slower; its
-        decoder refuses some that PIL's takes). An error that no sample explains is raised: it is not the data's."""
+        decoder refuses some that PIL's takes). An error that no sample explains, or that every sample alone meets in
+        DALI's decoder, is raised: it is not the data's."""
         fed = [s for batch in self._pending for s in batch]
         self._pending.clear()
         why = {id(s): _host_rejects(s.image) for s in fed}
         if not any(why.values()):
             why = {id(s): self._dali_rejects(s.image) for s in fed}
+            if all(why.values()):  # every sample, alone, fails too: the decoder's trouble (memory, device), not theirs
+                raise error
         good = []
         for s in fed:
             if why[id(s)] is None:

@@ -393,7 +393,7 @@ class ShardReader:
 
     def _skip(self, shard: str, key: str, reason: str) -> None:
         if self._replaying:  # (counted and logged by the run that saved the position; but a shard that no longer
-            if key == "*":  # reads is news, and changes the order)
+            if key == "*" and reason.startswith("unreadable shard"):  # reads is news, and changes the order)
                 log.warning("%s, passed over on the way to the resumed position, is now an unreadable shard (%s): "
                             "its samples are not where the checkpoint's run had them", os.path.basename(shard), reason)
             return
