@@ -169,6 +169,20 @@ class OverlappedAverage:
         self._inflight = []
 
 
+def reduced_backward(loss: torch.Tensor, reducer: OverlappedAverage | None) -> None:
+    """loss.backward() with `reducer` (None: none) armed for it: begin() before, abort() where it raises (the next
+    backward starts afresh); the caller calls finish() once the pass's gradients are the step's."""
+    if reducer is None:
+        loss.backward()
+        return
+    reducer.begin()
+    try:
+        loss.backward()
+    except BaseException:
+        reducer.abort()
+        raise
+
+
 @torch.no_grad()
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     """Every parameter and buffer of `module` set to rank `src`'s (each rank seeds its own initialisation)."""

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from clipfast.config import check_choice
-from clipfast.dp import OverlappedAverage, average_gradients, broadcast_module
+from clipfast.dp import OverlappedAverage, average_gradients, broadcast_module, reduced_backward
 from clipfast.graph import GraphedTrainStep, default_text_bucket, lr_on_device
 from clipfast.layers import LAYER_NORMS, MLPS, VISION_ATTENTIONS
 from clipfast.optim import MasterAdamW, clipped_step, run_as_own
@@ -86,14 +86,7 @@ class TorchEngine:
         several ranks the last pass ends with every gradient averaged over the ranks: during its backward where the
         pass's gradients are the step's (overlap_reduce; not after bf16 sums), else after it."""
         overlap = self.reducer is not None and last and not (self.bf16 and self._grad_sums)
-        if overlap:
-            self.reducer.begin()
-        try:
-            loss.backward()
-        except BaseException:
-            if overlap:  # (disarmed: the next backward starts afresh)
-                self.reducer.abort()
-            raise
+        reduced_backward(loss, self.reducer if overlap else None)
         if self.bf16 and (self._grad_sums or not last):
             self._sum_passes(last)
         if overlap:

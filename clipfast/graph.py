@@ -40,7 +40,7 @@ import math
 import torch
 
 from clipfast.accum import cached_passes
-from clipfast.dp import OverlappedAverage, average_gradients
+from clipfast.dp import OverlappedAverage, average_gradients, reduced_backward
 from clipfast.loss import distributed_clip_loss
 from clipfast.optim import MasterAdamW, clipped_step
 
@@ -239,15 +239,7 @@ class GraphedTrainStep:
 
     def _backward(self, loss, last: bool) -> None:
         """One pass's backward; the last one's all-reduces the gradients (summed over the passes) as it goes."""
-        armed = last and self.reducer is not None
-        if armed:
-            self.reducer.begin()
-        try:
-            loss.backward()
-        except BaseException:
-            if armed:  # (disarmed: the next backward starts afresh)
-                self.reducer.abort()
-            raise
+        reduced_backward(loss, self.reducer if last else None)
 
     def __call__(self, images, text, cu_seqlens, keep=None, cu_host=None) -> torch.Tensor:
         """One step. cu_host: cu_seqlens on the host, where accum_steps > 1 splits the text into micro-batches (without
