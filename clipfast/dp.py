@@ -74,10 +74,10 @@ class OverlappedAverage:
     `buckets`. Each parameter's post-accumulate-grad hook counts down its bucket; a complete bucket is flattened and
     all-reduced (async_op) there and then, but only in bucket order: every rank must issue the same collectives in
     the same order (NCCL matches them by order, and nothing promises that the hooks fire in one order on every rank),
-    so a bucket completed early waits for the ones before it. On CUDA the bucket's
-    copy and collective run on the reducer's stream, after the work so far on every stream that made one of its
-    gradients (each hook's current stream: autograd's stream for that parameter); finish() divides and copies back
-    there, and the current stream waits for it. A parameter with no gradient by finish() gets a zero one (as
+    so a bucket completed early waits for the ones before it. On CUDA the bucket's copy and collective run on the
+    reducer's stream, after the work so far on every stream that made one of its gradients (each hook's current
+    stream: autograd's stream for that parameter); finish() divides and copies back there, and the current stream
+    waits for it. A parameter with no gradient by finish() gets a zero one (as
     average_gradients gives it). Collectives only, no host synchronisation on CUDA: a CUDA graph captures it. The means
     equal average_gradients' bit for bit on 2 ranks; on more, to rounding (a ring's order of addition depends on an
     element's place in its bucket, and the two bucket otherwise)."""
@@ -90,16 +90,11 @@ class OverlappedAverage:
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         device = self.params[0].device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # (made outside any capture)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
         self._armed = False
         self.launched = 0  # buckets whose all-reduce this backward has launched so far
         self._left, self._streams, self._inflight, self._seen = [], [], [], set()
-
-    def remove(self) -> None:
-        """The hooks removed (the reducer does nothing after)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks, self._armed = [], False
 
     def begin(self) -> None:
         if self._armed:  # (its launched buckets would be dropped, their gradients never averaged)
