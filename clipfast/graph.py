@@ -25,10 +25,10 @@ capturable with capturable=True; without clipping its update then runs inside th
 parameter once its gradient is complete, a branch of the graph beside the backward: overlap_optimizer).
 On several ranks (world > 1, clipfast.dp) the loss gathers every rank's features and the gradients are averaged over
 the ranks, bucket by bucket inside the backward (overlap_reduce, clipfast.dp.OverlappedAverage) or after it, both
-captured as collectives. NCCL allows that where every rank captures the collective
-together and replays the graph made from that capture: the ranks agree on each step's text bucket (one all-reduce of
-three host integers over a gloo group, `agree_text_layout`), so they capture and replay the same graphs at the same
-steps. The update inside the backward is off there.
+captured as collectives. NCCL allows that where every rank captures the collective together and replays the graph
+made from that capture: the ranks agree on each step's text bucket (one all-reduce of three host integers over a gloo
+group, `agree_text_layout`), so they capture and replay the same graphs at the same steps. The update inside the
+backward is off there.
 Autocast runs with its weight-cast cache off, as graphs require. All graphs share one memory pool; each keeps its
 static inputs, outputs and gradients referenced, so no graph's live tensors are reused by another.
 """
